@@ -86,22 +86,22 @@ def connect(path: Path | str) -> sqlite3.Connection:
 def create_schema(conn: sqlite3.Connection) -> None:
     """Create the tables if they do not exist (idempotent)."""
     db = sqlite_utils.Database(conn)
-    db["channels"].create(_CHANNELS, pk="id", not_null={"kind", "state"}, if_not_exists=True)
-    db["channels"].create_index(["channel_id"], unique=True, if_not_exists=True)
-    db["channels"].create_index(["state"], if_not_exists=True)
+    db.table("channels").create(_CHANNELS, pk="id", not_null={"kind", "state"}, if_not_exists=True)
+    db.table("channels").create_index(["channel_id"], unique=True, if_not_exists=True)
+    db.table("channels").create_index(["state"], if_not_exists=True)
     # Per (channel, media): media delivered (for the free allowance, section 7)
     # and the bill it earned, which splits the server's share among publishers.
-    db["deliveries"].create(
+    db.table("deliveries").create(
         {"channel": int, "media": str, "publisher": str, "delivered_ms": int, "bill": int},
         pk=("channel", "media"),
         if_not_exists=True,
     )
-    db["payouts"].create(
+    db.table("payouts").create(
         {"channel": int, "publisher": str, "script": str, "amount": int, "txid": str},
         pk=("channel", "script"),
         if_not_exists=True,
     )
-    db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
+    db.table("meta").create({"key": str, "value": str}, pk="key", if_not_exists=True)
     conn.execute(
         "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
         (str(SCHEMA_VERSION),),
