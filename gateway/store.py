@@ -47,6 +47,7 @@ _CHANNELS = {
     "value": int,
     "refund_tx": str,  # multisig: the T2 the server signed
     "refund_value": int,
+    "refund_outpoint": str,
     "seq": int,
     "balance": int,
     "sig": str,  # the client's latest T3 signature (DER + sighash byte)

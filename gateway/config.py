@@ -1,0 +1,138 @@
+"""Gateway settings: defaults, then a TOML file, then ``PAYSTREAM_*`` environment
+variables, then command-line flags (each overrides the one before).
+
+``gateway serve`` alone works: every setting has a default fit for the
+embedded regtest node on one machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A setting is unknown or has the wrong type; the message names it."""
+
+
+@dataclass
+class Limits:
+    """Abuse and safety limits, advertised in ``hello.limits`` (PROTOCOL.md section 6)."""
+
+    min_value: int = 10_000
+    max_value: int = 10_000_000
+    min_expiry_s: int = 2 * 3600
+    max_expiry_s: int = 30 * 86400
+    #: Confirmations before ``ready``; 0 (regtest default) accepts unconfirmed funding.
+    min_conf: int = 0
+    #: Stop taking payments and settle this long before expiry (section 8). An
+    #: hour covers block-time drift (up to 2 h ahead is legal, so keep expiries
+    #: long) and a few blocks of rebroadcasting.
+    settle_margin_s: int = 3600
+    resume_grace_s: int = 120
+    dust_limit: int = 546
+
+    def to_wire(self) -> dict[str, int]:
+        """The ``limits`` object of ``hello``."""
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Config:
+    """Everything ``gateway serve`` needs."""
+
+    datadir: Path = Path("data")
+    media: Path = Path("media")
+    host: str = "127.0.0.1"
+    port: int = 8080
+    #: Use this bitcoind instead of the embedded node.
+    rpc_url: str | None = None
+    rpc_cookie: Path | None = None
+    rpc_user: str | None = None
+    rpc_password: str | None = None
+    #: The embedded node's RPC port (players fund from its wallet in the demo).
+    rpc_port: int = 18443
+    block_interval: float = 2.0
+    limits: Limits = field(default_factory=Limits)
+    #: Where the operator's share goes (and payouts below dust, section 3).
+    #: Empty: an address of the node's wallet is asked for at start.
+    operator_address: str = ""
+    #: Fee floor in sat/vB for settlements when the node's estimate is lower or missing.
+    fee_floor: float = 2.0
+    max_sessions_per_ip: int = 64
+    max_unfunded_per_ip: int = 8
+    #: Seconds a session may wait for its funding output before funding_not_found.
+    funding_timeout_s: float = 600.0
+    #: Seconds without a message from the client before the socket is closed.
+    idle_timeout_s: float = 300.0
+    #: How often the settlement duty wakes (seconds).
+    settle_interval_s: float = 1.0
+    operator_token: str = ""
+
+    @classmethod
+    def load(cls, path: Path | None, env: Mapping[str, str] | None = None) -> Config:
+        """Defaults, overridden by the TOML file at ``path`` and by ``env``."""
+        config = cls()
+        if path is not None:
+            try:
+                data = tomllib.loads(path.read_text())
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise ConfigError(f"cannot read config {path}: {exc}") from None
+            config.update(data)
+        env = os.environ if env is None else env
+        prefix = "PAYSTREAM_"
+        updates: dict[str, Any] = {}
+        for key, value in env.items():
+            if key.startswith(prefix):
+                name = key[len(prefix) :].lower()
+                if name.startswith("limits_"):
+                    updates.setdefault("limits", {})[name[len("limits_") :]] = value
+                else:
+                    updates[name] = value
+        config.update(updates, from_text=True)
+        return config
+
+    def update(self, data: Mapping[str, Any], *, from_text: bool = False) -> None:
+        """Set fields from ``data`` (a TOML table, env or flags), checking names and types."""
+        _apply(self, data, from_text, "")
+
+
+def _apply(target: Any, data: Mapping[str, Any], from_text: bool, where: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(target)}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(f"unknown setting {where}{key}")
+        current = getattr(target, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{where}{key} must be a table")
+            _apply(current, value, from_text, f"{where}{key}.")
+            continue
+        setattr(target, key, _coerce(f"{where}{key}", fields[key].type, value, from_text))
+
+
+def _coerce(name: str, annotation: object, value: Any, from_text: bool) -> Any:
+    kind = str(annotation)
+    try:
+        if "Path" in kind:
+            return None if value in ("", None) and "None" in kind else Path(value)
+        if kind.startswith("int"):
+            if isinstance(value, bool) or not (isinstance(value, int) or from_text):
+                raise TypeError
+            return int(value)
+        if kind.startswith("float"):
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if "str" in kind:
+            if not isinstance(value, str):
+                raise TypeError
+            return None if value == "" and "None" in kind else value
+    except (TypeError, ValueError):
+        raise ConfigError(f"setting {name} must be {kind}, not {value!r}") from None
+    raise ConfigError(f"setting {name} has an unsupported type")  # pragma: no cover

@@ -1,0 +1,462 @@
+"""The media catalog: publishers, items, their rates and their chunks.
+
+Layout of a media directory (``media/`` by default)::
+
+    catalog.toml          publishers and items (this module reads and writes it)
+    <item id>/            one directory per item, written by the segmenter:
+        manifest.json       chunk times and sizes, MIME type, total duration
+        init.mp4            initialization segment (index -1, always free)
+        chunk-00000.m4s     1-2 s media segments (PROTOCOL.md section 7)
+    .sources/             sample sources made by ``gateway media sample``
+
+``catalog.toml``::
+
+    [publishers.demo]
+    name = "Demo Publisher"
+    address = "bcrt1q..."           # payout address
+
+    [items.sample-video]
+    title = "Sample video"
+    publisher = "demo"
+    rate_msat = 2000                # msat per second of media: authoritative
+    rate = 2                        # the same in sat/s, for people; may be alone
+    free_ms = 60000                 # PROTOCOL.md section 7, default 60 000
+    source = "/path/to/input.mp4"
+    dir = "sample-video"
+
+A :class:`Catalog` is an immutable snapshot; writers build a new one and
+:meth:`Catalog.save` replaces the file atomically (temp file, fsync,
+``os.replace``), so a failed command leaves the old file byte for byte.
+Writers serialize on an advisory lock (``.lock``) in the media directory.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import shutil
+import tempfile
+import tomllib
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from gateway.media.segment import ChunkInfo, Manifest, MediaError, segment
+
+CATALOG_NAME = "catalog.toml"
+#: PROTOCOL.md section 7: the first minute of each media is free by default.
+DEFAULT_FREE_MS = 60_000
+#: Publisher and item ids: lowercase, a leading letter or digit (so they can
+#: never name the hidden ``.staging-*`` and ``.sources`` directories).
+_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+#: PROTOCOL.md section 1: integers on the wire stay within 2^53 - 1.
+_MAX_INT = 2**53 - 1
+
+
+def check_id(value: str, what: str = "id") -> str:
+    """Return ``value`` if it is a valid publisher or item id, else raise MediaError."""
+    if not isinstance(value, str) or not _ID_PATTERN.fullmatch(value):
+        raise MediaError(
+            f"bad {what} {value!r}: use 1-64 of a-z 0-9 . _ - starting with a letter or digit"
+        )
+    return value
+
+
+def parse_rate(value: object) -> int:
+    """A rate in sat/s (``2``, ``0.5``, ``"1.25"``) as integer msat per second.
+
+    Fractions of a sat are allowed down to 1 msat; a negative, non-finite or
+    finer rate raises MediaError.
+    """
+    return _parse_thousandths(value, "rate", "sat/s", "msat")
+
+
+def parse_seconds(value: object, what: str = "free seconds") -> int:
+    """A duration in seconds (``60``, ``"1.5"``) as integer milliseconds."""
+    return _parse_thousandths(value, what, "s", "ms")
+
+
+def _parse_thousandths(value: object, what: str, unit: str, milli: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise MediaError(f"bad {what} {value!r}: expected a number of {unit}")
+    try:
+        number = Decimal(str(value).strip())
+    except InvalidOperation:
+        raise MediaError(f"bad {what} {value!r}: expected a number of {unit}") from None
+    if not number.is_finite() or number < 0:
+        raise MediaError(f"bad {what} {value!r}: must be a number >= 0 {unit}")
+    thousandths = number * 1000
+    if thousandths != thousandths.to_integral_value() or thousandths > _MAX_INT:
+        raise MediaError(f"bad {what} {value!r}: must be a whole number of {milli}")
+    return int(thousandths)
+
+
+def _thousandths_to_number(value: int) -> int | float:
+    """msat → sat (ms → s) as a JSON/TOML number: an int when whole."""
+    return value // 1000 if value % 1000 == 0 else value / 1000
+
+
+@dataclass(frozen=True)
+class Publisher:
+    """Who gets paid for an item: ``address`` is a payout address string."""
+
+    id: str
+    name: str
+    address: str
+
+
+@dataclass(frozen=True)
+class MediaItem:
+    """One published media item with its price and its chunks."""
+
+    id: str
+    title: str
+    publisher: str
+    rate_msat: int
+    free_ms: int
+    duration_ms: int
+    mime: str
+    chunks: tuple[ChunkInfo, ...]
+    init_path: Path
+    init_size: int
+    source: str
+    dir: str
+
+    @property
+    def rate(self) -> int | float:
+        """The rate in sat/s (an int when whole)."""
+        return _thousandths_to_number(self.rate_msat)
+
+    def chunk(self, index: int) -> ChunkInfo:
+        """The chunk at ``index`` (IndexError if there is none; -1 is not a chunk)."""
+        if not 0 <= index < len(self.chunks):
+            raise IndexError(f"{self.id} has no chunk {index}")
+        return self.chunks[index]
+
+    def read_chunk(self, index: int) -> bytes:
+        """The bytes of chunk ``index``; ``-1`` is the initialization segment."""
+        if index == -1:
+            return self.init_path.read_bytes()
+        return self.chunk(index).path.read_bytes()
+
+    def to_api(self) -> dict[str, Any]:
+        """This item as one entry of ``GET /api/catalog``."""
+        return {
+            "id": self.id,
+            "title": self.title,
+            "publisher": self.publisher,
+            "rate": self.rate,
+            "rate_msat": self.rate_msat,
+            "free_seconds": _thousandths_to_number(self.free_ms),
+            "duration_ms": self.duration_ms,
+            "mime": self.mime,
+        }
+
+    def to_toml(self) -> dict[str, Any]:
+        """This item's table in ``catalog.toml``."""
+        return {
+            "title": self.title,
+            "publisher": self.publisher,
+            "rate_msat": self.rate_msat,
+            "rate": self.rate,
+            "free_ms": self.free_ms,
+            "source": self.source,
+            "dir": self.dir,
+        }
+
+    @classmethod
+    def from_manifest(
+        cls,
+        manifest: Manifest,
+        *,
+        id: str,
+        title: str,
+        publisher: str,
+        rate_msat: int,
+        free_ms: int,
+        source: str,
+        dir: str,
+    ) -> MediaItem:
+        """An item whose media facts come from the segmenter's manifest."""
+        return cls(
+            id=id,
+            title=title,
+            publisher=publisher,
+            rate_msat=rate_msat,
+            free_ms=free_ms,
+            duration_ms=manifest.duration_ms,
+            mime=manifest.mime,
+            chunks=manifest.chunks,
+            init_path=manifest.init_path,
+            init_size=manifest.init_size,
+            source=source,
+            dir=dir,
+        )
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """A snapshot of ``catalog.toml`` and the manifests it points to."""
+
+    media_dir: Path
+    publishers: Mapping[str, Publisher] = field(default_factory=dict)
+    items: Mapping[str, MediaItem] = field(default_factory=dict)
+    #: ``st_mtime_ns`` of the file this was loaded from (None: no file).
+    mtime_ns: int | None = None
+
+    @property
+    def path(self) -> Path:
+        """The catalog file."""
+        return self.media_dir / CATALOG_NAME
+
+    @classmethod
+    def load(cls, media_dir: Path | str) -> Catalog:
+        """Read ``media_dir/catalog.toml`` (absent: an empty catalog) and its manifests.
+
+        Raises MediaError naming the file and the problem for anything malformed.
+        """
+        media_dir = Path(media_dir)
+        path = media_dir / CATALOG_NAME
+        try:
+            mtime_ns = path.stat().st_mtime_ns
+            with path.open("rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            return cls(media_dir)
+        except OSError as exc:
+            raise MediaError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise MediaError(f"{path}: {exc}") from exc
+        try:
+            publishers = {
+                pid: _publisher_from_toml(pid, table)
+                for pid, table in _table(data, "publishers").items()
+            }
+            items = {
+                iid: _item_from_toml(media_dir, iid, table, publishers)
+                for iid, table in _table(data, "items").items()
+            }
+        except MediaError as exc:
+            raise MediaError(f"{path}: {exc}") from exc
+        return cls(media_dir, publishers, items, mtime_ns)
+
+    def reload_if_changed(self) -> Catalog:
+        """This snapshot, or a fresh one if ``catalog.toml`` changed since it was read."""
+        try:
+            mtime_ns: int | None = self.path.stat().st_mtime_ns
+        except FileNotFoundError:
+            mtime_ns = None
+        return self if mtime_ns == self.mtime_ns else Catalog.load(self.media_dir)
+
+    def to_api(self) -> list[dict[str, Any]]:
+        """The body of ``GET /api/catalog``: one entry per item, sorted by id."""
+        return [self.items[iid].to_api() for iid in sorted(self.items)]
+
+    def with_publisher(self, publisher: Publisher) -> Catalog:
+        """A copy with ``publisher`` added or replaced."""
+        return replace(self, publishers={**self.publishers, publisher.id: publisher})
+
+    def with_item(self, item: MediaItem) -> Catalog:
+        """A copy with ``item`` added or replaced (its publisher must exist)."""
+        if item.publisher not in self.publishers:
+            raise MediaError(f"unknown publisher {item.publisher!r}")
+        return replace(self, items={**self.items, item.id: item})
+
+    def to_toml(self) -> str:
+        """The catalog file's text."""
+        data = {
+            "publishers": {
+                p.id: {"name": p.name, "address": p.address}
+                for p in sorted(self.publishers.values(), key=lambda p: p.id)
+            },
+            "items": {iid: self.items[iid].to_toml() for iid in sorted(self.items)},
+        }
+        return tomli_w.dumps(data)
+
+    def save(self) -> None:
+        """Write ``catalog.toml`` atomically: temp file, fsync, ``os.replace``."""
+        self.media_dir.mkdir(parents=True, exist_ok=True)
+        text = self.to_toml().encode()
+        fd, tmp = tempfile.mkstemp(prefix=".catalog-", suffix=".tmp", dir=self.media_dir)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), 0o644)  # mkstemp makes it 0600
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(self.media_dir)
+
+
+def _table(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, Mapping):
+        raise MediaError(f"[{key}] must be a table")
+    return value
+
+
+def _field(table: Mapping[str, Any], key: str, where: str, kind: type) -> Any:
+    value = table.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool) or value in ("", None):
+        raise MediaError(f"{where}: {key} must be a non-empty {kind.__name__}")
+    return value
+
+
+def _publisher_from_toml(pid: str, table: Any) -> Publisher:
+    where = f"publisher {pid!r}"
+    check_id(pid, "publisher id")
+    if not isinstance(table, Mapping):
+        raise MediaError(f"{where} must be a table")
+    return Publisher(pid, _field(table, "name", where, str), _field(table, "address", where, str))
+
+
+def _item_from_toml(
+    media_dir: Path, iid: str, table: Any, publishers: Mapping[str, Publisher]
+) -> MediaItem:
+    where = f"item {iid!r}"
+    check_id(iid, "item id")
+    if not isinstance(table, Mapping):
+        raise MediaError(f"{where} must be a table")
+    publisher = _field(table, "publisher", where, str)
+    if publisher not in publishers:
+        raise MediaError(f"{where}: unknown publisher {publisher!r}")
+    if "rate_msat" in table:
+        rate_msat = table["rate_msat"]
+        if not isinstance(rate_msat, int) or isinstance(rate_msat, bool) or rate_msat < 0:
+            raise MediaError(f"{where}: rate_msat must be an integer >= 0")
+        if "rate" in table and parse_rate(table["rate"]) != rate_msat:
+            raise MediaError(f"{where}: rate and rate_msat disagree")
+    elif "rate" in table:
+        rate_msat = parse_rate(table["rate"])
+    else:
+        raise MediaError(f"{where}: rate_msat (or rate in sat/s) is missing")
+    free_ms = table.get("free_ms", DEFAULT_FREE_MS)
+    if not isinstance(free_ms, int) or isinstance(free_ms, bool) or free_ms < 0:
+        raise MediaError(f"{where}: free_ms must be an integer >= 0")
+    directory = check_id(_field(table, "dir", where, str), f"{where} dir")
+    manifest = Manifest.load(media_dir / directory)
+    return MediaItem.from_manifest(
+        manifest,
+        id=iid,
+        title=_field(table, "title", where, str),
+        publisher=publisher,
+        rate_msat=rate_msat,
+        free_ms=free_ms,
+        source=str(table.get("source", "")),
+        dir=directory,
+    )
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (POSIX: fsync the directory)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _writer_lock(media_dir: Path) -> Iterator[None]:
+    """Serialize writers of one media directory (advisory ``flock``)."""
+    media_dir.mkdir(parents=True, exist_ok=True)
+    with (media_dir / ".lock").open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield  # the lock is released when the file closes
+
+
+def add_publisher(media_dir: Path, publisher_id: str, name: str, address: str) -> Publisher:
+    """Add (or replace) a publisher in the catalog and save it."""
+    check_id(publisher_id, "publisher id")
+    if not name.strip():
+        raise MediaError("the publisher name must not be empty")
+    # The address is checked against the gateway's network when it settles.
+    if not address.strip() or address != address.strip():
+        raise MediaError("the payout address must be non-empty, without spaces around it")
+    publisher = Publisher(publisher_id, name.strip(), address)
+    with _writer_lock(media_dir):
+        Catalog.load(media_dir).with_publisher(publisher).save()
+    return publisher
+
+
+def publish(
+    media_dir: Path,
+    source: Path,
+    *,
+    item_id: str,
+    title: str,
+    publisher: str,
+    rate_msat: int,
+    free_ms: int = DEFAULT_FREE_MS,
+    preset: str = "veryfast",
+    crf: int = 26,
+) -> MediaItem:
+    """Segment ``source`` into ``media_dir/item_id`` and add (or replace) the item.
+
+    Everything is checked and segmented in a staging directory first; only a
+    complete result replaces the old directory and catalog entry, so on any
+    MediaError the catalog file is left unchanged.
+    """
+    check_id(item_id, "item id")
+    if not title.strip():
+        raise MediaError("the title must not be empty")
+    for value, what in ((rate_msat, "rate_msat"), (free_ms, "free_ms")):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_INT:
+            raise MediaError(f"{what} must be an integer >= 0")
+    if not source.is_file():
+        raise MediaError(f"no such file: {source}")
+    if publisher not in Catalog.load(media_dir).publishers:  # fail before any writing
+        raise MediaError(f"unknown publisher {publisher!r} (add it with `gateway publisher add`)")
+    with _writer_lock(media_dir):
+        catalog = Catalog.load(media_dir)
+        staging = Path(tempfile.mkdtemp(prefix=f".staging-{item_id}-", dir=media_dir))
+        staging.chmod(0o755)  # mkdtemp makes it 0700; the server may run as another user
+        old: Path | None = None
+        try:
+            segment(source, staging, preset=preset, crf=crf)
+            final = media_dir / item_id
+            if final.exists():
+                old = staging.with_name(staging.name + ".old")
+                final.rename(old)
+            staging.rename(final)
+            try:
+                item = MediaItem.from_manifest(
+                    Manifest.load(final),
+                    id=item_id,
+                    title=title.strip(),
+                    publisher=publisher,
+                    rate_msat=rate_msat,
+                    free_ms=free_ms,
+                    source=_source_name(media_dir, source),
+                    dir=item_id,
+                )
+                catalog.with_item(item).save()
+            except BaseException:
+                shutil.rmtree(final, ignore_errors=True)
+                if old is not None:
+                    old.rename(final)
+                    old = None
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+    return item
+
+
+def _source_name(media_dir: Path, source: Path) -> str:
+    """The source as stored: relative to the media directory when inside it."""
+    resolved = source.resolve()
+    try:
+        return str(resolved.relative_to(media_dir.resolve()))
+    except ValueError:
+        return str(resolved)

@@ -1,0 +1,148 @@
+"""``gateway publish``, ``gateway publisher add``, ``gateway media sample|list``.
+
+Wired into ``gateway/cli.py`` through :func:`register_cli`. Every failure the
+user caused (unknown publisher, missing or undecodable file, bad rate, bad
+catalog) is a :class:`gateway.cli.CliError`: one line, exit status 1, and the
+catalog file unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from gateway.cli import CliError
+from gateway.media.catalog import (
+    DEFAULT_FREE_MS,
+    Catalog,
+    add_publisher,
+    parse_rate,
+    parse_seconds,
+    publish,
+)
+from gateway.media.sample import DEFAULT_SECONDS, ensure_samples
+from gateway.media.segment import MediaError
+
+#: The media directory when ``--media`` is not given (relative to the cwd).
+DEFAULT_MEDIA_DIR = Path("media")
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn MediaError into the CLI's one-line error."""
+    try:
+        yield
+    except MediaError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def _add_media_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--media",
+        type=Path,
+        default=DEFAULT_MEDIA_DIR,
+        metavar="DIR",
+        help="media directory holding catalog.toml (default: ./media)",
+    )
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    """``gateway publish FILE --id ID --publisher P --rate SAT_PER_S``."""
+    with _user_errors():
+        started = time.monotonic()
+        item = publish(
+            args.media,
+            args.file,
+            item_id=args.id,
+            title=args.title if args.title is not None else args.id,
+            publisher=args.publisher,
+            rate_msat=parse_rate(args.rate),
+            free_ms=parse_seconds(args.free),
+        )
+    print(
+        f"published {item.id}: {len(item.chunks)} chunks, {item.duration_ms / 1000:.1f} s, "
+        f"{item.mime}, {item.rate} sat/s after {item.free_ms / 1000:g} s free "
+        f"({time.monotonic() - started:.1f} s)"
+    )
+    return 0
+
+
+def cmd_publisher_add(args: argparse.Namespace) -> int:
+    """``gateway publisher add ID --name N --address ADDR``."""
+    with _user_errors():
+        publisher = add_publisher(args.media, args.id, args.name, args.address)
+    print(f"publisher {publisher.id}: {publisher.name}, paid to {publisher.address}")
+    return 0
+
+
+def cmd_media_sample(args: argparse.Namespace) -> int:
+    """``gateway media sample``: generate and publish the demo media once."""
+    if args.seconds < 1:
+        raise CliError("--seconds must be at least 1")
+    with _user_errors():
+        started = time.monotonic()
+        items = ensure_samples(args.media, args.seconds)
+    if not items:
+        print(f"sample media already in {args.media / 'catalog.toml'}")
+    for item in items:
+        print(f"published {item.id}: {len(item.chunks)} chunks, {item.duration_ms / 1000:.1f} s")
+    if items:
+        print(f"sample media ready in {time.monotonic() - started:.1f} s")
+    return 0
+
+
+def cmd_media_list(args: argparse.Namespace) -> int:
+    """``gateway media list``: the catalog, one item per line."""
+    with _user_errors():
+        catalog = Catalog.load(args.media)
+    for item in catalog.items.values():
+        print(
+            f"{item.id}\t{item.rate} sat/s\t{item.free_ms // 1000} s free\t"
+            f"{item.duration_ms / 1000:.1f} s\t{item.publisher}\t{item.title}"
+        )
+    return 0
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``publish``, ``publisher`` and ``media`` subcommands."""
+    p = subparsers.add_parser("publish", help="segment a media file into the catalog")
+    p.add_argument("file", type=Path, metavar="FILE", help="audio or video file to publish")
+    p.add_argument("--id", required=True, help="item id (a-z 0-9 . _ -); re-publish replaces")
+    p.add_argument("--title", help="title shown to viewers (default: the id)")
+    p.add_argument("--publisher", required=True, help="publisher id (see `publisher add`)")
+    p.add_argument("--rate", required=True, help="price in sat per second, e.g. 2 or 0.5")
+    p.add_argument(
+        "--free",
+        default=str(DEFAULT_FREE_MS // 1000),
+        metavar="SECONDS",
+        help="free seconds per channel (default: 60)",
+    )
+    _add_media_option(p)
+    p.set_defaults(func=cmd_publish)
+
+    p = subparsers.add_parser("publisher", help="manage publishers")
+    publisher_sub = p.add_subparsers(dest="publisher_command", metavar="ACTION", required=True)
+    p = publisher_sub.add_parser("add", help="add or replace a publisher")
+    p.add_argument("id", help="publisher id (a-z 0-9 . _ -)")
+    p.add_argument("--name", required=True, help="display name")
+    p.add_argument("--address", required=True, help="payout address")
+    _add_media_option(p)
+    p.set_defaults(func=cmd_publisher_add)
+
+    p = subparsers.add_parser("media", help="sample media and the catalog")
+    media_sub = p.add_subparsers(dest="media_command", metavar="ACTION", required=True)
+    p = media_sub.add_parser("sample", help="generate and publish the demo video and music")
+    p.add_argument(
+        "--seconds",
+        type=int,
+        default=DEFAULT_SECONDS,
+        help=f"length of each sample (default: {DEFAULT_SECONDS})",
+    )
+    _add_media_option(p)
+    p.set_defaults(func=cmd_media_sample)
+    p = media_sub.add_parser("list", help="list the catalog")
+    _add_media_option(p)
+    p.set_defaults(func=cmd_media_list)

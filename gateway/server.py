@@ -1,0 +1,335 @@
+"""The gateway process: WebSocket sessions at ``/paystream/1``, JSON at
+``/api/*``, the chain, the store and the settlement duty, on one port.
+
+Start order (and reverse stop order): store → master key → chain (embedded
+node unless ``rpc_url`` names a bitcoind) → chain watcher → catalog →
+channels reloaded from the store → settlement duty (which settles at once
+what is due: restart recovery, PROTOCOL.md section 8) → WebSocket server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import Counter
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from gateway.chain.rpc import RpcClient
+from gateway.chain.watch import ChainWatcher
+from gateway.channels import LIVE_STATES, LiveChannel, restore
+from gateway.config import Config
+from gateway.keys import MasterKey
+from gateway.media.catalog import Catalog, MediaItem
+from gateway.protocol.channel import ServerState
+from gateway.protocol.messages import Limits
+from gateway.protocol.scripts import address_to_script_pubkey
+from gateway.session import Session
+from gateway.settlement import Settler
+from gateway.store import Store
+
+log = logging.getLogger(__name__)
+
+PATH = "/paystream/1"
+#: Bitcoin Core's ``getblockchaininfo.chain`` → PROTOCOL.md ``hello.network``.
+_NETWORKS = {"regtest": "regtest", "signet": "signet", "test": "testnet", "main": "main"}
+#: Client messages are small; a signed T1 in ``fund.tx`` is the largest.
+MAX_CLIENT_MESSAGE = 256 * 1024
+
+
+class Gateway:
+    """Everything one gateway process runs; see the module docstring for order."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.datadir = Path(config.datadir)
+        self.store = Store(self.datadir / "gateway.db")
+        self.master = MasterKey.load_or_create(self.datadir / "master.key")
+        self.node: Any = None
+        self.rpc: RpcClient
+        self.watcher: ChainWatcher
+        self.catalog = Catalog.load(config.media)
+        self.network = "regtest"
+        self.limits = Limits(**config.limits.to_wire())
+        self.operator_script = b""
+        self.channels: dict[str, LiveChannel] = {}
+        self.settler = Settler(self)
+        self.sessions: Counter[str] = Counter()
+        self._unfunded: Counter[str] = Counter()
+        self._next_index = 1
+        self._server: Server | None = None
+        self.port = config.port
+        self.operator_token = config.operator_token or _token(self.datadir / "operator-token")
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def start(self, *, serve_sockets: bool = True) -> None:
+        """Start every part (see the module docstring)."""
+        await self.store.start()
+        if self.config.rpc_url is None:
+            from gateway.chain.node import EmbeddedNode
+
+            self.node = EmbeddedNode(
+                self.datadir / "node",
+                rpc_port=self.config.rpc_port,
+                block_interval=self.config.block_interval,
+            )
+            await self.node.start()
+            self.rpc = RpcClient(self.node.rpc_url, cookie_path=self.node.cookie_path)
+        else:
+            self.rpc = RpcClient(
+                self.config.rpc_url,
+                cookie_path=self.config.rpc_cookie,
+                user=self.config.rpc_user,
+                password=self.config.rpc_password,
+            )
+        self.watcher = ChainWatcher(self.rpc)
+        await self.watcher.start()
+        self.network = _NETWORKS.get(self.watcher.chain, self.watcher.chain)
+        address = self.config.operator_address or await self._operator_address()
+        self.operator_script = address_to_script_pubkey(address, self.network)
+        self._load_channels()
+        await self.settler.start()
+        if serve_sockets:
+            self._server = await serve(
+                self._handle,
+                self.config.host,
+                self.config.port,
+                process_request=self._http,
+                compression=None,  # media does not compress; deflate is 13x slower
+                max_size=MAX_CLIENT_MESSAGE,
+                ping_interval=20,
+                ping_timeout=20,
+            )
+            self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _operator_address(self) -> str:
+        # Kept across restarts: the operator's payouts go to one address.
+        path = self.datadir / "operator-address"
+        if path.exists():
+            return path.read_text().strip()
+        address = str(await self.rpc.call("getnewaddress"))
+        path.write_text(address + "\n")
+        return address
+
+    async def stop(self) -> None:
+        """Stop serving, then stop every part in reverse order."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        await self.settler.stop()
+        await self.watcher.stop()
+        await self.rpc.close()
+        if self.node is not None:
+            await self.node.stop()
+        await self.store.close()
+
+    def _load_channels(self) -> None:
+        rows = self.store.read("SELECT * FROM channels ORDER BY id")
+        self._next_index = (rows[-1]["id"] + 1) if rows else 1
+        now = time.time()
+        live_states = {s.value for s in LIVE_STATES}
+        for row in rows:
+            if row["state"] not in live_states or not row["channel_id"]:
+                continue
+            live = self._restore(row)
+            # A session that was live when the gateway stopped: its grace runs
+            # from the restart (section 8).
+            live.disconnected_at = live.disconnected_at or now
+            self.channels[live.channel_id] = live
+        log.info("loaded %d live channels", len(self.channels))
+
+    def _restore(self, row: Any) -> LiveChannel:
+        deliveries = self.store.read(
+            "SELECT media, delivered_ms, bill FROM deliveries WHERE channel = ?", (row["id"],)
+        )
+        privkey, _ = self.master.channel_key(row["id"])
+        return restore(row, deliveries, privkey=privkey, limits=self.limits)
+
+    # -- what sessions ask of the gateway -------------------------------------------
+
+    def next_key_index(self) -> int:
+        """A fresh channel index: store row id and K2's BIP32 child (gateway/keys.py)."""
+        index = self._next_index
+        self._next_index += 1
+        return index
+
+    def unfunded_opens(self, peer: str) -> int:
+        """Channels opened from ``peer`` and not funded yet."""
+        return self._unfunded[peer]
+
+    def note_unfunded(self, peer: str, delta: int) -> None:
+        """Count an unfunded open from ``peer`` (+1) or its end (-1)."""
+        self._unfunded[peer] += delta
+        if self._unfunded[peer] <= 0:
+            del self._unfunded[peer]
+
+    def known_outpoint(self, channel_id: str) -> bool:
+        """True if a stored channel (in any state) is funded by ``channel_id``."""
+        return bool(self.store.read("SELECT 1 FROM channels WHERE channel_id = ?", (channel_id,)))
+
+    def load_closed(self, channel_id: str) -> LiveChannel | None:
+        """A channel that is no longer live, so that ``resume`` gets ``channel_closed``."""
+        rows = self.store.read("SELECT * FROM channels WHERE channel_id = ?", (channel_id,))
+        return self._restore(rows[0]) if rows else None
+
+    def catalog_item(self, media: str) -> MediaItem | None:
+        """The catalog item ``media``, re-reading catalog.toml if it changed."""
+        self.catalog = self.catalog.reload_if_changed()
+        return self.catalog.items.get(media)
+
+    @property
+    def publisher_of(self) -> dict[str, str]:
+        """media id → publisher id, for the deliveries table."""
+        return {iid: item.publisher for iid, item in self.catalog.items.items()}
+
+    # -- sockets ------------------------------------------------------------------
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        peer = ws.remote_address[0] if ws.remote_address else "?"
+        if self.sessions[peer] >= self.config.max_sessions_per_ip:
+            await ws.send(
+                json.dumps(
+                    {
+                        "type": "error",
+                        "code": "busy",
+                        "message": "too many sessions from this address",
+                        "fatal": True,
+                    }
+                )
+            )
+            await ws.close(1013, "busy")
+            return
+        self.sessions[peer] += 1
+        try:
+            await Session(self, ws, peer).run()
+        finally:
+            self.sessions[peer] -= 1
+            if self.sessions[peer] <= 0:
+                del self.sessions[peer]
+
+    async def _http(self, ws: ServerConnection, request: Request) -> Response | None:
+        path, _, query = request.path.partition("?")
+        if path == PATH:
+            if request.headers.get("Upgrade", "").lower() != "websocket":
+                return _json_response(HTTPStatus.UPGRADE_REQUIRED, {"error": "use a WebSocket"})
+            return None
+        if path == "/api/health":
+            return _json_response(HTTPStatus.OK, self.health())
+        if path == "/api/catalog":
+            self.catalog = self.catalog.reload_if_changed()
+            return _json_response(HTTPStatus.OK, self.catalog.to_api())
+        if path == "/api/admin/settle":
+            return await self._admin_settle(request, query)
+        return _json_response(HTTPStatus.NOT_FOUND, {"error": f"no such path {path}"})
+
+    async def _admin_settle(self, request: Request, query: str) -> Response:
+        """``/api/admin/settle[?channel=ID]`` with the operator token (``gateway settle``)."""
+        if request.headers.get("Authorization", "") != f"Bearer {self.operator_token}":
+            return _json_response(HTTPStatus.UNAUTHORIZED, {"error": "operator token required"})
+        wanted = dict(p.partition("=")[::2] for p in query.split("&") if p).get("channel")
+        try:
+            settled = await self.settle_by_hand(wanted)
+        except KeyError:
+            return _json_response(HTTPStatus.NOT_FOUND, {"error": f"no live channel {wanted}"})
+        return _json_response(HTTPStatus.OK, {"settled": settled})
+
+    async def settle_by_hand(self, channel_id: str | None) -> list[dict[str, Any]]:
+        """Settle one live channel (KeyError if unknown) or every ready one."""
+        if channel_id is not None:
+            targets = [self.channels[channel_id]]
+        else:
+            targets = [c for c in self.channels.values() if c.core.state in _SETTLEABLE]
+        results = []
+        for live in targets:
+            closed = await self.settler.settle(live, reason="operator")
+            results.append({"channel_id": live.channel_id, **closed.to_wire()})
+        return results
+
+    def health(self) -> dict[str, Any]:
+        """The body of ``GET /api/health``."""
+        return {
+            "status": "ok",
+            "network": self.network,
+            "height": self.watcher.height,
+            "channels": len(self.channels),
+            "sessions": sum(self.sessions.values()),
+            "store": {"commits": self.store.commits, "requests": self.store.requests},
+        }
+
+    def urls(self) -> dict[str, str]:
+        """Where clients find this gateway (printed on start)."""
+        host = self.config.host
+        urls = {"ws": f"ws://{host}:{self.port}{PATH}", "web": f"http://{host}:{self.port}/"}
+        if self.node is not None:
+            urls["rpc"] = self.node.rpc_url
+            urls["cookie"] = str(self.node.cookie_path)
+        return urls
+
+
+_SETTLEABLE = (ServerState.READY, ServerState.FUNDING)
+
+
+def _token(path: Path) -> str:
+    """The operator token kept in the data dir (mode 0600), made on first run."""
+    import os
+    import secrets
+
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        token = secrets.token_urlsafe(24)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        return token
+
+
+def _json_response(status: HTTPStatus, body: Any) -> Response:
+    data = json.dumps(body, default=str).encode()
+    headers = Headers(
+        [
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(data))),
+            ("Cache-Control", "no-store"),
+        ]
+    )
+    return Response(status.value, status.phrase, headers, data)
+
+
+async def run_gateway(config: Config, *, ready: asyncio.Event | None = None) -> None:
+    """Run until cancelled or SIGINT/SIGTERM; print where to connect."""
+    import signal
+
+    gateway = Gateway(config)
+    await gateway.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    urls = gateway.urls()
+    print(f"paystream gateway on {gateway.network}", flush=True)
+    print(f"  websocket: {urls['ws']}", flush=True)
+    print(f"  web:       {urls['web']}", flush=True)
+    if "rpc" in urls:
+        print(f"  node rpc:  {urls['rpc']}  (cookie {urls['cookie']})", flush=True)
+    (gateway.datadir / "gateway.json").write_text(json.dumps({"pid": _pid(), **urls}))
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        await gateway.stop()
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()

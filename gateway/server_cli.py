@@ -1,0 +1,204 @@
+"""``gateway serve``, ``gateway channels`` and ``gateway settle``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sqlite3
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from gateway.config import Config, ConfigError
+
+
+def register_cli(sub: Any) -> None:
+    """Add the gateway's operating commands to the ``gateway`` CLI."""
+    serve = sub.add_parser("serve", help="run the gateway (and the embedded node)")
+    _common(serve)
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="WebSocket/HTTP port (default 8080; 0 = any)")
+    serve.add_argument("--media", type=Path, help="media dir with catalog.toml (default ./media)")
+    serve.add_argument("--rpc-url", help="use this bitcoind instead of the embedded node")
+    serve.add_argument("--rpc-cookie", type=Path, help="bitcoind's .cookie file")
+    serve.add_argument("--rpc-port", type=int, help="embedded node RPC port (default 18443)")
+    serve.add_argument("--block-interval", type=float, help="embedded node: seconds per block")
+    serve.add_argument("--resume-grace", type=int, help="seconds a dropped channel stays resumable")
+    serve.add_argument("--settle-margin", type=int, help="settle this many seconds before expiry")
+    serve.add_argument("--min-conf", type=int, help="confirmations before ready")
+    serve.add_argument("--demo", action="store_true", help="print a ready-to-paste player line")
+    serve.add_argument("-v", "--verbose", action="store_true", help="log every settlement")
+    serve.set_defaults(func=_serve)
+
+    channels = sub.add_parser("channels", help="list channels and their states")
+    _common(channels)
+    channels.add_argument("--json", action="store_true", help="machine-readable output")
+    channels.set_defaults(func=_channels)
+
+    settle = sub.add_parser("settle", help="settle a channel (or every open one) now")
+    _common(settle)
+    settle.add_argument("channel", nargs="?", help="txid:vout (default: every ready channel)")
+    settle.set_defaults(func=_settle)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--datadir", type=Path, help="gateway data dir (default ./data)")
+    parser.add_argument("--config", type=Path, help="TOML config file")
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    """Config from defaults, ``--config`` (or ``DATADIR/gateway.toml``), env and flags."""
+    from gateway.cli import CliError
+
+    path = args.config
+    datadir = args.datadir or Path(os.environ.get("PAYSTREAM_DATADIR", "data"))
+    if path is None and (datadir / "gateway.toml").exists():
+        path = datadir / "gateway.toml"
+    try:
+        config = Config.load(path)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+    config.datadir = datadir
+    flags = {
+        "host": getattr(args, "host", None),
+        "port": getattr(args, "port", None),
+        "media": getattr(args, "media", None),
+        "rpc_url": getattr(args, "rpc_url", None),
+        "rpc_cookie": getattr(args, "rpc_cookie", None),
+        "rpc_port": getattr(args, "rpc_port", None),
+        "block_interval": getattr(args, "block_interval", None),
+    }
+    for name, value in flags.items():
+        if value is not None:
+            setattr(config, name, value)
+    limits = {
+        "resume_grace_s": getattr(args, "resume_grace", None),
+        "settle_margin_s": getattr(args, "settle_margin", None),
+        "min_conf": getattr(args, "min_conf", None),
+    }
+    for name, value in limits.items():
+        if value is not None:
+            if value < 0:
+                raise CliError(f"--{name.removesuffix('_s').replace('_', '-')} must be >= 0")
+            setattr(config.limits, name, value)
+    return config
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gateway.cli import CliError
+    from gateway.server import run_gateway
+
+    config = load_config(args)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.demo:
+        _print_demo_hint(config)
+    try:
+        asyncio.run(run_gateway(config))
+    except OSError as exc:
+        raise CliError(f"cannot start: {exc.strerror or exc}") from None
+    return 0
+
+
+def _print_demo_hint(config: Config) -> None:
+    cookie = config.datadir / "node" / "regtest" / ".cookie"
+    print(
+        "demo: in another terminal, watch the sample video (Ctrl-C closes the channel):\n"
+        f"  .venv/bin/player play ws://{config.host}:{config.port}/paystream/1 sample-video "
+        f"--budget 20000 --out /tmp/paystream-sample.mp4 "
+        f"--wallet-rpc http://127.0.0.1:{config.rpc_port} --wallet-cookie {cookie}",
+        flush=True,
+    )
+
+
+def _db(config: Config) -> sqlite3.Connection:
+    from gateway.cli import CliError
+
+    path = config.datadir / "gateway.db"
+    if not path.exists():
+        raise CliError(f"no gateway data in {config.datadir} (run `gateway serve` first)")
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def _channels(args: argparse.Namespace) -> int:
+    config = load_config(args)
+    rows = _db(config).execute(
+        "SELECT id, channel_id, kind, state, value, balance, seq, expiry, settle_txid "
+        "FROM channels ORDER BY id"
+    ).fetchall()
+    items = [dict(r) for r in rows]
+    for item in items:
+        item["paid"] = (item["value"] or 0) - (item["balance"] or item["value"] or 0)
+    if args.json:
+        print(json.dumps(items, indent=2))
+        return 0
+    header = ("id", "channel", "kind", "state", "value", "paid")
+    print("{:>4}  {:<68} {:<8} {:<13} {:>10} {:>9}  settlement".format(*header))
+    for i in items:
+        print(
+            f"{i['id']:>4}  {i['channel_id'] or '-':<68} {i['kind']:<8} {i['state']:<13} "
+            f"{i['value'] or 0:>10} {i['paid']:>9}  {i['settle_txid'] or '-'}"
+        )
+    return 0
+
+
+def _settle(args: argparse.Namespace) -> int:
+    """Ask the running gateway (operator token) or, if none runs, settle offline."""
+    from gateway.cli import CliError
+
+    config = load_config(args)
+    info_path = config.datadir / "gateway.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else None
+    if info is not None and _alive(int(info.get("pid", 0))):
+        token = (config.datadir / "operator-token").read_text().strip()
+        url = info["web"].rstrip("/") + "/api/admin/settle"
+        if args.channel:
+            url += f"?channel={args.channel}"
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as answer:
+                result = json.load(answer)
+        except urllib.error.HTTPError as exc:
+            raise CliError(json.load(exc).get("error", str(exc))) from None
+        except OSError as exc:
+            raise CliError(f"cannot reach the gateway: {exc}") from None
+        settled = result["settled"]
+    else:
+        settled = asyncio.run(_settle_offline(config, args.channel))
+    for item in settled:
+        print(f"{item['channel_id']}  paid {item['paid']}  txid {item['txid'] or '-'}")
+    if not settled:
+        print("nothing to settle")
+    return 0
+
+
+async def _settle_offline(config: Config, channel: str | None) -> list[dict[str, Any]]:
+    from gateway.cli import CliError
+    from gateway.server import Gateway
+
+    gateway = Gateway(config)
+    await gateway.start(serve_sockets=False)
+    try:
+        return await gateway.settle_by_hand(channel)
+    except KeyError:
+        raise CliError(f"no open channel {channel}") from None
+    finally:
+        await gateway.stop()
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True

@@ -1,0 +1,592 @@
+"""One viewer session per WebSocket: drives the pure core, does the I/O.
+
+Theory of operation
+-------------------
+
+The session reads one client message at a time (PROTOCOL.md section 4) and
+answers it; media flows from a separate *streamer* task so that a ``pay`` can
+be read while a chunk waits for it. The two tasks meet at two points:
+
+* ``LiveChannel.durable_paid`` — what the store has fsync'd. The streamer
+  compares a chunk's ``due`` total with it, never with the core's in-memory
+  figure, so no chunk leaves before the increment that pays for it is durable
+  (section 7, DESIGN.md "Money rules").
+* ``_paid_event`` — set by the ``pay`` handler after ``paid`` is sent; the
+  streamer then re-checks and sends the chunk, or the same ``due`` again for a
+  partial payment (section 7).
+
+Every send goes through ``_send`` under one lock, so a ``chunk`` text message
+and its binary frame are never separated (section 1). A
+:class:`~gateway.protocol.errors.ProtocolError` becomes an ``error`` message
+(section 9); anything else becomes ``internal`` and its text stays in the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from typing import TYPE_CHECKING, Any
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from gateway.chain.rpc import RpcError, RpcVerifyAlreadyInChain
+from gateway.chain.watch import btc_to_sat
+from gateway.channels import LiveChannel, funded_op, state_op
+from gateway.protocol.channel import ServerChannel, ServerState
+from gateway.protocol.errors import ErrorCode, ProtocolError
+from gateway.protocol.messages import (
+    Chunk,
+    Close,
+    Due,
+    End,
+    Fund,
+    Funding,
+    Hello,
+    Message,
+    Open,
+    Pay,
+    Play,
+    Refund,
+    Resume,
+    ServerHello,
+    Stop,
+    Stream,
+    encode,
+    parse_client_message,
+)
+from gateway.protocol.transactions import Outpoint, find_funding_output, txid_of
+
+if TYPE_CHECKING:
+    from gateway.media.catalog import MediaItem
+    from gateway.server import Gateway
+
+log = logging.getLogger(__name__)
+
+AGENT = "paystream-gateway/0.1"
+
+
+class SessionEnd(Exception):
+    """Stop reading: the session is over (closed, replaced or fatal error)."""
+
+
+class Session:
+    """The gateway's side of one WebSocket (PROTOCOL.md section 4)."""
+
+    def __init__(self, gateway: Gateway, ws: ServerConnection, peer: str) -> None:
+        self.gw = gateway
+        self.ws = ws
+        self.peer = peer
+        self.nonce = secrets.token_bytes(32)
+        self._hello = False
+        #: A channel opened here but not yet funded (store row id, core).
+        self._pending: tuple[int, ServerChannel] | None = None
+        self.live: LiveChannel | None = None
+        self._send_lock = asyncio.Lock()
+        self._paid_event = asyncio.Event()
+        self._stream: asyncio.Task[None] | None = None
+        self._streaming_media: str | None = None
+        self._funding: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # -- I/O ---------------------------------------------------------------------
+
+    async def _send(self, msg: Message, data: bytes | None = None) -> None:
+        async with self._send_lock:
+            await self.ws.send(encode(msg))
+            if data is not None:
+                await self.ws.send(data)
+
+    async def _send_error(self, exc: ProtocolError) -> None:
+        async with self._send_lock:
+            await self.ws.send(_json(exc.to_wire()))
+
+    async def run(self) -> None:
+        """Serve the socket until it closes; then hand the channel to settlement."""
+        try:
+            await self._loop()
+        except ConnectionClosed:
+            pass
+        finally:
+            await self._cleanup()
+
+    async def _loop(self) -> None:
+        idle = self.gw.config.idle_timeout_s
+        while True:
+            try:
+                async with asyncio.timeout(idle):
+                    raw = await self.ws.recv()
+            except TimeoutError:
+                if self._stream is not None and not self._stream.done():
+                    continue  # free media plays without client messages
+                await self.ws.close(1000, "idle")
+                return
+            try:
+                await self._handle(raw)
+            except ProtocolError as exc:
+                await self._send_error(exc)
+                if exc.fatal:
+                    await self.ws.close(1008, exc.code.value)
+                    return
+            except SessionEnd:
+                return
+            except ConnectionClosed:
+                raise
+            except Exception:
+                log.exception("session %s failed", self.peer)
+                await self._send_error(
+                    ProtocolError(ErrorCode.INTERNAL, "the gateway failed; nothing was recorded")
+                )
+
+    async def _handle(self, raw: str | bytes) -> None:
+        if isinstance(raw, bytes):
+            raise ProtocolError(
+                ErrorCode.BAD_MESSAGE, "binary frames go from the gateway to the client only"
+            )
+        msg = parse_client_message(raw)
+        if not self._hello:
+            if not isinstance(msg, Hello):
+                raise ProtocolError(ErrorCode.BAD_STATE, "the first message must be hello")
+            self._hello = True
+            await self._send(
+                ServerHello(
+                    version=1,
+                    agent=AGENT,
+                    network=self.gw.network,
+                    nonce=self.nonce,
+                    limits=self.gw.limits,
+                )
+            )
+            return
+        handler = _HANDLERS.get(type(msg))
+        if handler is None:  # a second hello
+            raise ProtocolError(ErrorCode.BAD_STATE, f"{msg.type} is out of order")
+        await handler(self, msg)
+
+    # -- opening and funding (PROTOCOL.md sections 4, 5) ---------------------------
+
+    def _no_channel_yet(self, what: str) -> None:
+        if self._pending is not None or self.live is not None:
+            raise ProtocolError(ErrorCode.BAD_STATE, f"{what}: this session already has a channel")
+
+    async def _on_open(self, msg: Open) -> None:
+        self._no_channel_yet("open")
+        if self.gw.unfunded_opens(self.peer) >= self.gw.config.max_unfunded_per_ip:
+            raise ProtocolError(ErrorCode.BUSY, "too many unfunded channels from this address")
+        row_id = self.gw.next_key_index()
+        privkey, _ = self.gw.master.channel_key(row_id)
+        core = ServerChannel.open(
+            msg,
+            server_privkey=privkey,
+            limits=self.gw.limits,
+            network=self.gw.network,
+            now=int(time.time()),
+            tip_height=self.gw.watcher.height,
+        )
+        # The row (and so K2's index) is durable before K2 is revealed: a
+        # restart can always re-derive the key of an address a client funds.
+        await self.gw.store.write(
+            [
+                (
+                    "INSERT INTO channels(id, kind, client_pubkey, server_pubkey, expiry, "
+                    "change_script, network, state, created_at, client_addr) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        row_id,
+                        core.kind,
+                        core.script.client_pubkey.hex(),
+                        core.script.server_pubkey.hex(),
+                        core.expiry,
+                        core.change_script.hex(),
+                        core.network,
+                        core.state.value,
+                        time.time(),
+                        self.peer,
+                    ),
+                )
+            ]
+        )
+        self._pending = (row_id, core)
+        self.gw.note_unfunded(self.peer, +1)
+        await self._send(core.terms())
+
+    def _pending_core(self, what: str) -> tuple[int, ServerChannel]:
+        if self._pending is None:
+            raise ProtocolError(ErrorCode.BAD_STATE, f"{what} needs an open channel first")
+        return self._pending
+
+    async def _on_refund(self, msg: Refund) -> None:
+        row_id, core = self._pending_core("refund")
+        answer = core.sign_refund(msg)
+        assert core.refund_outpoint is not None
+        await self.gw.store.write(
+            [
+                state_op(
+                    row_id,
+                    core,
+                    refund_tx=msg.tx.hex(),
+                    refund_value=msg.value,
+                    refund_outpoint=core.refund_outpoint.channel_id,
+                )
+            ]
+        )
+        await self._send(answer)
+
+    async def _on_fund(self, msg: Fund) -> None:
+        row_id, core = self._pending_core("fund")
+        if self._funding is not None:
+            raise ProtocolError(ErrorCode.BAD_STATE, "fund is already being processed")
+        if core.state is ServerState.OPEN and core.kind == "multisig":
+            raise ProtocolError(ErrorCode.BAD_STATE, "multisig: fund comes after refund")
+        if core.state not in (ServerState.OPEN, ServerState.REFUND_SIGNED):
+            raise ProtocolError(ErrorCode.BAD_STATE, f"fund in state {core.state.value}")
+        if msg.tx is None and msg.txid is None:
+            # Watch funding_address (section 5): runs beside the message loop.
+            self._funding = asyncio.create_task(self._watch_funding(row_id, core))
+            return
+        outpoint = await self._locate_funding(msg, core)
+        await self._accept_funding(row_id, core, outpoint)
+
+    async def _locate_funding(self, msg: Fund, core: ServerChannel) -> Outpoint:
+        rpc = self.gw.rpc
+        if msg.tx is not None:
+            try:
+                txid = txid_of(msg.tx)
+            except ValueError:
+                raise ProtocolError(ErrorCode.BAD_MESSAGE, "fund.tx is not a transaction") from None
+            if msg.txid is not None and msg.txid != txid:
+                raise ProtocolError(ErrorCode.FUNDING_MISMATCH, "fund.tx does not have fund.txid")
+            if msg.vout is not None:
+                vout = msg.vout
+            else:
+                try:
+                    vout, _ = find_funding_output(msg.tx, core.script.script_pubkey)
+                except ValueError:
+                    raise ProtocolError(
+                        ErrorCode.FUNDING_MISMATCH, "fund.tx has no output paying funding_script"
+                    ) from None
+            try:
+                await rpc.call("sendrawtransaction", msg.tx.hex())
+            except RpcVerifyAlreadyInChain:
+                pass
+            except RpcError as exc:
+                raise ProtocolError(
+                    ErrorCode.FUNDING_NOT_FOUND, f"the node refused fund.tx: {exc.message}"
+                ) from None
+            return Outpoint(txid, vout)
+        assert msg.txid is not None and msg.vout is not None
+        return Outpoint(msg.txid, msg.vout)
+
+    async def _accept_funding(self, row_id: int, core: ServerChannel, outpoint: Outpoint) -> None:
+        rpc = self.gw.rpc
+        out = await rpc.call("gettxout", outpoint.txid, outpoint.vout, True)
+        if out is None:
+            try:
+                await rpc.call("getrawtransaction", outpoint.txid, False)
+            except RpcError:
+                raise ProtocolError(
+                    ErrorCode.FUNDING_NOT_FOUND, f"the node does not know {outpoint.channel_id}"
+                ) from None
+            raise ProtocolError(ErrorCode.FUNDING_SPENT, f"{outpoint.channel_id} is already spent")
+        if outpoint.channel_id in self.gw.channels or self.gw.known_outpoint(outpoint.channel_id):
+            raise ProtocolError(ErrorCode.FUNDING_MISMATCH, "that output funds another channel")
+        spk = bytes.fromhex(out["scriptPubKey"]["hex"])
+        core.accept_funding(outpoint, btc_to_sat(out["value"]), spk)
+        live = LiveChannel(row_id=row_id, core=core, durable_paid=0)
+        await self.gw.store.write([funded_op(live)])
+        self._pending = None
+        self.gw.note_unfunded(self.peer, -1)
+        self.gw.channels[live.channel_id] = live
+        self.live = live
+        live.session = self
+        await self._await_confirmations(live, int(out.get("confirmations", 0)))
+
+    async def _watch_funding(self, row_id: int, core: ServerChannel) -> None:
+        try:
+            if core.kind == "multisig":
+                assert core.refund_outpoint is not None
+                outpoint = await self._poll_outpoint(core.refund_outpoint)
+            else:
+                spk = core.script.script_pubkey
+                future = self.gw.watcher.watch_script(spk)
+                try:
+                    async with asyncio.timeout(self.gw.config.funding_timeout_s):
+                        seen = await future
+                finally:
+                    self.gw.watcher.unwatch_script(spk, future)
+                outpoint = Outpoint(seen.txid, seen.vout)
+            await self._accept_funding(row_id, core, outpoint)
+        except TimeoutError:
+            await self._send_error(
+                ProtocolError(ErrorCode.FUNDING_NOT_FOUND, "nothing paid funding_address in time")
+            )
+        except ProtocolError as exc:
+            await self._send_error(exc)
+        except ConnectionClosed:
+            pass
+        finally:
+            self._funding = None
+
+    async def _poll_outpoint(self, outpoint: Outpoint) -> Outpoint:
+        async with asyncio.timeout(self.gw.config.funding_timeout_s):
+            while True:
+                out = await self.gw.rpc.call("gettxout", outpoint.txid, outpoint.vout, True)
+                if out is not None:
+                    return outpoint
+                await asyncio.sleep(self.gw.watcher.poll_interval)
+
+    async def _await_confirmations(self, live: LiveChannel, confirmations: int) -> None:
+        needed = self.gw.limits.min_conf
+        core = live.core
+        outpoint = core.outpoint
+        assert outpoint is not None
+        while confirmations < needed:
+            await self._send(
+                Funding(
+                    txid=outpoint.txid,
+                    vout=outpoint.vout,
+                    confirmations=confirmations,
+                    needed=needed,
+                )
+            )
+            await self.gw.watcher.wait_for_tip(self.gw.watcher.height)
+            confirmations = await self.gw.watcher.confirmations(outpoint.txid) or 0
+        if core.state is ServerState.FUNDING:
+            ready = core.confirm()
+            await self.gw.store.write([state_op(live.row_id, core)])
+        else:
+            ready = core.ready()
+        await self._send(ready)
+
+    # -- resume (section 5) ----------------------------------------------------------
+
+    async def _on_resume(self, msg: Resume) -> None:
+        self._no_channel_yet("resume")
+        live = self.gw.channels.get(msg.channel_id) or self.gw.load_closed(msg.channel_id)
+        if live is None:
+            raise ProtocolError(ErrorCode.CHANNEL_UNKNOWN, "the gateway has no such channel")
+        ready = live.core.check_resume(
+            msg, nonce=self.nonce, now=int(time.time()), tip_height=self.gw.watcher.height
+        )
+        old = live.session
+        live.session = self
+        live.disconnected_at = None
+        self.live = live
+        if old is not None and old is not self:
+            await old.replaced()
+        if live.core.state is ServerState.FUNDING:
+            assert live.core.outpoint is not None
+            conf = await self.gw.watcher.confirmations(live.core.outpoint.txid) or 0
+            await self._await_confirmations(live, conf)
+            return
+        await self._send(ready)
+
+    async def replaced(self) -> None:
+        """Another session resumed our channel: fatal ``session_replaced`` (section 5)."""
+        self.live = None  # the channel is no longer ours: our cleanup must not touch it
+        await self._stop_stream()
+        with contextlib.suppress(ConnectionClosed):
+            await self._send_error(
+                ProtocolError(ErrorCode.SESSION_REPLACED, "another session resumed this channel")
+            )
+            await self.ws.close(1008, "session_replaced")
+
+    # -- streaming (sections 6, 7) -------------------------------------------------------
+
+    def _ready_live(self, what: str) -> LiveChannel:
+        live = self.live
+        if live is None or live.core.state is not ServerState.READY:
+            raise ProtocolError(ErrorCode.BAD_STATE, f"{what} needs a ready channel")
+        return live
+
+    async def _on_play(self, msg: Play) -> None:
+        live = self._ready_live("play")
+        if live.core.is_expiring(int(time.time()), self.gw.watcher.height):
+            raise ProtocolError(
+                ErrorCode.CHANNEL_EXPIRING, "the channel is inside its settle margin"
+            )
+        item = self.gw.catalog_item(msg.media)
+        if item is None:
+            raise ProtocolError(ErrorCode.MEDIA_UNKNOWN, f"no media {msg.media!r} in the catalog")
+        if msg.start_ms > item.duration_ms:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "play.start_ms is past the end of the media")
+        await self._stop_stream(send_end=True)
+        first = next(
+            (c.index for c in item.chunks if c.start_ms + c.duration_ms > msg.start_ms),
+            len(item.chunks),
+        )
+        # The rate is fixed at play: a rate change applies to new plays only.
+        await self._send(
+            Stream(
+                media=item.id,
+                title=item.title,
+                mime=item.mime,
+                rate_msat=item.rate_msat,
+                free_ms=item.free_ms,
+                free_used_ms=live.meter.free_used_ms(item.id, item.free_ms),
+                duration_ms=item.duration_ms,
+                chunks=len(item.chunks),
+            )
+        )
+        self._streaming_media = item.id
+        self._stream = asyncio.create_task(self._stream_media(live, item, first))
+
+    async def _stream_media(self, live: LiveChannel, item: MediaItem, first: int) -> None:
+        try:
+            init = live.meter.quote(item.id, -1, 0, rate_msat=item.rate_msat, free_ms=item.free_ms)
+            await self._send(
+                Chunk(media=item.id, index=-1, start_ms=0, duration_ms=0, size=item.init_size),
+                await asyncio.to_thread(item.read_chunk, -1),
+            )
+            live.commit_chunk(init)
+            for info in item.chunks[first:]:
+                quote = live.meter.quote(
+                    item.id,
+                    info.index,
+                    info.duration_ms,
+                    rate_msat=item.rate_msat,
+                    free_ms=item.free_ms,
+                )
+                while live.durable_paid < quote.total:
+                    self._paid_event.clear()
+                    await self._send(
+                        Due(
+                            total=quote.total,
+                            media=item.id,
+                            index=info.index,
+                            duration_ms=info.duration_ms,
+                        )
+                    )
+                    await self._paid_event.wait()
+                    if live.core.state is not ServerState.READY:
+                        return  # settled meanwhile (expiry): no more chunks
+                data = await asyncio.to_thread(item.read_chunk, info.index)
+                await self._send(
+                    Chunk(
+                        media=item.id,
+                        index=info.index,
+                        start_ms=info.start_ms,
+                        duration_ms=info.duration_ms,
+                        size=len(data),
+                    ),
+                    data,
+                )
+                live.commit_chunk(quote)
+            self._streaming_media = None
+            await self._send(End(media=item.id, reason="finished"))
+        except ConnectionClosed:
+            pass
+
+    async def _stop_stream(self, *, send_end: bool = False) -> None:
+        task, media = self._stream, self._streaming_media
+        self._stream, self._streaming_media = None, None
+        if task is None or task.done():
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        if send_end and media is not None:
+            await self._send(End(media=media, reason="stopped"))
+
+    async def _on_stop(self, msg: Stop) -> None:
+        self._ready_live("stop")
+        if self._stream is None or self._stream.done():
+            raise ProtocolError(ErrorCode.BAD_STATE, "nothing is playing")
+        await self._stop_stream(send_end=True)
+
+    async def _on_pay(self, msg: Pay) -> None:
+        live = self._ready_live("pay")
+        core = live.core
+        async with live.lock:
+            before = (core.seq, core.balance, core.sig)
+            record = core.receive_payment(
+                msg, now=int(time.time()), tip_height=self.gw.watcher.height
+            )
+            try:
+                await self.gw.store.write(live.payment_ops(record, self.gw.publisher_of))
+            except BaseException:
+                # Not durable: forget it, so memory never runs ahead of the store.
+                core.seq, core.balance, core.sig = before
+                raise
+            live.durable_paid = record.paid
+        await self._send(core.paid_message())
+        self._paid_event.set()
+
+    async def _on_close(self, msg: Close) -> None:
+        if self.live is None and self._pending is None:
+            raise ProtocolError(ErrorCode.BAD_STATE, "close needs a channel")
+        await self._stop_stream()
+        if self._funding is not None:
+            self._funding.cancel()
+        if self.live is not None:
+            closed = await self.gw.settler.settle(self.live, reason="close")
+        else:
+            assert self._pending is not None
+            row_id, core = self._pending
+            self._pending = None
+            self.gw.note_unfunded(self.peer, -1)
+            core.settle([], b"", 1)  # nothing funded: abandon (closed, txid null)
+            await self.gw.store.write([state_op(row_id, core, closed_at=time.time())])
+            closed = core.closed_message()
+        await self._send(closed)
+        self._closed = True
+        await self.ws.close(1000, "closed")
+        raise SessionEnd
+
+    async def channel_settled(self) -> None:
+        """The settlement duty settled our channel (expiry): say ``closed`` and end."""
+        live = self.live
+        if live is None or self._closed:
+            return
+        self._closed = True
+        await self._stop_stream()
+        self._paid_event.set()
+        with contextlib.suppress(ConnectionClosed):
+            await self._send(live.core.closed_message())
+            await self.ws.close(1000, "closed")
+
+    async def _cleanup(self) -> None:
+        await self._stop_stream()
+        if self._funding is not None:
+            self._funding.cancel()
+        if self._pending is not None:
+            self.gw.note_unfunded(self.peer, -1)
+        live = self.live
+        if live is not None and live.session is self:
+            live.session = None
+            live.disconnected_at = time.time()
+            # Flush the meter (free chunks since the last pay) and start the
+            # resume grace (section 8) from a durable timestamp.
+            try:
+                await self.gw.store.write(
+                    [
+                        *live.meter_ops(self.gw.publisher_of),
+                        (
+                            "UPDATE channels SET disconnected_at = ? WHERE id = ?",
+                            (live.disconnected_at, live.row_id),
+                        ),
+                    ]
+                )
+            except Exception:
+                log.exception("could not record the end of session %s", self.peer)
+
+
+def _json(obj: dict[str, object]) -> str:
+    import json
+
+    return json.dumps(obj, separators=(",", ":"))
+
+
+_HANDLERS: dict[type[Message], Any] = {
+    Open: Session._on_open,
+    Refund: Session._on_refund,
+    Fund: Session._on_fund,
+    Resume: Session._on_resume,
+    Play: Session._on_play,
+    Pay: Session._on_pay,
+    Stop: Session._on_stop,
+    Close: Session._on_close,
+}

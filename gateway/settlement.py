@@ -1,0 +1,215 @@
+"""Settlement: a background duty, not a reaction to a socket event.
+
+Theory of operation (PROTOCOL.md sections 3 and 8; DESIGN.md "Lessons")
+-----------------------------------------------------------------------
+
+Every ``settle_interval_s`` the duty looks at each live channel:
+
+* ``ready`` and (inside the settle margin, or disconnected for longer than
+  ``resume_grace_s``) → settle now, whether or not a viewer is connected;
+* ``closing`` → follow the settlement: confirmed → ``closed``; unknown to the
+  node → rebroadcast; funding output spent in a block by something else →
+  ``refunded`` (the client's refund won).
+
+:meth:`Settler.settle` is idempotent (bitcoinj once re-entered ``close()`` and
+never answered): the core returns the same settlement again, and the
+transaction is stored durably BEFORE it is broadcast, so a gateway killed in
+between rebroadcasts it on restart. The server's share is split among the
+publishers of what the channel watched, by what each item billed; outputs
+below dust are folded into the operator's payout (section 3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from decimal import Decimal
+from typing import TYPE_CHECKING
+
+from gateway.chain.rpc import RpcError, RpcVerifyAlreadyInChain
+from gateway.channels import LiveChannel, settlement_ops, state_op
+from gateway.protocol.channel import ServerState
+from gateway.protocol.messages import Closed
+from gateway.protocol.scripts import address_to_script_pubkey
+from gateway.store import Op
+
+if TYPE_CHECKING:
+    from gateway.server import Gateway
+
+log = logging.getLogger(__name__)
+
+
+class Settler:
+    """Settles channels on close, after the resume grace, before expiry, on restart."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gw = gateway
+        self._task: asyncio.Task[None] | None = None
+        self._script_cache: dict[str, bytes] = {}
+
+    async def start(self) -> None:
+        """Run one round now (restart recovery), then keep running in the background."""
+        await self.tick()
+        self._task = asyncio.create_task(self._run(), name="settler")
+
+    async def stop(self) -> None:
+        """Stop the duty (pending work resumes at the next start)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.gw.config.settle_interval_s)
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("settlement round failed; retrying")
+
+    async def tick(self) -> None:
+        """One round over every live channel."""
+        now = time.time()
+        grace = self.gw.limits.resume_grace_s
+        for live in list(self.gw.channels.values()):
+            core = live.core
+            try:
+                if core.state in (ServerState.READY, ServerState.FUNDING):
+                    expiring = core.is_expiring(int(now), self.gw.watcher.height)
+                    idle = (
+                        live.session is None
+                        and now - (live.disconnected_at or now) >= grace
+                    )
+                    if expiring or (idle and core.state is ServerState.READY):
+                        await self.settle(live, reason="expiry" if expiring else "disconnect")
+                if core.state is ServerState.CLOSING:
+                    await self.follow(live)
+            except RpcError:
+                log.warning("settling %s failed; will retry", live.channel_id, exc_info=True)
+
+    async def feerate(self) -> Decimal:
+        """sat/vB for a settlement: the node's estimate, never below the floor."""
+        floor = Decimal(str(self.gw.config.fee_floor))
+        try:
+            answer = await self.gw.rpc.call("estimatesmartfee", 2)
+        except RpcError:
+            return floor
+        rate = answer.get("feerate") if isinstance(answer, dict) else None
+        if rate is None:
+            return floor
+        return max(floor, Decimal(str(rate)) * 100_000_000 / 1000)  # BTC/kvB → sat/vB
+
+    def _script(self, address: str) -> bytes:
+        script = self._script_cache.get(address)
+        if script is None:
+            script = address_to_script_pubkey(address, self.gw.network)
+            self._script_cache[address] = script
+        return script
+
+    def payouts(self, live: LiveChannel) -> tuple[list[tuple[bytes, int]], dict[bytes, str]]:
+        """(script, weight) per publisher by what its items billed in this channel."""
+        catalog = self.gw.catalog
+        weights: dict[bytes, int] = {}
+        owner: dict[bytes, str] = {}
+        for media, bill in sorted(live.media_bill.items()):
+            item = catalog.items.get(media)
+            publisher = catalog.publishers.get(item.publisher) if item else None
+            if publisher is None or bill <= 0:
+                continue  # removed from the catalog: its share goes to the operator
+            try:
+                script = self._script(publisher.address)
+            except ValueError:
+                log.warning("publisher %s has a bad payout address", publisher.id)
+                continue
+            weights[script] = weights.get(script, 0) + bill
+            owner[script] = publisher.id
+        return sorted(weights.items()), owner
+
+    async def settle(self, live: LiveChannel, *, reason: str) -> Closed:
+        """Settle ``live`` now (idempotent); answer the ``closed`` message."""
+        async with live.lock:
+            core = live.core
+            if core.state in (ServerState.READY, ServerState.FUNDING):
+                payouts, owner = self.payouts(live)
+                feerate = await self.feerate()
+                settlement = core.settle(payouts, self.gw.operator_script, feerate)
+                ops: list[Op] = live.meter_ops(self.gw.publisher_of)
+                if settlement is not None:
+                    live.settle_tx = settlement.tx
+                    for script, amount in settlement.outputs:
+                        if script == core.change_script and amount == core.balance:
+                            continue  # output 0, the client's
+                        ops.append(
+                            (
+                                "INSERT OR REPLACE INTO payouts(channel, publisher, script, "
+                                "amount, txid) VALUES (?, ?, ?, ?, ?)",
+                                (
+                                    live.row_id,
+                                    owner.get(script, "operator"),
+                                    script.hex(),
+                                    amount,
+                                    settlement.txid,
+                                ),
+                            )
+                        )
+                await self.gw.store.write(settlement_ops(live, settlement, ops))
+                log.info(
+                    "settled %s (%s): paid %d, txid %s",
+                    live.channel_id,
+                    reason,
+                    core.paid,
+                    settlement.txid if settlement else None,
+                )
+                if settlement is None:
+                    self.gw.channels.pop(live.channel_id, None)
+                else:
+                    await self._broadcast(live)
+        if reason != "close" and live.session is not None:
+            await live.session.channel_settled()
+        return core.closed_message()
+
+    async def _broadcast(self, live: LiveChannel) -> None:
+        assert live.settle_tx is not None
+        try:
+            await self.gw.rpc.call("sendrawtransaction", live.settle_tx.hex())
+        except RpcVerifyAlreadyInChain:
+            pass
+        except RpcError as exc:
+            # Stored already; follow() rebroadcasts or finds the refund.
+            log.warning("broadcast of %s refused: %s", live.core.settlement_txid, exc)
+
+    async def follow(self, live: LiveChannel) -> None:
+        """Confirmed → closed; unknown → rebroadcast; funding spent elsewhere → refunded."""
+        core = live.core
+        txid = core.settlement_txid
+        outpoint = core.outpoint
+        assert txid is not None and outpoint is not None
+        confirmations = await self.gw.watcher.confirmations(txid)
+        if confirmations is not None and confirmations >= 1:
+            core.mark_closed()
+            await self.gw.store.write(
+                [
+                    state_op(
+                        live.row_id,
+                        core,
+                        confirmed_height=self.gw.watcher.height - confirmations + 1,
+                        closed_at=time.time(),
+                    )
+                ]
+            )
+            self.gw.channels.pop(live.channel_id, None)
+            return
+        if confirmations is None:
+            # Not in the mempool nor the chain. Spent in a block by another
+            # transaction (the refund) means refunded; otherwise rebroadcast.
+            unspent = await self.gw.rpc.call("gettxout", outpoint.txid, outpoint.vout, False)
+            if unspent is None and await self.gw.watcher.confirmations(outpoint.txid):
+                core.mark_refunded()
+                await self.gw.store.write([state_op(live.row_id, core, closed_at=time.time())])
+                self.gw.channels.pop(live.channel_id, None)
+                return
+            await self._broadcast(live)

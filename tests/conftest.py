@@ -1,0 +1,3 @@
+"""Shared pytest fixtures."""
+
+pytest_plugins = ["conftest_node", "conftest_gateway"]

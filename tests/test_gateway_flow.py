@@ -1,0 +1,30 @@
+"""The gateway over a real socket with its real embedded node: open, fund,
+free chunks, paid chunks, close and settlement (PROTOCOL.md sections 4-8)."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest_gateway import Viewer, node_rpc, ws_url
+
+
+@pytest.mark.parametrize("kind", ["cltv", "multisig"])
+async def test_stream_free_then_paid_then_close_settles(gateway, kind):
+    rpc = node_rpc(gateway)
+    viewer = Viewer(ws_url(gateway), rpc)
+    await viewer.connect()
+    ready = await viewer.open_and_fund(kind=kind)
+    assert ready.paid == 0
+    stream = await viewer.play_and_pay("clip")
+    assert stream.free_ms == 3000
+    chunks = [c for c, _ in viewer.media if c.index >= 0]
+    assert len(chunks) == stream.chunks
+    paid = viewer.channel.paid
+    # 12 s at 300 sat/s with 3 s free, rounded up once at the end.
+    assert paid == -(-(sum(c.duration_ms for c in chunks) - 3000) * 300_000 // 1_000_000)
+    closed = await viewer.close_channel()
+    assert closed.paid == paid and closed.txid is not None
+    await rpc.call("generatetoaddress", 1, await rpc.call("getnewaddress"))
+    tx = await rpc.call("getrawtransaction", closed.txid, True)
+    assert tx["confirmations"] == 1
+    await rpc.close()

@@ -1,0 +1,363 @@
+"""The embedded regtest node, driven only through RpcClient over HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import coincurve
+import pytest
+
+from gateway.chain.blocks import (
+    Tx,
+    TxIn,
+    TxOut,
+    bip143_sighash,
+    hash160,
+    p2wsh_script,
+    push_data,
+    push_int,
+)
+from gateway.chain.rpc import (
+    RpcAuthError,
+    RpcClient,
+    RpcError,
+    RpcMethodNotFound,
+    RpcTransportError,
+)
+from gateway.chain.wallet import address_to_script, script_to_address
+
+OP_IF, OP_ELSE, OP_ENDIF = b"\x63", b"\x67", b"\x68"
+OP_CHECKSIG, OP_CHECKSIGVERIFY = b"\xac", b"\xad"
+OP_CLTV, OP_DROP = b"\xb1", b"\x75"
+SAT = Decimal("0.00000001")
+#: The installed console script (``python -m gateway.cli`` would load a second
+#: copy of gateway.cli, whose CliError main() would not catch).
+GATEWAY = str(Path(sys.executable).with_name("gateway"))
+
+
+def sats(amount: Any) -> int:
+    return int(Decimal(amount) / SAT)
+
+
+async def fund_and_sign(rpc: RpcClient, outputs: list[TxOut], locktime: int = 0) -> Tx:
+    """A signed wallet transaction paying ``outputs`` (not broadcast)."""
+    template = Tx(2, (), tuple(outputs), locktime)
+    funded = await rpc.call("fundrawtransaction", template.serialize().hex())
+    signed = await rpc.call("signrawtransactionwithwallet", funded["hex"])
+    assert signed["complete"]
+    return Tx.parse(bytes.fromhex(signed["hex"]))
+
+
+async def new_script(rpc: RpcClient) -> bytes:
+    return address_to_script(await rpc.call("getnewaddress"))
+
+
+async def test_premine_gives_spendable_balance(rpc: RpcClient) -> None:
+    info = await rpc.call("getblockchaininfo")
+    assert info["chain"] == "regtest" and info["blocks"] >= 120
+    assert await rpc.call("getbalance") >= Decimal(1000)
+    coins = await rpc.call("listunspent")
+    assert coins and all(c["confirmations"] >= 100 for c in coins if c["amount"] == 50)
+    tip = await rpc.call("getbestblockhash")
+    assert await rpc.call("getblockhash", info["blocks"]) == tip
+    header = await rpc.call("getblockheader", tip)
+    block = await rpc.call("getblock", tip, 2)
+    assert header["height"] == block["height"] == info["blocks"]
+    assert block["tx"][0]["vin"][0]["coinbase"]
+    raw = await rpc.call("getblock", tip, 0)
+    assert len(bytes.fromhex(raw)) == block["size"]
+    assert header["mediantime"] < header["time"] or header["mediantime"] == header["time"]
+
+
+async def test_send_confirm_and_lookups(rpc: RpcClient) -> None:
+    address = await rpc.call("getnewaddress")
+    txid = await rpc.call("sendtoaddress", address, Decimal("1.25"))
+    assert txid in await rpc.call("getrawmempool")
+    entry = await rpc.call("getmempoolentry", txid)
+    assert entry["vsize"] > 0 and entry["fees"]["base"] > 0
+    mempool_tx = await rpc.call("getrawtransaction", txid, True)
+    vout = next(o["n"] for o in mempool_tx["vout"] if o["scriptPubKey"].get("address") == address)
+    assert (await rpc.call("gettxout", txid, vout))["confirmations"] == 0
+    assert await rpc.call("gettxout", txid, vout, False) is None
+    [block_hash] = await rpc.call("generatetoaddress", 1, address)
+    assert txid in (await rpc.call("getblock", block_hash))["tx"]
+    assert await rpc.call("getrawmempool") == []
+    confirmed = await rpc.call("getrawtransaction", txid, True)
+    assert confirmed["blockhash"] == block_hash and confirmed["confirmations"] == 1
+    out = await rpc.call("gettxout", txid, vout)
+    assert out["value"] == Decimal("1.25") and out["scriptPubKey"]["address"] == address
+    listed = await rpc.call("listunspent", 1, 9999999, [address])
+    assert [(c["txid"], c["amount"]) for c in listed] == [(txid, Decimal("1.25"))]
+    fee = await rpc.call("estimatesmartfee", 6)
+    assert fee["feerate"] >= Decimal("0.00001")
+
+
+async def test_double_spend_rejected(rpc: RpcClient) -> None:
+    script = await new_script(rpc)
+    first = await fund_and_sign(rpc, [TxOut(100_000, script)])
+    # Same inputs, different outputs: a conflicting spend.
+    second_template = Tx(2, first.inputs, (TxOut(90_000, script), first.outputs[-1]), 0)
+    signed = await rpc.call("signrawtransactionwithwallet", second_template.serialize().hex())
+    await rpc.call("sendrawtransaction", first.serialize().hex())
+    with pytest.raises(RpcError) as info:
+        await rpc.call("sendrawtransaction", signed["hex"])
+    assert info.value.code == -26 and info.value.message == "txn-mempool-conflict"
+    await rpc.call("generatetoaddress", 1, script_to_address(script))
+    with pytest.raises(RpcError) as info:
+        await rpc.call("sendrawtransaction", signed["hex"])
+    assert info.value.code == -25 and "bad-txns-inputs-missingorspent" in info.value.message
+    verdict = await rpc.call("testmempoolaccept", [signed["hex"]])
+    assert verdict[0]["allowed"] is False
+    assert verdict[0]["reject-reason"] == "bad-txns-inputs-missingorspent"
+
+
+def corrupt_signature(tx: Tx) -> Tx:
+    """Flip one bit inside r of input 0's signature (still strict DER, low S)."""
+    sig = bytearray(tx.witnesses[0][0])
+    sig[10] ^= 0x01
+    witnesses = ((bytes(sig), *tx.witnesses[0][1:]), *tx.witnesses[1:])
+    return Tx(tx.version, tx.inputs, tx.outputs, tx.locktime, witnesses)
+
+
+async def test_bad_signature_rejected_with_script_reason(rpc: RpcClient) -> None:
+    tx = corrupt_signature(await fund_and_sign(rpc, [TxOut(50_000, await new_script(rpc))]))
+    with pytest.raises(RpcError) as info:
+        await rpc.call("sendrawtransaction", tx.serialize().hex())
+    assert info.value.code == -26
+    assert info.value.message.startswith("mandatory-script-verify-flag-failed (")
+
+
+async def test_relay_policy(rpc: RpcClient) -> None:
+    script = await new_script(rpc)
+    dust = await fund_and_sign(rpc, [TxOut(293, script)])  # P2WPKH dust limit is 294
+    nulldata = await fund_and_sign(rpc, [TxOut(1000, script), TxOut(0, b"\x6a\x01\x01")] * 1)
+    results = await rpc.call(
+        "testmempoolaccept", [dust.serialize().hex(), nulldata.serialize().hex()]
+    )
+    assert results[0]["reject-reason"] == "dust"
+    assert results[1]["allowed"] is True
+    assert nulldata.txid[::-1].hex() not in await rpc.call("getrawmempool")
+    # A fee below 1 sat/vB: give almost everything back as change.
+    coin = (await rpc.call("listunspent"))[0]
+    cheap = Tx(2, (TxIn(bytes.fromhex(coin["txid"])[::-1], coin["vout"]),),
+               (TxOut(sats(coin["amount"]) - 50, script),))
+    signed = await rpc.call("signrawtransactionwithwallet", cheap.serialize().hex())
+    with pytest.raises(RpcError, match="min relay fee not met"):
+        await rpc.call("sendrawtransaction", signed["hex"])
+    # High-S signature: valid for consensus, refused by relay policy (BIP62 rule 5).
+    tx = await fund_and_sign(rpc, [TxOut(10_000, script)])
+    sig = tx.witnesses[0][0]
+    r_len = sig[3]
+    s = int.from_bytes(sig[6 + r_len : -1], "big")
+    n = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+    high = (n - s).to_bytes(33, "big")
+    der = sig[2 : 4 + r_len] + b"\x02\x21" + high
+    high_sig = b"\x30" + bytes((len(der),)) + der + sig[-1:]
+    witnesses = ((high_sig, tx.witnesses[0][1]), *tx.witnesses[1:])
+    bad = Tx(tx.version, tx.inputs, tx.outputs, tx.locktime, witnesses)
+    with pytest.raises(RpcError, match="S value is unnecessarily high"):
+        await rpc.call("sendrawtransaction", bad.serialize().hex())
+
+
+def cltv_script(client: bytes, server: bytes, expiry: int) -> bytes:
+    """PROTOCOL.md section 2's ``cltv`` witness script, built by hand."""
+    return (
+        OP_IF + push_data(server) + OP_CHECKSIGVERIFY + OP_ELSE + push_int(expiry)
+        + OP_CLTV + OP_DROP + OP_ENDIF + push_data(client) + OP_CHECKSIG
+    )
+
+
+async def fund_cltv(rpc: RpcClient, expiry: int) -> tuple[coincurve.PrivateKey, bytes, Tx]:
+    client_key = coincurve.PrivateKey(os.urandom(32))
+    server_pub = coincurve.PrivateKey(os.urandom(32)).public_key.format()
+    wscript = cltv_script(client_key.public_key.format(), server_pub, expiry)
+    funding = await fund_and_sign(rpc, [TxOut(200_000, p2wsh_script(wscript))])
+    await rpc.call("sendrawtransaction", funding.serialize().hex())
+    await rpc.call("generatetoaddress", 1, await rpc.call("getnewaddress"))
+    return client_key, wscript, funding
+
+
+def refund(
+    key: coincurve.PrivateKey, wscript: bytes, funding: Tx, locktime: int, pay: bytes
+) -> str:
+    """T2: spend the funding output by the CLTV branch (witness: sig, false, script)."""
+    tx = Tx(2, (TxIn(funding.txid, 0, b"", 0xFFFFFFFE),), (TxOut(199_000, pay),), locktime)
+    digest = bip143_sighash(tx, 0, wscript, 200_000)
+    sig = key.sign(digest, hasher=None) + b"\x01"
+    return Tx(tx.version, tx.inputs, tx.outputs, locktime, ((sig, b"", wscript),)).serialize().hex()
+
+
+async def test_cltv_refund_by_height(rpc: RpcClient) -> None:
+    pay = await new_script(rpc)
+    expiry = await rpc.call("getblockcount") + 4
+    key, wscript, funding = await fund_cltv(rpc, expiry)
+    with pytest.raises(RpcError) as info:
+        await rpc.call("sendrawtransaction", refund(key, wscript, funding, expiry, pay))
+    assert info.value.code == -26 and info.value.message == "non-final"
+    # A final nLockTime below the script's expiry fails CHECKLOCKTIMEVERIFY itself.
+    early = refund(key, wscript, funding, expiry - 3, pay)
+    with pytest.raises(RpcError, match=r"mandatory-script-verify-flag-failed \(Locktime"):
+        await rpc.call("sendrawtransaction", early)
+    await rpc.call("generatetoaddress", 3, script_to_address(pay))
+    txid = await rpc.call("sendrawtransaction", refund(key, wscript, funding, expiry, pay))
+    [block] = await rpc.call("generatetoaddress", 1, script_to_address(pay))
+    assert txid in (await rpc.call("getblock", block))["tx"]
+
+
+async def test_cltv_refund_by_time(rpc: RpcClient) -> None:
+    pay = await new_script(rpc)
+    mtp = (await rpc.call("getblockchaininfo"))["mediantime"]
+    expiry = mtp + 1200  # a time (>= 500,000,000), about 20 minutes ahead
+    key, wscript, funding = await fund_cltv(rpc, expiry)
+    tx = refund(key, wscript, funding, expiry, pay)
+    with pytest.raises(RpcError, match=r"^non-final"):
+        await rpc.call("sendrawtransaction", tx)
+    # Move the clock past the expiry; MTP (median of 11 block times) follows.
+    await rpc.call("setmocktime", expiry + 60)
+    try:
+        await rpc.call("generatetoaddress", 6, script_to_address(pay))
+        assert (await rpc.call("getblockchaininfo"))["mediantime"] > expiry
+        txid = await rpc.call("sendrawtransaction", tx)
+        [block] = await rpc.call("generatetoaddress", 1, script_to_address(pay))
+        assert txid in (await rpc.call("getblock", block))["tx"]
+        assert (await rpc.call("getblock", block))["time"] >= expiry + 60
+    finally:
+        await rpc.call("setmocktime", 0)
+
+
+async def test_kernel_rejected_block_never_becomes_tip(rpc: RpcClient) -> None:
+    address = await rpc.call("getnewaddress")
+    tip = await rpc.call("getbestblockhash")
+    height = await rpc.call("getblockcount")
+    bad = corrupt_signature(await fund_and_sign(rpc, [TxOut(70_000, address_to_script(address))]))
+    with pytest.raises(RpcError) as info:
+        await rpc.call("generateblock", address, [bad.serialize().hex()])
+    assert info.value.code == -25
+    assert "block-script-verify-flag-failed" in info.value.message
+    assert await rpc.call("getbestblockhash") == tip
+    assert await rpc.call("getblockcount") == height
+    # A good transaction given by txid is mined.
+    good = await fund_and_sign(rpc, [TxOut(70_000, address_to_script(address))])
+    txid = await rpc.call("sendrawtransaction", good.serialize().hex())
+    mined = await rpc.call("generateblock", address, [txid])
+    assert await rpc.call("getbestblockhash") == mined["hash"]
+
+
+async def test_rpc_errors(rpc: RpcClient, node: Any) -> None:
+    with pytest.raises(RpcMethodNotFound):
+        await rpc.call("getwalletinfo_nope")
+    with pytest.raises(RpcError) as info:
+        await rpc.call("getblockhash", 10**6)
+    assert info.value.code == -8
+    with pytest.raises(RpcError) as info:
+        await rpc.call("getrawtransaction", "00" * 32)
+    assert info.value.code == -5
+    with pytest.raises(RpcError) as info:
+        await rpc.call("sendrawtransaction", "zz")
+    assert info.value.code == -22
+    with pytest.raises(RpcError) as info:
+        await rpc.call("sendtoaddress", "notanaddress", 1)
+    assert info.value.code == -5
+    with pytest.raises(RpcError) as info:
+        await rpc.call("getblockcount", 1, 2)
+    assert info.value.code == -1
+    async with RpcClient(node.rpc_url, user="__cookie__", password="wrong") as bad:
+        with pytest.raises(RpcAuthError, match="401"):
+            await bad.call("getblockcount")
+    named = await rpc.batch([("getblockcount", []), ("getblockhash", [0])])
+    assert named[1] == "0f9188f13cb7b2c71f2a335e3a4fc328bf5beb436012afca590b1a11466e2206"
+
+
+async def test_restart_keeps_tip_balance_utxos_and_mempool(node_factory: Any) -> None:
+    started = node_factory("restart")
+    async with started.client() as rpc:
+        address = await rpc.call("getnewaddress")
+        await rpc.call("sendtoaddress", address, 3)
+        await rpc.call("generatetoaddress", 1, address)
+        pending = await rpc.call("sendtoaddress", address, 1)
+        before = (
+            await rpc.call("getbestblockhash"),
+            await rpc.call("getbalance"),
+            sorted((c["txid"], c["vout"]) for c in await rpc.call("listunspent")),
+        )
+    started.restart()
+    async with started.client() as rpc:
+        after = (
+            await rpc.call("getbestblockhash"),
+            await rpc.call("getbalance"),
+            sorted((c["txid"], c["vout"]) for c in await rpc.call("listunspent")),
+        )
+        assert after == before
+        assert await rpc.call("getrawmempool") == [pending]
+        assert await rpc.call("getblockcount") == 121
+
+
+async def test_block_interval_mines_mempool_and_stop_rpc(node_factory: Any) -> None:
+    started = node_factory("interval", block_interval=0.1, premine=101)
+    async with started.client() as rpc:
+        txid = await rpc.call("sendtoaddress", await rpc.call("getnewaddress"), 1)
+        for _ in range(100):
+            if not await rpc.call("getrawmempool"):
+                break
+            await asyncio.sleep(0.05)
+        assert (await rpc.call("getrawtransaction", txid, True))["confirmations"] >= 1
+        assert await rpc.call("stop") == "Bitcoin Core stopping"
+        await asyncio.sleep(0.3)
+        with pytest.raises(RpcTransportError):
+            await rpc.call("getblockcount")
+
+
+def test_cli_prints_url_and_stops_on_sigterm(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [GATEWAY, "node", "--datadir", str(tmp_path),
+         "--rpc-port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(3)]
+        url = lines[1].split("RPC URL: ")[1].strip()
+        cookie = lines[2].split("cookie: ")[1].strip()
+        assert Path(cookie) == tmp_path / "regtest" / ".cookie"
+
+        async def height() -> int:
+            async with RpcClient(url, cookie_path=cookie) as rpc:
+                return int(await rpc.call("getblockcount"))
+
+        assert asyncio.run(height()) == 120
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert not Path(cookie).exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_cli_reports_port_in_use(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = subprocess.run(
+            [GATEWAY, "node", "--datadir", str(tmp_path),
+             "--rpc-port", str(port)],
+            capture_output=True, text=True, timeout=60,
+        )
+    assert done.returncode == 1
+    assert done.stderr.startswith("gateway: error: cannot listen")
+
+
+def test_hash160_matches_known_vector() -> None:
+    # Hash160 of the generator point's compressed key (well-known test vector).
+    g = bytes.fromhex("0279be667ef9dcbbac55a06295ce870b07029bfcdb2dce28d959f2815b16f81798")
+    assert hash160(g).hex() == "751e76e8199196d454941c45d1b3a323f1433bd6"
