@@ -228,6 +228,15 @@ class Gateway:
             return _json_response(HTTPStatus.OK, self.catalog.to_api())
         if path == "/api/admin/settle":
             return await self._admin_settle(request, query)
+        try:
+            from gateway import web
+        except ModuleNotFoundError as exc:  # the web front end is optional
+            if exc.name != "gateway.web":
+                raise
+        else:
+            answer = await web.handle_http(self, request)
+            if answer is not None:
+                return answer
         return _json_response(HTTPStatus.NOT_FOUND, {"error": f"no such path {path}"})
 
     async def _admin_settle(self, request: Request, query: str) -> Response:

@@ -41,14 +41,14 @@ from gateway.protocol.messages import (
     encode,
     parse_server_message,
 )
-from gateway.protocol.scripts import address_to_script_pubkey
+from gateway.protocol.scripts import address_to_script_pubkey, script_pubkey_to_address
 from gateway.protocol.transactions import Outpoint
 from gateway.server import Gateway
 
 #: Two publishers so settlements split; regtest payout addresses of fixed keys.
 PUBLISHERS = {
-    "studio": "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080",
-    "label": "bcrt1qrp33g0q5c5txsp9arysrx4k6zdkfs4nce4xj0gdcccefvpysxf3qzf3q3r",
+    "studio": script_pubkey_to_address(bytes.fromhex("0014" + "11" * 20), "regtest"),
+    "label": script_pubkey_to_address(bytes.fromhex("0020" + "22" * 32), "regtest"),
 }
 
 
@@ -92,14 +92,33 @@ def media_copy(sample_media: Path, tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def gateway(tmp_path: Path, media_copy: Path) -> AsyncIterator[Gateway]:
-    """A running gateway with its embedded node (in-process), on port 0."""
-    gw = Gateway(gateway_config(tmp_path, media_copy))
-    await gw.start()
+async def gateway_factory(tmp_path: Path, media_copy: Path) -> AsyncIterator[Any]:
+    """Start gateways (in-process, embedded node, port 0) with config overrides.
+
+    ``await gateway_factory(limits={...}, **config)``; all are stopped at teardown.
+    """
+    started: list[Gateway] = []
+
+    async def start(limits: dict[str, Any] | None = None, **overrides: Any) -> Gateway:
+        config = gateway_config(tmp_path, media_copy, **(limits or {}))
+        for name, value in overrides.items():
+            setattr(config, name, value)
+        gw = Gateway(config)
+        await gw.start()
+        started.append(gw)
+        return gw
+
     try:
-        yield gw
+        yield start
     finally:
-        await gw.stop()
+        for gw in reversed(started):
+            await gw.stop()
+
+
+@pytest.fixture
+async def gateway(gateway_factory: Any) -> Gateway:
+    """A running gateway with its embedded node (in-process), on port 0."""
+    return await gateway_factory()
 
 
 def ws_url(gw: Gateway) -> str:

@@ -4,7 +4,6 @@ free chunks, paid chunks, close and settlement (PROTOCOL.md sections 4-8)."""
 from __future__ import annotations
 
 import pytest
-
 from conftest_gateway import Viewer, node_rpc, ws_url
 
 

@@ -361,3 +361,27 @@ def test_hash160_matches_known_vector() -> None:
     # Hash160 of the generator point's compressed key (well-known test vector).
     g = bytes.fromhex("0279be667ef9dcbbac55a06295ce870b07029bfcdb2dce28d959f2815b16f81798")
     assert hash160(g).hex() == "751e76e8199196d454941c45d1b3a323f1433bd6"
+
+
+def test_kernel_process_block_reports_reason_and_keeps_tip(tmp_path: Path) -> None:
+    from gateway.chain.blocks import assemble_block, block_subsidy, p2wpkh_script
+    from gateway.chain.kernel import Kernel
+
+    kernel = Kernel(tmp_path)
+    try:
+        script = p2wpkh_script(bytes(20))
+        genesis = kernel.tip_hash
+        when = kernel.median_time_past() + 1
+        greedy = assemble_block(genesis, 1, when, [], [TxOut(block_subsidy(1) + 1, script)])
+        accepted, reason = kernel.process_block(greedy.serialize())
+        assert not accepted and reason is not None and reason.startswith("bad-cb-amount")
+        wrong_height = assemble_block(genesis, 7, when, [], [TxOut(1, script)])
+        assert kernel.process_block(wrong_height.serialize())[1] == (
+            "bad-cb-height, block height mismatch in coinbase"
+        )
+        assert kernel.tip_height == 0 and kernel.tip_hash == genesis
+        good = assemble_block(genesis, 1, when, [], [TxOut(block_subsidy(1), script)])
+        assert kernel.process_block(good.serialize()) == (True, None)
+        assert kernel.tip_hash == good.hash and kernel.block_at(1) == good.serialize()
+    finally:
+        kernel.close()

@@ -1346,10 +1346,6 @@ class EmbeddedNode:
         asyncio.get_running_loop().call_later(0.01, lambda: asyncio.ensure_future(self.stop()))
         return "Bitcoin Core stopping"
 
-    async def rpc_uptime(self) -> int:
-        """Seconds since start (liveness probe)."""
-        return 0
-
     # -- RPC: wallet -----------------------------------------------------------
 
     async def rpc_getnewaddress(self, label: str = "", address_type: str = "bech32") -> str:
