@@ -20,12 +20,9 @@ def register_cli(sub: Any) -> None:
     """Add the gateway's operating commands to the ``gateway`` CLI."""
     serve = sub.add_parser("serve", help="run the gateway (and the embedded node)")
     _common(serve)
+    _chain(serve)
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="WebSocket/HTTP port (default 8080; 0 = any)")
-    serve.add_argument("--media", type=Path, help="media dir with catalog.toml (default ./media)")
-    serve.add_argument("--rpc-url", help="use this bitcoind instead of the embedded node")
-    serve.add_argument("--rpc-cookie", type=Path, help="bitcoind's .cookie file")
-    serve.add_argument("--rpc-port", type=int, help="embedded node RPC port (default 18443)")
     serve.add_argument("--block-interval", type=float, help="embedded node: seconds per block")
     serve.add_argument("--resume-grace", type=int, help="seconds a dropped channel stays resumable")
     serve.add_argument("--settle-margin", type=int, help="settle this many seconds before expiry")
@@ -39,8 +36,14 @@ def register_cli(sub: Any) -> None:
     channels.add_argument("--json", action="store_true", help="machine-readable output")
     channels.set_defaults(func=_channels)
 
-    settle = sub.add_parser("settle", help="settle a channel (or every open one) now")
+    settle = sub.add_parser(
+        "settle",
+        help="settle a channel (or every open one) now",
+        description="Asks the running gateway (with the operator token) to settle; "
+        "when no gateway runs on DATADIR, starts its chain access alone and settles.",
+    )
     _common(settle)
+    _chain(settle)
     settle.add_argument("channel", nargs="?", help="txid:vout (default: every ready channel)")
     settle.set_defaults(func=_settle)
 
@@ -48,6 +51,13 @@ def register_cli(sub: Any) -> None:
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--datadir", type=Path, help="gateway data dir (default ./data)")
     parser.add_argument("--config", type=Path, help="TOML config file")
+
+
+def _chain(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--media", type=Path, help="media dir with catalog.toml (default ./media)")
+    parser.add_argument("--rpc-url", help="use this bitcoind instead of the embedded node")
+    parser.add_argument("--rpc-cookie", type=Path, help="bitcoind's .cookie file")
+    parser.add_argument("--rpc-port", type=int, help="embedded node RPC port (default 18443)")
 
 
 def load_config(args: argparse.Namespace) -> Config:

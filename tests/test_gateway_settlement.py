@@ -192,3 +192,50 @@ async def test_restart_reloads_and_settles_due_channels(gateway_factory):
     _, outputs = await _settled_outputs(gw2, rpc2, cid)
     assert outputs[viewer.channel.change_script.hex()] == balance
     await rpc2.close()
+
+
+async def test_refund_after_expiry_is_recorded_as_refunded(gateway_factory):
+    # The gateway is down past the expiry; the viewer refunds alone (section 2);
+    # the restarted gateway finds its settlement impossible and records `refunded`.
+    limits = {"settle_margin_s": 600, "min_expiry_s": 600, "resume_grace_s": 3600}
+    gw = await gateway_factory(limits=limits)
+    rpc = node_rpc(gw)
+    viewer = Viewer(ws_url(gw), rpc)
+    await viewer.connect()
+    viewer.channel = ClientChannel(viewer.key.secret, viewer.hello, budget=50_000)
+    height = await rpc.call("getblockcount")
+    change = address_to_script_pubkey(await rpc.call("getnewaddress"), "regtest")
+    await viewer.send(viewer.channel.open(expiry=height + 4, change_script=change))
+    terms = await viewer.expect(Terms)
+    viewer.channel.accept_terms(terms)
+    txid = await rpc.call("sendtoaddress", terms.funding_address, "0.0003")
+    raw = await rpc.call("getrawtransaction", txid, True)
+    vout = next(o["n"] for o in raw["vout"]
+                if o["scriptPubKey"]["address"] == terms.funding_address)
+    await viewer.send(viewer.channel.fund(Outpoint(txid, vout), 30_000))
+    viewer.channel.on_ready(await viewer.expect(Ready))
+    await viewer.send(viewer.channel.pay(5_000))
+    viewer.channel.on_paid(await viewer.expect(Paid))
+    cid = viewer.channel.outpoint.channel_id
+    await viewer.disconnect()
+    await rpc.close()
+    await asyncio.sleep(0.2)
+    node_dir = gw.node.datadir
+    await gw.stop()
+
+    from gateway.chain.node import EmbeddedNode
+    from gateway.chain.rpc import RpcClient
+
+    async with (
+        EmbeddedNode(node_dir, rpc_port=0) as node,
+        RpcClient(node.rpc_url, cookie_path=node.cookie_path) as alone,
+    ):
+        await _mine(alone, 4)  # tip = expiry: the refund fits the next block
+        refund = viewer.channel.cltv_refund(dest_script=change, fee=300)
+        await alone.call("sendrawtransaction", refund.hex())
+        await _mine(alone, 1)
+
+    gw2 = await gateway_factory(limits=limits)
+    await _wait_for(lambda: gw2.store.read(
+        "SELECT state FROM channels WHERE channel_id = ?", (cid,))[0]["state"] == "refunded")
+    assert cid not in gw2.channels

@@ -1,0 +1,88 @@
+"""``gateway channels``, ``gateway settle`` and configuration from the command
+line: real data dirs, the real embedded node, one-line errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from conftest_gateway import Viewer, node_rpc, ws_url
+
+from gateway.cli import main
+from gateway.config import Config, ConfigError
+
+
+async def _session_with_payments(gw) -> Viewer:
+    viewer = Viewer(ws_url(gw), node_rpc(gw))
+    await viewer.connect()
+    await viewer.open_and_fund()
+    await viewer.play_and_pay("clip", chunks=8)
+    await viewer.disconnect()
+    await asyncio.sleep(0.2)
+    return viewer
+
+
+async def test_channels_lists_and_settle_offline(gateway_factory, capsys, tmp_path):
+    gw = await gateway_factory(limits={"resume_grace_s": 3600})
+    viewer = await _session_with_payments(gw)
+    cid = viewer.channel.outpoint.channel_id
+    paid = viewer.channel.paid
+    datadir, media = str(gw.config.datadir), str(gw.config.media)
+    await gw.stop()
+    capsys.readouterr()
+
+    assert await asyncio.to_thread(main, ["channels", "--datadir", datadir, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(c["channel_id"], c["state"], c["paid"]) for c in listed] == [(cid, "ready", paid)]
+    assert await asyncio.to_thread(main, ["channels", "--datadir", datadir]) == 0
+    assert cid in capsys.readouterr().out
+
+    args = ["settle", "--datadir", datadir, "--media", media, "--rpc-port", "0"]
+    assert await asyncio.to_thread(main, [*args, "ab" * 32 + ":0"]) == 1
+    assert "no open channel" in capsys.readouterr().err
+    assert await asyncio.to_thread(main, [*args, cid]) == 0
+    out = capsys.readouterr().out
+    assert cid in out and f"paid {paid}" in out
+    assert await asyncio.to_thread(main, ["channels", "--datadir", datadir, "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["state"] == "closing" and row["settle_txid"]
+
+
+async def test_settle_asks_the_running_gateway(gateway_factory, capsys):
+    gw = await gateway_factory(limits={"resume_grace_s": 3600})
+    viewer = await _session_with_payments(gw)
+    cid = viewer.channel.outpoint.channel_id
+    # What `gateway serve` writes on start, so `gateway settle` finds it.
+    import os
+
+    (gw.datadir / "gateway.json").write_text(json.dumps(
+        {"pid": os.getpid(), **gw.urls()}))
+    capsys.readouterr()
+    code = await asyncio.to_thread(main, ["settle", "--datadir", str(gw.datadir)])
+    assert code == 0
+    assert cid in capsys.readouterr().out
+    assert gw.channels[cid].core.settlement_txid is not None
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["channels", "--datadir", str(tmp_path / "none")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gateway: error:") and "\n" not in err
+    bad = tmp_path / "bad.toml"
+    bad.write_text("port = 'eighty'\n")
+    assert main(["channels", "--datadir", str(tmp_path), "--config", str(bad)]) == 1
+    assert "port" in capsys.readouterr().err
+
+
+def test_config_layers(tmp_path):
+    path = tmp_path / "gateway.toml"
+    path.write_text("port = 9000\n[limits]\nresume_grace_s = 5\n")
+    config = Config.load(path, {"PAYSTREAM_LIMITS_MIN_CONF": "2", "PAYSTREAM_HOST": "0.0.0.0"})
+    assert (config.port, config.limits.resume_grace_s, config.limits.min_conf, config.host) == (
+        9000, 5, 2, "0.0.0.0")
+    path.write_text("nonsense = 1\n")
+    with pytest.raises(ConfigError, match="nonsense"):
+        Config.load(path, {})
+    with pytest.raises(ConfigError, match="min_conf"):
+        Config.load(None, {"PAYSTREAM_LIMITS_MIN_CONF": "many"})
