@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 
 import coincurve
 import pytest
@@ -29,6 +31,7 @@ from gateway.protocol.channel import (
     ClientChannel,
     ClientState,
     Event,
+    FundingClaim,
     LocalProtocolError,
     ServerChannel,
     ServerState,
@@ -39,6 +42,7 @@ from gateway.protocol.errors import ErrorCode, ProtocolError
 from gateway.protocol.messages import (
     Closed,
     Due,
+    Fund,
     Open,
     Paid,
     Pay,
@@ -50,29 +54,20 @@ from gateway.protocol.messages import (
 )
 from gateway.protocol.metering import OverchargeError
 from gateway.protocol.signatures import SECP256K1_ORDER, sign_digest
-from gateway.protocol.transactions import Outpoint, build_refund, sign_payment
+from gateway.protocol.transactions import Outpoint, build_refund, sign_payment, txid_of
 
 KINDS = ["cltv", "multisig"]
 
 
+@contextlib.contextmanager
 def raises(code: ErrorCode, channel: ServerChannel | None = None):
     """Expect a ProtocolError with ``code`` and, given a channel, no change to it."""
-
-    class _Ctx:
-        def __enter__(self):
-            self.before = channel.snapshot() if channel is not None else None
-            self.inner = pytest.raises(ProtocolError)
-            self.info = self.inner.__enter__()
-            return self.info
-
-        def __exit__(self, *exc):
-            handled = self.inner.__exit__(*exc)
-            assert self.info.value.code is code, self.info.value
-            if channel is not None:
-                assert channel.snapshot() == self.before
-            return handled
-
-    return _Ctx()
+    before = channel.snapshot() if channel is not None else None
+    with pytest.raises(ProtocolError) as info:
+        yield info
+    assert info.value.code is code, info.value
+    if channel is not None:
+        assert channel.snapshot() == before
 
 
 def open_msg(**changes) -> Open:
@@ -126,10 +121,7 @@ def test_terms_match_client_recomputation():
     channel = server_open(open_msg(kind="multisig"))
     terms = channel.terms()
     assert terms.kind == "multisig" and terms.expiry == NOW + 7 * DAY
-    assert (
-        terms.funding_script
-        == b"\x00\x20" + __import__("hashlib").sha256(terms.witness_script).digest()
-    )
+    assert terms.funding_script == b"\x00\x20" + hashlib.sha256(terms.witness_script).digest()
     assert terms.funding_address.startswith("bcrt1q")
     assert channel.state is ServerState.OPEN and channel.paid == 0 and channel.channel_id is None
 
@@ -589,8 +581,21 @@ def test_client_pay_due_checks_its_own_bill():
     assert pair.client.seq == 0 and pair.client.meter.bill == 0
     pay = pair.client.pay_due(dataclasses.replace(greedy, total=2))
     assert pay.balance == 99_998 and pay.seq == 1
-    with pytest.raises(LocalProtocolError, match="already paid"):
-        pair.client.pay_due(dataclasses.replace(greedy, total=2))
+    # the pay was lost with the connection: after a resume the gateway asks
+    # for the same chunk again; the same increment goes again, nothing new
+    pair.client.resume(hello())
+    pair.client.on_ready(pair.server.ready())
+    pair.stream("m", rate_msat=1_000, free_ms=0)
+    assert pair.client.pay_due(dataclasses.replace(greedy, total=2)) == pay
+    assert (pair.client.seq, pair.client.balance) == (1, 99_998)
+    # billed once: the gateway showed (ready.balance) it never got the increment
+    assert pair.client.meter.bill == 2_000_000
+    record = receive(pair, to_server(pay))
+    assert record.seq == 1 and pair.server.paid == 2
+    fresh = ChannelPair()  # a due of 0 on a channel that never paid: refused
+    fresh.stream("m", rate_msat=0, free_ms=0)
+    with pytest.raises(LocalProtocolError, match="nothing to pay"):
+        fresh.client.pay_due(Due(total=0, media="m", index=0, duration_ms=1))
 
 
 def test_client_out_of_order_and_server_lies():
@@ -614,7 +619,9 @@ def test_client_out_of_order_and_server_lies():
     pair.pay(1_000)
     with pytest.raises(ProtocolError):
         pair.client.on_paid(Paid(seq=1, balance=98_000, paid=2_000))
-    with pytest.raises(LocalProtocolError, match="multisig"):
+    with pytest.raises(
+        LocalProtocolError, match="cltv channel in state 'ready' cannot handle 'refund'"
+    ):
         pair.client.refund_request(funding_outpoint(), 1, dest_script=REFUND_SCRIPT, fee=1)
 
 
@@ -680,3 +687,99 @@ def test_transition_error_names_role_state_event():
     assert info.value.message == "server cltv channel in state 'open' cannot handle 'confirm'"
     assert Event.PAY.value == "pay"
     assert Outpoint.parse(f"{'0' * 64}:0").vout == 0
+
+
+# -- fund message, settlement after restart ------------------------------------------------
+
+
+def t1_paying(spk: bytes, value: int) -> bytes:
+    """A T1 with a change output first and the funding output second."""
+    from bitcoin.core import COutPoint, CTransaction, CTxIn, CTxOut, lx
+    from bitcoin.core.script import CScript
+
+    tx = CTransaction(
+        [CTxIn(COutPoint(lx("11" * 32), 0))],
+        [CTxOut(5_000, CScript(REFUND_SCRIPT)), CTxOut(value, CScript(spk))],
+        nVersion=2,
+    )
+    return bytes(tx.serialize())
+
+
+def test_resolve_fund_claims():
+    channel = server_open(open_msg())
+    spk = channel.script.script_pubkey
+    tx = t1_paying(spk, 70_000)
+    txid = txid_of(tx)
+    before = channel.snapshot()
+    claim = channel.resolve_fund(Fund(tx=tx))
+    assert claim == FundingClaim(Outpoint(txid, 1), 70_000, tx)
+    assert channel.resolve_fund(Fund(txid=txid, vout=1, tx=tx)) == claim
+    assert channel.resolve_fund(Fund(txid=txid, vout=3)) == FundingClaim(
+        Outpoint(txid, 3), None, None
+    )
+    assert channel.resolve_fund(Fund()) == FundingClaim(None, None, None)
+    with raises(ErrorCode.FUNDING_MISMATCH, channel):
+        channel.resolve_fund(Fund(txid="00" * 32, vout=1, tx=tx))
+    with raises(ErrorCode.FUNDING_MISMATCH, channel):
+        channel.resolve_fund(Fund(txid=txid, vout=0, tx=tx))
+    with raises(ErrorCode.FUNDING_MISMATCH, channel):
+        channel.resolve_fund(Fund(tx=t1_paying(CHANGE_SCRIPT, 70_000)))
+    with raises(ErrorCode.BAD_MESSAGE, channel):
+        channel.resolve_fund(Fund(tx=b"\x00\x01"))
+    with raises(ErrorCode.FUNDING_NOT_FOUND, channel):
+        channel.resolve_fund(Fund(txid=txid, vout=2**32))
+    assert channel.snapshot() == before
+    channel.accept_funding(claim.outpoint, claim.value, spk)  # type: ignore[arg-type]
+    with raises(ErrorCode.BAD_STATE, channel):
+        channel.resolve_fund(Fund(tx=tx))
+
+
+def test_resolve_fund_multisig():
+    server, client = multisig_channel()
+    with raises(ErrorCode.BAD_STATE, server):
+        server.resolve_fund(Fund())  # fund before any refund
+    refund = client.refund_request(funding_outpoint(), 50_000, dest_script=REFUND_SCRIPT, fee=300)
+    server.sign_refund(to_server(refund))
+    # without txid or tx the only possible output is the one T2 spends
+    assert server.resolve_fund(Fund()) == FundingClaim(funding_outpoint(), None, None)
+
+
+def test_closing_channel_restored_rebuilds_the_same_settlement():
+    pair = ChannelPair()
+    pair.pay(20_000)
+    settlement = settle(pair.server)
+    assert settlement is not None
+    restored = ServerChannel.restore(
+        pair.server.snapshot(), server_privkey=SERVER_KEY, limits=LIMITS
+    )
+    assert restored.state is ServerState.CLOSING and restored.settlement is None
+    again = settle(restored)
+    assert again == settlement and restored.state is ServerState.CLOSING
+    restored.mark_closed("ff" * 32)  # a fee-bumped replacement confirmed
+    assert restored.closed_message().txid == "ff" * 32
+
+
+def kernel_verify(tx: bytes, spk: bytes, amount: int) -> bool:
+    """libbitcoinkernel's verdict on input 0 spending (spk, amount), all flags."""
+    import pbk
+    from pbk.script import PrecomputedTransactionData
+
+    ktx = pbk.Transaction(tx)
+    txdata = PrecomputedTransactionData(ktx, [pbk.TransactionOutput(pbk.ScriptPubkey(spk), amount)])
+    return (
+        pbk.ScriptPubkey(spk).verify(amount, ktx, txdata, 0, pbk.ScriptVerificationFlags.ALL) == 1
+    )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("total", [20_000, 100_000])
+def test_paired_settlement_is_consensus_valid(kind, total):
+    """The client's last increment + the server's settlement spend the funding output."""
+    pair = ChannelPair(kind=kind)
+    pair.pay(total // 2)
+    pair.pay(total)
+    settlement = settle(pair.server)
+    assert settlement is not None
+    assert kernel_verify(settlement.tx, pair.server.script.script_pubkey, pair.value)
+    client_out = [amt for spk, amt in settlement.outputs if spk == CHANGE_SCRIPT]
+    assert client_out == ([pair.value - total] if total < pair.value else [])

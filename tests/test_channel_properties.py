@@ -43,6 +43,7 @@ bad_pay_action = st.tuples(
     st.integers(1, 10_000),
 )
 overcharge_action = st.tuples(st.just("overcharge"), st.sampled_from(MEDIA), st.integers(1, 50))
+lost_action = st.tuples(st.just("lost"), st.sampled_from(MEDIA), st.integers(1, 2_500))
 resume_action = st.tuples(st.just("resume"), st.binary(min_size=32, max_size=32), st.none())
 raw_action = st.tuples(
     st.just("raw"),
@@ -67,6 +68,7 @@ actions = st.lists(
         overcharge_action,
         resume_action,
         raw_action,
+        lost_action,
     ),
     min_size=10,
     max_size=40,
@@ -168,6 +170,26 @@ def test_random_sessions_keep_the_money_rules(kind, rate, free_ms, budget, steps
             else:  # pragma: no cover
                 raise AssertionError("client paid above its own figure")
             assert (client.seq, client.balance, client.meter.bill) == state
+        elif action == "lost" and not exhausted:
+            # the client pays a due, the connection drops before the gateway
+            # reads it; after a resume the gateway asks for the chunk again
+            quote = pair.meter.quote(arg, index[arg], n, rate_msat=rate, free_ms=free_ms)
+            if server.paid < quote.total:
+                due = Due(total=quote.total, media=arg, index=index[arg], duration_ms=n)
+                try:
+                    client.pay_due(due)  # lost in flight
+                except LocalProtocolError:
+                    exhausted = True
+                    continue
+                nonce = bytes(32)
+                resume = to_server(client.resume(hello(nonce)))
+                client.on_ready(server.check_resume(resume, nonce=nonce, now=NOW, tip_height=TIP))
+                for media in MEDIA:
+                    pair.stream(media, rate, free_ms)
+                seq_before = client.seq
+                pair.deliver(arg, index[arg], n, rate, free_ms)
+                assert client.seq == seq_before  # the same increment, sent again
+                index[arg] += 1
         elif action == "resume":
             resume = to_server(client.resume(hello(arg)))
             client.on_ready(server.check_resume(resume, nonce=arg, now=NOW, tip_height=TIP))

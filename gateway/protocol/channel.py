@@ -20,10 +20,12 @@ seen from each end::
 The server's machine (:class:`ServerChannel`) is driven by client messages
 and by what the I/O layer learned from the chain; the client's
 (:class:`ClientChannel`) adds two states before ``OPEN``: ``NEW`` and
-``PROPOSED`` (``open`` sent, no ``terms`` yet). Every legal move is a row of one table per machine
-(``_SERVER_TRANSITIONS``, ``_CLIENT_TRANSITIONS``); anything else is
-``bad_state``, with an error naming role, state and event (h11's
-``_state.py``).
+``PROPOSED`` (``open`` sent, no ``terms`` yet), and goes back from
+``READY`` to ``FUNDING`` on ``resume`` until ``ready`` comes again. Every
+legal move is a row of one table per machine (``_SERVER_TRANSITIONS``,
+``_CLIENT_TRANSITIONS``); anything else is ``bad_state`` (a
+:class:`LocalProtocolError` for our own side's requests), with a message
+naming role, kind, state and event (h11's ``_state.py``).
 
 Nothing here does I/O: ``now`` (unix seconds) and ``tip_height`` are passed
 in; methods return what to send (a message), to store (a
@@ -89,8 +91,10 @@ from gateway.protocol.transactions import (
     check_refund_t2_signature,
     finalize_cltv_refund,
     finalize_multisig_refund,
+    find_funding_output,
     sign_payment,
     sign_refund_t2,
+    txid_of,
 )
 
 __all__ = [
@@ -99,6 +103,7 @@ __all__ = [
     "ClientChannel",
     "ClientState",
     "Event",
+    "FundingClaim",
     "LocalProtocolError",
     "PaymentRecord",
     "ServerChannel",
@@ -147,6 +152,7 @@ class Event(enum.Enum):
     OPEN = "open"
     TERMS = "terms"
     REFUND = "refund"
+    REFUND_SIGNED = "refund_signed"
     FUND = "fund"
     CONFIRM = "confirm"
     PAY = "pay"
@@ -195,7 +201,9 @@ _CLIENT_TRANSITIONS: Final[
 ] = {
     (_C.NEW, _E.OPEN): (_C.PROPOSED, _ANY),
     (_C.PROPOSED, _E.TERMS): (_C.OPEN, _ANY),
-    (_C.OPEN, _E.REFUND): (_C.REFUND_SIGNED, _MULTISIG_ONLY),
+    (_C.OPEN, _E.REFUND): (_C.OPEN, _MULTISIG_ONLY),
+    (_C.REFUND_SIGNED, _E.REFUND): (_C.OPEN, _MULTISIG_ONLY),  # a new T2 replaces the last
+    (_C.OPEN, _E.REFUND_SIGNED): (_C.REFUND_SIGNED, _MULTISIG_ONLY),
     (_C.OPEN, _E.FUND): (_C.FUNDING, _CLTV_ONLY),
     (_C.REFUND_SIGNED, _E.FUND): (_C.FUNDING, _MULTISIG_ONLY),
     (_C.FUNDING, _E.CONFIRM): (_C.READY, _ANY),
@@ -284,6 +292,19 @@ class PaymentRecord:
     balance: int
     sig: bytes
     paid: int
+
+
+@dataclass(frozen=True, slots=True)
+class FundingClaim:
+    """What a ``fund`` message says about the funding output.
+
+    ``outpoint`` None: watch ``funding_address``. ``value`` None: ask the
+    node. ``tx``: the signed T1 to broadcast (its funding output is known).
+    """
+
+    outpoint: Outpoint | None
+    value: int | None
+    tx: bytes | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -515,6 +536,36 @@ class ServerChannel:
         self.state = new_state
         return RefundSigned(sig=sig)
 
+    def resolve_fund(self, msg: Fund) -> FundingClaim:
+        """What a ``fund`` message claims (section 5); changes nothing.
+
+        ``bad_state`` (multisig before ``refund``, or not awaiting funding),
+        ``bad_message`` (``tx`` is not a transaction), ``funding_mismatch``
+        (``tx`` whose txid is not ``txid``, or whose output does not pay
+        ``funding_script``), ``funding_not_found`` (a ``vout`` no transaction
+        can have). The I/O layer then looks up what the claim leaves open
+        (the node for a bare outpoint, the address watch for nothing) and
+        calls :meth:`accept_funding`.
+        """
+        self._next(Event.FUND)
+        if msg.vout is not None and msg.vout > 0xFFFFFFFF:
+            raise ProtocolError(ErrorCode.FUNDING_NOT_FOUND, "no transaction has that vout")
+        if msg.tx is None:
+            if msg.txid is not None and msg.vout is not None:
+                return FundingClaim(Outpoint(msg.txid, msg.vout), None, None)
+            # Watch funding_address; multisig: it can only be T2's outpoint.
+            return FundingClaim(self.refund_outpoint, None, None)
+        txid = txid_of(msg.tx)
+        if msg.txid is not None and msg.txid != txid:
+            raise ProtocolError(ErrorCode.FUNDING_MISMATCH, "tx does not have that txid")
+        spk = self.script.script_pubkey
+        vout, value = find_funding_output(msg.tx, spk)
+        if msg.vout is not None and msg.vout != vout:
+            raise ProtocolError(
+                ErrorCode.FUNDING_MISMATCH, f"output {msg.vout} of tx is not the funding output"
+            )
+        return FundingClaim(Outpoint(txid, vout), value, msg.tx)
+
     def accept_funding(self, outpoint: Outpoint, value: int, script_pubkey: bytes) -> None:
         """The funding output exists (from ``fund``, the node, or a watched address).
 
@@ -638,9 +689,14 @@ class ServerChannel:
         With a settlement the channel is ``closing`` until :meth:`mark_closed`;
         with None (nothing paid, or a share below the relay fee) it is
         ``closed`` at once and the client keeps its refund. Idempotent: a
-        closing or closed channel returns the same answer again.
+        closing or closed channel returns the same answer again. A closing
+        channel restored after a restart rebuilds its settlement from the
+        stored increment: RFC 6979 signing makes it byte-identical for the
+        same ``payouts`` and feerate.
         """
-        if self.state in (ServerState.CLOSING, ServerState.CLOSED, ServerState.REFUNDED):
+        if self.state in (ServerState.CLOSED, ServerState.REFUNDED) or (
+            self.state is ServerState.CLOSING and self.settlement is not None
+        ):
             return self.settlement
         settlement = None
         if self._template is not None and self.sig is not None and self.balance is not None:
@@ -653,15 +709,22 @@ class ServerChannel:
                 operator_script,
                 feerate_sat_vb,
             )
-        new_state = self._next(Event.ABANDON if settlement is None else Event.SETTLE)
+        event = Event.SETTLE
+        if settlement is None and self.state is not ServerState.CLOSING:
+            event = Event.ABANDON
+        new_state = self._next(event)
         self.settlement = settlement
-        self.settlement_txid = None if settlement is None else settlement.txid
+        if settlement is not None:
+            self.settlement_txid = settlement.txid
         self.state = new_state
         return settlement
 
-    def mark_closed(self) -> None:
-        """The settlement confirmed."""
-        self.state = self._next(Event.CLOSED)
+    def mark_closed(self, txid: str | None = None) -> None:
+        """The settlement ``txid`` confirmed (default: the one :meth:`settle` built)."""
+        new_state = self._next(Event.CLOSED)
+        if txid is not None:
+            self.settlement_txid = txid
+        self.state = new_state
 
     def mark_refunded(self) -> None:
         """The funding output was spent by the client's refund (section 8)."""
@@ -700,6 +763,7 @@ class ClientChannel:
         self.seq = 0
         self.balance: int | None = None
         self._template: PaymentTemplate | None = None
+        self._last_pay: Pay | None = None
 
     def _next(self, event: Event, *, local: bool) -> ClientState:
         return _next_state(
@@ -767,15 +831,11 @@ class ClientChannel:
         Sent before T1 is broadcast; a later call replaces the earlier T2.
         """
         script = self._script()
-        if self.kind != "multisig" or self.state not in (
-            ClientState.OPEN,
-            ClientState.REFUND_SIGNED,
-        ):
-            raise LocalProtocolError("refund is for a multisig channel before funding")
+        new_state = self._next(Event.REFUND, local=True)
         tx = build_refund(script, outpoint, value, dest_script, fee)
         self.refund_tx, self.outpoint, self.value = tx, outpoint, value
         self.signed_refund = None
-        self.state = ClientState.OPEN
+        self.state = new_state
         return Refund(tx=tx, value=value)
 
     def accept_refund_signed(self, msg: RefundSigned) -> bytes:
@@ -783,7 +843,7 @@ class ClientChannel:
 
         Only now may T1 be broadcast (section 2).
         """
-        new_state = self._next(Event.REFUND, local=False)
+        new_state = self._next(Event.REFUND_SIGNED, local=False)
         script = self._script()
         if self.refund_tx is None or self.value is None:
             raise ProtocolError(ErrorCode.BAD_STATE, "refund_signed without a refund", fatal=True)
@@ -835,6 +895,11 @@ class ClientChannel:
             raise ProtocolError(
                 ErrorCode.BAD_STATE, "ready: value, expiry or balance differ", fatal=True
             )
+        if ready.balance > own_balance:
+            # It never got our last increment, so it never sent the chunk
+            # that increment paid for: unbill it (section 7). Asked again, we
+            # send that same increment again (pay_due).
+            self.meter.unpay()
         self.balance = own_balance
         self.state = new_state
 
@@ -866,13 +931,19 @@ class ClientChannel:
 
         :class:`~gateway.protocol.metering.OverchargeError` if the gateway asks
         more than section 7 gives; :class:`LocalProtocolError` beyond the
-        budget or the channel value. Nothing changes on refusal.
+        budget or the channel value. Nothing changes on refusal. A ``due`` we
+        have already covered means the gateway lost our last increment (a
+        dropped connection): that same increment is sent again, nothing new
+        is signed.
         """
         self._next(Event.PAY, local=True)
-        if due.total <= self.paid:
-            raise LocalProtocolError(f"due.total {due.total} is already paid")
         self.meter.check_due(due)
-        pay = self._sign_total(due.total)
+        if due.total > self.paid:
+            pay = self._sign_total(due.total)
+        elif self._last_pay is not None:
+            pay = self._last_pay
+        else:
+            raise LocalProtocolError(f"due.total {due.total}: nothing to pay")
         self.meter.paid(due)
         return pay
 
@@ -897,7 +968,8 @@ class ClientChannel:
         sig = sign_payment(template, self._privkey, balance)
         self.seq += 1
         self.balance = balance
-        return Pay(seq=self.seq, balance=balance, sig=sig)
+        self._last_pay = Pay(seq=self.seq, balance=balance, sig=sig)
+        return self._last_pay
 
     def on_paid(self, paid: Paid) -> None:
         """``paid``: the gateway recorded an increment we signed."""

@@ -27,7 +27,9 @@ Both ends run the same arithmetic:
   returns the client's own figure for a ``due`` and raises
   :class:`OverchargeError` when the gateway asks for more. A paid ``due``
   adds its chunk once, even if the chunk never arrives (a dropped
-  connection), and the player never pays more than one chunk ahead.
+  connection) unless the gateway shows, after a resume, that it never got
+  that increment (:meth:`ClientMeter.unpay`); the player never pays more
+  than one chunk ahead.
 
 Pure: no clock, no I/O. The numbers to persist are plain ints and dicts
 (:attr:`ServerMeter.bill`, :attr:`ServerMeter.delivered_ms`).
@@ -191,7 +193,15 @@ class ClientMeter:
     :meth:`paid`.
     """
 
-    __slots__ = ("_free", "_outstanding", "_pending", "_rates", "_used", "bill")
+    __slots__ = (
+        "_free",
+        "_outstanding",
+        "_outstanding_cost",
+        "_pending",
+        "_rates",
+        "_used",
+        "bill",
+    )
 
     def __init__(self, bill: int = 0) -> None:
         #: Σ rate_msat * c over every chunk paid for or received (msat·ms/s).
@@ -202,6 +212,8 @@ class ClientMeter:
         # (media, index) of the chunk paid for but not yet received: the
         # player never pays more than one chunk ahead.
         self._outstanding: tuple[str, int] | None = None
+        # what paying for it added: (bill, media ms)
+        self._outstanding_cost = (0, 0)
         # the due checked last and not yet paid: (due, charged ms)
         self._pending: tuple[Due, int] | None = None
 
@@ -281,6 +293,22 @@ class ClientMeter:
         key = (due.media, due.index)
         if key == self._outstanding:
             return
-        self.bill += self._rates[due.media] * charged
+        cost = self._rates[due.media] * charged
+        self.bill += cost
         self._used[due.media] += due.duration_ms
         self._outstanding = key
+        self._outstanding_cost = (cost, due.duration_ms)
+
+    def unpay(self) -> None:
+        """The gateway never got the increment for the outstanding chunk.
+
+        It learned so from ``ready.balance`` after a resume: the gateway sends
+        a chunk only once it holds the increment, so that chunk was never
+        sent and leaves the bill; a later ``due`` for it bills it again, once.
+        """
+        if self._outstanding is None:
+            return
+        cost, duration = self._outstanding_cost
+        self.bill -= cost
+        self._used[self._outstanding[0]] -= duration
+        self._outstanding = None
