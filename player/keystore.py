@@ -107,9 +107,7 @@ class StoredChannel:
         return self.value - self.balance
 
 
-_BYTES_FIELDS: Final = frozenset(
-    f.name for f in fields(StoredChannel) if "bytes" in str(f.type)
-)
+_BYTES_FIELDS: Final = frozenset(f.name for f in fields(StoredChannel) if "bytes" in str(f.type))
 _COLUMNS: Final = tuple(f.name for f in fields(StoredChannel))
 
 _SCHEMA: Final = """
@@ -215,7 +213,7 @@ class Keystore:
 
     @staticmethod
     def _row(row: sqlite3.Row | tuple[Any, ...]) -> StoredChannel:
-        values = {
+        values: dict[str, Any] = {
             name: (bytes(v) if name in _BYTES_FIELDS and v is not None else v)
             for name, v in zip(_COLUMNS, row, strict=True)
         }
@@ -255,7 +253,7 @@ class Keystore:
         return self.get(row_id)
 
     def update(self, channel_id: int, **values: Any) -> StoredChannel:
-        """Set columns of a channel (not ``seq``/``balance``/``sig``: see :meth:`record_payment`)."""
+        """Set columns of a channel (``seq``, ``balance``, ``sig``: :meth:`record_payment`)."""
         unknown = set(values) - set(_COLUMNS)
         if unknown or {"id", "seq", "balance", "sig"} & set(values):
             raise KeystoreError(f"cannot update {sorted(values)}")
@@ -268,7 +266,9 @@ class Keystore:
                 )
         return self.get(channel_id)
 
-    def record_payment(self, channel_id: int, *, seq: int, balance: int, sig: bytes, bill: int) -> None:
+    def record_payment(
+        self, channel_id: int, *, seq: int, balance: int, sig: bytes, bill: int
+    ) -> None:
         """Durably record an increment we are about to send (fsync'd commit).
 
         Refuses (``KeystoreError``) a ``seq`` not above the stored one or a

@@ -39,8 +39,13 @@ COIN: Final = 100_000_000
 _SEQUENCE_RBF: Final = 0xFFFFFFFD
 
 #: ``getblockchaininfo.chain`` -> ``hello.network`` (PROTOCOL.md section 6).
-_CHAINS: Final = {"regtest": "regtest", "signet": "signet", "test": "testnet",
-                  "testnet4": "testnet", "main": "main"}
+_CHAINS: Final = {
+    "regtest": "regtest",
+    "signet": "signet",
+    "test": "testnet",
+    "testnet4": "testnet",
+    "main": "main",
+}
 
 
 class WalletError(Exception):
@@ -58,9 +63,7 @@ def chain_to_network(chain: str) -> str:
 def is_segwit_script(spk: bytes) -> bool:
     """True for a witness program output (BIP141: OP_n then a 2-40 byte push)."""
     return (
-        4 <= len(spk) <= 42
-        and (spk[0] == 0 or 0x51 <= spk[0] <= 0x60)
-        and spk[1] == len(spk) - 2
+        4 <= len(spk) <= 42 and (spk[0] == 0 or 0x51 <= spk[0] <= 0x60) and spk[1] == len(spk) - 2
     )
 
 
@@ -68,8 +71,9 @@ def _sat(amount: Any) -> int:
     return int(Decimal(str(amount)) * COIN)
 
 
-def _btc(sat: int) -> Decimal:
-    return Decimal(sat) / COIN
+def _btc(sat: int) -> str:
+    # A string: both bitcoind and the embedded node take it exactly (no float, no exponent).
+    return f"{Decimal(sat) / COIN:.8f}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +180,10 @@ class Wallet:
         if total < value:
             raise WalletError(f"the wallet has {total} sat in confirmed segwit coins; need {value}")
         unsigned = CTransaction(
-            [CTxIn(COutPoint(lx(c["txid"]), int(c["vout"])), nSequence=_SEQUENCE_RBF) for c in chosen],
+            [
+                CTxIn(COutPoint(lx(c["txid"]), int(c["vout"])), nSequence=_SEQUENCE_RBF)
+                for c in chosen
+            ],
             [CTxOut(value, CScript(script_pubkey))],
             nVersion=2,
         )
@@ -187,9 +194,7 @@ class Wallet:
         tx = bytes.fromhex(signed["hex"])
         parsed = parse_tx(tx)
         witnesses = list(parsed.wit.vtxinwit) if parsed.wit is not None else []
-        if len(witnesses) != len(parsed.vin) or any(
-            not w.scriptWitness.stack for w in witnesses
-        ):
+        if len(witnesses) != len(parsed.vin) or any(not w.scriptWitness.stack for w in witnesses):
             # A non-segwit input lets a third party change T1's txid, which
             # would orphan the signed T2 (the flaw of the original construction).
             raise WalletError("the funding transaction spends a non-segwit output; refusing it")

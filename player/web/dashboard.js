@@ -1,0 +1,178 @@
+// The publisher/operator dashboard (/dashboard): earnings are private, so
+// every /api/dashboard/* call carries the operator token, kept in this tab's
+// sessionStorage only (docs/web.md).
+
+const $ = (id) => document.getElementById(id);
+const TOKEN = 'paystream-operator-token';
+const SVG = 'http://www.w3.org/2000/svg';
+
+/** Page state for the browser tests (window.paystreamDashboard). */
+const dash = { loaded: 0, error: null, data: {} };
+window.paystreamDashboard = dash;
+
+async function api(name, { method = 'GET', query = '' } = {}) {
+  const res = await fetch(`/api/dashboard/${name}${query}`, {
+    method, headers: { Authorization: `Bearer ${sessionStorage.getItem(TOKEN)}` },
+  });
+  const body = await res.json();
+  if (res.status === 401) {
+    sessionStorage.removeItem(TOKEN);
+    showLogin('The token was refused');
+    throw new Error('unauthorized');
+  }
+  if (!res.ok) throw new Error(body.error || res.statusText);
+  return body;
+}
+
+function cell(row, text, cls) {
+  const td = row.insertCell();
+  td.textContent = text ?? '–';
+  if (cls) td.className = cls;
+  return td;
+}
+
+function fill(tableId, rows, render) {
+  const body = $(tableId).tBodies[0];
+  body.replaceChildren();
+  for (const r of rows) render(body.insertRow(), r);
+}
+
+const when = (t) => (t ? new Date(t * 1000).toLocaleString() : '–');
+
+/** Cumulative earnings over time as a small inline SVG (no library). */
+function plot(series, now) {
+  const w = 600;
+  const h = 200;
+  const pad = 36;
+  const svg = document.createElementNS(SVG, 'svg');
+  svg.setAttribute('viewBox', `0 0 ${w} ${h}`);
+  svg.setAttribute('role', 'img');
+  const add = (tag, attrs, text) => {
+    const el = document.createElementNS(SVG, tag);
+    for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, String(v));
+    if (text !== undefined) el.textContent = text;
+    svg.append(el);
+    return el;
+  };
+  add('line', { class: 'axis', x1: pad, y1: h - pad, x2: w - 8, y2: h - pad });
+  add('line', { class: 'axis', x1: pad, y1: 8, x2: pad, y2: h - pad });
+  if (!series.length) {
+    add('text', { x: w / 2, y: h / 2, 'text-anchor': 'middle' }, 'No settlements yet');
+    $('plot').replaceChildren(svg);
+    return;
+  }
+  // From a little before the first settlement to now, so one point is not a wall.
+  const last = series[series.length - 1].t;
+  const t1 = Math.max(now, last);
+  const t0 = series[0].t - Math.max(60, (t1 - series[0].t) * 0.05);
+  const top = Math.max(series[series.length - 1].total, 1);
+  const x = (t) => pad + ((t - t0) / (t1 - t0)) * (w - pad - 8);
+  const y = (v) => h - pad - (v / top) * (h - pad - 8);
+  // A step line: earnings jump at each settlement.
+  let d = `M ${x(t0)} ${y(0)}`;
+  for (const p of series) d += ` L ${x(p.t)} ${y(p.total - p.paid)} L ${x(p.t)} ${y(p.total)}`;
+  d += ` L ${x(t1)} ${y(top)}`;
+  add('path', { class: 'line', d });
+  for (const p of series) add('circle', { class: 'dot', cx: x(p.t), cy: y(p.total), r: 3 });
+  add('text', { x: pad - 4, y: 14, 'text-anchor': 'end' }, String(top));
+  add('text', { x: pad - 4, y: h - pad, 'text-anchor': 'end' }, '0');
+  add('text', { x: pad, y: h - pad + 16 }, new Date(t0 * 1000).toLocaleTimeString());
+  add('text', { x: w - 8, y: h - pad + 16, 'text-anchor': 'end' },
+    new Date(t1 * 1000).toLocaleTimeString());
+  add('text', { x: w / 2, y: h - 6, 'text-anchor': 'middle' }, 'sat paid by viewers, cumulative');
+  $('plot').replaceChildren(svg);
+}
+
+async function editRate(id, rateInput, freeInput) {
+  const query = `?item=${encodeURIComponent(id)}&rate=${encodeURIComponent(rateInput.value)}`
+    + `&free_seconds=${encodeURIComponent(freeInput.value)}`;
+  try {
+    await api('rate', { method: 'POST', query });
+    await load();
+    $('dash-status').textContent = `Rate of ${id} saved: applies to new plays`;
+  } catch (e) {
+    $('dash-status').textContent = `Rate not saved: ${e.message}`;
+  }
+}
+
+async function load() {
+  const [earnings, channels, settlements, rates] = await Promise.all(
+    ['earnings', 'channels', 'settlements', 'rates'].map((n) => api(n)),
+  );
+  dash.data = { earnings, channels, settlements, rates };
+  fill('publishers', earnings.publishers, (r, p) => {
+    cell(r, p.name);
+    cell(r, p.billed_sat, 'num');
+    cell(r, p.paid_out_sat, 'num');
+    cell(r, p.seconds.toFixed(1), 'num');
+  });
+  fill('items', earnings.items, (r, i) => {
+    cell(r, i.title ?? i.media);
+    cell(r, i.publisher);
+    cell(r, i.billed_sat, 'num');
+    cell(r, i.seconds.toFixed(1), 'num');
+    cell(r, i.channels, 'num');
+  });
+  fill('rates', rates.items, (r, i) => {
+    cell(r, i.title);
+    const rate = document.createElement('input');
+    Object.assign(rate, { className: 'rate', value: String(i.rate), name: `rate-${i.id}` });
+    r.insertCell().append(rate);
+    const free = document.createElement('input');
+    Object.assign(free, { className: 'rate', value: String(i.free_ms / 1000), name: `free-${i.id}` });
+    r.insertCell().append(free);
+    const save = document.createElement('button');
+    Object.assign(save, { type: 'button', textContent: 'Save', name: `save-${i.id}` });
+    save.addEventListener('click', () => editRate(i.id, rate, free));
+    r.insertCell().append(save);
+  });
+  fill('channels', channels.channels, (r, c) => {
+    cell(r, c.channel_id);
+    cell(r, c.state);
+    cell(r, c.value, 'num');
+    cell(r, c.paid, 'num');
+    cell(r, c.expiry > 500_000_000 ? when(c.expiry) : `block ${c.expiry}`);
+    cell(r, c.connected ? 'connected' : 'away');
+  });
+  fill('settlements', settlements.settlements, (r, s) => {
+    cell(r, when(s.settled_at));
+    cell(r, s.txid).className = 'txid';
+    cell(r, s.paid, 'num');
+    cell(r, s.fee, 'num');
+    cell(r, s.confirmations, 'num');
+    cell(r, s.state);
+  });
+  plot(settlements.series, settlements.now);
+  dash.loaded += 1;
+  $('dash-status').textContent = `Updated ${new Date().toLocaleTimeString()}`;
+}
+
+function showLogin(message) {
+  $('dash').hidden = true;
+  $('login').hidden = false;
+  $('dash-status').textContent = message || '';
+}
+
+async function start() {
+  $('login').hidden = true;
+  $('dash').hidden = false;
+  try {
+    await load();
+  } catch (e) {
+    dash.error = e.message;
+    if (e.message !== 'unauthorized') $('dash-status').textContent = `Error: ${e.message}`;
+  }
+}
+
+$('login').addEventListener('submit', (ev) => {
+  ev.preventDefault();
+  sessionStorage.setItem(TOKEN, $('token').value.trim());
+  start();
+});
+$('logout').addEventListener('click', () => {
+  sessionStorage.removeItem(TOKEN);
+  showLogin('Signed out');
+});
+$('refresh').addEventListener('click', start);
+if (sessionStorage.getItem(TOKEN)) start();
+else showLogin();

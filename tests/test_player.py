@@ -1,0 +1,750 @@
+"""The Python player: keystore, wallet funding on the real embedded node, the message loop.
+
+The gateway here is :class:`FakeGateway`, a deliberately small FAKE that speaks
+PROTOCOL.md over real WebSockets on 127.0.0.1:0 using the real pure core
+(``ServerChannel``, ``ServerMeter``) but no chain, no store and no settlement:
+it reads the funding output from ``fund.tx``, answers ``close`` with
+``closed`` (``txid`` null) and can be told to overcharge. The real gateway is
+covered by the lead's end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import stat
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import coincurve
+import pytest
+import websockets
+from websockets.asyncio.server import ServerConnection, serve
+
+from gateway.chain.rpc import RpcClient
+from gateway.protocol.channel import ServerChannel
+from gateway.protocol.errors import ErrorCode, ProtocolError
+from gateway.protocol.messages import (
+    Chunk,
+    Close,
+    Closed,
+    Due,
+    End,
+    Error,
+    Fund,
+    Hello,
+    Limits,
+    Message,
+    Open,
+    Pay,
+    Play,
+    Ready,
+    Refund,
+    Resume,
+    ServerHello,
+    Stream,
+    encode,
+    parse_client_message,
+)
+from gateway.protocol.metering import ServerMeter
+from gateway.protocol.scripts import ChannelScript
+from gateway.protocol.transactions import Outpoint, find_funding_output, parse_tx, txid_of
+from player import cli
+from player.client import (
+    ExpirySpec,
+    GatewayError,
+    Player,
+    PlayerError,
+    Progress,
+    check_gateway_url,
+    parse_expiry,
+    refund_channel,
+    restore_channel,
+)
+from player.keystore import ChannelState, Keystore, KeystoreError
+from player.wallet import Wallet, is_segwit_script
+
+CHUNK_MS = 1000
+# 2.5 sat/s: chunk prices round up, so the client's exact bill is exercised.
+RATE_MSAT = 2_500
+FREE_MS = 2_000
+
+
+def _limits(**overrides: int) -> Limits:
+    values = {
+        "min_value": 1_000,
+        "max_value": 10_000_000,
+        "min_expiry_s": 600,
+        "max_expiry_s": 7 * 86_400,
+        "min_conf": 0,
+        "settle_margin_s": 60,
+        "resume_grace_s": 120,
+    } | overrides
+    return Limits(**values)
+
+
+@dataclass
+class FakeGateway:
+    """A FAKE gateway for the player's tests (see the module docstring)."""
+
+    chunks: int = 6
+    limits: Limits = field(default_factory=_limits)
+    tip_height: int = 0
+    overcharge_at: int | None = None  # chunk index whose `due` asks 1 sat too much
+    delay: float = 0.0  # seconds between chunks
+    rate_msat: int = RATE_MSAT
+    answer_close: bool = True  # False: `close` goes unanswered
+    drop_pay_at: int | None = None  # chunk index whose `pay` is lost: the fake disconnects
+    privkey: bytes = field(default_factory=lambda: coincurve.PrivateKey().secret)
+    channels: dict[str, ServerChannel] = field(default_factory=dict)
+    meters: dict[str, ServerMeter] = field(default_factory=dict)
+    received: list[Message] = field(default_factory=list)
+    url: str = ""
+
+    async def __aenter__(self) -> FakeGateway:
+        self._server = await serve(self._handler, "127.0.0.1", 0, compression=None)
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = f"ws://127.0.0.1:{port}/paystream/1"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server.close()
+        await self._server.wait_closed()
+
+    def received_of(self, kind: type[Message]) -> list[Any]:
+        """Messages of one type the fake received, in order."""
+        return [m for m in self.received if isinstance(m, kind)]
+
+    @staticmethod
+    def media(index: int) -> bytes:
+        """The fake media bytes of chunk ``index`` (-1: the init segment)."""
+        return f"<chunk {index}>".encode() * 3
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        inbox: asyncio.Queue[Message] = asyncio.Queue()
+
+        async def reader() -> None:
+            async for frame in ws:
+                msg = parse_client_message(frame)
+                self.received.append(msg)
+                await inbox.put(msg)
+
+        # The session ends when either side is done: the fake never waits on a closed socket.
+        tasks = {asyncio.create_task(reader()), asyncio.create_task(self._session(ws, inbox))}
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        for task in done:
+            if not isinstance(task.exception(), websockets.exceptions.ConnectionClosed | None):
+                raise task.exception()  # type: ignore[misc]
+
+    async def _session(self, ws: ServerConnection, inbox: asyncio.Queue[Message]) -> None:
+        async def send(msg: Message | bytes) -> None:
+            await ws.send(msg if isinstance(msg, bytes) else encode(msg))
+
+        nonce = os.urandom(32)
+        assert isinstance(await inbox.get(), Hello)
+        await send(
+            ServerHello(version=1, agent="fake", network="regtest", nonce=nonce, limits=self.limits)
+        )
+        channel: ServerChannel | None = None
+        now = int(time.time())
+        while True:
+            msg = await inbox.get()
+            try:
+                if isinstance(msg, Open):
+                    channel = ServerChannel.open(
+                        msg,
+                        server_privkey=self.privkey,
+                        limits=self.limits,
+                        network="regtest",
+                        now=now,
+                        tip_height=self.tip_height,
+                    )
+                    await send(channel.terms())
+                elif isinstance(msg, Refund):
+                    assert channel is not None
+                    await send(channel.sign_refund(msg))
+                elif isinstance(msg, Fund):
+                    assert channel is not None and msg.tx is not None
+                    vout, value = find_funding_output(msg.tx, channel.script.script_pubkey)
+                    outpoint = Outpoint(txid_of(msg.tx), vout)
+                    channel.accept_funding(outpoint, value, channel.script.script_pubkey)
+                    self.channels[outpoint.channel_id] = channel
+                    self.meters[outpoint.channel_id] = ServerMeter()
+                    await send(channel.confirm())
+                elif isinstance(msg, Resume):
+                    if msg.channel_id not in self.channels:
+                        raise ProtocolError(ErrorCode.CHANNEL_UNKNOWN, "no such channel")
+                    channel = self.channels[msg.channel_id]
+                    await send(
+                        channel.check_resume(msg, nonce=nonce, now=now, tip_height=self.tip_height)
+                    )
+                elif isinstance(msg, Play):
+                    assert channel is not None and channel.channel_id is not None
+                    if not await self._stream(send, inbox, channel, msg):
+                        return
+                elif isinstance(msg, Close) and self.answer_close:
+                    assert channel is not None
+                    await send(Closed(txid=None, paid=channel.paid, balance=channel.balance or 0))
+                    return
+                elif not isinstance(msg, Close):
+                    raise ProtocolError(ErrorCode.BAD_STATE, f"fake: unexpected {msg.type}")
+            except ProtocolError as exc:
+                await send(Error.from_exception(exc))
+
+    async def _stream(
+        self, send: Any, inbox: asyncio.Queue[Message], channel: ServerChannel, play: Play
+    ) -> bool:
+        """Stream ``play.media``; False once the session closed."""
+        assert channel.channel_id is not None
+        meter = self.meters[channel.channel_id]
+        media = play.media
+        if media == "missing":
+            await send(Error(code=ErrorCode.MEDIA_UNKNOWN, message="no such media", fatal=False))
+            return True
+        await send(
+            Stream(
+                media=media,
+                title="Fake",
+                mime="video/mp4",
+                rate_msat=self.rate_msat,
+                free_ms=FREE_MS,
+                free_used_ms=meter.free_used_ms(media, FREE_MS),
+                duration_ms=self.chunks * CHUNK_MS,
+                chunks=self.chunks,
+            )
+        )
+        first = min(play.start_ms // CHUNK_MS, self.chunks)
+        for index in [-1, *range(first, self.chunks)]:
+            quote = meter.quote(
+                media,
+                index,
+                0 if index < 0 else CHUNK_MS,
+                rate_msat=self.rate_msat,
+                free_ms=FREE_MS,
+            )
+            asked = quote.total + (1 if index == self.overcharge_at else 0)
+            while channel.paid < quote.total or not inbox.empty():
+                if channel.paid < quote.total:
+                    await send(Due(total=asked, media=media, index=index, duration_ms=CHUNK_MS))
+                msg = await inbox.get()
+                if isinstance(msg, Pay):
+                    if index == self.drop_pay_at:
+                        self.drop_pay_at = None
+                        return False  # the increment is lost in flight with the connection
+                    try:
+                        channel.receive_payment(
+                            msg, now=int(time.time()), tip_height=self.tip_height
+                        )
+                    except ProtocolError as exc:
+                        await send(Error.from_exception(exc))
+                        continue
+                    await send(channel.paid_message())
+                elif isinstance(msg, Close) and self.answer_close:
+                    await send(Closed(txid=None, paid=channel.paid, balance=channel.balance or 0))
+                    return False
+            data = self.media(index)
+            await send(
+                Chunk(
+                    media=media,
+                    index=index,
+                    start_ms=max(0, index) * CHUNK_MS,
+                    duration_ms=0 if index < 0 else CHUNK_MS,
+                    size=len(data),
+                )
+            )
+            await send(data)
+            meter.commit(quote)
+            if self.delay:
+                await asyncio.sleep(self.delay)
+        await send(End(media=media, reason="finished"))
+        return True
+
+
+# -- helpers ---------------------------------------------------------------------
+
+
+def _expected_stream(chunks: int) -> bytes:
+    return b"".join(FakeGateway.media(i) for i in range(-1, chunks))
+
+
+def _honest_total(chunks_paid_through: int, rate_msat: int = RATE_MSAT) -> int:
+    """Section 7 total (sat) once chunks 0..n are delivered (first FREE_MS free)."""
+    charged_ms = max(0, (chunks_paid_through + 1) * CHUNK_MS - FREE_MS)
+    return -(-rate_msat * charged_ms // 1_000_000)
+
+
+def _player(gw: FakeGateway, data_dir: Path, wallet: Wallet | None, **options: Any) -> Player:
+    store = Keystore(data_dir)
+    return Player(gw.url, store, wallet=wallet, **options)
+
+
+async def _mine(rpc: RpcClient, blocks: int) -> int:
+    address = await rpc.call("getnewaddress")
+    await rpc.call("generatetoaddress", blocks, address)
+    return int(await rpc.call("getblockcount"))
+
+
+# -- keystore ----------------------------------------------------------------------
+
+
+def test_keystore_is_private_and_keeps_k1(tmp_path: Path) -> None:
+    data_dir = tmp_path / "player"
+    with Keystore(data_dir) as store:
+        k1 = store.privkey
+        assert len(store.pubkey) == 33
+    assert stat.S_IMODE(os.stat(data_dir).st_mode) == 0o700
+    for path in data_dir.iterdir():
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
+    with Keystore(data_dir) as store:
+        assert store.privkey == k1
+    with Keystore(tmp_path / "other") as other:
+        assert other.privkey != k1
+
+
+def _stored_cltv_channel(store: Keystore, *, value: int = 50_000) -> int:
+    server_pubkey = coincurve.PrivateKey().public_key.format(compressed=True)
+    rec = store.add_channel(
+        gateway_url="ws://gw/paystream/1",
+        network="regtest",
+        kind="cltv",
+        server_pubkey=server_pubkey,
+        expiry=int(time.time()) + 86_400,
+        change_script=b"\x00\x14" + b"\x11" * 20,
+        refund_script=b"\x00\x14" + b"\x11" * 20,
+    )
+    store.update(rec.id, txid="ab" * 32, vout=1, value=value, state=ChannelState.READY)
+    return rec.id
+
+
+def _hello() -> ServerHello:
+    return ServerHello(
+        version=1, agent="t", network="regtest", nonce=os.urandom(32), limits=_limits()
+    )
+
+
+def test_keystore_payment_state_survives_reload_and_never_goes_back(tmp_path: Path) -> None:
+    with Keystore(tmp_path) as store:
+        cid = _stored_cltv_channel(store)
+        store.record_payment(cid, seq=1, balance=49_000, sig=b"\x30sig", bill=7)
+        store.record_payment(cid, seq=2, balance=48_000, sig=b"\x30sig2", bill=9)
+    with Keystore(tmp_path) as store:
+        rec = store.get(cid)
+        assert (rec.seq, rec.balance, rec.sig, rec.bill, rec.paid) == (
+            2,
+            48_000,
+            b"\x30sig2",
+            9,
+            2_000,
+        )
+        with pytest.raises(KeystoreError, match="not above"):
+            store.record_payment(cid, seq=2, balance=47_000, sig=b"x", bill=9)
+        with pytest.raises(KeystoreError, match="above the stored"):
+            store.record_payment(cid, seq=3, balance=48_001, sig=b"x", bill=9)
+        with pytest.raises(KeystoreError):
+            store.update(cid, seq=1)
+        # The rebuilt channel signs the next seq, never a stored one again.
+        hello = _hello()
+        channel = restore_channel(rec, store.privkey, hello)
+        assert (channel.seq, channel.balance, channel.meter.bill) == (2, 48_000, 9)
+        channel.on_ready(
+            Ready(
+                channel_id=rec.channel_id or "",
+                value=50_000,
+                balance=48_000,
+                paid=2_000,
+                expiry=rec.expiry,
+            )
+        )
+        pay = channel.pay(2_500)
+        assert (pay.seq, pay.balance) == (3, 47_500)
+        store.record_payment(cid, seq=pay.seq, balance=pay.balance, sig=pay.sig, bill=9)
+        assert store.find(rec.channel_id or "").seq == 3
+        assert store.find("abababab").id == cid
+        with pytest.raises(KeystoreError, match="no channel"):
+            store.find("cdcdcdcd")
+
+
+def test_parse_expiry_and_resolve() -> None:
+    assert parse_expiry("6h") == ExpirySpec(seconds=21_600)
+    assert parse_expiry("90m") == ExpirySpec(seconds=5_400)
+    assert parse_expiry("3600") == ExpirySpec(seconds=3_600)
+    assert parse_expiry("h:250") == ExpirySpec(height=250)
+    for bad in ("", "-5", "6x", "h:", "h:abc", "h:600000000", "0"):
+        with pytest.raises(ValueError):
+            parse_expiry(bad)
+    limits = _limits(min_expiry_s=3600, max_expiry_s=2 * 86_400)
+    now = 1_800_000_000
+    assert ExpirySpec().resolve(limits, now=now, tip_height=None) == now + 86_400
+    short = _limits(min_expiry_s=600, max_expiry_s=7200)
+    assert ExpirySpec().resolve(short, now=now, tip_height=None) == now + 7200
+    assert ExpirySpec(seconds=7200).resolve(limits, now=now, tip_height=None) == now + 7200
+    with pytest.raises(PlayerError, match="outside"):
+        ExpirySpec(seconds=600).resolve(limits, now=now, tip_height=None)
+    assert ExpirySpec(height=110).resolve(limits, now=now, tip_height=100) == 110
+    with pytest.raises(PlayerError, match="1200 s away"):
+        ExpirySpec(height=102).resolve(limits, now=now, tip_height=100)
+    with pytest.raises(PlayerError, match="wallet-rpc"):
+        ExpirySpec(height=110).resolve(limits, now=now, tip_height=None)
+
+
+def test_gateway_url_is_checked() -> None:
+    assert check_gateway_url("ws://127.0.0.1:8080/paystream/1")
+    for bad in ("http://host/paystream/1", "ws://", "host:80", "ws://h:99999999/"):
+        with pytest.raises(PlayerError, match="bad gateway URL"):
+            check_gateway_url(bad)
+
+
+def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = str(tmp_path / "out.mp4")
+    assert cli.main(["play", "http://x/", "m", "--data-dir", str(tmp_path), "--out", out]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bad gateway URL" in err
+    assert not os.path.exists(out)
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"ws://127.0.0.1:{port}/paystream/1"
+    assert cli.main(["play", url, "m", "--data-dir", str(tmp_path), "--out", out]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot connect" in err
+    with Keystore(tmp_path) as store:
+        _stored_cltv_channel(store)
+    assert cli.main(["channels", "--data-dir", str(tmp_path)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == [
+        "id",
+        "channel",
+        "gateway",
+        "kind",
+        "value",
+        "balance",
+        "paid",
+        "expiry",
+        "state",
+    ]
+    assert table[1].split()[:7] == [
+        "1",
+        "ab" * 32 + ":1",
+        "ws://gw/paystream/1",
+        "cltv",
+        "50000",
+        "50000",
+        "0",
+    ]
+    assert table[1].split()[-1] == "ready"
+
+
+# -- playing against the fake gateway, funded on the real embedded node -------------
+
+
+async def test_play_cltv_pays_the_metered_total_and_closes(
+    node: Any, rpc: RpcClient, tmp_path: Path
+) -> None:
+    progress: list[Progress] = []
+    out = tmp_path / "media.bin"
+    async with FakeGateway() as gw:
+        wallet = Wallet.connect(node.rpc_url, cookie_path=node.cookie_path)
+        with out.open("wb") as f:
+            player = _player(
+                gw, tmp_path / "p", wallet, budget=20_000, out=f, on_progress=progress.append
+            )
+            result = await player.play("film")
+        await wallet.close()
+    assert result.reason == "finished" and result.closed and not result.resumed
+    assert result.chunks == 6 and result.media_ms == 6 * CHUNK_MS
+    assert out.read_bytes() == _expected_stream(6)
+    assert result.paid == _honest_total(5) == 10
+    assert result.balance == 20_000 - 10
+    rec = result.channel
+    assert rec.state == ChannelState.CLOSED and rec.value == 20_000 and rec.seq >= 1
+    # The funding output is real and pays exactly the budget to the channel script.
+    txout = await rpc.call("gettxout", rec.txid, rec.vout, True)
+    assert int(txout["value"] * 100_000_000) == 20_000
+    # Never more than one chunk ahead: each pay follows the chunk before it.
+    assert [p.paid for p in progress if p.status == "playing"][-1] == 10
+    assert min(p.free_left_ms for p in progress if p.status == "playing") == 0
+    gw_channel = gw.channels[rec.channel_id or ""]
+    assert (gw_channel.seq, gw_channel.balance) == (rec.seq, rec.balance)
+
+
+async def test_cltv_refund_rejected_before_expiry_accepted_after(
+    node: Any, rpc: RpcClient, tmp_path: Path
+) -> None:
+    tip = int(await rpc.call("getblockcount"))
+    expiry = tip + 4  # 2400 s away: inside the fake's window
+    async with FakeGateway(tip_height=tip) as gw:
+        wallet = Wallet.connect(node.rpc_url, cookie_path=node.cookie_path)
+        player = _player(gw, tmp_path, wallet, budget=5_000, expiry=ExpirySpec(height=expiry))
+        result = await player.play("film", max_chunks=1, keep_open=True)
+        assert result.reason == "max_chunks" and not result.closed
+        rec = result.channel
+        assert rec.state == ChannelState.READY and rec.expiry == expiry
+        with pytest.raises(PlayerError, match=f"not valid before its expiry \\(block {expiry + 1}"):
+            await refund_channel(player.store, wallet, rec)
+        await _mine(rpc, expiry - 1 - tip)  # tip = expiry - 1: the next block is `expiry`
+        with pytest.raises(PlayerError, match="not valid before"):
+            await refund_channel(player.store, wallet, rec)
+        await _mine(rpc, 1)  # the next block is expiry + 1: nLockTime is satisfied
+        txid = await refund_channel(player.store, wallet, rec)
+        await _mine(rpc, 1)
+        await wallet.close()
+    assert await rpc.call("gettxout", rec.txid, rec.vout, True) is None
+    refund = await rpc.call("getrawtransaction", txid, True)
+    assert refund["confirmations"] == 1 and refund["locktime"] == expiry
+    assert player.store.get(rec.id).state == ChannelState.REFUNDED
+    with pytest.raises(PlayerError, match="already refunded"):
+        await refund_channel(player.store, wallet, player.store.get(rec.id))
+
+
+async def test_multisig_t2_signed_before_t1_broadcast_and_refund_cli(
+    node: Any, rpc: RpcClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tip = int(await rpc.call("getblockcount"))
+    expiry = tip + 3
+    async with FakeGateway(tip_height=tip) as gw:
+        wallet = Wallet.connect(node.rpc_url, cookie_path=node.cookie_path)
+        player = _player(
+            gw, tmp_path, wallet, budget=30_000, kind="multisig", expiry=ExpirySpec(height=expiry)
+        )
+        result = await player.play("film", max_chunks=4)
+        await wallet.close()
+    assert result.reason == "max_chunks" and result.closed
+    assert result.paid == _honest_total(3) == 5
+    kinds = [type(m) for m in gw.received if isinstance(m, Refund | Fund)]
+    assert kinds == [Refund, Fund]
+    rec = result.channel
+    # T1 spends only segwit outputs, each input signed with a witness.
+    t1 = parse_tx(rec.funding_tx or b"")
+    assert len(t1.wit.vtxinwit) == len(t1.vin) > 0
+    for txin in t1.vin:
+        prev = await rpc.call("getrawtransaction", txin.prevout.hash[::-1].hex(), True)
+        spk = bytes.fromhex(prev["vout"][txin.prevout.n]["scriptPubKey"]["hex"])
+        assert is_segwit_script(spk)
+    script = ChannelScript.make("multisig", player.store.pubkey, rec.server_pubkey, expiry)
+    assert find_funding_output(rec.funding_tx or b"", script.script_pubkey) == (rec.vout, 30_000)
+    assert (await rpc.call("gettxout", rec.txid, rec.vout, True)) is not None  # broadcast
+    # The stored T2 (signed by the gateway, then by us) refunds alone after expiry.
+    args = [
+        "refund",
+        "1",
+        "--data-dir",
+        str(tmp_path),
+        "--wallet-rpc",
+        node.rpc_url,
+        "--wallet-cookie",
+        str(node.cookie_path),
+    ]
+    assert await asyncio.to_thread(cli.main, args) == 1
+    assert "not valid before its expiry" in capsys.readouterr().err
+    await _mine(rpc, expiry - tip)
+    assert await asyncio.to_thread(cli.main, args) == 0
+    assert "refund broadcast in" in capsys.readouterr().out
+    await _mine(rpc, 1)
+    assert await rpc.call("gettxout", rec.txid, rec.vout, True) is None
+
+
+async def test_overcharge_closes_exits_3_and_never_signs_it(
+    node: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with FakeGateway(overcharge_at=3) as gw:
+        args = [
+            "play",
+            gw.url,
+            "film",
+            "--budget",
+            "20000",
+            "--out",
+            str(tmp_path / "m"),
+            "--data-dir",
+            str(tmp_path),
+            "--wallet-rpc",
+            node.rpc_url,
+            "--wallet-cookie",
+            str(node.cookie_path),
+        ]
+        assert await asyncio.to_thread(cli.main, args) == cli.EXIT_OVERCHARGE
+    err = capsys.readouterr().err.strip()
+    assert "overcharges" in err and "\n" not in err
+    assert gw.received_of(Close), "the player sends close on an overcharge"
+    pays = gw.received_of(Pay)
+    # Chunk 2 (the first paid one) was paid; chunk 3's inflated due never was.
+    assert [20_000 - p.balance for p in pays] == [_honest_total(2)]
+    with Keystore(tmp_path) as store:
+        (rec,) = store.channels()
+        assert rec.state == ChannelState.CLOSED and rec.paid == _honest_total(2)
+
+
+async def test_budget_stops_before_paying_past_it(node: Any, tmp_path: Path) -> None:
+    # 150 sat per 1 s chunk after 2 free ones: totals 150, 300, 450, then 600 would leave
+    # 400 sat, dust, in a 1000 sat channel: the player stops rather than pay 1000.
+    async with FakeGateway(rate_msat=150_000) as gw:
+        wallet = Wallet.connect(node.rpc_url, cookie_path=node.cookie_path)
+        player = _player(gw, tmp_path, wallet, budget=1_000)
+        result = await player.play("film")
+        await wallet.close()
+    assert result.reason == "budget" and result.closed
+    assert result.paid == 450 and result.chunks == 5
+    assert [1_000 - p.balance for p in gw.received_of(Pay)] == [150, 300, 450]
+
+
+async def test_resume_continues_the_channel_and_reopens_when_unknown(
+    node: Any, tmp_path: Path
+) -> None:
+    async with FakeGateway() as gw:
+        wallet = Wallet.connect(node.rpc_url, cookie_path=node.cookie_path)
+        first = await _player(gw, tmp_path, wallet, budget=20_000).play(
+            "film", max_chunks=4, keep_open=True
+        )
+        assert not first.closed and first.paid == _honest_total(3)
+        # A later run needs no wallet: it resumes with the section 5 proof.
+        second = await _player(gw, tmp_path, None).play("film", start_ms=4_000)
+        assert second.resumed and second.channel.id == first.channel.id
+        assert second.reason == "finished" and second.closed
+        assert second.paid == _honest_total(5)  # the free minute was not granted twice
+        assert second.channel.seq > first.channel.seq
+        assert len(gw.received_of(Resume)) == 1
+        third_dir = tmp_path / "third"
+        third = await _player(gw, third_dir, wallet, budget=20_000).play(
+            "film", max_chunks=1, keep_open=True
+        )
+        gw.channels.clear()  # the gateway forgot it: the next run opens a new channel
+        fourth = await _player(gw, third_dir, wallet, budget=20_000).play("film", max_chunks=1)
+        await wallet.close()
+    assert not fourth.resumed and fourth.channel.id != third.channel.id
+    with Keystore(third_dir) as store:
+        assert store.get(third.channel.id).state == ChannelState.CLOSED
+
+
+async def test_gateway_error_and_no_wallet(node: Any, tmp_path: Path) -> None:
+    async with FakeGateway() as gw:
+        with pytest.raises(PlayerError, match="wallet-rpc"):
+            await _player(gw, tmp_path, None).play("film")
+        wallet = Wallet.connect(node.rpc_url, cookie_path=node.cookie_path)
+        with pytest.raises(GatewayError, match="media_unknown") as info:
+            await _player(gw, tmp_path, wallet).play("missing")
+        assert info.value.code == ErrorCode.MEDIA_UNKNOWN
+        # The channel stays resumable: the next run resumes it, unless told not to.
+        fresh = await _player(gw, tmp_path, wallet, new_channel=True).play("film", max_chunks=1)
+        result = await _player(gw, tmp_path, None).play("film", max_chunks=1)
+        await wallet.close()
+    assert not fresh.resumed and fresh.channel.id == 2
+    assert result.resumed and result.closed and result.channel.id == 1
+
+
+async def test_sigint_closes_cleanly(node: Any, tmp_path: Path) -> None:
+    out = tmp_path / "media.bin"
+    async with FakeGateway(chunks=40, delay=0.2) as gw:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "player.cli",
+            "play",
+            gw.url,
+            "film",
+            "--out",
+            str(out),
+            "--data-dir",
+            str(tmp_path),
+            "--wallet-rpc",
+            node.rpc_url,
+            "--wallet-cookie",
+            str(node.cookie_path),
+            stderr=asyncio.subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 30
+        while len(gw.received_of(Pay)) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err
+    assert err.decode().splitlines()[-1].startswith("stopped:")
+    assert gw.received_of(Close)
+    with Keystore(tmp_path) as store:
+        (rec,) = store.channels()
+        assert rec.state == ChannelState.CLOSED
+    assert out.read_bytes() == _expected_stream(40)[: out.stat().st_size]
+
+
+def test_cli_usage_errors_and_progress_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for bad in (["--expiry", "6x"], ["--budget", "-1"], ["--max-chunks", "0"]):
+        with pytest.raises(SystemExit) as info:
+            cli.main(["play", "ws://h:1/paystream/1", "m", "--data-dir", str(tmp_path), *bad])
+        assert info.value.code == 2
+    assert "bad expiry '6x'" in capsys.readouterr().err
+
+    class Tty:
+        def __init__(self) -> None:
+            self.text = ""
+
+        def isatty(self) -> bool:
+            return True
+
+        def write(self, text: str) -> None:
+            self.text += text
+
+        def flush(self) -> None:
+            pass
+
+    tty = Tty()
+    line = cli.ProgressLine(tty)  # type: ignore[arg-type]
+    line(Progress(status="funding", confirmations=0, needed=1))
+    line(
+        Progress(
+            status="playing",
+            media="film",
+            media_ms=65_000,
+            duration_ms=3_600_000,
+            free_left_ms=0,
+            rate_msat=2_500,
+            paid=13,
+            balance=19_987,
+        )
+    )
+    line.done()
+    shown = tty.text.split("\r\x1b[2K")
+    assert shown[1] == "funding: 0/1 confirmations"
+    assert shown[2] == (
+        "film 1:05/1:00:00  free left 0s  paid 13 sat  balance 19987 sat  rate 2.5 sat/s\n"
+    )
+
+
+async def test_increment_lost_in_flight_is_sent_again_on_resume(node: Any, tmp_path: Path) -> None:
+    async with FakeGateway(drop_pay_at=3) as gw:
+        wallet = Wallet.connect(node.rpc_url, cookie_path=node.cookie_path)
+        with pytest.raises(PlayerError, match="closed the connection"):
+            await _player(gw, tmp_path, wallet, budget=20_000).play("film")
+        await wallet.close()
+        with Keystore(tmp_path) as store:
+            (lost,) = store.channels()
+        gw_channel = gw.channels[lost.channel_id or ""]
+        assert lost.paid == _honest_total(3) and gw_channel.paid == _honest_total(2)
+        result = await _player(gw, tmp_path, None).play("film", start_ms=3_000)
+    assert result.resumed and result.reason == "finished"
+    assert result.paid == _honest_total(5) == gw_channel.paid
+    pays = gw.received_of(Pay)
+    # The lost increment went out twice, byte for byte; no seq was ever signed twice.
+    assert pays[1] == pays[2] and pays[1].seq == lost.seq
+    assert [p.seq for p in pays[2:]] == list(range(lost.seq, lost.seq + len(pays) - 2))
+
+
+async def test_close_waits_for_closed_with_a_timeout(node: Any, tmp_path: Path) -> None:
+    async with FakeGateway(answer_close=False) as gw:
+        wallet = Wallet.connect(node.rpc_url, cookie_path=node.cookie_path)
+        player = _player(gw, tmp_path, wallet, budget=20_000, close_timeout=0.3)
+        started = time.monotonic()
+        with pytest.raises(PlayerError, match=r"no 'closed' from the gateway within 0\.3 s"):
+            await player.play("film", max_chunks=1)
+        await wallet.close()
+    assert 0.3 <= time.monotonic() - started < 5
+    assert gw.received_of(Close)
+    (rec,) = player.store.channels()
+    assert rec.state == ChannelState.CLOSING
