@@ -1,0 +1,233 @@
+"""End to end with real processes: ``gateway serve`` (with its embedded node),
+the ``player`` CLI and, where the gateway must be down, ``gateway node``
+alone — all on 127.0.0.1 port 0 with temp dirs (issue 4, "Must hold" 1-2).
+
+Each settlement is checked in a block mined by the node (whose blocks
+libbitcoinkernel validates), and its input is verified once more with
+``pbk.ScriptPubkey.verify`` against the funding output it spends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest_gateway import PUBLISHERS
+
+from gateway.chain.kernel import verify_input
+from gateway.chain.rpc import RpcClient
+from gateway.chain.watch import btc_to_sat
+from gateway.protocol.scripts import address_to_script_pubkey
+from player.keystore import Keystore
+
+
+class Proc:
+    """A child process of this test: a console script, logging to a file."""
+
+    def __init__(self, args: list[str], log: Path, cwd: Path) -> None:
+        self.log = log
+        self.proc = subprocess.Popen(
+            args, stdout=log.open("ab"), stderr=subprocess.STDOUT, cwd=cwd
+        )
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).with_name(name))
+
+
+class Stack:
+    """``gateway serve`` on port 0 with its embedded node, and player runs against it."""
+
+    def __init__(self, tmp: Path, media: Path, *extra: str) -> None:
+        self.tmp, self.media, self.extra = tmp, media, extra
+        self.datadir = tmp / "gw"
+        self.player_dir = tmp / "player"
+        self.gateway: Proc | None = None
+        self.info: dict[str, str] = {}
+
+    async def start(self) -> None:
+        (self.datadir / "gateway.json").unlink(missing_ok=True)
+        self.gateway = Proc(
+            [_bin("gateway"), "serve", "--datadir", str(self.datadir), "--port", "0",
+             "--rpc-port", "0", "--block-interval", "0", "--media", str(self.media),
+             "-v", *self.extra],
+            self.tmp / "gateway.log", self.tmp,
+        )
+        deadline = time.monotonic() + 60
+        while not (self.datadir / "gateway.json").exists():
+            assert self.gateway.proc.poll() is None, (self.tmp / "gateway.log").read_text()
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        self.info = json.loads((self.datadir / "gateway.json").read_text())
+
+    def rpc(self) -> RpcClient:
+        return RpcClient(self.info["rpc"], cookie_path=self.info["cookie"])
+
+    async def player(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        cmd = [_bin("player"), *args, "--data-dir", str(self.player_dir)]
+        if args[0] in ("play", "refund"):
+            cmd += ["--wallet-rpc", self.info["rpc"], "--wallet-cookie", self.info["cookie"]]
+        done = await asyncio.to_thread(
+            subprocess.run, cmd, capture_output=True, text=True, timeout=120, cwd=self.tmp
+        )
+        if check:
+            assert done.returncode == 0, done.stderr
+        return done
+
+    def channel_row(self) -> dict:
+        import sqlite3
+
+        conn = sqlite3.connect(self.datadir / "gateway.db")
+        conn.row_factory = sqlite3.Row
+        try:
+            return dict(conn.execute("SELECT * FROM channels WHERE channel_id IS NOT NULL "
+                                     "ORDER BY id DESC LIMIT 1").fetchone())
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        if self.gateway is not None:
+            self.gateway.stop()
+
+
+@pytest.fixture
+async def stack_factory(tmp_path, media_copy):
+    stacks: list[Stack] = []
+
+    async def make(*extra: str) -> Stack:
+        stack = Stack(tmp_path, media_copy, *extra)
+        await stack.start()
+        stacks.append(stack)
+        return stack
+
+    yield make
+    for stack in stacks:
+        stack.stop()
+
+
+async def _wait_for(predicate, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.1)
+
+
+async def _confirmed_settlement(stack: Stack, rpc: RpcClient, txid: str) -> dict:
+    """Mine ``txid``; check it is in a block and its channel input verifies in the kernel."""
+    await rpc.call("generatetoaddress", 1, await rpc.call("getnewaddress"))
+    tx = await rpc.call("getrawtransaction", txid, True)
+    assert tx["confirmations"] == 1 and tx["blockhash"]
+    funding = await rpc.call("getrawtransaction", tx["vin"][0]["txid"], True)
+    spent = funding["vout"][tx["vin"][0]["vout"]]
+    verify_input(bytes.fromhex(tx["hex"]), 0,
+                 [(bytes.fromhex(spent["scriptPubKey"]["hex"]), btc_to_sat(spent["value"]))])
+    return tx
+
+
+@pytest.mark.parametrize("kind", ["cltv", "multisig"])
+async def test_player_streams_free_then_paid_and_close_settles(stack_factory, kind):
+    stack = await stack_factory("--resume-grace", "60")
+    done = await stack.player("play", stack.info["ws"], "clip", "--kind", kind,
+                              "--budget", "30000", "--out", "clip.mp4", "--no-pace")
+    assert "finished" in done.stderr or "closed" in done.stderr
+    manifest = json.loads((stack.media / "clip" / "manifest.json").read_text())
+    expected = manifest["init"]["size"] + sum(c["size"] for c in manifest["chunks"])
+    assert (stack.tmp / "clip.mp4").stat().st_size == expected
+    with Keystore(stack.player_dir) as keys:
+        (mine,) = keys.channels()
+    assert mine.kind == kind and mine.paid > 0
+    paid_ms = manifest["duration_ms"] - 3000  # 3 s free, then 300 sat/s
+    assert mine.paid == -(-paid_ms * 300_000 // 1_000_000)
+    row = stack.channel_row()
+    assert row["settle_txid"] and row["balance"] == mine.balance
+    rpc = stack.rpc()
+    tx = await _confirmed_settlement(stack, rpc, row["settle_txid"])
+    outputs = {o["scriptPubKey"]["hex"]: btc_to_sat(o["value"]) for o in tx["vout"]}
+    assert outputs[mine.change_script.hex()] == mine.balance  # exactly its last balance
+    studio = address_to_script_pubkey(PUBLISHERS["studio"], "regtest").hex()
+    fee = row["settle_fee"]
+    assert outputs[studio] == mine.paid - fee  # the only publisher watched gets the share
+    await rpc.close()
+
+
+async def test_disconnect_settles_and_resume_continues(stack_factory):
+    stack = await stack_factory("--resume-grace", "2")
+    first = await stack.player("play", stack.info["ws"], "clip", "--max-chunks", "6",
+                               "--keep-open", "--out", "a.mp4", "--no-pace", "--budget", "30000")
+    assert "6 chunks" in first.stderr and "still open" in first.stderr
+    with Keystore(stack.player_dir) as keys:
+        (ch,) = keys.channels()
+    paid_first = ch.paid
+    second = await stack.player("play", stack.info["ws"], "clip", "--keep-open",
+                                "--start-ms", "6000", "--out", "b.mp4", "--no-pace")
+    assert "(resumed, " in second.stderr
+    with Keystore(stack.player_dir) as keys:
+        (again,) = keys.channels()
+    assert again.channel_id == ch.channel_id and again.paid > paid_first
+    # Dropped without close: settled once the 2 s grace has passed.
+    await _wait_for(lambda: stack.channel_row()["settle_txid"] is not None)
+    row = stack.channel_row()
+    assert row["channel_id"] == ch.channel_id and row["balance"] == again.balance
+    rpc = stack.rpc()
+    tx = await _confirmed_settlement(stack, rpc, row["settle_txid"])
+    outputs = {o["scriptPubKey"]["hex"]: btc_to_sat(o["value"]) for o in tx["vout"]}
+    assert outputs[again.change_script.hex()] == again.balance
+    await rpc.close()
+
+
+async def test_expiry_without_the_gateway_player_refunds(stack_factory):
+    stack = await stack_factory("--resume-grace", "3600", "--settle-margin", "600")
+    rpc = stack.rpc()
+    tip = await rpc.call("getblockcount")
+    # A height expiry: 30 blocks (5 h at 600 s) — within the advertised window.
+    await stack.player("play", stack.info["ws"], "clip", "--max-chunks", "6", "--keep-open",
+                       "--expiry", f"h:{tip + 30}", "--out", "a.mp4", "--no-pace",
+                       "--budget", "30000")
+    with Keystore(stack.player_dir) as keys:
+        (ch,) = keys.channels()
+    assert ch.paid > 0 and ch.expiry == tip + 30
+    await rpc.close()
+    stack.stop()  # the gateway (and its node) are gone before the expiry
+
+    node = Proc([_bin("gateway"), "node", "--datadir", str(stack.datadir / "node"),
+                 "--rpc-port", "0"], stack.tmp / "node.log", stack.tmp)
+    try:
+        deadline = time.monotonic() + 30
+        while "RPC URL: " not in (stack.tmp / "node.log").read_text():
+            assert time.monotonic() < deadline and node.proc.poll() is None
+            await asyncio.sleep(0.05)
+        url = next(line.removeprefix("RPC URL: ").strip() for line in
+                   (stack.tmp / "node.log").read_text().splitlines()
+                   if line.startswith("RPC URL: "))
+        stack.info["rpc"] = url
+        rpc = stack.rpc()
+        early = await stack.player("refund", check=False)
+        assert early.returncode != 0  # not final before the expiry
+        await rpc.call("generatetoaddress", 30, await rpc.call("getnewaddress"))
+        await stack.player("refund")
+        with Keystore(stack.player_dir) as keys:
+            (ch,) = keys.channels()
+        assert ch.refund_txid
+        await rpc.call("generatetoaddress", 1, await rpc.call("getnewaddress"))
+        refund = await rpc.call("getrawtransaction", ch.refund_txid, True)
+        assert refund["confirmations"] == 1
+        back = sum(btc_to_sat(o["value"]) for o in refund["vout"])
+        assert back == ch.value - ch.refund_fee  # the whole value, less the refund's fee
+        await rpc.close()
+    finally:
+        node.stop()
