@@ -4,12 +4,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install
+.PHONY: demo test lint install browser-deps
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml player/web/package-lock.json
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	npm ci --prefix player/web --no-audit --no-fund
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -18,7 +19,15 @@ demo: $(STAMP)
 	$(BIN)/gateway media sample
 	$(BIN)/gateway serve --demo
 
-test: $(STAMP)
+# Debian's Chromium + ChromeDriver for the browser tests (installed when root).
+browser-deps:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	  else echo "browser tests need: sudo apt-get install chromium chromium-driver"; fi; \
+	fi
+
+test: $(STAMP) browser-deps
 	$(BIN)/ruff check gateway player tests
 	$(BIN)/python -m pytest -q
 

@@ -65,8 +65,13 @@ class LiveChannel:
     def meter_ops(self, publisher_of: dict[str, str]) -> list[Op]:
         """Ops that persist the meter (bill and per-media delivery) changed so far."""
         ops: list[Op] = [
-            ("UPDATE channels SET bill = ? WHERE id = ?", (self.meter.bill, self.row_id))
+            ("UPDATE channels SET bill = ? WHERE id = ?", (self.meter.bill, self.row_id)),
+            *self._delivery_ops(publisher_of),
         ]
+        return ops
+
+    def _delivery_ops(self, publisher_of: dict[str, str]) -> list[Op]:
+        ops: list[Op] = []
         delivered = self.meter.delivered_ms
         for media in sorted(self._dirty_media):
             ops.append(
@@ -88,12 +93,14 @@ class LiveChannel:
 
     def payment_ops(self, record: PaymentRecord, publisher_of: dict[str, str]) -> list[Op]:
         """Ops that make an accepted increment durable, with the meter."""
+        # One UPDATE for the increment and the bill: the hot path's statements
+        # run in the store's writer thread, which competes for the GIL.
         return [
             (
-                "UPDATE channels SET seq = ?, balance = ?, sig = ? WHERE id = ?",
-                (record.seq, record.balance, record.sig.hex(), self.row_id),
+                "UPDATE channels SET seq = ?, balance = ?, sig = ?, bill = ? WHERE id = ?",
+                (record.seq, record.balance, record.sig.hex(), self.meter.bill, self.row_id),
             ),
-            *self.meter_ops(publisher_of),
+            *self._delivery_ops(publisher_of),
         ]
 
 

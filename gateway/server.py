@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,10 @@ PATH = "/paystream/1"
 _NETWORKS = {"regtest": "regtest", "signet": "signet", "test": "testnet", "main": "main"}
 #: Client messages are small; a signed T1 in ``fund.tx`` is the largest.
 MAX_CLIENT_MESSAGE = 256 * 1024
+#: Bytes of media chunks kept in memory. Every viewer of an item reads the
+#: same chunks; a thread hop per chunk read cost ~13% of the gateway's CPU
+#: at 5k paid chunks/s (``gateway bench``, py-spy).
+CHUNK_CACHE_BYTES = 64 * 1024 * 1024
 
 
 class Gateway:
@@ -67,6 +71,12 @@ class Gateway:
         self._server: Server | None = None
         self.port = config.port
         self.operator_token = config.operator_token or _token(self.datadir / "operator-token")
+        # (id(item), index) -> (item, bytes): the item is held so that its id
+        # is not reused while the entry lives; a republished item is a new
+        # object, so its chunks are read afresh.
+        self._chunks: OrderedDict[tuple[int, int], tuple[MediaItem, bytes]] = OrderedDict()
+        self._chunk_bytes = 0
+        self._publisher_of: tuple[Catalog | None, dict[str, str]] = (None, {})
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -185,10 +195,33 @@ class Gateway:
         self.catalog = self.catalog.reload_if_changed()
         return self.catalog.items.get(media)
 
+    async def read_chunk(self, item: MediaItem, index: int) -> bytes:
+        """Chunk ``index`` of ``item`` (-1: init segment), from memory when cached."""
+        key = (id(item), index)
+        hit = self._chunks.get(key)
+        if hit is not None and hit[0] is item:
+            self._chunks.move_to_end(key)
+            return hit[1]
+        data = await asyncio.to_thread(item.read_chunk, index)
+        if len(data) <= CHUNK_CACHE_BYTES // 16:
+            old = self._chunks.pop(key, None)
+            if old is not None:
+                self._chunk_bytes -= len(old[1])
+            self._chunks[key] = (item, data)
+            self._chunk_bytes += len(data)
+            while self._chunk_bytes > CHUNK_CACHE_BYTES:
+                _, (_, evicted) = self._chunks.popitem(last=False)
+                self._chunk_bytes -= len(evicted)
+        return data
+
     @property
     def publisher_of(self) -> dict[str, str]:
-        """media id → publisher id, for the deliveries table."""
-        return {iid: item.publisher for iid, item in self.catalog.items.items()}
+        """media id → publisher id, for the deliveries table (per catalog snapshot)."""
+        catalog, mapping = self._publisher_of
+        if catalog is not self.catalog:  # asked on every pay: build once per snapshot
+            mapping = {iid: item.publisher for iid, item in self.catalog.items.items()}
+            self._publisher_of = (self.catalog, mapping)
+        return mapping
 
     # -- sockets ------------------------------------------------------------------
 
@@ -319,6 +352,7 @@ async def run_gateway(config: Config, *, ready: asyncio.Event | None = None) -> 
 
     gateway = Gateway(config)
     await gateway.start()
+    _tune_gc()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -329,13 +363,35 @@ async def run_gateway(config: Config, *, ready: asyncio.Event | None = None) -> 
     print(f"  web:       {urls['web']}", flush=True)
     if "rpc" in urls:
         print(f"  node rpc:  {urls['rpc']}  (cookie {urls['cookie']})", flush=True)
-    (gateway.datadir / "gateway.json").write_text(json.dumps({"pid": _pid(), **urls}))
+    # Atomic: `gateway settle` and tests read it while we may be writing it.
+    info = gateway.datadir / "gateway.json"
+    info.with_suffix(".tmp").write_text(json.dumps({"pid": _pid(), **urls}))
+    info.with_suffix(".tmp").replace(info)
     if ready is not None:
         ready.set()
     try:
         await stop.wait()
     finally:
         await gateway.stop()
+
+
+def _tune_gc() -> None:
+    """Keep garbage-collection pauses out of the pay → chunk path (process-wide).
+
+    Measured with ``gateway bench --paced --viewers 1000``: with the default
+    thresholds, full collections over every session's objects put 70-90 ms
+    pauses at the 99th percentile of pay → chunk (1.4 ms at p50); with the GC
+    off, p99 was 4.8 ms. What start made (modules, catalog, chain state) lives
+    as long as the process, so it is frozen out of every collection; the young
+    generation is collected every 50,000 allocations instead of 700 and a full
+    collection happens a hundred times less often, so cyclic garbage is still
+    reclaimed, in rarer passes.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
 
 def _pid() -> int:

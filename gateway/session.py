@@ -439,7 +439,7 @@ class Session:
             init = live.meter.quote(item.id, -1, 0, rate_msat=item.rate_msat, free_ms=item.free_ms)
             await self._send(
                 Chunk(media=item.id, index=-1, start_ms=0, duration_ms=0, size=item.init_size),
-                await asyncio.to_thread(item.read_chunk, -1),
+                await self.gw.read_chunk(item, -1),
             )
             live.commit_chunk(init)
             for info in item.chunks[first:]:
@@ -463,7 +463,7 @@ class Session:
                     await self._paid_event.wait()
                     if live.core.state is not ServerState.READY:
                         return  # settled meanwhile (expiry): no more chunks
-                data = await asyncio.to_thread(item.read_chunk, info.index)
+                data = await self.gw.read_chunk(item, info.index)
                 await self._send(
                     Chunk(
                         media=item.id,

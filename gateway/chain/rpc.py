@@ -370,7 +370,11 @@ class RpcClient:
             raise RpcTransportError("client is closed")
         body = json.dumps(payload, default=_json_default).encode()
         try:
-            return await asyncio.wait_for(self._post_with_retry(body), self.timeout)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+            # cancellation that races with completion (fixed in 3.12), which
+            # left the chain watcher un-cancellable at shutdown.
+            async with asyncio.timeout(self.timeout):
+                return await self._post_with_retry(body)
         except TimeoutError as exc:
             raise RpcTimeoutError(f"no answer from {self.url} within {self.timeout:g} s") from exc
 

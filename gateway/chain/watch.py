@@ -70,10 +70,8 @@ class ChainWatcher:
 
     async def wait_for_tip(self, after_height: int, timeout: float | None = None) -> int:
         """Wait until the tip is above ``after_height``; return the new height."""
-        async with self._tip_changed:
-            await asyncio.wait_for(
-                self._tip_changed.wait_for(lambda: self.height > after_height), timeout
-            )
+        async with asyncio.timeout(timeout), self._tip_changed:
+            await self._tip_changed.wait_for(lambda: self.height > after_height)
         return self.height
 
     def watch_script(self, script_pubkey: bytes) -> asyncio.Future[SeenOutput]:

@@ -14,7 +14,7 @@ const $ = (id) => document.getElementById(id);
 const video = $('video');
 const params = new URLSearchParams(location.search);
 /** Seconds of media the page may hold beyond playback before it pays for more. */
-const AHEAD_S = Number(params.get('ahead') ?? 8);
+const AHEAD_S = Number(params.get('ahead')) > 0 ? Number(params.get('ahead')) : 8;
 const AGENT = 'paystream-web/0.1';
 const RESUME_FAILURES = new Set(['channel_unknown', 'channel_closed', 'channel_expiring',
   'bad_signature', 'session_replaced']);
@@ -362,6 +362,8 @@ async function onMedia(chunk, bytes) {
   if (chunk.size !== bytes.length) throw new Error('chunk size mismatch');
   meter.onChunk(chunk);
   if (chunk.index >= 0) deliveredEndMs = chunk.start_ms + chunk.duration_ms;
+  // A chunk sent without a due is billed too: keep the bill a reload resumes from.
+  if (app.channelId && chunk.index >= 0) await saveChannel();
   mse.queue.push(bytes);
   await mse.open;
   if (!mse.buffer) {

@@ -1,0 +1,97 @@
+"""``gateway bench`` smoke tests: a tiny run of each mode through ``gateway.cli.main``.
+
+The bench starts a real node, a real gateway and a load generator as
+processes. These tests check that every figure is present and sane — counts
+add up, percentiles are ordered, every settlement is confirmed — and never
+assert a timing (benchmarks live in the CLI, not in timed tests: DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from gateway.bench import percentiles
+from gateway.cli import main
+
+
+def _run(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
+    assert main(["bench", "--json", *args]) == 0
+    result: dict[str, Any] = json.loads(capsys.readouterr().out)
+    return result
+
+
+def _ordered(figures: dict[str, Any]) -> None:
+    assert figures["samples"] > 0
+    assert 0 <= figures["p50_ms"] <= figures["p99_ms"] <= figures["max_ms"]
+
+
+def _check_common(r: dict[str, Any], viewers: int) -> None:
+    assert r["viewers"] == viewers and r["errors"] == {}
+    assert r["paid_chunks_per_s"] > 0 and r["increments_per_s"] > 0
+    # One increment per paid chunk (free allowance 0); the window's edges
+    # may split a pair.
+    assert abs(r["paid_chunks_per_s"] - r["increments_per_s"]) * r["seconds"] <= viewers
+    assert r["media_mbit_per_s"] > 0
+    _ordered(r["pay_to_chunk"])
+    for kind in ("solo", "solo_with_wallet"):
+        _ordered(r["hello_to_ready"][kind])
+    assert r["hello_to_ready"]["solo"]["samples"] == min(viewers, 10)
+    gw = r["gateway"]
+    assert gw["cpu_cores"] > 0 and gw["rss_mb"] >= gw["rss_idle_mb"] > 0
+    assert gw["store_commits_per_s"] > 0 and gw["writes_per_commit"] >= 1
+    settle = r["settle"]
+    assert settle["channels"] == viewers and settle["failed"] == 0
+    assert settle["settlements"] == settle["confirmed"] == viewers
+    assert settle["close_all_s"] > 0 and settle["mine_and_confirm_s"] > 0
+    ceiling = r["ceiling"]
+    assert ceiling["verifies_per_s"] > 1000 and ceiling["digests_per_s"] > ceiling["verifies_per_s"]
+    assert 0 < ceiling["increments_per_s"] < ceiling["verifies_per_s"]
+    assert ceiling["ratio"] == pytest.approx(r["increments_per_s"] / ceiling["increments_per_s"],
+                                             rel=0.01, abs=0.001)
+
+
+def test_throughput_mode_reports_every_figure(capsys: pytest.CaptureFixture[str]) -> None:
+    r = _run(capsys, "--viewers", "5", "--seconds", "1", "--warmup", "0.3")
+    assert r["mode"] == "throughput" and r["chunk_bytes"] == 1024
+    _check_common(r, 5)
+    assert r["lateness"]["samples"] == 0  # only the paced mode has a schedule
+
+
+def test_paced_mode_reports_lateness(capsys: pytest.CaptureFixture[str]) -> None:
+    r = _run(capsys, "--paced", "--viewers", "3", "--seconds", "1", "--warmup", "0.3",
+             "--chunk-ms", "100", "--chunk-bytes", "2000", "--rate", "1000")
+    assert r["mode"] == "paced"
+    _check_common(r, 3)
+    _ordered(r["lateness"])
+    # Paced viewers take one chunk per 100 ms each: ~30/s for 3 viewers, far
+    # below what the throughput mode does.
+    assert r["paid_chunks_per_s"] <= 3 * 10 * 1.5
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--viewers", "0"], "--viewers must be at least 1"),
+        (["--seconds", "0"], "--seconds must be above 0"),
+        (["--rate", "0"], "--rate must be above 0"),
+        (["--rate", "abc"], "--rate"),
+        (["--chunk-ms", "0"], "--chunk-ms"),
+        (["--viewers", "2", "--clients", "3"], "--clients"),
+    ],
+)
+def test_bad_flags_are_one_line_errors(
+    capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    assert main(["bench", *flags]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("gateway: error: ") and message in err
+
+
+def test_percentiles_nearest_rank() -> None:
+    samples = [i / 1000 for i in range(1, 101)]  # 1..100 ms
+    assert percentiles(samples) == {"p50_ms": 50.0, "p99_ms": 99.0, "max_ms": 100.0,
+                                    "samples": 100}
+    assert percentiles([])["samples"] == 0
