@@ -28,6 +28,26 @@ async def _mine(rpc, n: int = 1) -> None:
     await rpc.call("generatetoaddress", n, await rpc.call("getnewaddress"))
 
 
+async def _height_channel(gw, rpc, change: bytes, *, paid: int) -> Viewer:
+    """A ready 30,000-sat cltv channel expiring 4 blocks ahead, with ``paid`` paid."""
+    viewer = Viewer(ws_url(gw), rpc)
+    await viewer.connect()
+    viewer.channel = ClientChannel(viewer.key.secret, viewer.hello, budget=50_000)
+    height = await rpc.call("getblockcount")
+    await viewer.send(viewer.channel.open(expiry=height + 4, change_script=change))
+    terms = await viewer.expect(Terms)
+    viewer.channel.accept_terms(terms)
+    txid = await rpc.call("sendtoaddress", terms.funding_address, "0.0003")
+    raw = await rpc.call("getrawtransaction", txid, True)
+    vout = next(o["n"] for o in raw["vout"]
+                if o["scriptPubKey"]["address"] == terms.funding_address)
+    await viewer.send(viewer.channel.fund(Outpoint(txid, vout), 30_000))
+    viewer.channel.on_ready(await viewer.expect(Ready))
+    await viewer.send(viewer.channel.pay(paid))
+    viewer.channel.on_paid(await viewer.expect(Paid))
+    return viewer
+
+
 async def _settled_outputs(gw, rpc, cid: str) -> tuple[dict, dict[str, int]]:
     """The settlement of ``cid`` once mined: (tx json, {scriptPubKey hex: sat})."""
     row = gw.store.read("SELECT settle_txid FROM channels WHERE channel_id = ?", (cid,))[0]
@@ -107,22 +127,8 @@ async def test_channel_near_expiry_settles_without_the_viewer(gateway_factory):
     gw = await gateway_factory(limits={"settle_margin_s": 600, "min_expiry_s": 600,
                                        "resume_grace_s": 3600})
     rpc = node_rpc(gw)
-    viewer = Viewer(ws_url(gw), rpc)
-    await viewer.connect()
-    viewer.channel = ClientChannel(viewer.key.secret, viewer.hello, budget=50_000)
-    height = await rpc.call("getblockcount")
     change = address_to_script_pubkey(await rpc.call("getnewaddress"), "regtest")
-    await viewer.send(viewer.channel.open(expiry=height + 4, change_script=change))
-    terms = await viewer.expect(Terms)
-    viewer.channel.accept_terms(terms)
-    txid = await rpc.call("sendtoaddress", terms.funding_address, "0.0003")
-    raw = await rpc.call("getrawtransaction", txid, True)
-    vout = next(o["n"] for o in raw["vout"]
-                if o["scriptPubKey"]["address"] == terms.funding_address)
-    await viewer.send(viewer.channel.fund(Outpoint(txid, vout), 30_000))
-    viewer.channel.on_ready(await viewer.expect(Ready))
-    await viewer.send(viewer.channel.pay(5_000))
-    viewer.channel.on_paid(await viewer.expect(Paid))
+    viewer = await _height_channel(gw, rpc, change, paid=5_000)
     cid = viewer.channel.outpoint.channel_id
     # A connected viewer is told `closed` when the margin is reached...
     await _mine(rpc, 2)
@@ -132,21 +138,7 @@ async def test_channel_near_expiry_settles_without_the_viewer(gateway_factory):
     assert outputs[change.hex()] == 25_000
 
     # ...and a viewer who left long ago (grace 1 h) is settled all the same.
-    other = Viewer(ws_url(gw), rpc)
-    await other.connect()
-    other.channel = ClientChannel(other.key.secret, other.hello, budget=50_000)
-    height = await rpc.call("getblockcount")
-    await other.send(other.channel.open(expiry=height + 4, change_script=change))
-    terms = await other.expect(Terms)
-    other.channel.accept_terms(terms)
-    txid = await rpc.call("sendtoaddress", terms.funding_address, "0.0003")
-    raw = await rpc.call("getrawtransaction", txid, True)
-    vout = next(o["n"] for o in raw["vout"]
-                if o["scriptPubKey"]["address"] == terms.funding_address)
-    await other.send(other.channel.fund(Outpoint(txid, vout), 30_000))
-    other.channel.on_ready(await other.expect(Ready))
-    await other.send(other.channel.pay(4_000))
-    other.channel.on_paid(await other.expect(Paid))
+    other = await _height_channel(gw, rpc, change, paid=4_000)
     cid2 = other.channel.outpoint.channel_id
     await other.disconnect()
     await asyncio.sleep(0.3)
@@ -200,22 +192,8 @@ async def test_refund_after_expiry_is_recorded_as_refunded(gateway_factory):
     limits = {"settle_margin_s": 600, "min_expiry_s": 600, "resume_grace_s": 3600}
     gw = await gateway_factory(limits=limits)
     rpc = node_rpc(gw)
-    viewer = Viewer(ws_url(gw), rpc)
-    await viewer.connect()
-    viewer.channel = ClientChannel(viewer.key.secret, viewer.hello, budget=50_000)
-    height = await rpc.call("getblockcount")
     change = address_to_script_pubkey(await rpc.call("getnewaddress"), "regtest")
-    await viewer.send(viewer.channel.open(expiry=height + 4, change_script=change))
-    terms = await viewer.expect(Terms)
-    viewer.channel.accept_terms(terms)
-    txid = await rpc.call("sendtoaddress", terms.funding_address, "0.0003")
-    raw = await rpc.call("getrawtransaction", txid, True)
-    vout = next(o["n"] for o in raw["vout"]
-                if o["scriptPubKey"]["address"] == terms.funding_address)
-    await viewer.send(viewer.channel.fund(Outpoint(txid, vout), 30_000))
-    viewer.channel.on_ready(await viewer.expect(Ready))
-    await viewer.send(viewer.channel.pay(5_000))
-    viewer.channel.on_paid(await viewer.expect(Paid))
+    viewer = await _height_channel(gw, rpc, change, paid=5_000)
     cid = viewer.channel.outpoint.channel_id
     await viewer.disconnect()
     await rpc.close()

@@ -182,3 +182,12 @@ def test_check_der_accepts_strict_low_s(der: bytes) -> None:
 def test_half_order_boundary() -> None:
     with pytest.raises(ProtocolError, match="high S"):
         check_der_low_s(_der(1, SECP256K1_ORDER // 2 + 1))
+
+
+def test_der_s_value_reads_s_or_refuses_non_strict_der() -> None:
+    from gateway.protocol.signatures import der_s_value
+
+    # Minimal strict DER: R = 1, S = 2.
+    assert der_s_value(bytes.fromhex("3006020101020102")) == 2
+    # A negative S (high bit set without a 0x00 pad) is not strict DER (BIP66).
+    assert der_s_value(bytes.fromhex("3006020101020181")) is None

@@ -382,7 +382,11 @@ def test_settlement_properties(
     if balance == VALUE:
         assert settlement is None  # nothing paid, nothing to settle
         return
-    assert settlement is not None
+    if settlement is None:
+        # Section 3, third case: a share below the minimum relay fee (1 sat/vB
+        # of the settlement, well over 150 vB) is left to the client's refund.
+        assert VALUE - balance < 250
+        return
     assert_settlement(channel, balance, settlement, feerate)
 
 

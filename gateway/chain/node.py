@@ -70,6 +70,7 @@ from gateway.chain.wallet import (
     script_to_address,
     script_type,
 )
+from gateway.protocol.signatures import der_s_value, is_low_s_der
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,6 @@ SEQUENCE_FINAL = 0xFFFFFFFF
 SEQUENCE_DISABLE_FLAG = 1 << 31
 SEQUENCE_TYPE_FLAG = 1 << 22
 SEQUENCE_MASK = 0xFFFF
-SECP256K1_HALF_ORDER = 0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681B20A0
 DEFAULT_PREMINE = 120  # 20 mature coinbases (1,000 BTC) at first start
 WALLET_FEE_RATE = 2  # sat/vB for the faucet wallet's own transactions
 MAX_REQUEST_BYTES = 32 * 1024 * 1024
@@ -233,33 +233,6 @@ def tx_json(tx: Tx) -> dict[str, Any]:
     }
 
 
-def _is_strict_der(sig: bytes) -> bool:
-    """BIP66 ``IsValidSignatureEncoding`` (signature including the sighash byte)."""
-    n = len(sig)
-    if n < 9 or n > 73 or sig[0] != 0x30 or sig[1] != n - 3:
-        return False
-    len_r = sig[3]
-    if 5 + len_r >= n:
-        return False
-    len_s = sig[5 + len_r]
-    if len_r + len_s + 7 != n:
-        return False
-    if sig[2] != 0x02 or len_r == 0 or sig[4] & 0x80:
-        return False
-    if len_r > 1 and sig[4] == 0 and not sig[5] & 0x80:
-        return False
-    if sig[len_r + 4] != 0x02 or len_s == 0 or sig[len_r + 6] & 0x80:
-        return False
-    return not (len_s > 1 and sig[len_r + 6] == 0 and not sig[len_r + 7] & 0x80)
-
-
-def _is_low_s(sig: bytes) -> bool:
-    len_r = sig[3]
-    len_s = sig[5 + len_r]
-    s = int.from_bytes(sig[6 + len_r : 6 + len_r + len_s], "big")
-    return s <= SECP256K1_HALF_ORDER
-
-
 def _script_opcodes(script: bytes) -> list[int] | None:
     """Opcodes of ``script`` (pushes reported as their push opcode), None if malformed."""
     ops: list[int] = []
@@ -294,9 +267,12 @@ def _policy_flag_failure(detail: str) -> TxRejected:
 def _check_signature_policy(item: bytes) -> None:
     if not item:
         return  # an empty signature is a valid "no" for CHECKMULTISIG/IF branches
-    if not _is_strict_der(item[:-1] + b"\x00") and not _is_strict_der(item):
+    # BIP66 strict DER and BIP146 LOW_S on the DER part (the last byte is the
+    # sighash type): the same checks the channel core applies to increments.
+    der = item[:-1]
+    if der_s_value(der) is None:
         raise _policy_flag_failure("Non-canonical DER signature")
-    if not _is_low_s(item):
+    if not is_low_s_der(der):
         raise _policy_flag_failure("Non-canonical signature: S value is unnecessarily high")
     if item[-1] not in (0x01, 0x02, 0x03, 0x81, 0x82, 0x83):
         raise _policy_flag_failure("Signature hash type missing or not understood")

@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, TypeVar
@@ -141,9 +142,10 @@ def _type_name(value: object) -> str:
 # ---------------------------------------------------------------------------
 
 
-class _Codec:
+class _Codec(ABC):
+    @abstractmethod
     def parse(self, value: Any, where: str) -> Any:
-        raise NotImplementedError  # pragma: no cover - abstract
+        """The Python value of JSON ``value`` at ``where``, or ``bad_message``."""
 
     def dump(self, value: Any) -> Any:
         return value

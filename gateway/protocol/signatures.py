@@ -69,6 +69,11 @@ def _der_s(der: bytes) -> int | None:
     return int.from_bytes(der[6 + len_r :], "big")
 
 
+def der_s_value(der: bytes) -> int | None:
+    """S of a strict-DER (BIP66) signature without sighash byte; None if not strict DER."""
+    return _der_s(der)
+
+
 def is_low_s_der(der: bytes) -> bool:
     """True if ``der`` is strict DER (BIP66) with S <= n/2 (BIP146 LOW_S)."""
     s = _der_s(der)
