@@ -11,12 +11,17 @@ be read while a chunk waits for it. The two tasks meet at two points:
   compares a chunk's ``due`` total with it, never with the core's in-memory
   figure, so no chunk leaves before the increment that pays for it is durable
   (section 7, DESIGN.md "Money rules").
-* ``_paid_event`` — set by the ``pay`` handler after ``paid`` is sent; the
-  streamer then re-checks and sends the chunk, or the same ``due`` again for a
-  partial payment (section 7).
+* ``_paid_event`` — set by the ``pay`` handler once the increment is
+  durable; the streamer then re-checks and sends the chunk, or the same
+  ``due`` again for a partial payment (section 7). When the streamer is
+  parked on that event, the handler leaves ``paid`` to it, so that ``paid``,
+  the ``chunk``, its binary frame and the next ``due`` leave in ONE socket
+  write: a write per frame was the largest cost per chunk (``gateway bench``).
 
-Every send goes through ``_send`` under one lock, so a ``chunk`` text message
-and its binary frame are never separated (section 1). A
+Every send goes through ``_send``, which hands all its frames to the
+connection without an ``await`` in between and writes them in one go
+(:class:`~gateway.server.PaystreamConnection`), so a ``chunk`` text message
+and its binary frame are never separated (section 1) and need no lock. A
 :class:`~gateway.protocol.errors.ProtocolError` becomes an ``error`` message
 (section 9); anything else becomes ``internal`` and its text stays in the log.
 """
@@ -48,6 +53,7 @@ from gateway.protocol.messages import (
     Hello,
     Message,
     Open,
+    Paid,
     Pay,
     Play,
     Refund,
@@ -85,8 +91,11 @@ class Session:
         #: A channel opened here but not yet funded (store row id, core).
         self._pending: tuple[int, ServerChannel] | None = None
         self.live: LiveChannel | None = None
-        self._send_lock = asyncio.Lock()
         self._paid_event = asyncio.Event()
+        #: The streamer waits on _paid_event for a due (see _stream_media).
+        self._parked = False
+        #: ``paid`` messages left by the pay handler for the parked streamer to send.
+        self._paid_out: list[Paid] = []
         self._stream: asyncio.Task[None] | None = None
         self._streaming_media: str | None = None
         self._funding: asyncio.Task[None] | None = None
@@ -94,15 +103,24 @@ class Session:
 
     # -- I/O ---------------------------------------------------------------------
 
-    async def _send(self, msg: Message, data: bytes | None = None) -> None:
-        async with self._send_lock:
-            await self.ws.send(encode(msg))
-            if data is not None:
-                await self.ws.send(data)
+    async def _send(self, *frames: Message | bytes | str) -> None:
+        """Send ``frames`` in order, in one socket write (PROTOCOL.md section 1).
+
+        Messages and ``str`` go as text frames, ``bytes`` as binary frames.
+        All of them reach the connection before the first ``await`` (the
+        drain), so frames of concurrent senders never interleave.
+        """
+        ws = self.ws
+        async with ws.send_context():
+            for frame in frames:
+                if isinstance(frame, bytes):
+                    ws.protocol.send_binary(frame)
+                else:
+                    text = frame if isinstance(frame, str) else encode(frame)
+                    ws.protocol.send_text(text.encode())
 
     async def _send_error(self, exc: ProtocolError) -> None:
-        async with self._send_lock:
-            await self.ws.send(_json(exc.to_wire()))
+        await self._send(_json(exc.to_wire()))
 
     async def run(self) -> None:
         """Serve the socket until it closes; then hand the channel to settlement."""
@@ -435,12 +453,13 @@ class Session:
         self._stream = asyncio.create_task(self._stream_media(live, item, first))
 
     async def _stream_media(self, live: LiveChannel, item: MediaItem, first: int) -> None:
+        out: list[Message | bytes] = []
         try:
             init = live.meter.quote(item.id, -1, 0, rate_msat=item.rate_msat, free_ms=item.free_ms)
-            await self._send(
+            out += [
                 Chunk(media=item.id, index=-1, start_ms=0, duration_ms=0, size=item.init_size),
                 await self.gw.read_chunk(item, -1),
-            )
+            ]
             live.commit_chunk(init)
             for info in item.chunks[first:]:
                 quote = live.meter.quote(
@@ -450,9 +469,11 @@ class Session:
                     rate_msat=item.rate_msat,
                     free_ms=item.free_ms,
                 )
+                if live.durable_paid >= quote.total:
+                    await self._send(*out)  # free or paid ahead: flow control per chunk
+                    out = []
                 while live.durable_paid < quote.total:
-                    self._paid_event.clear()
-                    await self._send(
+                    out.append(
                         Due(
                             total=quote.total,
                             media=item.id,
@@ -460,11 +481,13 @@ class Session:
                             duration_ms=info.duration_ms,
                         )
                     )
-                    await self._paid_event.wait()
+                    await self._send(*out)
+                    out = await self._wait_paid()
                     if live.core.state is not ServerState.READY:
+                        await self._send(*out)
                         return  # settled meanwhile (expiry): no more chunks
                 data = await self.gw.read_chunk(item, info.index)
-                await self._send(
+                out += [
                     Chunk(
                         media=item.id,
                         index=info.index,
@@ -473,12 +496,23 @@ class Session:
                         size=len(data),
                     ),
                     data,
-                )
+                ]
                 live.commit_chunk(quote)
             self._streaming_media = None
-            await self._send(End(media=item.id, reason="finished"))
+            await self._send(*out, End(media=item.id, reason="finished"))
         except ConnectionClosed:
             pass
+
+    async def _wait_paid(self) -> list[Message | bytes]:
+        """Park until a ``pay`` is durable; its ``paid`` (if left to us) opens the next write."""
+        self._paid_event.clear()
+        self._parked = True
+        try:
+            await self._paid_event.wait()
+        finally:
+            self._parked = False
+        paid, self._paid_out = self._paid_out, []
+        return list(paid)
 
     async def _stop_stream(self, *, send_end: bool = False) -> None:
         task, media = self._stream, self._streaming_media
@@ -488,6 +522,9 @@ class Session:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        if self._paid_out:  # left for the streamer, which never woke
+            paid, self._paid_out = self._paid_out, []
+            await self._send(*paid)
         if send_end and media is not None:
             await self._send(End(media=media, reason="stopped"))
 
@@ -512,7 +549,11 @@ class Session:
                 core.seq, core.balance, core.sig = before
                 raise
             live.durable_paid = record.paid
-        await self._send(core.paid_message())
+        if self._parked:
+            # The streamer sends it, before the chunk it pays for, in one write.
+            self._paid_out.append(core.paid_message())
+        else:
+            await self._send(core.paid_message())
         self._paid_event.set()
 
     async def _on_close(self, msg: Close) -> None:

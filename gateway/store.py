@@ -2,11 +2,11 @@
 
 Theory of operation (the datasette ``database.py`` pattern, DESIGN.md):
 
-* One thread owns the write connection (WAL, ``synchronous=FULL``). Callers
-  ``await store.write(ops)``; the writer drains every request queued while the
-  previous commit was in flight, runs them in ONE transaction — each inside
-  its own SAVEPOINT so a failing request fails alone — commits (one fsync),
-  then resolves every waiting future. A session therefore learns that its
+* One write connection (WAL, ``synchronous=FULL``). Callers
+  ``await store.write(ops)``; every request queued while the previous commit
+  was in flight runs in ONE transaction — a failing request fails alone — on
+  the event loop's thread, then one thread does the ``COMMIT`` (one fsync)
+  and every waiting future is resolved. A session therefore learns that its
   increment is durable only after the fsync, and sends ``paid`` and the chunk
   it pays for only then (PROTOCOL.md section 7); many sessions share one fsync.
 * Reads use a separate connection on the caller's thread; WAL lets them run
@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +68,6 @@ _CHANNELS = {
 class _Request:
     ops: list[Op]
     future: asyncio.Future[list[int]]
-    loop: asyncio.AbstractEventLoop = field(repr=False)
 
 
 def connect(path: Path | str) -> sqlite3.Connection:
@@ -119,10 +117,11 @@ class Store:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._queue: list[_Request] = []
-        self._lock = threading.Lock()
-        self._wake: asyncio.Event | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        #: A batch is between BEGIN and the end of its COMMIT.
+        self._busy = False
+        self._idle: asyncio.Event | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-fsync")
         self._writer: sqlite3.Connection | None = None
         self._closed = False
         #: Commits and requests so far (group commit: requests / commits > 1 under load).
@@ -133,23 +132,21 @@ class Store:
         create_schema(self._reader)
 
     async def start(self) -> None:
-        """Start the writer task (call once, from the event loop)."""
-        loop = asyncio.get_running_loop()
-        self._writer = await loop.run_in_executor(self._executor, connect, self.path)
-        self._wake = asyncio.Event()
-        self._task = asyncio.create_task(self._run(), name="store-writer")
+        """Open the write connection (call once, from the event loop)."""
+        self._loop = asyncio.get_running_loop()
+        self._writer = connect(self.path)
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def close(self) -> None:
-        """Finish pending writes, then stop the writer and close connections."""
+        """Finish pending writes, then close the connections."""
         if self._closed:
             return
         self._closed = True
-        if self._task is not None and self._wake is not None:
-            self._wake.set()
-            await self._task
+        if self._idle is not None:
+            await self._idle.wait()
         if self._writer is not None:
-            writer = self._writer
-            await asyncio.get_running_loop().run_in_executor(self._executor, writer.close)
+            self._writer.close()
         self._executor.shutdown(wait=True)
         self._reader.close()
 
@@ -159,113 +156,103 @@ class Store:
         Returns each statement's ``lastrowid``. Raises the statement's error if
         it failed; then none of ``ops`` took effect.
         """
-        if self._closed or self._wake is None:
+        if self._closed or self._loop is None or self._idle is None:
             raise StoreClosed("the store is closed")
-        loop = asyncio.get_running_loop()
-        request = _Request(list(ops), loop.create_future(), loop)
-        with self._lock:
-            self._queue.append(request)
-        self._wake.set()
+        request = _Request(list(ops), self._loop.create_future())
+        self._queue.append(request)
+        if not self._busy:
+            self._busy = True
+            self._idle.clear()
+            # call_soon, not now: writers woken in this loop iteration join the batch.
+            self._loop.call_soon(self._begin)
         return await request.future
 
-    async def _run(self) -> None:
-        assert self._wake is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            with self._lock:
-                batch, self._queue = self._queue, []
-            if batch:
-                await loop.run_in_executor(self._executor, self._commit, batch)
-                self.commits += 1
-                self.requests += len(batch)
-            if self._closed and not self._queue:
-                return
+    def _begin(self) -> None:
+        """Loop thread: run the queued requests in one transaction, then fsync off-loop.
 
-    def _commit(self, batch: list[_Request]) -> None:
-        """Writer thread: one transaction, a savepoint per request, one fsync."""
-        conn = self._writer
-        assert conn is not None
-        results: list[tuple[_Request, list[int] | BaseException]] = []
-        if len(batch) > 1 and self._commit_fast(conn, batch):
-            return
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            for request in batch:
-                conn.execute("SAVEPOINT req")
-                try:
-                    rowids = [
-                        conn.execute(sql, params).lastrowid or 0 for sql, params in request.ops
-                    ]
-                except sqlite3.Error as exc:
-                    conn.execute("ROLLBACK TO req")
-                    conn.execute("RELEASE req")
-                    results.append((request, exc))
-                else:
-                    conn.execute("RELEASE req")
-                    results.append((request, rowids))
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            # The commit itself failed (disk full, I/O error): nothing is
-            # durable, so every waiter learns it and nothing paid is released.
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            results = [(request, exc) for request in batch]
-        _resolve_all(results)
-
-    def _commit_fast(self, conn: sqlite3.Connection, batch: list[_Request]) -> bool:
-        """The batch in one transaction without savepoints; False if any statement failed.
-
-        Each statement is a GIL round trip for this thread while the event
-        loop holds the GIL, so halving the statements (no SAVEPOINT/RELEASE
-        per request) halves the commit time under load (``gateway bench``).
-        On any failure everything is rolled back and :meth:`_commit` runs the
-        batch again with a savepoint per request, so a failing request still
-        fails alone and nothing of it is committed.
+        Statements run here, on the event loop's thread: they touch only
+        SQLite's page cache (microseconds each), while doing them on the
+        writer thread cost two GIL hand-offs per statement — most of a
+        commit's time under load (``gateway bench``). Only ``COMMIT``, the
+        fsync, goes to the writer thread, and the next batch gathers
+        meanwhile.
         """
-        results: list[tuple[_Request, list[int]]] = []
+        assert self._loop is not None and self._writer is not None
+        batch, self._queue = self._queue, []
+        try:
+            results = self._execute(self._writer, batch)
+        except sqlite3.Error as exc:  # even the retry could not run: nothing is written
+            if self._writer.in_transaction:
+                self._writer.execute("ROLLBACK")
+            results = [(request, exc) for request in batch]
+        if not self._writer.in_transaction:  # BEGIN itself failed: nothing to commit
+            self._finish(results)
+            return
+        done = self._loop.run_in_executor(self._executor, self._writer.execute, "COMMIT")
+        done.add_done_callback(lambda f: self._committed(results, f))
+
+    def _committed(
+        self, results: list[tuple[_Request, list[int] | BaseException]], done: asyncio.Future[Any]
+    ) -> None:
+        exc = done.exception()
+        if exc is not None:
+            # The commit failed (disk full, I/O error): nothing is durable, so
+            # every waiter learns it and nothing paid is released.
+            assert self._writer is not None
+            if self._writer.in_transaction:
+                self._writer.execute("ROLLBACK")
+            results = [(request, exc) for request, _ in results]
+        self.commits += 1
+        self._finish(results)
+
+    def _finish(self, results: list[tuple[_Request, list[int] | BaseException]]) -> None:
+        self.requests += len(results)
+        for request, outcome in results:
+            _resolve(request.future, outcome)
+        assert self._loop is not None and self._idle is not None
+        if self._queue:
+            self._loop.call_soon(self._begin)
+        else:
+            self._busy = False
+            self._idle.set()
+
+    @staticmethod
+    def _execute(
+        conn: sqlite3.Connection, batch: list[_Request]
+    ) -> list[tuple[_Request, list[int] | BaseException]]:
+        """BEGIN and every request's statements, leaving the transaction open.
+
+        First without savepoints (half the statements); if anything fails, the
+        whole batch is rolled back and run again with a SAVEPOINT per request,
+        so a failing request fails alone and nothing of it is committed.
+        """
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for request in batch:
-                rowids = [conn.execute(sql, params).lastrowid or 0 for sql, params in request.ops]
-                results.append((request, rowids))
-        except sqlite3.Error:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            return False
-        try:
-            conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            # As in _commit: nothing is durable, every waiter learns it.
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            _resolve_all([(request, exc) for request in batch])
-            return True
-        _resolve_all(results)
-        return True
+            return [(request, exc) for request in batch]
+        try:
+            return [(request, _run_ops(conn, request.ops)) for request in batch]
+        except sqlite3.Error:
+            conn.execute("ROLLBACK")
+        conn.execute("BEGIN IMMEDIATE")
+        results: list[tuple[_Request, list[int] | BaseException]] = []
+        for request in batch:
+            conn.execute("SAVEPOINT req")
+            try:
+                results.append((request, _run_ops(conn, request.ops)))
+            except sqlite3.Error as exc:
+                conn.execute("ROLLBACK TO req")
+                results.append((request, exc))
+            conn.execute("RELEASE req")
+        return results
 
     def read(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[sqlite3.Row]:
         """Run a read-only query on the reader connection."""
         return self._reader.execute(sql, params).fetchall()
 
 
-def _resolve_all(results: Sequence[tuple[_Request, list[int] | BaseException]]) -> None:
-    """Writer thread: hand every outcome to its loop, one wake-up per loop.
-
-    ``call_soon_threadsafe`` writes to the loop's self-pipe each time; once per
-    request cost a syscall per increment (``gateway bench``, py-spy).
-    """
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[list[int]], Any]]] = {}
-    for request, outcome in results:
-        by_loop.setdefault(request.loop, []).append((request.future, outcome))
-    for loop, outcomes in by_loop.items():
-        loop.call_soon_threadsafe(_resolve_many, outcomes)
-
-
-def _resolve_many(outcomes: list[tuple[asyncio.Future[list[int]], Any]]) -> None:
-    for future, outcome in outcomes:
-        _resolve(future, outcome)
+def _run_ops(conn: sqlite3.Connection, ops: list[Op]) -> list[int]:
+    return [conn.execute(sql, params).lastrowid or 0 for sql, params in ops]
 
 
 def _resolve(future: asyncio.Future[list[int]], outcome: list[int] | BaseException) -> None:
