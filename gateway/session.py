@@ -100,6 +100,9 @@ class Session:
         self._streaming_media: str | None = None
         self._funding: asyncio.Task[None] | None = None
         self._closed = False
+        self._last_rx = 0.0
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._idle_close: asyncio.Task[None] | None = None
 
     # -- I/O ---------------------------------------------------------------------
 
@@ -132,16 +135,12 @@ class Session:
             await self._cleanup()
 
     async def _loop(self) -> None:
-        idle = self.gw.config.idle_timeout_s
+        loop = asyncio.get_running_loop()
+        self._last_rx = loop.time()
+        self._watchdog = loop.call_later(self.gw.config.idle_timeout_s, self._idle_check)
         while True:
-            try:
-                async with asyncio.timeout(idle):
-                    raw = await self.ws.recv()
-            except TimeoutError:
-                if self._stream is not None and not self._stream.done():
-                    continue  # free media plays without client messages
-                await self.ws.close(1000, "idle")
-                return
+            raw = await self.ws.recv()
+            self._last_rx = loop.time()
             try:
                 await self._handle(raw)
             except ProtocolError as exc:
@@ -158,6 +157,23 @@ class Session:
                 await self._send_error(
                     ProtocolError(ErrorCode.INTERNAL, "the gateway failed; nothing was recorded")
                 )
+
+    def _idle_check(self) -> None:
+        """Close a session silent for ``idle_timeout_s``, unless media is playing.
+
+        One timer per session, moved only when it fires: a timeout around
+        every ``recv`` cost a timer per message (``gateway bench``).
+        """
+        loop = asyncio.get_running_loop()
+        idle = self.gw.config.idle_timeout_s
+        if self._stream is not None and not self._stream.done():
+            deadline = loop.time() + idle  # free media plays without client messages
+        else:
+            deadline = self._last_rx + idle
+        if loop.time() >= deadline:
+            self._idle_close = loop.create_task(self.ws.close(1000, "idle"))
+        else:
+            self._watchdog = loop.call_at(deadline, self._idle_check)
 
     async def _handle(self, raw: str | bytes) -> None:
         if isinstance(raw, bytes):
@@ -590,6 +606,8 @@ class Session:
             await self.ws.close(1000, "closed")
 
     async def _cleanup(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         await self._stop_stream()
         if self._funding is not None:
             self._funding.cancel()

@@ -27,3 +27,25 @@ async def test_stream_free_then_paid_then_close_settles(gateway, kind):
     tx = await rpc.call("getrawtransaction", closed.txid, True)
     assert tx["confirmations"] == 1
     await rpc.close()
+
+
+async def test_a_silent_session_is_closed_but_a_playing_one_is_not(gateway_factory):
+    import asyncio
+
+    import websockets
+
+    gw = await gateway_factory(idle_timeout_s=0.5)
+    rpc = node_rpc(gw)
+    silent = Viewer(ws_url(gw), rpc)
+    await silent.connect()
+    playing = Viewer(ws_url(gw), rpc)
+    await playing.connect()
+    await playing.open_and_fund()
+    # free media (3 s of the clip) plays with no client message for > 0.5 s
+    await playing.send_raw({"type": "play", "media": "clip"})
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        await silent.recv(timeout=5)
+    assert closed.value.rcvd.code == 1000 and closed.value.rcvd.reason == "idle"
+    await asyncio.sleep(1.0)
+    assert playing.ws.state is websockets.State.OPEN
+    await rpc.close()
