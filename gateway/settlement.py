@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Longest a fee estimate is reused within one block (seconds).
+FEERATE_TTL_S = 30.0
+
 
 class Settler:
     """Settles channels on close, after the resume grace, before expiry, on restart."""
@@ -48,6 +51,8 @@ class Settler:
         self.gw = gateway
         self._task: asyncio.Task[None] | None = None
         self._script_cache: dict[str, bytes] = {}
+        #: (tip height, monotonic time, sat/vB) of the last fee estimate.
+        self._feerate: tuple[int, float, Decimal] | None = None
 
     async def start(self) -> None:
         """Run one round now (restart recovery), then keep running in the background."""
@@ -92,7 +97,21 @@ class Settler:
                 log.warning("settling %s failed; will retry", live.channel_id, exc_info=True)
 
     async def feerate(self) -> Decimal:
-        """sat/vB for a settlement: the node's estimate, never below the floor."""
+        """sat/vB for a settlement: the node's estimate, never below the floor.
+
+        Kept until the next block or for ``FEERATE_TTL_S``: the estimate moves
+        with blocks, and one ``estimatesmartfee`` per settlement was half the
+        RPC calls of a wave of closes (``gateway bench``, settle figure).
+        """
+        height, now = self.gw.watcher.height, time.monotonic()
+        cached = self._feerate
+        if cached is not None and cached[0] == height and now - cached[1] < FEERATE_TTL_S:
+            return cached[2]
+        rate = await self._estimate()
+        self._feerate = (height, now, rate)
+        return rate
+
+    async def _estimate(self) -> Decimal:
         floor = Decimal(str(self.gw.config.fee_floor))
         try:
             answer = await self.gw.rpc.call("estimatesmartfee", 2)
