@@ -39,6 +39,7 @@ live. Set-up does use the full parser and :class:`ClientChannel`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import random
@@ -131,6 +132,8 @@ class BenchViewer:
         self.t0 = 0.0
         self.window = (0.0, 0.0)
         self.stopping = False
+        #: Set by close(): ends a paced wait for the next chunk time early.
+        self.wake = asyncio.Event()
         self.closed: asyncio.Future[dict[str, Any]] | None = None
         self.hello_to_ready = 0.0
         self.t_hello = 0.0
@@ -250,7 +253,10 @@ class BenchViewer:
                     self.want_at = self.t0 + (k - 1) * chunk_s
                     delay = self.want_at - time.monotonic()
                     if delay > 0:
-                        await asyncio.sleep(delay)
+                        # close() wakes us: the settle figure must not include
+                        # a viewer's wait for its next chunk time.
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self.wake.wait(), delay)
                     if self.want_at >= hi or self.stopping:
                         self.stopping = True  # wanted after the window, or closing
                         continue
@@ -283,6 +289,7 @@ class BenchViewer:
         """``close`` → ``closed``: (sent at, answered at, closed message)."""
         assert self.closed is not None
         self.stopping = True
+        self.wake.set()
         sent = time.monotonic()
         await self.ws.send(json.dumps({"type": "close"}))
         closed = await asyncio.wait_for(self.closed, 120)

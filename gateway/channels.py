@@ -42,6 +42,8 @@ class LiveChannel:
     session: Session | None = None
     disconnected_at: float | None = None
     settle_tx: bytes | None = None
+    #: (tip height, monotonic time) when the settlement duty last followed it.
+    followed: tuple[int, float] | None = None
     #: Serialises settlement against payments and other settlement attempts.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _dirty_media: set[str] = field(default_factory=set)

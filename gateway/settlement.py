@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 #: Longest a fee estimate is reused within one block (seconds).
 FEERATE_TTL_S = 30.0
+#: Longest a closing channel goes unfollowed within one block (seconds).
+REFOLLOW_S = 60.0
 
 
 class Settler:
@@ -91,10 +93,25 @@ class Settler:
                     )
                     if expiring or (idle and core.state is ServerState.READY):
                         await self.settle(live, reason="expiry" if expiring else "disconnect")
-                if core.state is ServerState.CLOSING:
+                if core.state is ServerState.CLOSING and self._follow_due(live):
                     await self.follow(live)
             except RpcError:
                 log.warning("settling %s failed; will retry", live.channel_id, exc_info=True)
+
+    def _follow_due(self, live: LiveChannel) -> bool:
+        """Follow a settlement at each new tip, and every ``REFOLLOW_S`` otherwise.
+
+        Only a block can confirm it; the timer is for a rebroadcast after the
+        node dropped it. Following every channel on every round cost an RPC per
+        closing channel per second, competing with the broadcasts of a wave of
+        closes (``gateway bench``, settle figure).
+        """
+        height, now = self.gw.watcher.height, time.monotonic()
+        last = live.followed
+        if last is not None and last[0] == height and now - last[1] < REFOLLOW_S:
+            return False
+        live.followed = (height, now)
+        return True
 
     async def feerate(self) -> Decimal:
         """sat/vB for a settlement: the node's estimate, never below the floor.
