@@ -58,4 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as ``python -m gateway.cli`` this file is ``__main__``, and the
+    # subcommands raise ``gateway.cli.CliError`` — another class than this
+    # copy's. The canonical module's main() catches the right one.
+    from gateway.cli import main as _main
+
+    sys.exit(_main())

@@ -97,6 +97,41 @@ class Config:
         config.update(updates, from_text=True)
         return config
 
+    def check(self) -> None:
+        """Raise :class:`ConfigError` for a setting out of its range (after every layer).
+
+        Checked once all layers are applied, so a TOML file may be corrected
+        by a flag. A port above 65535 would otherwise wrap silently (the OS
+        takes it modulo 2^16).
+        """
+        lim = self.limits
+        rules: list[tuple[str, bool]] = [
+            ("port must be 0-65535", 0 <= self.port <= 65535),
+            ("rpc_port must be 0-65535", 0 <= self.rpc_port <= 65535),
+            ("block_interval must be > 0", self.block_interval > 0),
+            ("fee_floor must be >= 1 sat/vB", self.fee_floor >= 1),
+            ("max_sessions_per_ip must be >= 1", self.max_sessions_per_ip >= 1),
+            ("max_unfunded_per_ip must be >= 1", self.max_unfunded_per_ip >= 1),
+            ("funding_timeout_s must be > 0", self.funding_timeout_s > 0),
+            ("idle_timeout_s must be > 0", self.idle_timeout_s > 0),
+            ("settle_interval_s must be > 0", self.settle_interval_s > 0),
+            (
+                "limits need dust_limit <= min_value <= max_value",
+                0 <= lim.dust_limit <= lim.min_value <= lim.max_value,
+            ),
+            (
+                "limits need 0 < min_expiry_s <= max_expiry_s",
+                0 < lim.min_expiry_s <= lim.max_expiry_s,
+            ),
+            (
+                "limits need min_conf, settle_margin_s, resume_grace_s >= 0",
+                min(lim.min_conf, lim.settle_margin_s, lim.resume_grace_s) >= 0,
+            ),
+        ]
+        for message, ok in rules:
+            if not ok:
+                raise ConfigError(message)
+
     def update(self, data: Mapping[str, Any], *, from_text: bool = False) -> None:
         """Set fields from ``data`` (a TOML table, env or flags), checking names and types."""
         _apply(self, data, from_text, "")

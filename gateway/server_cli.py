@@ -97,6 +97,10 @@ def load_config(args: argparse.Namespace) -> Config:
             if value < 0:
                 raise CliError(f"--{name.removesuffix('_s').replace('_', '-')} must be >= 0")
             setattr(config.limits, name, value)
+    try:
+        config.check()
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
     return config
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 
 import pytest
 from conftest_gateway import Viewer, node_rpc, ws_url
@@ -86,3 +88,28 @@ def test_config_layers(tmp_path):
         Config.load(path, {})
     with pytest.raises(ConfigError, match="min_conf"):
         Config.load(None, {"PAYSTREAM_LIMITS_MIN_CONF": "many"})
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--port", "99999999"], "port must be 0-65535"),
+        (["--block-interval", "0"], "block_interval must be > 0"),
+        (["--rpc-port", "70000"], "rpc_port must be 0-65535"),
+    ],
+)
+def test_serve_refuses_settings_out_of_range_before_starting(tmp_path, args, message):
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "serve", "--datadir", str(tmp_path / "d"), *args],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [f"gateway: error: {message}"]
+    assert not (tmp_path / "d" / "gateway.db").exists()  # nothing was started or written
+
+
+def test_config_check_catches_inconsistent_limits():
+    config = Config.load(None, {"PAYSTREAM_LIMITS_MIN_VALUE": "20000000"})
+    with pytest.raises(ConfigError, match="min_value <= max_value"):
+        config.check()
+    Config.load(None, {}).check()  # the defaults are consistent
