@@ -47,6 +47,9 @@ from gateway.protocol.scripts import script_pubkey_to_address
 CLIP_SECONDS = 6
 
 
+ALICE = script_pubkey_to_address(bytes.fromhex("0014" + "a1" * 20), "regtest")
+CAROL_MAIN = script_pubkey_to_address(bytes.fromhex("0014" + "c4" * 20), "main")
+
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A 6 s video (pattern + tone) and a 6 s music track, encoded by PyAV."""
@@ -63,7 +66,7 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def media_dir(tmp_path: Path) -> Path:
     """A media directory whose catalog has one publisher."""
     media = tmp_path / "media"
-    add_publisher(media, "alice", "Alice", "bcrt1qalice")
+    add_publisher(media, "alice", "Alice", ALICE)
     return media
 
 
@@ -180,7 +183,7 @@ def test_catalog_round_trip(sources: dict[str, Path], media_dir: Path) -> None:
     )
     catalog = Catalog.load(media_dir)
     assert catalog.items == {"tune": item}
-    assert catalog.publishers["alice"].address == "bcrt1qalice"
+    assert catalog.publishers["alice"].address == ALICE
     assert catalog.to_api() == [
         {
             "id": "tune",
@@ -289,13 +292,19 @@ def test_publish_cli_prints_summary(
 def test_publisher_add_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     media = tmp_path / "m"
     args = ["publisher", "add", "carol", "--name", "Carol", "--media", str(media)]
-    assert main([*args, "--address", "bcrt1qcarol"]) == 0
-    assert main([*args, "--address", "bcrt1qcarol2"]) == 0  # replaces
-    assert Catalog.load(media).publishers["carol"].address == "bcrt1qcarol2"
+    assert main([*args, "--address", ALICE]) == 0
+    assert main([*args, "--address", CAROL_MAIN]) == 0  # replaces; any network's address
+    assert Catalog.load(media).publishers["carol"].address == CAROL_MAIN
     before = (media / "catalog.toml").read_bytes()
     capsys.readouterr()
     assert main([*args, "--address", ""]) == 1
     assert "payout address" in capsys.readouterr().err
+    # One character changed: the bech32 checksum fails, the catalog is untouched.
+    typo = CAROL_MAIN[:-1] + ("q" if CAROL_MAIN[-1] != "q" else "p")
+    assert main([*args, "--address", typo]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"gateway: error: {typo} is not a Bitcoin address (bad checksum or format)"
+    )
     assert main(["publisher", "add", "Carol!", "--name", "C", "--address", "x",
                  "--media", str(media)]) == 1  # fmt: skip
     assert (media / "catalog.toml").read_bytes() == before
@@ -350,7 +359,7 @@ def test_parse_seconds() -> None:
 
 def _catalog_with(tmp_path: Path, sources: dict[str, Path]) -> Path:
     media = tmp_path / "media"
-    add_publisher(media, "alice", "Alice", "addr")
+    add_publisher(media, "alice", "Alice", ALICE)
     publish(media, sources["music"], item_id="tune", title="T", publisher="alice", rate_msat=10)
     return media
 

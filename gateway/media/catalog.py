@@ -48,6 +48,7 @@ from typing import Any
 import tomli_w
 
 from gateway.media.segment import ChunkInfo, Manifest, MediaError, segment
+from gateway.protocol.scripts import NETWORKS, address_to_script_pubkey
 
 CATALOG_NAME = "catalog.toml"
 #: PROTOCOL.md section 7: the first minute of each media is free by default.
@@ -379,13 +380,25 @@ def add_publisher(media_dir: Path, publisher_id: str, name: str, address: str) -
     check_id(publisher_id, "publisher id")
     if not name.strip():
         raise MediaError("the publisher name must not be empty")
-    # The address is checked against the gateway's network when it settles.
+    # The catalog does not know the gateway's network: the address must be
+    # valid on one of them here, and is checked against the gateway's own
+    # when it settles (a mismatch sends that share to the operator).
     if not address.strip() or address != address.strip():
         raise MediaError("the payout address must be non-empty, without spaces around it")
+    if not any(_pays_on(address, network) for network in NETWORKS):
+        raise MediaError(f"{address} is not a Bitcoin address (bad checksum or format)")
     publisher = Publisher(publisher_id, name.strip(), address)
     with _writer_lock(media_dir):
         Catalog.load(media_dir).with_publisher(publisher).save()
     return publisher
+
+
+def _pays_on(address: str, network: str) -> bool:
+    try:
+        address_to_script_pubkey(address, network)
+    except ValueError:
+        return False
+    return True
 
 
 def publish(
