@@ -108,7 +108,7 @@ class Config:
         rules: list[tuple[str, bool]] = [
             ("port must be 0-65535", 0 <= self.port <= 65535),
             ("rpc_port must be 0-65535", 0 <= self.rpc_port <= 65535),
-            ("block_interval must be > 0", self.block_interval > 0),
+            ("block_interval must be >= 0 (0: blocks on request)", self.block_interval >= 0),
             ("fee_floor must be >= 1 sat/vB", self.fee_floor >= 1),
             ("max_sessions_per_ip must be >= 1", self.max_sessions_per_ip >= 1),
             ("max_unfunded_per_ip must be >= 1", self.max_unfunded_per_ip >= 1),

@@ -94,7 +94,7 @@ def test_config_layers(tmp_path):
     ("args", "message"),
     [
         (["--port", "99999999"], "port must be 0-65535"),
-        (["--block-interval", "0"], "block_interval must be > 0"),
+        (["--block-interval", "-1"], "block_interval must be >= 0 (0: blocks on request)"),
         (["--rpc-port", "70000"], "rpc_port must be 0-65535"),
     ],
 )
