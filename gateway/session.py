@@ -336,7 +336,29 @@ class Session:
         self.gw.channels[live.channel_id] = live
         self.live = live
         live.session = self
-        await self._await_confirmations(live, int(out.get("confirmations", 0)))
+        await self._confirm(live, int(out.get("confirmations", 0)))
+
+    async def _confirm(self, live: LiveChannel, confirmations: int) -> None:
+        """``ready`` now, or wait for ``min_conf`` beside the message loop (section 6).
+
+        Waiting inside the loop would leave ``close`` unread until a block
+        came; a wait already in the background task just goes on.
+        """
+        background = self._funding is not None and self._funding is asyncio.current_task()
+        if background or confirmations >= self.gw.limits.min_conf:
+            await self._await_confirmations(live, confirmations)
+        else:
+            self._funding = asyncio.create_task(self._confirm_later(live, confirmations))
+
+    async def _confirm_later(self, live: LiveChannel, confirmations: int) -> None:
+        try:
+            await self._await_confirmations(live, confirmations)
+        except ProtocolError as exc:
+            await self._send_error(exc)
+        except ConnectionClosed:
+            pass
+        finally:
+            self._funding = None
 
     async def _watch_funding(self, row_id: int, core: ServerChannel) -> None:
         try:
@@ -414,7 +436,7 @@ class Session:
         if live.core.state is ServerState.FUNDING:
             assert live.core.outpoint is not None
             conf = await self.gw.watcher.confirmations(live.core.outpoint.txid) or 0
-            await self._await_confirmations(live, conf)
+            await self._confirm(live, conf)
             return
         await self._send(ready)
 
