@@ -224,15 +224,18 @@ class Settler:
         txid = core.settlement_txid
         outpoint = core.outpoint
         assert txid is not None and outpoint is not None
-        confirmations = await self.gw.watcher.confirmations(txid)
-        if confirmations is not None and confirmations >= 1:
+        status = await self.gw.watcher.tx_status(txid)
+        confirmations = None if status is None else status[0]
+        if status is not None and status[0] >= 1 and status[1] is not None:
+            # The block's own height: the watcher's tip can lag the node's.
+            header = await self.gw.rpc.call("getblockheader", status[1])
             core.mark_closed()
             await self.gw.store.write(
                 [
                     state_op(
                         live.row_id,
                         core,
-                        confirmed_height=self.gw.watcher.height - confirmations + 1,
+                        confirmed_height=int(header["height"]),
                         closed_at=time.time(),
                     )
                 ]

@@ -510,8 +510,7 @@ async def settlements(gateway: Gateway, q: dict[str, str]) -> dict[str, Any]:
     height = gateway.watcher.height
     recent = []
     for r in rows:
-        # Asked of the node: the stored confirmed_height may be one block off
-        # when the watcher's tip lagged the node at confirmation time.
+        # Asked of the node (current), else from the stored block height.
         try:
             confirmations = await gateway.watcher.confirmations(r["settle_txid"])
         except RpcError:

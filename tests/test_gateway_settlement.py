@@ -89,8 +89,13 @@ async def test_disconnect_settles_after_grace_and_splits_publishers(gateway):
     expected_studio = payout * bills["clip"] // (bills["clip"] + bills["song"])
     assert abs(outputs[studio] - expected_studio) <= 1
     await _wait_for(lambda: cid not in gateway.channels)
-    row = gateway.store.read("SELECT state FROM channels WHERE channel_id = ?", (cid,))[0]
+    row = gateway.store.read(
+        "SELECT state, settle_txid, confirmed_height FROM channels WHERE channel_id = ?", (cid,)
+    )[0]
     assert row["state"] == "closed"
+    mined = await rpc.call("getrawtransaction", row["settle_txid"], True)
+    header = await rpc.call("getblockheader", mined["blockhash"])
+    assert row["confirmed_height"] == header["height"]
     await rpc.close()
 
 

@@ -90,13 +90,18 @@ class ChainWatcher:
 
     async def confirmations(self, txid: str) -> int | None:
         """Confirmations of ``txid`` (0 in the mempool), None if the node does not know it."""
+        status = await self.tx_status(txid)
+        return None if status is None else status[0]
+
+    async def tx_status(self, txid: str) -> tuple[int, str | None] | None:
+        """(confirmations, block hash or None in the mempool); None if the node does not know it."""
         try:
             info = await self.rpc.call("getrawtransaction", txid, True)
         except Exception as exc:  # RpcError -5: not in mempool or chain
             if getattr(exc, "code", None) == -5:
                 return None
             raise
-        return int(info.get("confirmations", 0))
+        return int(info.get("confirmations", 0)), info.get("blockhash")
 
     async def _run(self) -> None:
         while True:
