@@ -623,19 +623,32 @@ class Player:
         value: int,
         dest: bytes,
     ) -> StoredChannel:
-        """cltv: pay the funding address, sign our own refund, then ``fund``."""
-        funding = await wallet.send_to(terms.funding_address, terms.funding_script, value)
+        """cltv: sign T1 and our own refund, store both, then broadcast T1 and ``fund``.
+
+        Stored before broadcast: a crash at any point leaves either an
+        unspent wallet or a channel whose refund ``player refund`` holds.
+        """
+        funding = await wallet.build_funding_tx(terms.funding_script, value, segwit_only=False)
         op = funding.outpoint
-        rec = self.store.update(
-            rec.id, txid=op.txid, vout=op.vout, value=value, funding_tx=funding.tx
-        )
         fund = channel.fund(op, value, tx=funding.tx)
         assert channel.script is not None
         fee = _refund_fee(channel.script, op, value, dest)
         signed = channel.cltv_refund(dest_script=dest, fee=fee)
         rec = self.store.update(
-            rec.id, refund_fee=fee, signed_refund=signed, state=ChannelState.FUNDING
+            rec.id,
+            txid=op.txid,
+            vout=op.vout,
+            value=value,
+            funding_tx=funding.tx,
+            refund_fee=fee,
+            signed_refund=signed,
+            state=ChannelState.REFUND_SIGNED,
         )
+        try:
+            await wallet.broadcast(funding.tx)
+        except RpcException as exc:
+            raise PlayerError(f"broadcasting the funding transaction failed: {exc}") from None
+        rec = self.store.update(rec.id, state=ChannelState.FUNDING)
         await self._send(fund)
         return rec
 

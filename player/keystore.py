@@ -56,7 +56,7 @@ class ChannelState:
     """Values of :attr:`StoredChannel.state` (the player's view, PROTOCOL.md section 4)."""
 
     OPEN: Final = "open"  # terms accepted, not funded yet
-    REFUND_SIGNED: Final = "refund_signed"  # multisig: T2 signed, T1 may be broadcast
+    REFUND_SIGNED: Final = "refund_signed"  # our refund is signed and stored; T1 may be broadcast
     FUNDING: Final = "funding"  # funding output exists; waiting for `ready`
     READY: Final = "ready"  # takes payments; resumable
     CLOSING: Final = "closing"  # `close` sent, no `closed` seen

@@ -5,14 +5,15 @@ The player holds only K1; the viewer's coins stay in their own wallet
 goes through :class:`gateway.chain.rpc.RpcClient`, so the calls are plain
 Bitcoin Core RPCs:
 
-- ``cltv`` (PROTOCOL.md section 2): ``sendtoaddress`` to the funding address;
-  the client can refund alone, so the wallet may broadcast at once.
-- ``multisig``: T1 must be *signed but not broadcast* before the gateway signs
-  the refund T2, and T1 must spend only segwit outputs so its txid cannot be
-  changed by anyone before it confirms. :meth:`Wallet.build_funding_tx`
-  preselects segwit coins (``listunspent``), lets the wallet add change
-  (``fundrawtransaction``), signs (``signrawtransactionwithwallet``) and checks
-  that every input carries a witness.
+- T1 is always *signed but not broadcast* first (:meth:`Wallet.build_funding_tx`:
+  ``fundrawtransaction`` adds inputs and change, ``signrawtransactionwithwallet``
+  signs), so the player stores it with its refund before any coin moves.
+- ``cltv`` (PROTOCOL.md section 2): the client signs its refund alone, so
+  any coins will do.
+- ``multisig``: the gateway signs the refund T2 before T1 is broadcast, and
+  T1 must spend only segwit outputs so its txid cannot be changed by anyone
+  before it confirms: segwit coins are preselected (``listunspent``) and
+  every input must carry a witness.
 - the change/refund destination: ``getnewaddress``, converted to its output
   script with ``getaddressinfo`` when the RPC has it, else locally.
 """
@@ -27,7 +28,7 @@ from typing import Any, Final
 from bitcoin.core import COutPoint, CTransaction, CTxIn, CTxOut, lx
 from bitcoin.core.script import CScript
 
-from gateway.chain.rpc import RpcClient, RpcError, RpcException, RpcMethodNotFound
+from gateway.chain.rpc import RpcClient, RpcException, RpcMethodNotFound
 from gateway.protocol.errors import ProtocolError
 from gateway.protocol.scripts import address_to_script_pubkey
 from gateway.protocol.transactions import Outpoint, find_funding_output, parse_tx, txid_of
@@ -69,11 +70,6 @@ def is_segwit_script(spk: bytes) -> bool:
 
 def _sat(amount: Any) -> int:
     return int(Decimal(str(amount)) * COIN)
-
-
-def _btc(sat: int) -> str:
-    # A string: both bitcoind and the embedded node take it exactly (no float, no exponent).
-    return f"{Decimal(sat) / COIN:.8f}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,20 +129,6 @@ class Wallet:
         except ValueError as exc:
             raise WalletError(f"wallet gave address {address!r}: {exc}") from None
 
-    async def _raw_tx(self, txid: str) -> bytes:
-        try:
-            return bytes.fromhex(await self.rpc.call("getrawtransaction", txid))
-        except RpcError:
-            # Core without -txindex: a wallet transaction is still in gettransaction.
-            tx = await self._call("gettransaction", txid)
-            return bytes.fromhex(tx["hex"])
-
-    async def send_to(self, address: str, script_pubkey: bytes, value: int) -> FundingTx:
-        """cltv funding: ``sendtoaddress`` ``value`` sat to ``address`` (broadcast at once)."""
-        txid = await self._call("sendtoaddress", address, _btc(value))
-        tx = await self._raw_tx(txid)
-        return self._funding(tx, script_pubkey, value)
-
     @staticmethod
     def _funding(tx: bytes, script_pubkey: bytes, value: int) -> FundingTx:
         try:
@@ -157,14 +139,23 @@ class Wallet:
             raise WalletError(f"funding output pays {paid} sat, not {value}")
         return FundingTx(tx=tx, outpoint=Outpoint(txid_of(tx), vout), value=value)
 
-    async def build_funding_tx(self, script_pubkey: bytes, value: int) -> FundingTx:
-        """multisig funding: a signed T1 paying ``value`` to ``script_pubkey``, NOT broadcast.
+    async def build_funding_tx(
+        self, script_pubkey: bytes, value: int, *, segwit_only: bool = True
+    ) -> FundingTx:
+        """A signed T1 paying ``value`` to ``script_pubkey``, NOT broadcast.
 
-        Preselects confirmed segwit coins covering ``value`` (a transaction
-        with no inputs is ambiguous to decode, and this keeps T1 segwit-only),
-        lets the wallet add fee inputs and change, signs, and checks that
-        every input has a witness (PROTOCOL.md section 2).
+        The player stores T1 and its refund before broadcasting, so no crash
+        leaves money at an output it cannot refund. Preselects confirmed
+        segwit coins covering ``value`` (a transaction with no inputs is
+        ambiguous to decode, and this keeps T1 segwit-only), lets the wallet
+        add fee inputs and change, signs, and checks that every input has a
+        witness (PROTOCOL.md section 2). ``segwit_only=False`` (cltv, whose
+        refund does not depend on T1's txid) lets the wallet pick any coins.
         """
+        output = CTxOut(value, CScript(script_pubkey))
+        if not segwit_only:
+            tx = await self._fund_and_sign(CTransaction([], [output], nVersion=2))
+            return self._funding(tx, script_pubkey, value)
         coins = await self._call("listunspent", 1)
         chosen: list[dict[str, Any]] = []
         total = 0
@@ -184,14 +175,10 @@ class Wallet:
                 CTxIn(COutPoint(lx(c["txid"]), int(c["vout"])), nSequence=_SEQUENCE_RBF)
                 for c in chosen
             ],
-            [CTxOut(value, CScript(script_pubkey))],
+            [output],
             nVersion=2,
         )
-        funded = await self._call("fundrawtransaction", bytes(unsigned.serialize()).hex())
-        signed = await self._call("signrawtransactionwithwallet", funded["hex"])
-        if not signed.get("complete"):
-            raise WalletError("the wallet could not sign every input of the funding transaction")
-        tx = bytes.fromhex(signed["hex"])
+        tx = await self._fund_and_sign(unsigned)
         parsed = parse_tx(tx)
         witnesses = list(parsed.wit.vtxinwit) if parsed.wit is not None else []
         if len(witnesses) != len(parsed.vin) or any(not w.scriptWitness.stack for w in witnesses):
@@ -199,6 +186,14 @@ class Wallet:
             # would orphan the signed T2 (the flaw of the original construction).
             raise WalletError("the funding transaction spends a non-segwit output; refusing it")
         return self._funding(tx, script_pubkey, value)
+
+    async def _fund_and_sign(self, template: CTransaction) -> bytes:
+        """The wallet adds inputs, fee and change to ``template`` and signs it (not broadcast)."""
+        funded = await self._call("fundrawtransaction", bytes(template.serialize()).hex())
+        signed = await self._call("signrawtransactionwithwallet", funded["hex"])
+        if not signed.get("complete"):
+            raise WalletError("the wallet could not sign every input of the funding transaction")
+        return bytes.fromhex(signed["hex"])
 
     async def broadcast(self, tx: bytes) -> str:
         """``sendrawtransaction``; returns the txid. Raises the RPC's error as is."""

@@ -748,3 +748,38 @@ async def test_close_waits_for_closed_with_a_timeout(node: Any, tmp_path: Path) 
     assert gw.received_of(Close)
     (rec,) = player.store.channels()
     assert rec.state == ChannelState.CLOSING
+
+
+class _WatchedWallet(Wallet):
+    """The real wallet, noting what the keystore held when T1 went out."""
+
+    store: Keystore
+    at_broadcast: list[Any]
+
+    async def broadcast(self, tx: bytes) -> str:
+        self.at_broadcast.append(self.store.get(1))
+        return await super().broadcast(tx)
+
+
+async def test_cltv_t1_and_its_refund_are_stored_before_t1_is_broadcast(
+    node: Any, rpc: RpcClient, tmp_path: Path
+) -> None:
+    """No crash can leave the budget at a channel output the player cannot refund."""
+    async with FakeGateway() as gw:
+        wallet = _WatchedWallet.connect(node.rpc_url, cookie_path=node.cookie_path)
+        assert isinstance(wallet, _WatchedWallet)
+        player = _player(gw, tmp_path, wallet, budget=20_000)
+        wallet.store, wallet.at_broadcast = player.store, []
+        result = await player.play("film", max_chunks=1)
+        await wallet.close()
+    [before] = wallet.at_broadcast
+    assert before.state == ChannelState.REFUND_SIGNED
+    assert before.funding_tx is not None and before.signed_refund is not None
+    assert txid_of(before.funding_tx) == before.txid == result.channel.txid
+    # What was stored is what the node has: the refund spends that very output.
+    assert (await rpc.call("gettxout", before.txid, before.vout, True)) is not None
+    refund = parse_tx(before.signed_refund)
+    assert (refund.vin[0].prevout.hash[::-1].hex(), refund.vin[0].prevout.n) == (
+        before.txid,
+        before.vout,
+    )
