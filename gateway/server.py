@@ -56,7 +56,7 @@ class PaystreamConnection(ServerConnection):
     binary frame and the next ``due`` together; websockets writes each frame
     with its own ``transport.write`` (a ``send`` syscall each), which was a
     third of the gateway's time per paid chunk (``gateway bench``, py-spy).
-    Joined, they cost one.
+    ``writelines`` costs one (uvloop: one vectored write, no copy).
     """
 
     def send_data(self) -> None:
@@ -67,7 +67,7 @@ class PaystreamConnection(ServerConnection):
                 pending.append(data)
                 continue
             if pending:
-                self.transport.write(b"".join(pending))
+                self.transport.writelines(pending)
                 pending = []
             # As websockets does: half-close when the transport can, else close.
             if self.transport.can_write_eof():
@@ -76,7 +76,7 @@ class PaystreamConnection(ServerConnection):
             else:
                 self.transport.close()
         if pending:
-            self.transport.write(b"".join(pending) if len(pending) > 1 else pending[0])
+            self.transport.writelines(pending)
 
 
 class Gateway:
