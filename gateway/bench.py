@@ -518,7 +518,7 @@ async def _run(
             url=info["ws"], rpc_url=rpc_url, rpc_cookie=str(cookie), viewers=share,
             media=MEDIA_ID, rate_msat=opts.rate_msat, chunk_ms=opts.chunk_ms,
             paced=opts.paced, presign=presign, close_concurrency=opts.close_concurrency,
-            seed=i,
+            seed=i, funding_lock=str(workdir / "funding.lock"),
         )
         lg_log = (workdir / f"loadgen-{i}.log").open("ab")
         proc = await asyncio.create_subprocess_exec(

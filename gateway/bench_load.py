@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import gc
 import json
 import random
@@ -92,6 +93,9 @@ class LoadConfig:
     presign: int
     close_concurrency: int = 256
     seed: int = 0
+    #: A file every load generator locks while it funds: the node's wallet
+    #: would give two of them the same coins between fund and broadcast.
+    funding_lock: str = ""
 
 
 def total_due(k: int, rate_msat: int, chunk_ms: int) -> int:
@@ -299,8 +303,22 @@ class BenchViewer:
 # -- funding many channels cheaply ------------------------------------------------------
 
 
-async def fund_all(rpc: RpcClient, viewers: list[BenchViewer], value: int) -> None:
+async def fund_all(
+    rpc: RpcClient, viewers: list[BenchViewer], value: int, lock_path: str = ""
+) -> None:
     """One wallet transaction per ``OUTPUTS_PER_FUNDING_TX`` funding outputs."""
+    if not lock_path:
+        await _fund_all(rpc, viewers, value)
+        return
+    with open(lock_path, "a") as lock:
+        await asyncio.to_thread(fcntl.flock, lock, fcntl.LOCK_EX)
+        try:
+            await _fund_all(rpc, viewers, value)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+async def _fund_all(rpc: RpcClient, viewers: list[BenchViewer], value: int) -> None:
     for first in range(0, len(viewers), OUTPUTS_PER_FUNDING_TX):
         group = viewers[first : first + OUTPUTS_PER_FUNDING_TX]
         outputs = []
@@ -373,11 +391,11 @@ async def _main() -> None:
             await v.connect_and_open(change)
             assert v.channel is not None
             value = value or channel_value(cfg, v.channel.hello.limits.min_value)
-            await fund_all(rpc, [v], value)
+            await fund_all(rpc, [v], value, cfg.funding_lock)
         await asyncio.gather(
             *(_limited(sem, v.connect_and_open(change)) for v in viewers[SOLO_VIEWERS:])
         )
-        await fund_all(rpc, viewers[SOLO_VIEWERS:], value)
+        await fund_all(rpc, viewers[SOLO_VIEWERS:], value, cfg.funding_lock)
         t_funded = time.monotonic()
         for v in viewers:
             v.presign()

@@ -189,7 +189,12 @@ class Wallet:
 
     async def _fund_and_sign(self, template: CTransaction) -> bytes:
         """The wallet adds inputs, fee and change to ``template`` and signs it (not broadcast)."""
-        funded = await self._call("fundrawtransaction", bytes(template.serialize()).hex())
+        # lockUnspents: T1 is broadcast only after it is stored with its
+        # refund; meanwhile another payment from this wallet must not pick
+        # the same coins (bitcoind keeps the lock until they are spent).
+        funded = await self._call(
+            "fundrawtransaction", bytes(template.serialize()).hex(), {"lockUnspents": True}
+        )
         signed = await self._call("signrawtransactionwithwallet", funded["hex"])
         if not signed.get("complete"):
             raise WalletError("the wallet could not sign every input of the funding transaction")

@@ -60,6 +60,15 @@ def test_throughput_mode_reports_every_figure(capsys: pytest.CaptureFixture[str]
     assert r["lateness"]["samples"] == 0  # only the paced mode has a schedule
 
 
+def test_two_load_generators_share_the_viewers_and_the_wallet(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Both fund from the node's one wallet: without the funding lock they were
+    # given the same coins and one was refused (txn-mempool-conflict).
+    r = _run(capsys, "--viewers", "6", "--clients", "2", "--seconds", "1", "--warmup", "0.3")
+    _check_common(r, 6)
+
+
 def test_paced_mode_reports_lateness(capsys: pytest.CaptureFixture[str]) -> None:
     r = _run(capsys, "--paced", "--viewers", "3", "--seconds", "1", "--warmup", "0.3",
              "--chunk-ms", "100", "--chunk-bytes", "2000", "--rate", "1000")
