@@ -385,3 +385,35 @@ def test_kernel_process_block_reports_reason_and_keeps_tip(tmp_path: Path) -> No
         assert kernel.tip_hash == good.hash and kernel.block_at(1) == good.serialize()
     finally:
         kernel.close()
+
+
+async def test_a_full_mempool_is_mined_over_several_blocks_within_the_weight_limit(
+    node_factory: Any,
+) -> None:
+    """Blocks are assembled up to the weight limit; the rest (and the children of
+    what was left) wait for the next block. Before, the whole mempool went into
+    one block, which the kernel refused (bad-blk-weight) past 4 MWU."""
+    from gateway.chain.node import BLOCK_RESERVED_WEIGHT
+
+    started = node_factory("full", premine=101)
+    node = started.node
+    async with started.client() as rpc:
+        txids = [
+            await rpc.call("sendtoaddress", await rpc.call("getnewaddress"), 1)
+            for _ in range(7)
+        ]
+        weights = {t: (await rpc.call("getmempoolentry", t))["weight"] for t in txids}
+        # Room for two of these transactions per block.
+        node.max_block_weight = BLOCK_RESERVED_WEIGHT + 2 * max(weights.values())
+        mined: list[list[str]] = []
+        while await rpc.call("getrawmempool"):
+            [block_hash] = await rpc.call("generatetoaddress", 1, await rpc.call("getnewaddress"))
+            block = await rpc.call("getblock", block_hash)
+            body = block["tx"][1:]
+            assert body, "a block must take something from a non-empty mempool"
+            assert sum(weights[t] for t in body) <= 2 * max(weights.values())
+            mined.append(body)
+        assert sorted(t for body in mined for t in body) == sorted(txids)
+        assert len(mined) >= 4  # seven transactions, at most two per block
+        for t in txids:
+            assert (await rpc.call("getrawtransaction", t, True))["confirmations"] >= 1

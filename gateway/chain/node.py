@@ -76,6 +76,10 @@ log = logging.getLogger(__name__)
 
 COINBASE_MATURITY = 100
 MAX_STANDARD_TX_WEIGHT = 400_000
+#: BIP141 block weight limit, and what the header and coinbase need of it
+#: (Bitcoin Core's block assembler reserves 4,000 WU the same way).
+MAX_BLOCK_WEIGHT = 4_000_000
+BLOCK_RESERVED_WEIGHT = 4_000
 MIN_STANDARD_TX_NONWITNESS_SIZE = 65
 MIN_RELAY_FEE_PER_KVB = 1000  # sat per 1000 vB (1 sat/vB), Bitcoin Core's default
 DUST_RELAY_FEE_PER_KVB = 3000
@@ -375,6 +379,8 @@ class EmbeddedNode:
         self.rpc_port = rpc_port
         self.block_interval = block_interval
         self.premine = premine
+        #: Weight limit of the blocks this node assembles (BIP141; tests lower it).
+        self.max_block_weight = MAX_BLOCK_WEIGHT
         self.kernel: Kernel | None = None
         self._db: sqlite3.Connection | None = None
         self.wallet: Wallet | None = None
@@ -681,8 +687,25 @@ class EmbeddedNode:
         return total - sum(o.value for o in tx.outputs)
 
     def _mempool_block_txs(self) -> list[Tx]:
-        # Insertion order is a valid topological order: parents are accepted first.
-        return [entry.tx for entry in self.mempool.values()]
+        """Mempool transactions for the next block, within ``max_block_weight``.
+
+        Insertion order is a valid topological order (parents are accepted
+        first), so a transaction is left for a later block when it does not
+        fit or when it spends one that was left: a block is never invalid
+        (``bad-blk-weight``) and never misses a parent.
+        """
+        budget = self.max_block_weight - BLOCK_RESERVED_WEIGHT
+        chosen: list[Tx] = []
+        left: set[bytes] = set()
+        for entry in self.mempool.values():
+            tx = entry.tx
+            weight = tx.weight
+            if weight > budget or entry.parents & left:
+                left.add(tx.txid)
+                continue
+            chosen.append(tx)
+            budget -= weight
+        return chosen
 
     async def _mine_periodically(self) -> None:
         assert self.wallet is not None
