@@ -39,7 +39,6 @@ import mimetypes
 import re
 import time
 import weakref
-from dataclasses import replace
 from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,9 +51,9 @@ from gateway.chain.rpc import RpcError
 from gateway.chain.watch import btc_to_sat
 from gateway.media.catalog import (
     Catalog,
-    _writer_lock,
     parse_rate,
     parse_seconds,
+    set_price,
 )
 from gateway.media.segment import MediaError
 from gateway.protocol.scripts import ChannelScript
@@ -565,19 +564,15 @@ async def set_rate(gateway: Gateway, q: dict[str, str]) -> dict[str, Any]:
         free_ms = parse_seconds(q["free_seconds"]) if "free_seconds" in q else None
     except MediaError as exc:
         raise HttpError(HTTPStatus.BAD_REQUEST, str(exc)) from None
-    media_dir = gateway.catalog.media_dir
     try:
-        with _writer_lock(media_dir):
-            catalog = Catalog.load(media_dir)
-            item = catalog.items.get(item_id)
-            if item is None:
-                raise HttpError(HTTPStatus.NOT_FOUND, f"no media {item_id!r} in the catalog")
-            item = replace(item, rate_msat=rate_msat,
-                           free_ms=item.free_ms if free_ms is None else free_ms)
-            catalog.with_item(item).save()
+        item = set_price(
+            gateway.catalog.media_dir, item_id, rate_msat=rate_msat, free_ms=free_ms
+        )
     except (MediaError, OSError) as exc:
         log.warning("rate change failed: %s", exc)
         raise HttpError(HTTPStatus.INTERNAL_SERVER_ERROR, "could not write the catalog") from None
+    if item is None:
+        raise HttpError(HTTPStatus.NOT_FOUND, f"no media {item_id!r} in the catalog")
     log.info("rate of %s set to %d msat/s (free %d ms)", item.id, item.rate_msat, item.free_ms)
     gateway.catalog = gateway.catalog.reload_if_changed()
     return {"id": item.id, "rate_msat": item.rate_msat, "rate": item.rate,

@@ -375,6 +375,26 @@ def _writer_lock(media_dir: Path) -> Iterator[None]:
         yield  # the lock is released when the file closes
 
 
+def set_price(
+    media_dir: Path, item_id: str, *, rate_msat: int, free_ms: int | None = None
+) -> MediaItem | None:
+    """Change an item's rate (and free allowance) in catalog.toml; None if no such item.
+
+    Plays already started keep the rate they were quoted (PROTOCOL.md
+    section 6, ``stream``); new plays get the new one.
+    """
+    with _writer_lock(media_dir):
+        catalog = Catalog.load(media_dir)
+        item = catalog.items.get(item_id)
+        if item is None:
+            return None
+        item = replace(
+            item, rate_msat=rate_msat, free_ms=item.free_ms if free_ms is None else free_ms
+        )
+        catalog.with_item(item).save()
+    return item
+
+
 def add_publisher(media_dir: Path, publisher_id: str, name: str, address: str) -> Publisher:
     """Add (or replace) a publisher in the catalog and save it."""
     check_id(publisher_id, "publisher id")
