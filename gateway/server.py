@@ -228,13 +228,21 @@ class Gateway:
         self.catalog = self.catalog.reload_if_changed()
         return self.catalog.items.get(media)
 
-    async def read_chunk(self, item: MediaItem, index: int) -> bytes:
-        """Chunk ``index`` of ``item`` (-1: init segment), from memory when cached."""
+    def cached_chunk(self, item: MediaItem, index: int) -> bytes | None:
+        """Chunk ``index`` of ``item`` if it is in memory (no ``await``), else None."""
         key = (id(item), index)
         hit = self._chunks.get(key)
         if hit is not None and hit[0] is item:
             self._chunks.move_to_end(key)
             return hit[1]
+        return None
+
+    async def read_chunk(self, item: MediaItem, index: int) -> bytes:
+        """Chunk ``index`` of ``item`` (-1: init segment), from memory when cached."""
+        hit = self.cached_chunk(item, index)
+        if hit is not None:
+            return hit
+        key = (id(item), index)
         # Viewers of one item move in step: the first miss reads, the rest wait for it.
         loading = self._loading.get(key)
         if loading is not None and loading[0] is item:

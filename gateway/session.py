@@ -524,7 +524,13 @@ class Session:
                     if live.core.state is not ServerState.READY:
                         await self._send(*out)
                         return  # settled meanwhile (expiry): no more chunks
-                data = await self.gw.read_chunk(item, info.index)
+                data = self.gw.cached_chunk(item, info.index)
+                if data is None:
+                    # A file read waits: send what is held first, so a ``paid``
+                    # never waits behind it (a later one would overtake it).
+                    await self._send(*out)
+                    out = []
+                    data = await self.gw.read_chunk(item, info.index)
                 out += [
                     Chunk(
                         media=item.id,
