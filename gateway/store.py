@@ -1,4 +1,4 @@
-"""The channel store: one SQLite file, one writer task, group commit.
+"""The channel store: one SQLite file, one write connection, group commit.
 
 Theory of operation (the datasette ``database.py`` pattern, DESIGN.md):
 
@@ -9,6 +9,8 @@ Theory of operation (the datasette ``database.py`` pattern, DESIGN.md):
   and every waiting future is resolved. A session therefore learns that its
   increment is durable only after the fsync, and sends ``paid`` and the chunk
   it pays for only then (PROTOCOL.md section 7); many sessions share one fsync.
+  The running gateway is the file's only writer (``gateway settle`` asks it
+  over HTTP), so ``BEGIN IMMEDIATE`` on the loop thread does not wait on a lock.
 * Reads use a separate connection on the caller's thread; WAL lets them run
   beside the writer. The hot path never reads before it writes: the sessions
   hold channel state in memory and only write.
