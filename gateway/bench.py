@@ -76,7 +76,8 @@ viewer), hello->ready (10 viewers alone first: protocol round trips, and with
 their own wallet funding; then the rest during concurrent set-up, without the
 wait for the shared funding transaction), settlement of every channel (close ->
 closed) and the blocks that confirm them, the crypto ceiling (coincurve verify
-+ BIP143 digest per second on one core) and the ratio to it, group commit.
++ BIP143 digest per second on one core) and the ratio to it, group commit, and
+the CPU time the hypervisor gave to other guests during the window (steal).
 
 In throughput mode every viewer has one payment in flight, so latency is
 viewers / throughput (Little's law): read latency targets from --paced runs.
@@ -265,6 +266,14 @@ def cpu_seconds(pid: int) -> float:
     text = Path(f"/proc/{pid}/stat").read_text()
     fields = text[text.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def steal_seconds() -> float:
+    """CPU seconds the hypervisor gave to others, all cores (``/proc/stat`` ``steal``)."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("cpu "):
+            return int(line.split()[8]) / _TICK
+    return 0.0
 
 
 def rss_bytes(pid: int) -> int:
@@ -551,10 +560,10 @@ async def _run(
         await lg.send({"cmd": "go", "start": start, "window": list(window)})
     await asyncio.sleep(max(0.0, window[0] - time.monotonic()))
     cpu0, node_cpu0, wall0 = cpu_seconds(gateway.pid), cpu_seconds(node.pid), time.monotonic()
-    lg_cpu0 = sum(cpu_seconds(lg.proc.pid) for lg in loadgens)
+    lg_cpu0, steal0 = sum(cpu_seconds(lg.proc.pid) for lg in loadgens), steal_seconds()
     await asyncio.sleep(max(0.0, window[1] - time.monotonic()))
     cpu1, node_cpu1, wall1 = cpu_seconds(gateway.pid), cpu_seconds(node.pid), time.monotonic()
-    lg_cpu1 = sum(cpu_seconds(lg.proc.pid) for lg in loadgens)
+    lg_cpu1, steal1 = sum(cpu_seconds(lg.proc.pid) for lg in loadgens), steal_seconds()
     rss_run = rss_bytes(gateway.pid)
     dones = await asyncio.gather(*(lg.expect("done", 120) for lg in loadgens))
     health_after = _health(info["web"])
@@ -626,6 +635,7 @@ async def _run(
         },
         "load_generator_cpu_cores": round((lg_cpu1 - lg_cpu0) / window_s, 3),
         "node_cpu_cores": round((node_cpu1 - node_cpu0) / window_s, 3),
+        "cpu_steal_s": round(steal1 - steal0, 2),
         "hello_to_ready": {
             "solo": percentiles([x for r in readies for x in r["solo_hello_to_ready"]]),
             "solo_with_wallet": percentiles([x for r in readies for x in r["solo_with_wallet"]]),
@@ -682,6 +692,8 @@ def format_table(r: dict[str, Any]) -> str:
                          f"{gw['writes_per_commit']} writes per commit"),
         ("load gen cpu", f"{r['load_generator_cpu_cores']:.2f} cores "
                          f"(node {r['node_cpu_cores']:.2f})"),
+        ("cpu steal", f"{r['cpu_steal_s']} s over the window, all cores (a VM's "
+                      "neighbours: latency that is not the gateway's)"),
         ("hello -> ready", "alone " + _ms(r["hello_to_ready"]["solo"])),
         ("", "alone, with its wallet funding " + _ms(r["hello_to_ready"]["solo_with_wallet"])),
         ("", "during concurrent set-up " + _ms(r["hello_to_ready"]["concurrent"])),

@@ -41,6 +41,7 @@ def _check_common(r: dict[str, Any], viewers: int) -> None:
     assert r["hello_to_ready"]["solo"]["samples"] == min(viewers, 10)
     gw = r["gateway"]
     assert gw["cpu_cores"] > 0 and gw["rss_mb"] >= gw["rss_idle_mb"] > 0
+    assert r["cpu_steal_s"] >= 0
     assert gw["store_commits_per_s"] > 0 and gw["writes_per_commit"] >= 1
     settle = r["settle"]
     assert settle["channels"] == viewers and settle["failed"] == 0
