@@ -33,6 +33,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.server import ServerConnection
@@ -279,7 +280,9 @@ class Session:
             raise ProtocolError(ErrorCode.BAD_STATE, f"fund in state {core.state.value}")
         if msg.tx is None and msg.txid is None:
             # Watch funding_address (section 5): runs beside the message loop.
-            self._funding = asyncio.create_task(self._watch_funding(row_id, core))
+            self._funding = asyncio.create_task(
+                self._beside_loop(self._watch_funding(row_id, core))
+            )
             return
         outpoint = await self._locate_funding(msg, core)
         await self._accept_funding(row_id, core, outpoint)
@@ -348,15 +351,24 @@ class Session:
         if background or confirmations >= self.gw.limits.min_conf:
             await self._await_confirmations(live, confirmations)
         else:
-            self._funding = asyncio.create_task(self._confirm_later(live, confirmations))
+            self._funding = asyncio.create_task(
+                self._beside_loop(self._await_confirmations(live, confirmations))
+            )
 
-    async def _confirm_later(self, live: LiveChannel, confirmations: int) -> None:
+    async def _beside_loop(self, work: Awaitable[None]) -> None:
+        """Run a funding step as ``_funding``; a failure is sent as ``error`` (section 9)."""
         try:
-            await self._await_confirmations(live, confirmations)
+            await work
         except ProtocolError as exc:
             await self._send_error(exc)
         except ConnectionClosed:
             pass
+        except Exception:
+            log.exception("funding step of session %s failed", self.peer)
+            with contextlib.suppress(ConnectionClosed):
+                await self._send_error(
+                    ProtocolError(ErrorCode.INTERNAL, "the gateway failed while funding")
+                )
         finally:
             self._funding = None
 
@@ -374,17 +386,11 @@ class Session:
                 finally:
                     self.gw.watcher.unwatch_script(spk, future)
                 outpoint = Outpoint(seen.txid, seen.vout)
-            await self._accept_funding(row_id, core, outpoint)
         except TimeoutError:
-            await self._send_error(
-                ProtocolError(ErrorCode.FUNDING_NOT_FOUND, "nothing paid funding_address in time")
-            )
-        except ProtocolError as exc:
-            await self._send_error(exc)
-        except ConnectionClosed:
-            pass
-        finally:
-            self._funding = None
+            raise ProtocolError(
+                ErrorCode.FUNDING_NOT_FOUND, "nothing paid funding_address in time"
+            ) from None
+        await self._accept_funding(row_id, core, outpoint)
 
     async def _poll_outpoint(self, outpoint: Outpoint) -> Outpoint:
         async with asyncio.timeout(self.gw.config.funding_timeout_s):

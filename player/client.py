@@ -54,6 +54,7 @@ from gateway.protocol.messages import (
     Due,
     End,
     Error,
+    Fund,
     Funding,
     Hello,
     Limits,
@@ -76,7 +77,7 @@ from gateway.protocol.scripts import ChannelScript, is_height_expiry
 from gateway.protocol.signatures import sign_digest
 from gateway.protocol.transactions import DUST_LIMIT, Outpoint, build_refund, parse_tx
 from player.keystore import ChannelState, Keystore, StoredChannel
-from player.wallet import Wallet, WalletError
+from player.wallet import FundingTx, Wallet, WalletError
 
 __all__ = [
     "AGENT",
@@ -634,15 +635,32 @@ class Player:
         assert channel.script is not None
         fee = _refund_fee(channel.script, op, value, dest)
         signed = channel.cltv_refund(dest_script=dest, fee=fee)
+        return await self._store_then_broadcast(
+            wallet, rec, funding, fund, refund_fee=fee, signed_refund=signed
+        )
+
+    async def _store_then_broadcast(
+        self,
+        wallet: Wallet,
+        rec: StoredChannel,
+        funding: FundingTx,
+        fund: Fund,
+        **refund: Any,
+    ) -> StoredChannel:
+        """Store T1 with its signed refund, THEN broadcast T1 and send ``fund``.
+
+        In this order no crash leaves the budget at an output the player
+        cannot refund: before the broadcast the coins never left the wallet.
+        """
+        op = funding.outpoint
         rec = self.store.update(
             rec.id,
             txid=op.txid,
             vout=op.vout,
-            value=value,
+            value=funding.value,
             funding_tx=funding.tx,
-            refund_fee=fee,
-            signed_refund=signed,
             state=ChannelState.REFUND_SIGNED,
+            **refund,
         )
         try:
             await wallet.broadcast(funding.tx)
@@ -672,24 +690,15 @@ class Player:
             signed_t2 = channel.accept_refund_signed(refund_signed)
         except ProtocolError as exc:
             raise PlayerError(f"refusing the gateway's refund signature: {exc.message}") from None
-        rec = self.store.update(
-            rec.id,
-            txid=op.txid,
-            vout=op.vout,
-            value=value,
-            funding_tx=funding.tx,
+        return await self._store_then_broadcast(
+            wallet,
+            rec,
+            funding,
+            channel.fund(op, value, tx=funding.tx),
             refund_fee=fee,
             refund_server_sig=refund_signed.sig,
             signed_refund=signed_t2,
-            state=ChannelState.REFUND_SIGNED,
         )
-        try:
-            await wallet.broadcast(funding.tx)
-        except RpcException as exc:
-            raise PlayerError(f"broadcasting the funding transaction failed: {exc}") from None
-        rec = self.store.update(rec.id, state=ChannelState.FUNDING)
-        await self._send(channel.fund(op, value, tx=funding.tx))
-        return rec
 
     # -- streaming -------------------------------------------------------------------
 
