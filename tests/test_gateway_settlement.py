@@ -50,9 +50,14 @@ async def _height_channel(gw, rpc, change: bytes, *, paid: int) -> Viewer:
 
 async def _settled_outputs(gw, rpc, cid: str) -> tuple[dict, dict[str, int]]:
     """The settlement of ``cid`` once mined: (tx json, {scriptPubKey hex: sat})."""
-    row = gw.store.read("SELECT settle_txid FROM channels WHERE channel_id = ?", (cid,))[0]
-    txid = row["settle_txid"]
-    assert txid is not None
+    def stored_txid():
+        row = gw.store.read("SELECT settle_txid FROM channels WHERE channel_id = ?", (cid,))[0]
+        return row["settle_txid"]
+
+    # The core leaves READY when it builds the settlement; the row follows at
+    # the next commit, before the broadcast (settlement.py).
+    await _wait_for(lambda: stored_txid() is not None)
+    txid = stored_txid()
     await _mine(rpc)
     tx = await rpc.call("getrawtransaction", txid, True)
     assert tx["confirmations"] >= 1  # in a block the kernel accepted
