@@ -185,8 +185,8 @@ class Viewer:
             if isinstance(msg, Error) and kind is not Error:
                 raise AssertionError(f"unexpected error {msg}")
 
-    async def open_and_fund(self, *, kind: str = "cltv", value: int = 20_000) -> Ready:
-        """open → terms → (refund) → fund from the faucet wallet → ready."""
+    async def open_channel(self, *, kind: str = "cltv") -> Terms:
+        """open → terms: the channel exists, unfunded (change goes to a faucet address)."""
         assert self.hello is not None
         self.channel = ClientChannel(self.key.secret, self.hello, budget=self.budget)
         change = address_to_script_pubkey(await self.rpc.call("getnewaddress"), "regtest")
@@ -194,21 +194,30 @@ class Viewer:
                                           change_script=change, kind=kind))
         terms = await self.expect(Terms)
         self.channel.accept_terms(terms)
+        return terms
+
+    async def pay_funding_address(self, terms: Terms, value: int) -> tuple[Outpoint, int]:
+        """cltv: the faucet wallet pays ``funding_address`` (unconfirmed); the output."""
+        txid = await self.rpc.call("sendtoaddress", terms.funding_address, f"{value / 1e8:.8f}")
+        raw = await self.rpc.call("getrawtransaction", txid, True)
+        vout = next(o["n"] for o in raw["vout"]
+                    if o["scriptPubKey"]["hex"] == terms.funding_script.hex())
+        return Outpoint(txid, vout), btc_to_sat(raw["vout"][vout]["value"])
+
+    async def open_and_fund(self, *, kind: str = "cltv", value: int = 20_000) -> Ready:
+        """open → terms → (refund) → fund from the faucet wallet → ready."""
+        terms = await self.open_channel(kind=kind)
+        assert self.channel is not None
         if kind == "cltv":
-            txid = await self.rpc.call("sendtoaddress", terms.funding_address,
-                                       f"{value / 1e8:.8f}")
-            raw = await self.rpc.call("getrawtransaction", txid, True)
-            vout = next(o["n"] for o in raw["vout"]
-                        if o["scriptPubKey"]["hex"] == terms.funding_script.hex())
-            value = btc_to_sat(raw["vout"][vout]["value"])
-            await self.send(self.channel.fund(Outpoint(txid, vout), value))
+            outpoint, value = await self.pay_funding_address(terms, value)
+            await self.send(self.channel.fund(outpoint, value))
         else:
             tx, vout = await self._multisig_t1(terms.funding_script, value)
             from gateway.protocol.transactions import txid_of
 
             outpoint = Outpoint(txid_of(tx), vout)
-            await self.send(self.channel.refund_request(outpoint, value, dest_script=change,
-                                                        fee=500))
+            await self.send(self.channel.refund_request(
+                outpoint, value, dest_script=self.channel.change_script, fee=500))
             from gateway.protocol.messages import RefundSigned
 
             self.channel.accept_refund_signed(await self.expect(RefundSigned))

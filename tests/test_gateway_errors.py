@@ -354,28 +354,16 @@ async def test_watched_funding_address_times_out_then_a_fund_by_txid_still_works
     """``fund`` without txid watches funding_address for ``funding_timeout_s``
     (section 5); when nothing comes it answers ``funding_not_found`` and the
     opened channel can still be funded."""
-    from gateway.chain.watch import btc_to_sat
-    from gateway.protocol.channel import ClientChannel
-    from gateway.protocol.transactions import Outpoint
-
     gw = await gateway_factory(funding_timeout_s=0.5)
     rpc = node_rpc(gw)
     viewer = Viewer(ws_url(gw), rpc)
     await viewer.connect()
-    viewer.channel = ClientChannel(viewer.key.secret, viewer.hello, budget=50_000)
-    await viewer.send(viewer.channel.open(expiry=int(time.time()) + 6 * 3600,
-                                          change_script=bytes.fromhex("0014" + "22" * 20)))
-    terms = await viewer.expect(Terms)
-    viewer.channel.accept_terms(terms)
+    terms = await viewer.open_channel()
     await viewer.send_raw({"type": "fund"})
     err = await _error(viewer, "funding_not_found")
     assert "in time" in err.message
-    txid = await rpc.call("sendtoaddress", terms.funding_address, "0.0002")
-    raw = await rpc.call("getrawtransaction", txid, True)
-    vout = next(o["n"] for o in raw["vout"]
-                if o["scriptPubKey"]["address"] == terms.funding_address)
-    await viewer.send(viewer.channel.fund(Outpoint(txid, vout),
-                                          btc_to_sat(raw["vout"][vout]["value"])))
+    outpoint, value = await viewer.pay_funding_address(terms, 20_000)
+    await viewer.send(viewer.channel.fund(outpoint, value))
     ready = await viewer.expect(Ready)
-    assert ready.channel_id == f"{txid}:{vout}"
+    assert ready.channel_id == outpoint.channel_id
     await rpc.close()

@@ -41,7 +41,8 @@ async def test_a_silent_session_is_closed_but_a_playing_one_is_not(gateway_facto
     playing = Viewer(ws_url(gw), rpc)
     await playing.connect()
     await playing.open_and_fund()
-    # free media (3 s of the clip) plays with no client message for > 0.5 s
+    # The clip streams its 3 free seconds, then waits for a pay: a stream is
+    # on, so more than 0.5 s without a client message does not close it.
     await playing.send_raw({"type": "play", "media": "clip"})
     with pytest.raises(websockets.ConnectionClosed) as closed:
         await silent.recv(timeout=5)
@@ -57,30 +58,15 @@ async def test_waiting_for_confirmations_still_reads_close_then_a_block_makes_re
     """With min_conf 1, ``fund`` by txid answers ``funding`` and waits beside the
     message loop (section 6): ``close`` is answered at once, and a block makes the
     other viewer's channel ``ready``."""
-    import time
-
-    from gateway.chain.watch import btc_to_sat
-    from gateway.protocol.channel import ClientChannel
-    from gateway.protocol.messages import Closed, Funding, Ready, Terms
-    from gateway.protocol.scripts import address_to_script_pubkey
-    from gateway.protocol.transactions import Outpoint
+    from gateway.protocol.messages import Closed, Funding, Ready
 
     gw = await gateway_factory(limits={"min_conf": 1})
     rpc = node_rpc(gw)
 
     async def fund_unconfirmed(viewer):
-        viewer.channel = ClientChannel(viewer.key.secret, viewer.hello, budget=viewer.budget)
-        change = address_to_script_pubkey(await rpc.call("getnewaddress"), "regtest")
-        await viewer.send(viewer.channel.open(expiry=int(time.time()) + 6 * 3600,
-                                              change_script=change))
-        terms = await viewer.expect(Terms)
-        viewer.channel.accept_terms(terms)
-        txid = await rpc.call("sendtoaddress", terms.funding_address, "0.0002")
-        raw = await rpc.call("getrawtransaction", txid, True)
-        vout = next(o["n"] for o in raw["vout"]
-                    if o["scriptPubKey"]["hex"] == terms.funding_script.hex())
-        value = btc_to_sat(raw["vout"][vout]["value"])
-        await viewer.send(viewer.channel.fund(Outpoint(txid, vout), value))
+        terms = await viewer.open_channel()
+        outpoint, value = await viewer.pay_funding_address(terms, 20_000)
+        await viewer.send(viewer.channel.fund(outpoint, value))
         funding = await viewer.expect(Funding)
         assert (funding.confirmations, funding.needed) == (0, 1)
 
