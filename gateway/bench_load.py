@@ -136,8 +136,8 @@ class BenchViewer:
         self.t0 = 0.0
         self.window = (0.0, 0.0)
         self.stopping = False
-        #: Set by close(): ends a paced wait for the next chunk time early.
-        self.wake = asyncio.Event()
+        #: A paced wait for the next chunk time; close() ends it early.
+        self._napping: asyncio.Future[None] | None = None
         self.closed: asyncio.Future[dict[str, Any]] | None = None
         self.hello_to_ready = 0.0
         self.t_hello = 0.0
@@ -257,10 +257,7 @@ class BenchViewer:
                     self.want_at = self.t0 + (k - 1) * chunk_s
                     delay = self.want_at - time.monotonic()
                     if delay > 0:
-                        # close() wakes us: the settle figure must not include
-                        # a viewer's wait for its next chunk time.
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(self.wake.wait(), delay)
+                        await self._nap(delay)
                     if self.want_at >= hi or self.stopping:
                         self.stopping = True  # wanted after the window, or closing
                         continue
@@ -289,15 +286,34 @@ class BenchViewer:
                 if msg.get("fatal"):
                     raise websockets.ConnectionClosed(None, None)
 
+    async def _nap(self, delay: float) -> None:
+        """Sleep ``delay`` s unless close() comes first: the settle figure must
+        not include a viewer's wait for its next chunk time. A future and a
+        timer, as ``asyncio.sleep`` itself: no task per paced chunk."""
+        loop = asyncio.get_running_loop()
+        self._napping = nap = loop.create_future()
+        timer = loop.call_later(delay, _wake, nap)
+        try:
+            await nap
+        finally:
+            timer.cancel()
+            self._napping = None
+
     async def close(self) -> tuple[float, float, dict[str, Any]]:
         """``close`` → ``closed``: (sent at, answered at, closed message)."""
         assert self.closed is not None
         self.stopping = True
-        self.wake.set()
+        if self._napping is not None:
+            _wake(self._napping)
         sent = time.monotonic()
         await self.ws.send(json.dumps({"type": "close"}))
         closed = await asyncio.wait_for(self.closed, 120)
         return sent, time.monotonic(), closed
+
+
+def _wake(nap: asyncio.Future[None]) -> None:
+    if not nap.done():
+        nap.set_result(None)
 
 
 # -- funding many channels cheaply ------------------------------------------------------
@@ -306,19 +322,18 @@ class BenchViewer:
 async def fund_all(
     rpc: RpcClient, viewers: list[BenchViewer], value: int, lock_path: str = ""
 ) -> None:
-    """One wallet transaction per ``OUTPUTS_PER_FUNDING_TX`` funding outputs."""
-    if not lock_path:
-        await _fund_all(rpc, viewers, value)
-        return
-    with open(lock_path, "a") as lock:
-        await asyncio.to_thread(fcntl.flock, lock, fcntl.LOCK_EX)
-        try:
-            await _fund_all(rpc, viewers, value)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    """One wallet transaction per ``OUTPUTS_PER_FUNDING_TX`` funding outputs.
+
+    With ``lock_path``, under an exclusive ``flock`` of that file (released
+    when it closes), so that load generators sharing the wallet take turns.
+    """
+    with open(lock_path, "a") if lock_path else contextlib.nullcontext() as lock:
+        if lock is not None:
+            await asyncio.to_thread(fcntl.flock, lock, fcntl.LOCK_EX)
+        await _fund_groups(rpc, viewers, value)
 
 
-async def _fund_all(rpc: RpcClient, viewers: list[BenchViewer], value: int) -> None:
+async def _fund_groups(rpc: RpcClient, viewers: list[BenchViewer], value: int) -> None:
     for first in range(0, len(viewers), OUTPUTS_PER_FUNDING_TX):
         group = viewers[first : first + OUTPUTS_PER_FUNDING_TX]
         outputs = []

@@ -53,8 +53,8 @@ class Settler:
         self.gw = gateway
         self._task: asyncio.Task[None] | None = None
         self._script_cache: dict[str, bytes] = {}
-        #: (tip height, monotonic time, sat/vB) of the last fee estimate.
-        self._feerate: tuple[int, float, Decimal] | None = None
+        #: The last fee estimate (sat/vB) and when it was asked (tip height, monotonic).
+        self._feerate: tuple[Decimal, tuple[int, float]] | None = None
 
     async def start(self) -> None:
         """Run one round now (restart recovery), then keep running in the background."""
@@ -106,12 +106,21 @@ class Settler:
         closing channel per second, competing with the broadcasts of a wave of
         closes (``gateway bench``, settle figure).
         """
-        height, now = self.gw.watcher.height, time.monotonic()
-        last = live.followed
-        if last is not None and last[0] == height and now - last[1] < REFOLLOW_S:
+        if self._fresh(live.followed, REFOLLOW_S):
             return False
-        live.followed = (height, now)
+        live.followed = self._stamp()
         return True
+
+    def _stamp(self) -> tuple[int, float]:
+        return self.gw.watcher.height, time.monotonic()
+
+    def _fresh(self, stamp: tuple[int, float] | None, ttl: float) -> bool:
+        """``stamp`` (see :meth:`_stamp`) is from this tip and younger than ``ttl`` s."""
+        return (
+            stamp is not None
+            and stamp[0] == self.gw.watcher.height
+            and time.monotonic() - stamp[1] < ttl
+        )
 
     async def feerate(self) -> Decimal:
         """sat/vB for a settlement: the node's estimate, never below the floor.
@@ -120,12 +129,11 @@ class Settler:
         with blocks, and one ``estimatesmartfee`` per settlement was half the
         RPC calls of a wave of closes (``gateway bench``, settle figure).
         """
-        height, now = self.gw.watcher.height, time.monotonic()
-        cached = self._feerate
-        if cached is not None and cached[0] == height and now - cached[1] < FEERATE_TTL_S:
-            return cached[2]
+        if self._feerate is not None and self._fresh(self._feerate[1], FEERATE_TTL_S):
+            return self._feerate[0]
+        stamp = self._stamp()
         rate = await self._estimate()
-        self._feerate = (height, now, rate)
+        self._feerate = (rate, stamp)
         return rate
 
     async def _estimate(self) -> Decimal:

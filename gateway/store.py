@@ -187,7 +187,7 @@ class Store:
             if self._writer.in_transaction:
                 self._writer.execute("ROLLBACK")
             results = [(request, exc) for request in batch]
-        if not self._writer.in_transaction:  # BEGIN itself failed: nothing to commit
+        if not self._writer.in_transaction:  # nothing left to commit (all failed)
             self._finish(results)
             return
         done = self._loop.run_in_executor(self._executor, self._writer.execute, "COMMIT")
@@ -234,8 +234,10 @@ class Store:
             return [(request, exc) for request in batch]
         try:
             return [(request, _run_ops(conn, request.ops)) for request in batch]
-        except sqlite3.Error:
+        except sqlite3.Error as exc:
             conn.execute("ROLLBACK")
+            if len(batch) == 1:  # the one request is the one that failed
+                return [(batch[0], exc)]
         conn.execute("BEGIN IMMEDIATE")
         results: list[tuple[_Request, list[int] | BaseException]] = []
         for request in batch:

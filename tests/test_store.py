@@ -37,6 +37,12 @@ async def test_a_failing_request_fails_alone_and_changes_nothing(tmp_path):
     assert isinstance(outcome, sqlite3.IntegrityError)
     rows = store.read("SELECT id FROM channels")
     assert [r["id"] for r in rows] == [rowid]  # the first op of the bad request rolled back
+    # Alone in its batch, the same request fails the same way, and the store goes on.
+    with pytest.raises(sqlite3.IntegrityError):
+        await store.write(bad)
+    assert [r["id"] for r in store.read("SELECT id FROM channels")] == [rowid]
+    (after,) = await store.write([_insert()])
+    assert after > rowid
     await store.close()
     with pytest.raises(StoreClosed):
         await store.write([_insert()])
