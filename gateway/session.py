@@ -54,7 +54,6 @@ from gateway.protocol.messages import (
     Hello,
     Message,
     Open,
-    Paid,
     Pay,
     Play,
     Refund,
@@ -96,7 +95,7 @@ class Session:
         #: The streamer waits on _paid_event for a due (see _stream_media).
         self._parked = False
         #: ``paid`` messages left by the pay handler for the parked streamer to send.
-        self._paid_out: list[Paid] = []
+        self._paid_out: list[Message | bytes] = []
         self._stream: asyncio.Task[None] | None = None
         self._streaming_media: str | None = None
         self._funding: asyncio.Task[None] | None = None
@@ -562,7 +561,7 @@ class Session:
         finally:
             self._parked = False
         paid, self._paid_out = self._paid_out, []
-        return list(paid)
+        return paid
 
     async def _stop_stream(self, *, send_end: bool = False) -> None:
         task, media = self._stream, self._streaming_media
