@@ -414,7 +414,7 @@ async def _main() -> None:
         t_funded = time.monotonic()
         for v in viewers:
             v.presign()
-        # As the gateway does (server._tune_gc): a full collection over every
+        # As the gateway does (server.tune_gc): a full collection over every
         # viewer's objects would show up as latency that is not the gateway's.
         gc.collect()
         gc.freeze()

@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 LIVE_STATES = (ServerState.FUNDING, ServerState.READY, ServerState.CLOSING)
 
 
+class ChannelReleased(RuntimeError):
+    """The channel was handed to another worker (gateway/workers.py): not ours to settle."""
+
+
 @dataclass(eq=False)
 class LiveChannel:
     """One channel at the gateway: core state machine, meter and owner session."""
@@ -46,6 +50,8 @@ class LiveChannel:
     followed: tuple[int, float] | None = None
     #: Serialises settlement against payments and other settlement attempts.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: Handed to another worker: this copy must not be settled or paid into.
+    released: bool = False
     _dirty_media: set[str] = field(default_factory=set)
 
     @property
@@ -54,6 +60,20 @@ class LiveChannel:
         cid = self.core.channel_id
         assert cid is not None
         return cid
+
+    def summary(self) -> dict[str, Any]:
+        """What the operator's dashboard lists for a live channel."""
+        core = self.core
+        return {
+            "channel_id": self.channel_id,
+            "row_id": self.row_id,
+            "state": core.state.value,
+            "kind": core.kind,
+            "value": core.value,
+            "paid": core.paid,
+            "expiry": core.expiry,
+            "connected": self.session is not None,
+        }
 
     def commit_chunk(self, quote: Quote) -> None:
         """A quoted chunk was sent: move the meter (flushed with the next write)."""

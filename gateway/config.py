@@ -73,6 +73,9 @@ class Config:
     #: How often the settlement duty wakes (seconds).
     settle_interval_s: float = 1.0
     operator_token: str = ""
+    #: Gateway processes sharing the port and the store (``gateway/workers.py``);
+    #: 1 runs everything in one process.
+    workers: int = 1
 
     @classmethod
     def load(cls, path: Path | None, env: Mapping[str, str] | None = None) -> Config:
@@ -115,6 +118,7 @@ class Config:
             ("funding_timeout_s must be > 0", self.funding_timeout_s > 0),
             ("idle_timeout_s must be > 0", self.idle_timeout_s > 0),
             ("settle_interval_s must be > 0", self.settle_interval_s > 0),
+            ("workers must be 1-64", 1 <= self.workers <= 64),
             (
                 "limits need dust_limit <= min_value <= max_value",
                 0 <= lim.dust_limit <= lim.min_value <= lim.max_value,

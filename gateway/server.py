@@ -17,7 +17,7 @@ import time
 from collections import Counter, OrderedDict
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
@@ -25,22 +25,28 @@ from websockets.http11 import Request, Response
 
 from gateway.chain.rpc import RpcClient
 from gateway.chain.watch import ChainWatcher
-from gateway.channels import LIVE_STATES, LiveChannel, restore
+from gateway.channels import LIVE_STATES, ChannelReleased, LiveChannel, restore
 from gateway.config import Config
 from gateway.keys import MasterKey
 from gateway.media.catalog import Catalog, MediaItem
 from gateway.protocol.channel import ServerState
+from gateway.protocol.errors import ErrorCode, ProtocolError
 from gateway.protocol.messages import Limits
 from gateway.protocol.scripts import address_to_script_pubkey
 from gateway.session import Session
 from gateway.settlement import Settler
 from gateway.store import Store
 
+if TYPE_CHECKING:
+    import socket
+
+    from gateway.workers import WorkerRole
+
 log = logging.getLogger(__name__)
 
 PATH = "/paystream/1"
 #: Bitcoin Core's ``getblockchaininfo.chain`` → PROTOCOL.md ``hello.network``.
-_NETWORKS = {"regtest": "regtest", "signet": "signet", "test": "testnet", "main": "main"}
+NETWORKS = {"regtest": "regtest", "signet": "signet", "test": "testnet", "main": "main"}
 #: Client messages are small; a signed T1 in ``fund.tx`` is the largest.
 MAX_CLIENT_MESSAGE = 256 * 1024
 #: Bytes of media chunks kept in memory. Every viewer of an item reads the
@@ -82,8 +88,10 @@ class PaystreamConnection(ServerConnection):
 class Gateway:
     """Everything one gateway process runs; see the module docstring for order."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, worker: WorkerRole | None = None) -> None:
         self.config = config
+        #: Set in a worker of ``gateway serve --workers N`` (gateway/workers.py).
+        self.worker = worker
         self.datadir = Path(config.datadir)
         self.store = Store(self.datadir / "gateway.db")
         self.master = MasterKey.load_or_create(self.datadir / "master.key")
@@ -101,7 +109,7 @@ class Gateway:
         self._next_index = 1
         self._server: Server | None = None
         self.port = config.port
-        self.operator_token = config.operator_token or _token(self.datadir / "operator-token")
+        self.operator_token = config.operator_token or operator_token(self.datadir)
         # (id(item), index) -> (item, bytes): the item is held so that its id
         # is not reused while the entry lives; a republished item is a new
         # object, so its chunks are read afresh.
@@ -112,8 +120,8 @@ class Gateway:
 
     # -- lifecycle ------------------------------------------------------------
 
-    async def start(self, *, serve_sockets: bool = True) -> None:
-        """Start every part (see the module docstring)."""
+    async def start(self, *, serve_sockets: bool = True, sock: socket.socket | None = None) -> None:
+        """Start every part (see the module docstring); serve on ``sock`` if given."""
         await self.store.start()
         if self.config.rpc_url is None:
             from gateway.chain.node import EmbeddedNode
@@ -134,17 +142,20 @@ class Gateway:
             )
         self.watcher = ChainWatcher(self.rpc)
         await self.watcher.start()
-        self.network = _NETWORKS.get(self.watcher.chain, self.watcher.chain)
-        address = self.config.operator_address or await self._operator_address()
+        self.network = NETWORKS.get(self.watcher.chain, self.watcher.chain)
+        address = self.config.operator_address or await operator_address(self.rpc, self.datadir)
         self.operator_script = address_to_script_pubkey(address, self.network)
         self._load_channels()
         await self.settler.start()
         if serve_sockets:
+            where: dict[str, Any] = {"sock": sock}
+            if sock is None:
+                where = {"host": self.config.host, "port": self.port}
             self._server = await serve(
                 self._handle,
-                self.config.host,
-                self.config.port,
+                **where,
                 process_request=self._http,
+                process_response=self._tag_response if self.worker is not None else None,
                 create_connection=PaystreamConnection,
                 compression=None,  # media does not compress; deflate is 13x slower
                 max_size=MAX_CLIENT_MESSAGE,
@@ -152,15 +163,6 @@ class Gateway:
                 ping_timeout=20,
             )
             self.port = self._server.sockets[0].getsockname()[1]
-
-    async def _operator_address(self) -> str:
-        # Kept across restarts: the operator's payouts go to one address.
-        path = self.datadir / "operator-address"
-        if path.exists():
-            return path.read_text().strip()
-        address = str(await self.rpc.call("getnewaddress"))
-        path.write_text(address + "\n")
-        return address
 
     async def stop(self) -> None:
         """Stop serving, then stop every part in reverse order."""
@@ -176,11 +178,15 @@ class Gateway:
 
     def _load_channels(self) -> None:
         rows = self.store.read("SELECT * FROM channels ORDER BY id")
-        self._next_index = (rows[-1]["id"] + 1) if rows else 1
+        largest = rows[-1]["id"] if rows else 0
+        worker = self.worker
+        self._next_index = worker.first_id_above(largest) if worker else largest + 1
         now = time.time()
         live_states = {s.value for s in LIVE_STATES}
         for row in rows:
             if row["state"] not in live_states or not row["channel_id"]:
+                continue
+            if worker is not None and not worker.holds_at_start(row["id"]):
                 continue
             live = self._restore(row)
             # A session that was live when the gateway stopped: its grace runs
@@ -201,7 +207,8 @@ class Gateway:
     def next_key_index(self) -> int:
         """A fresh channel index: store row id and K2's BIP32 child (gateway/keys.py)."""
         index = self._next_index
-        self._next_index += 1
+        # Workers allocate ids ≡ their index (mod N): no two derive one key.
+        self._next_index += self.worker.count if self.worker else 1
         return index
 
     def unfunded_opens(self, peer: str) -> int:
@@ -218,10 +225,77 @@ class Gateway:
         """True if a stored channel (in any state) is funded by ``channel_id``."""
         return bool(self.store.read("SELECT 1 FROM channels WHERE channel_id = ?", (channel_id,)))
 
-    def load_closed(self, channel_id: str) -> LiveChannel | None:
-        """A channel that is no longer live, so that ``resume`` gets ``channel_closed``."""
+    def load_stored(self, channel_id: str) -> LiveChannel | None:
+        """A copy of a channel this process does not hold, as stored (any state).
+
+        A closed one, so that ``resume`` gets ``channel_closed``; in a worker,
+        a live one held by another worker, to check a ``resume`` before
+        :meth:`take_over`.
+        """
         rows = self.store.read("SELECT * FROM channels WHERE channel_id = ?", (channel_id,))
         return self._restore(rows[0]) if rows else None
+
+    async def take_over(self, stored: LiveChannel) -> LiveChannel:
+        """Become the holder of a live channel another worker holds (gateway/workers.py).
+
+        The supervisor has the holder end its session and make the meter
+        durable first, so the copy loaded here afterwards is complete. Answers
+        the stored copy if the channel closed meanwhile (the holder kept it).
+        """
+        assert self.worker is not None
+        from gateway.workers import LinkError
+
+        if stored.core.state not in _SETTLEABLE:
+            return stored
+        try:
+            acquired = await self.worker.link.request("acquire", row=stored.row_id)
+        except LinkError:
+            raise ProtocolError(
+                ErrorCode.BUSY, "the channel is being handed between workers; resume again"
+            ) from None
+        held = self.channels.get(stored.channel_id)
+        if held is not None:  # another session here took it meanwhile
+            return held
+        fresh = self.load_stored(stored.channel_id)
+        assert fresh is not None
+        if not acquired or fresh.core.state not in _SETTLEABLE:
+            return fresh
+        fresh.disconnected_at = time.time()
+        self.channels[fresh.channel_id] = fresh
+        return fresh
+
+    async def release(self, row_id: int) -> bool:
+        """Hand channel ``row_id`` to another worker (the supervisor asks).
+
+        Ends its session (``session_replaced``, as a resume does in section 5)
+        and makes the meter durable, then forgets the channel. False if it is
+        closing: a settlement in flight stays with the worker that started it.
+        """
+        live = next((c for c in self.channels.values() if c.row_id == row_id), None)
+        if live is None:
+            return True
+        async with live.lock:  # no payment or settlement of it is half done
+            if self.channels.get(live.channel_id) is not live:
+                return True
+            if live.core.state not in _SETTLEABLE:
+                return False
+            session, live.session = live.session, None
+            if session is not None:
+                await session.replaced()
+            live.disconnected_at = live.disconnected_at or time.time()
+            await self.store.write(
+                [
+                    *live.meter_ops(self.publisher_of),
+                    (
+                        "UPDATE channels SET disconnected_at = ? WHERE id = ?",
+                        (live.disconnected_at, live.row_id),
+                    ),
+                ]
+            )
+            # Only once durable: if the write failed, it stays held here.
+            live.released = True
+            del self.channels[live.channel_id]
+        return True
 
     def catalog_item(self, media: str) -> MediaItem | None:
         """The catalog item ``media``, re-reading catalog.toml if it changed."""
@@ -306,7 +380,7 @@ class Gateway:
                 return _json_response(HTTPStatus.UPGRADE_REQUIRED, {"error": "use a WebSocket"})
             return None
         if path == "/api/health":
-            return _json_response(HTTPStatus.OK, self.health())
+            return _json_response(HTTPStatus.OK, await self.health())
         if path == "/api/catalog":
             self.catalog = self.catalog.reload_if_changed()
             return _json_response(HTTPStatus.OK, self.catalog.to_api())
@@ -328,10 +402,10 @@ class Gateway:
         if request.headers.get("Authorization", "") != f"Bearer {self.operator_token}":
             return _json_response(HTTPStatus.UNAUTHORIZED, {"error": "operator token required"})
         wanted = dict(p.partition("=")[::2] for p in query.split("&") if p).get("channel")
-        try:
-            settled = await self.settle_by_hand(wanted)
-        except KeyError:
+        answers = await self.everywhere("settle", channel=wanted)
+        if all(answer is None for answer in answers):
             return _json_response(HTTPStatus.NOT_FOUND, {"error": f"no live channel {wanted}"})
+        settled = [item for answer in answers if answer for item in answer]
         return _json_response(HTTPStatus.OK, {"settled": settled})
 
     async def settle_by_hand(self, channel_id: str | None) -> list[dict[str, Any]]:
@@ -342,20 +416,53 @@ class Gateway:
             targets = [c for c in self.channels.values() if c.core.state in _SETTLEABLE]
         results = []
         for live in targets:
-            closed = await self.settler.settle(live, reason="operator")
+            try:
+                closed = await self.settler.settle(live, reason="operator")
+            except ChannelReleased:  # handed to another worker meanwhile
+                continue
             results.append({"channel_id": live.channel_id, **closed.to_wire()})
         return results
 
-    def health(self) -> dict[str, Any]:
-        """The body of ``GET /api/health``."""
+    async def everywhere(self, what: str, **args: Any) -> list[Any]:
+        """:meth:`answer` ``what`` in every worker (just here without ``--workers``)."""
+        if self.worker is None:
+            return [await self.answer(what, args)]
+        return list(await self.worker.link.request("everywhere", what=what, args=args))
+
+    async def answer(self, what: str, args: dict[str, Any]) -> Any:
+        """What one gateway process answers for itself (:meth:`everywhere`, the supervisor)."""
+        if what == "release":
+            return await self.release(int(args["row"]))
+        if what == "settle":
+            try:
+                return await self.settle_by_hand(args.get("channel"))
+            except KeyError:
+                return None
+        if what == "stats":
+            return {"channels": len(self.channels), "sessions": sum(self.sessions.values())}
+        if what == "channels":
+            return [live.summary() for live in self.channels.values()]
+        raise ValueError(f"unknown request {what!r}")
+
+    async def health(self) -> dict[str, Any]:
+        """The body of ``GET /api/health`` (channels and sessions of every worker)."""
+        stats = await self.everywhere("stats")
         return {
             "status": "ok",
             "network": self.network,
             "height": self.watcher.height,
-            "channels": len(self.channels),
-            "sessions": sum(self.sessions.values()),
+            "channels": sum(s["channels"] for s in stats),
+            "sessions": sum(s["sessions"] for s in stats),
+            "workers": self.worker.count if self.worker else 1,
             "store": {"commits": self.store.commits, "requests": self.store.requests},
         }
+
+    def _tag_response(
+        self, connection: ServerConnection, request: Request, response: Response
+    ) -> None:
+        """Name the worker in every answer (operators and tests see where a session runs)."""
+        assert self.worker is not None
+        response.headers["X-Paystream-Worker"] = str(self.worker.index)
 
     def urls(self) -> dict[str, str]:
         """Where clients find this gateway (printed on start)."""
@@ -370,11 +477,12 @@ class Gateway:
 _SETTLEABLE = (ServerState.READY, ServerState.FUNDING)
 
 
-def _token(path: Path) -> str:
+def operator_token(datadir: Path) -> str:
     """The operator token kept in the data dir (mode 0600), made on first run."""
     import os
     import secrets
 
+    path = datadir / "operator-token"
     try:
         return path.read_text().strip()
     except FileNotFoundError:
@@ -383,6 +491,16 @@ def _token(path: Path) -> str:
         with os.fdopen(fd, "w") as f:
             f.write(token + "\n")
         return token
+
+
+async def operator_address(rpc: RpcClient, datadir: Path) -> str:
+    """The operator's payout address, asked of the node's wallet once and kept."""
+    path = datadir / "operator-address"
+    if path.exists():
+        return path.read_text().strip()
+    address = str(await rpc.call("getnewaddress"))
+    path.write_text(address + "\n")
+    return address
 
 
 def _json_response(status: HTTPStatus, body: Any) -> Response:
@@ -403,21 +521,12 @@ async def run_gateway(config: Config, *, ready: asyncio.Event | None = None) -> 
 
     gateway = Gateway(config)
     await gateway.start()
-    _tune_gc()
+    tune_gc()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    urls = gateway.urls()
-    print(f"paystream gateway on {gateway.network}", flush=True)
-    print(f"  websocket: {urls['ws']}", flush=True)
-    print(f"  web:       {urls['web']}", flush=True)
-    if "rpc" in urls:
-        print(f"  node rpc:  {urls['rpc']}  (cookie {urls['cookie']})", flush=True)
-    # Atomic: `gateway settle` and tests read it while we may be writing it.
-    info = gateway.datadir / "gateway.json"
-    info.with_suffix(".tmp").write_text(json.dumps({"pid": _pid(), **urls}))
-    info.with_suffix(".tmp").replace(info)
+    announce(gateway.network, gateway.urls(), gateway.datadir)
     if ready is not None:
         ready.set()
     try:
@@ -426,7 +535,23 @@ async def run_gateway(config: Config, *, ready: asyncio.Event | None = None) -> 
         await gateway.stop()
 
 
-def _tune_gc() -> None:
+def announce(network: str, urls: dict[str, str], datadir: Path, *, workers: int = 1) -> None:
+    """Print where to connect and write ``DATADIR/gateway.json`` (``gateway settle`` reads it)."""
+    import os
+
+    suffix = f" ({workers} workers)" if workers > 1 else ""
+    print(f"paystream gateway on {network}{suffix}", flush=True)
+    print(f"  websocket: {urls['ws']}", flush=True)
+    print(f"  web:       {urls['web']}", flush=True)
+    if "rpc" in urls:
+        print(f"  node rpc:  {urls['rpc']}  (cookie {urls['cookie']})", flush=True)
+    # Atomic: `gateway settle` and tests read it while we may be writing it.
+    info = datadir / "gateway.json"
+    info.with_suffix(".tmp").write_text(json.dumps({"pid": os.getpid(), **urls}))
+    info.with_suffix(".tmp").replace(info)
+
+
+def tune_gc() -> None:
     """Keep garbage-collection pauses out of the pay → chunk path (process-wide).
 
     Measured with ``gateway bench --paced --viewers 1000``: with the default
@@ -444,8 +569,3 @@ def _tune_gc() -> None:
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
 
-
-def _pid() -> int:
-    import os
-
-    return os.getpid()

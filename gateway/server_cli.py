@@ -29,6 +29,7 @@ def register_cli(sub: Any) -> None:
     serve.add_argument("--resume-grace", type=int, help="seconds a dropped channel stays resumable")
     serve.add_argument("--settle-margin", type=int, help="settle this many seconds before expiry")
     serve.add_argument("--min-conf", type=int, help="confirmations before ready")
+    serve.add_argument("--workers", type=int, help="gateway processes sharing the port (default 1)")
     serve.add_argument("--demo", action="store_true", help="print a ready-to-paste player line")
     serve.add_argument("-v", "--verbose", action="store_true", help="log every settlement")
     serve.set_defaults(func=_serve)
@@ -83,6 +84,7 @@ def load_config(args: argparse.Namespace) -> Config:
         "rpc_cookie": getattr(args, "rpc_cookie", None),
         "rpc_port": getattr(args, "rpc_port", None),
         "block_interval": getattr(args, "block_interval", None),
+        "workers": getattr(args, "workers", None),
     }
     for name, value in flags.items():
         if value is not None:
@@ -107,6 +109,7 @@ def load_config(args: argparse.Namespace) -> Config:
 def _serve(args: argparse.Namespace) -> int:
     from gateway.cli import CliError
     from gateway.server import run_gateway
+    from gateway.workers import run_supervisor
 
     config = load_config(args)
     logging.basicConfig(
@@ -119,7 +122,7 @@ def _serve(args: argparse.Namespace) -> int:
         # uvloop (libuv) runs the same asyncio code with a fraction of the
         # loop's own cost per message (``gateway bench`` figures in README).
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(run_gateway(config))
+            runner.run(run_supervisor(config) if config.workers > 1 else run_gateway(config))
     except OSError as exc:
         raise CliError(f"cannot start: {exc.strerror or exc}") from None
     return 0

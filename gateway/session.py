@@ -426,12 +426,17 @@ class Session:
 
     async def _on_resume(self, msg: Resume) -> None:
         self._no_channel_yet("resume")
-        live = self.gw.channels.get(msg.channel_id) or self.gw.load_closed(msg.channel_id)
+        live = self.gw.channels.get(msg.channel_id) or self.gw.load_stored(msg.channel_id)
         if live is None:
             raise ProtocolError(ErrorCode.CHANNEL_UNKNOWN, "the gateway has no such channel")
-        ready = live.core.check_resume(
-            msg, nonce=self.nonce, now=int(time.time()), tip_height=self.gw.watcher.height
-        )
+        now, height = int(time.time()), self.gw.watcher.height
+        if self.gw.worker is not None and self.gw.channels.get(live.channel_id) is not live:
+            # Another worker may hold it: check the resume on the stored copy
+            # first, so that a bad proof cannot take the channel from its
+            # session (gateway/workers.py).
+            live.core.check_resume(msg, nonce=self.nonce, now=now, tip_height=height)
+            live = await self.gw.take_over(live)
+        ready = live.core.check_resume(msg, nonce=self.nonce, now=now, tip_height=height)
         old = live.session
         live.session = self
         live.disconnected_at = None
@@ -587,6 +592,8 @@ class Session:
         live = self._ready_live("pay")
         core = live.core
         async with live.lock:
+            if live.released:  # handed to another worker while this pay waited
+                raise ProtocolError(ErrorCode.SESSION_REPLACED, "the channel moved")
             before = (core.seq, core.balance, core.sig)
             record = core.receive_payment(
                 msg, now=int(time.time()), tip_height=self.gw.watcher.height

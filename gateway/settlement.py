@@ -29,7 +29,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from gateway.chain.rpc import RpcError, RpcVerifyAlreadyInChain
-from gateway.channels import LiveChannel, settlement_ops, state_op
+from gateway.channels import ChannelReleased, LiveChannel, settlement_ops, state_op
 from gateway.protocol.channel import ServerState
 from gateway.protocol.messages import Closed
 from gateway.protocol.scripts import address_to_script_pubkey
@@ -97,6 +97,8 @@ class Settler:
                     await self.follow(live)
             except RpcError:
                 log.warning("settling %s failed; will retry", live.channel_id, exc_info=True)
+            except ChannelReleased:  # handed to another worker while we waited for it
+                pass
 
     def _follow_due(self, live: LiveChannel) -> bool:
         """Follow a settlement at each new tip, and every ``REFOLLOW_S`` otherwise.
@@ -176,6 +178,8 @@ class Settler:
     async def settle(self, live: LiveChannel, *, reason: str) -> Closed:
         """Settle ``live`` now (idempotent); answer the ``closed`` message."""
         async with live.lock:
+            if live.released:
+                raise ChannelReleased(live.channel_id)
             core = live.core
             if core.state in (ServerState.READY, ServerState.FUNDING):
                 payouts, owner = self.payouts(live)

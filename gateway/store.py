@@ -9,8 +9,9 @@ Theory of operation (the datasette ``database.py`` pattern, DESIGN.md):
   and every waiting future is resolved. A session therefore learns that its
   increment is durable only after the fsync, and sends ``paid`` and the chunk
   it pays for only then (PROTOCOL.md section 7); many sessions share one fsync.
-  The running gateway is the file's only writer (``gateway settle`` asks it
-  over HTTP), so ``BEGIN IMMEDIATE`` on the loop thread does not wait on a lock.
+  The running gateway's workers are the file's only writers (``gateway
+  settle`` asks them over HTTP); ``BEGIN IMMEDIATE`` runs on the writer
+  thread, where waiting for another worker's commit stalls no event loop.
 * Reads use a separate connection on the caller's thread; WAL lets them run
   beside the writer. The hot path never reads before it writes: the sessions
   hold channel state in memory and only write.
@@ -170,17 +171,28 @@ class Store:
         return await request.future
 
     def _begin(self) -> None:
-        """Loop thread: run the queued requests in one transaction, then fsync off-loop.
+        """Take the write lock off-loop, run the batch on the loop, fsync off-loop.
 
-        Statements run here, on the event loop's thread: they touch only
-        SQLite's page cache (microseconds each), while doing them on the
-        writer thread cost two GIL hand-offs per statement — most of a
-        commit's time under load (``gateway bench``). Only ``COMMIT``, the
-        fsync, goes to the writer thread, and the next batch gathers
-        meanwhile.
+        ``BEGIN IMMEDIATE`` runs on the writer thread: with several gateway
+        workers on one file (``--workers``), it waits there for another
+        worker's commit instead of stalling this event loop. The statements
+        then run on the event loop's thread: they touch only SQLite's page
+        cache (microseconds each), while doing them on the writer thread cost
+        two GIL hand-offs per statement, most of a commit's time under load
+        (``gateway bench``). Only ``COMMIT``, the fsync, goes back to the
+        writer thread, and the next batch gathers meanwhile.
         """
         assert self._loop is not None and self._writer is not None
         batch, self._queue = self._queue, []
+        began = self._loop.run_in_executor(self._executor, self._writer.execute, "BEGIN IMMEDIATE")
+        began.add_done_callback(lambda f: self._run_batch(batch, f))
+
+    def _run_batch(self, batch: list[_Request], began: asyncio.Future[Any]) -> None:
+        assert self._loop is not None and self._writer is not None
+        failure = began.exception()
+        if failure is not None:  # no write lock (another writer held it past busy_timeout)
+            self._finish([(request, failure) for request in batch])
+            return
         try:
             results = self._execute(self._writer, batch)
         except sqlite3.Error as exc:  # even the retry could not run: nothing is written
@@ -222,16 +234,14 @@ class Store:
     def _execute(
         conn: sqlite3.Connection, batch: list[_Request]
     ) -> list[tuple[_Request, list[int] | BaseException]]:
-        """BEGIN and every request's statements, leaving the transaction open.
+        """Every request's statements in the open transaction, leaving it open.
 
         First without savepoints (half the statements); if anything fails, the
         whole batch is rolled back and run again with a SAVEPOINT per request,
-        so a failing request fails alone and nothing of it is committed.
+        so a failing request fails alone and nothing of it is committed. (The
+        retry's ``BEGIN IMMEDIATE`` runs here, on the loop: only a failing
+        statement gets here, and it waits at most for one other worker's commit.)
         """
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            return [(request, exc) for request in batch]
         try:
             return [(request, _run_ops(conn, request.ops)) for request in batch]
         except sqlite3.Error as exc:

@@ -481,21 +481,9 @@ async def earnings(gateway: Gateway, q: dict[str, str]) -> dict[str, Any]:
 
 async def channels(gateway: Gateway, q: dict[str, str]) -> dict[str, Any]:
     """The channels the gateway holds live (funding, ready, closing)."""
-    out = []
-    for live in sorted(gateway.channels.values(), key=lambda c: c.row_id):
-        core = live.core
-        out.append(
-            {
-                "channel_id": live.channel_id,
-                "state": core.state.value,
-                "kind": core.kind,
-                "value": core.value,
-                "paid": core.paid,
-                "expiry": core.expiry,
-                "connected": live.session is not None,
-            }
-        )
-    return {"channels": out}
+    held = [item for answer in await gateway.everywhere("channels") for item in answer]
+    held.sort(key=lambda item: item.pop("row_id"))  # opening order, over every worker
+    return {"channels": held}
 
 
 async def settlements(gateway: Gateway, q: dict[str, str]) -> dict[str, Any]:

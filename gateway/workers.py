@@ -1,0 +1,466 @@
+"""Several gateway processes on one port and one store: ``gateway serve --workers N``.
+
+One CPython process tops out near one core (``docs/performance.md``). With
+``--workers N`` a supervisor process runs the embedded node, opens the
+listening socket and starts N worker processes that all accept on it (the
+pre-fork model: the kernel gives each connection to one of them). Each
+worker is a whole :class:`gateway.server.Gateway` with its own event loop,
+store connection (group commit; WAL takes one writer at a time) and
+settlement duty.
+
+Theory of operation:
+
+* **One holder per channel.** A channel's state lives in exactly one worker,
+  its holder. By default that is ``id % N``: a worker allocates channel ids
+  (K2's BIP32 index) ``≡ its index (mod N)``, so the channels it opens are its
+  own and no two workers derive the same key. A ``resume`` that lands on
+  another worker asks the supervisor to *acquire* the channel. The
+  supervisor asks the holder to *release* it. The holder ends the old session
+  (``session_replaced``) and makes the meter durable, then drops the channel
+  and answers. Only then does the new holder load the channel from the store.
+  Every paid satoshi is durable before ``paid`` (PROTOCOL.md section 7), so a
+  hand-over loses nothing. The supervisor keeps the moved channels in
+  memory; after a full restart every channel is back with ``id % N``.
+* **Settlement duty per holder.** A worker settles the channels it holds.
+  A worker that dies is started again with the same index, and it loads the
+  channels it held from the store. A restart settles what is due (restart
+  recovery, section 8). While it is down, the channels it held can be acquired
+  without asking it.
+* **Fan-out.** Operator settlement, ``/api/health`` and the dashboard's channel
+  list ask every worker through the supervisor (:meth:`Supervisor.everywhere`).
+* **Limits.** ``max_sessions_per_ip`` and ``max_unfunded_per_ip`` hold per
+  worker.
+
+Supervisor and workers talk JSON lines over a socketpair (:class:`Link`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import json
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.config import Config
+
+log = logging.getLogger(__name__)
+
+#: Longest line on a link: the dashboard's channel list of one worker.
+LINK_LIMIT = 1 << 26
+#: Longest a holder may take to release a channel before a resume gets ``busy``.
+RELEASE_TIMEOUT_S = 30.0
+#: Longest a worker may take to start (load its channels, settle what is due).
+START_TIMEOUT_S = 120.0
+
+Handler = Callable[[str, dict[str, Any]], Awaitable[Any]]
+
+
+class LinkError(RuntimeError):
+    """The other end answered a request with an error, or the link closed."""
+
+
+class Link:
+    """One end of the supervisor ↔ worker channel: requests and answers, both ways.
+
+    A request is ``{"id": n, "op": ..., "args": {...}}``, its answer ``{"re": n, "ok": value}``
+    or ``{"re": n, "error": text}``. Each request is answered in its own
+    task, so a worker asking the supervisor can be asked something meanwhile.
+    """
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handler: Handler
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self.handler = handler
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.closed = asyncio.Event()
+        self._task = asyncio.create_task(self._read())
+
+    async def request(self, op: str, **args: Any) -> Any:
+        """Ask the other end; raise :class:`LinkError` if it fails or goes away."""
+        if self.closed.is_set():
+            raise LinkError("the link is closed")
+        n = next(self._ids)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[n] = future
+        try:
+            self._write({"id": n, "op": op, "args": args})
+            return await future
+        finally:
+            self._pending.pop(n, None)
+
+    def close(self) -> None:
+        """Close this end (the other end sees EOF)."""
+        self._writer.close()
+
+    def _write(self, message: dict[str, Any]) -> None:
+        self._writer.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+
+    async def _read(self) -> None:
+        try:
+            while line := await self._reader.readline():
+                message = json.loads(line)
+                if "re" in message:
+                    future = self._pending.get(message["re"])
+                    if future is None or future.done():
+                        continue
+                    if "error" in message:
+                        future.set_exception(LinkError(message["error"]))
+                    else:
+                        future.set_result(message["ok"])
+                else:
+                    task = asyncio.create_task(self._answer(message))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+        except (ConnectionError, ValueError) as exc:
+            log.warning("link failed: %s", exc)
+        finally:
+            self.closed.set()
+            for future in self._pending.values():
+                if not future.done():
+                    future.set_exception(LinkError("the link closed"))
+
+    async def _answer(self, message: dict[str, Any]) -> None:
+        try:
+            answer: dict[str, Any] = {"ok": await self.handler(message["op"], message["args"])}
+        except Exception as exc:
+            log.exception("request %s failed", message.get("op"))
+            answer = {"error": f"{type(exc).__name__}: {exc}"}
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            self._write({"re": message["id"], **answer})
+
+
+@dataclass
+class WorkerRole:
+    """What a worker process knows of its place among the workers."""
+
+    index: int
+    count: int
+    link: Link
+    #: Channels (row ids) this worker holds although ``id % count`` differs.
+    extra: set[int] = field(default_factory=set)
+    #: Channels of this worker's residue that another worker holds.
+    away: set[int] = field(default_factory=set)
+
+    def holds_at_start(self, row_id: int) -> bool:
+        """Whether this worker loads channel ``row_id`` when it starts."""
+        if row_id in self.extra:
+            return True
+        return row_id % self.count == self.index and row_id not in self.away
+
+    def first_id_above(self, largest: int) -> int:
+        """The smallest channel id above ``largest`` that is this worker's to allocate."""
+        first = largest + 1
+        return first + (self.index - first) % self.count
+
+
+class Supervisor:
+    """Runs the node, the listening socket and N workers; see the module docstring."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.count = config.workers
+        self.datadir = Path(config.datadir)
+        self.node: Any = None
+        self.network = "regtest"
+        self.port = config.port
+        self.urls: dict[str, str] = {}
+        self._sock: socket.socket | None = None
+        self._worker_config: dict[str, Any] = {}
+        self._links: dict[int, Link] = {}
+        self._procs: dict[int, asyncio.subprocess.Process] = {}
+        self._ready: dict[int, asyncio.Future[None]] = {}
+        self._watchers: set[asyncio.Task[None]] = set()
+        #: row id → worker, for channels held elsewhere than ``id % count``.
+        self.moved: dict[int, int] = {}
+        self._locks: dict[int, asyncio.Lock] = {}
+        self._stopping = False
+        self._started = False
+        self._backoff: dict[int, float] = {}
+
+    async def start(self) -> None:
+        """Prepare what the workers share, then start them all and wait until they serve."""
+        from gateway.chain.rpc import RpcClient
+        from gateway.server import NETWORKS, PATH, operator_address, operator_token
+        from gateway.store import Store
+
+        # The schema, the operator's address and token are made once, here:
+        # N workers doing it at once would race.
+        await Store(self.datadir / "gateway.db").close()
+        config = self.config
+        rpc_url, cookie = config.rpc_url, config.rpc_cookie
+        if rpc_url is None:
+            from gateway.chain.node import EmbeddedNode
+
+            self.node = EmbeddedNode(
+                self.datadir / "node",
+                rpc_port=config.rpc_port,
+                block_interval=config.block_interval,
+            )
+            await self.node.start()
+            rpc_url, cookie = self.node.rpc_url, self.node.cookie_path
+        rpc = RpcClient(
+            rpc_url, cookie_path=cookie, user=config.rpc_user, password=config.rpc_password
+        )
+        try:
+            chain = (await rpc.call("getblockchaininfo"))["chain"]
+            self.network = NETWORKS.get(chain, chain)
+            address = config.operator_address or await operator_address(rpc, self.datadir)
+        finally:
+            await rpc.close()
+        self._sock = socket.create_server((config.host, config.port), backlog=4096)
+        self.port = self._sock.getsockname()[1]
+        worker = dataclasses.replace(
+            config,
+            rpc_url=rpc_url,
+            rpc_cookie=cookie,
+            port=self.port,
+            operator_address=address,
+            operator_token=config.operator_token or operator_token(self.datadir),
+        )
+        settings = json.loads(json.dumps(dataclasses.asdict(worker), default=str))
+        # None is each optional setting's default, and not a value a config file can hold.
+        self._worker_config = {k: v for k, v in settings.items() if v is not None}
+        host = config.host
+        self.urls = {"ws": f"ws://{host}:{self.port}{PATH}", "web": f"http://{host}:{self.port}/"}
+        if self.node is not None:
+            self.urls["rpc"] = self.node.rpc_url
+            self.urls["cookie"] = str(self.node.cookie_path)
+        try:
+            for index in range(self.count):
+                await self._spawn(index)
+            await asyncio.gather(*self._ready.values())
+            self._started = True
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        """Stop every worker (SIGTERM: each finishes its sessions' writes), then the node."""
+        self._stopping = True
+        for proc in self._procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        for proc in list(self._procs.values()):
+            try:
+                await asyncio.wait_for(proc.wait(), 30)
+            except TimeoutError:
+                log.warning("worker %d did not stop; killing it", proc.pid)
+                proc.kill()
+                await proc.wait()
+        for task in self._watchers:
+            task.cancel()
+        if self._sock is not None:
+            self._sock.close()
+        if self.node is not None:
+            await self.node.stop()
+
+    async def _spawn(self, index: int) -> None:
+        assert self._sock is not None
+        ours, theirs = socket.socketpair()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gateway.workers",
+            str(theirs.fileno()),
+            pass_fds=(self._sock.fileno(), theirs.fileno()),
+        )
+        theirs.close()
+        if self._stopping:  # a restart raced the shutdown
+            proc.terminate()
+        reader, writer = await asyncio.open_unix_connection(sock=ours, limit=LINK_LIMIT)
+        start = {
+            "config": self._worker_config,
+            "index": index,
+            "count": self.count,
+            "listen_fd": self._sock.fileno(),
+            "extra": sorted(i for i, w in self.moved.items() if w == index),
+            "away": sorted(i for i, w in self.moved.items() if i % self.count == index),
+            "log_level": logging.getLogger().level,
+        }
+        # The first line, before the link starts reading: the worker's settings.
+        writer.write(json.dumps(start).encode() + b"\n")
+
+        async def handle(op: str, args: dict[str, Any]) -> Any:
+            return await self._handle(index, op, args)
+
+        self._links[index] = Link(reader, writer, handle)
+        self._procs[index] = proc
+        self._ready[index] = asyncio.get_running_loop().create_future()
+        watcher = asyncio.create_task(self._watch(index, proc))
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
+
+    async def _watch(self, index: int, proc: asyncio.subprocess.Process) -> None:
+        """Start a worker again when it dies (its channels wait in the store)."""
+        born = asyncio.get_running_loop().time()
+        code = await proc.wait()
+        link = self._links.pop(index, None)
+        if link is not None:
+            link.close()
+        if not self._started:  # the first start failed: `gateway serve` fails
+            ready = self._ready[index]
+            if not ready.done():
+                ready.set_exception(RuntimeError(f"worker {index} exited with {code} at start"))
+            return
+        if self._stopping:
+            return
+        # A worker that dies at once (say, a full disk) is retried less often.
+        lived = asyncio.get_running_loop().time() - born
+        self._backoff[index] = 0.5 if lived > 10 else min(2 * self._backoff.get(index, 0.25), 10)
+        log.warning(
+            "worker %d exited with %s; starting it again in %.1f s",
+            index,
+            code,
+            self._backoff[index],
+        )
+        await asyncio.sleep(self._backoff[index])
+        if not self._stopping:
+            await self._spawn(index)
+
+    async def _handle(self, index: int, op: str, args: dict[str, Any]) -> Any:
+        if op == "ready":
+            self._ready[index].set_result(None)
+            return True
+        if op == "acquire":
+            return await self.acquire(index, int(args["row"]))
+        if op == "everywhere":
+            return await self.everywhere(args["what"], args["args"])
+        raise ValueError(f"unknown request {op!r}")
+
+    async def acquire(self, index: int, row_id: int) -> bool:
+        """Make worker ``index`` the holder of channel ``row_id``.
+
+        False: the holder kept it because it is closing (the store says so).
+        Raises :class:`LinkError` if the holder is alive and does not answer.
+        """
+        lock = self._locks.setdefault(row_id, asyncio.Lock())
+        async with lock:
+            holder = self.moved.get(row_id, row_id % self.count)
+            if holder != index:
+                link = self._links.get(holder)
+                if link is not None:  # alive: it must release first
+                    try:
+                        released = await asyncio.wait_for(
+                            link.request("release", row=row_id), RELEASE_TIMEOUT_S
+                        )
+                    except TimeoutError:
+                        raise LinkError(f"worker {holder} did not release in time") from None
+                    except LinkError:
+                        if holder in self._links:  # still alive: it failed to release
+                            raise
+                        released = True  # it died: it holds nothing now
+                    if not released:
+                        return False
+                # A dead holder holds nothing; its restart reads `moved`.
+                if row_id % self.count == index:
+                    self.moved.pop(row_id, None)
+                else:
+                    self.moved[row_id] = index
+        if not lock.locked():
+            self._locks.pop(row_id, None)
+        return True
+
+    async def everywhere(self, what: str, args: dict[str, Any]) -> list[Any]:
+        """Ask every running worker ``what``; the answers of those that answered."""
+        answers = await asyncio.gather(
+            *(link.request(what, **args) for link in list(self._links.values())),
+            return_exceptions=True,
+        )
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                log.warning("a worker did not answer %s: %s", what, answer)
+        return [a for a in answers if not isinstance(a, BaseException)]
+
+
+async def run_supervisor(config: Config) -> None:
+    """``gateway serve --workers N``: run until SIGINT/SIGTERM; print where to connect."""
+    from gateway.server import announce
+
+    supervisor = Supervisor(config)
+    await supervisor.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    announce(supervisor.network, supervisor.urls, supervisor.datadir, workers=supervisor.count)
+    try:
+        await stop.wait()
+    finally:
+        await supervisor.stop()
+
+
+async def _work(link_fd: int) -> None:
+    """A worker process: read its settings from the link, serve until told to stop."""
+    from gateway.server import Gateway, tune_gc
+
+    sock = socket.socket(fileno=link_fd)
+    reader, writer = await asyncio.open_unix_connection(sock=sock, limit=LINK_LIMIT)
+    start = json.loads(await reader.readline())
+    logging.basicConfig(
+        level=start["log_level"],
+        format=f"%(asctime)s %(levelname)s worker-{start['index']} %(name)s: %(message)s",
+    )
+    config = Config()
+    config.update(start["config"])
+    gateway: Gateway | None = None
+    started = asyncio.Event()
+
+    async def handle(op: str, args: dict[str, Any]) -> Any:
+        # A release must wait until this worker has loaded what it holds.
+        await started.wait()
+        assert gateway is not None
+        return await gateway.answer(op, args)
+
+    link = Link(reader, writer, handle)
+    role = WorkerRole(
+        index=start["index"],
+        count=start["count"],
+        link=link,
+        extra=set(start["extra"]),
+        away=set(start["away"]),
+    )
+    gateway = Gateway(config, worker=role)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await gateway.start(sock=socket.socket(fileno=start["listen_fd"]))
+    started.set()
+    tune_gc()
+    await link.request("ready")
+    try:
+        # A supervisor that is gone cannot restart or hand over: stop too.
+        waits = [asyncio.ensure_future(link.closed.wait()), asyncio.ensure_future(stop.wait())]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for wait in waits:
+            wait.cancel()
+    finally:
+        await gateway.stop()
+        link.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of a worker process (``python -m gateway.workers LINK_FD``)."""
+    import uvloop
+
+    args = sys.argv[1:] if argv is None else argv
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_work(int(args[0])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""``gateway serve --workers N``: worker processes on one port and one store.
+
+Real parts throughout: the supervisor runs in the test's loop with its
+embedded node; the workers are real processes accepting on the shared
+socket; viewers are real WebSocket clients paying real increments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import coincurve
+import pytest
+from conftest_gateway import Viewer, gateway_config
+
+from gateway.chain.rpc import RpcClient
+from gateway.protocol.channel import resume_digest
+from gateway.protocol.errors import ErrorCode
+from gateway.protocol.messages import Closed, Error, Ready, Resume
+from gateway.protocol.signatures import sign_digest
+from gateway.workers import Supervisor, WorkerRole
+
+
+def test_each_worker_allocates_its_own_residue_of_channel_ids():
+    roles = [WorkerRole(index=i, count=3, link=None) for i in range(3)]  # type: ignore[arg-type]
+    firsts = [role.first_id_above(10) for role in roles]
+    assert firsts == [12, 13, 11]
+    assert all(f % 3 == i and f > 10 for i, f in enumerate(firsts))
+    moved = WorkerRole(index=1, count=3, link=None, extra={6}, away={4})  # type: ignore[arg-type]
+    assert [i for i in range(1, 11) if moved.holds_at_start(i)] == [1, 6, 7, 10]
+
+
+@pytest.fixture
+async def supervisor(tmp_path: Path, media_copy: Path) -> AsyncIterator[Supervisor]:
+    """Two workers and the supervisor's embedded node; a long resume grace."""
+    config = gateway_config(tmp_path, media_copy, resume_grace_s=60)
+    config.workers = 2
+    sup = Supervisor(config)
+    await sup.start()
+    try:
+        yield sup
+    finally:
+        await sup.stop()
+
+
+def _rpc(sup: Supervisor) -> RpcClient:
+    return RpcClient(sup.node.rpc_url, cookie_path=sup.node.cookie_path)
+
+
+def worker_of(viewer: Viewer) -> int:
+    """Which worker accepted the viewer's connection (``X-Paystream-Worker``)."""
+    return int(viewer.ws.response.headers["X-Paystream-Worker"])
+
+
+async def connect_on(url: str, rpc: RpcClient, worker: int) -> Viewer:
+    """A viewer whose connection the kernel gave to ``worker`` (reconnect until so)."""
+    for _ in range(200):
+        viewer = Viewer(url, rpc)
+        await viewer.connect()
+        if worker_of(viewer) == worker:
+            return viewer
+        await viewer.disconnect()
+    raise AssertionError(f"no connection landed on worker {worker}")
+
+
+def _rows(sup: Supervisor) -> list[sqlite3.Row]:
+    conn = sqlite3.connect(sup.datadir / "gateway.db")
+    conn.row_factory = sqlite3.Row
+    try:
+        return conn.execute("SELECT * FROM channels WHERE channel_id IS NOT NULL").fetchall()
+    finally:
+        conn.close()
+
+
+async def test_a_resume_on_another_worker_takes_the_channel_over(supervisor):
+    sup = supervisor
+    url = f"ws://127.0.0.1:{sup.port}/paystream/1"
+    rpc = _rpc(sup)
+    first = await connect_on(url, rpc, 0)
+    await first.open_and_fund()
+    await first.play_and_pay("clip", chunks=6)
+    channel = first.channel
+    paid_before = channel.paid
+    assert paid_before > 0
+    (row,) = _rows(sup)
+    assert row["id"] % 2 == 0  # worker 0 allocates even ids (K2's BIP32 index)
+
+    # A bad proof on the other worker does not take the channel from its session.
+    thief = await connect_on(url, rpc, 1)
+    cid = channel.outpoint.channel_id
+    wrong_key = coincurve.PrivateKey().secret
+    await thief.send(
+        Resume(channel_id=cid, proof=sign_digest(wrong_key, resume_digest(cid, thief.hello.nonce)))
+    )
+    assert (await thief.expect(Error)).code == ErrorCode.BAD_SIGNATURE.value
+
+    second = await connect_on(url, rpc, 1)
+    second.key = first.key
+    second.channel = channel
+    await second.send(channel.resume(second.hello))
+    ready = await second.expect(Ready)
+    assert ready.paid == paid_before
+    channel.on_ready(ready)
+    replaced = await first.expect(Error)
+    assert replaced.code == ErrorCode.SESSION_REPLACED.value
+
+    # The new holder bills on from the stored meter: the free allowance is used up.
+    stream = await second.play_and_pay("clip")
+    assert stream.free_used_ms == stream.free_ms
+    assert channel.paid > paid_before
+    closed = await second.close_channel()
+    assert closed.paid == channel.paid and closed.txid is not None
+    (row,) = _rows(sup)
+    assert row["settle_txid"] == closed.txid
+    assert row["value"] - row["balance"] == channel.paid
+    await rpc.close()
+
+
+async def test_a_killed_worker_is_started_again_and_nothing_paid_is_lost(supervisor):
+    sup = supervisor
+    url = f"ws://127.0.0.1:{sup.port}/paystream/1"
+    rpc = _rpc(sup)
+    viewer = await connect_on(url, rpc, 1)
+    await viewer.open_and_fund()
+    await viewer.play_and_pay("clip", chunks=5)
+    channel = viewer.channel
+    paid = channel.paid
+    old_pid = sup._procs[1].pid
+    os.kill(old_pid, signal.SIGKILL)  # mid-session: no clean-up at all
+    for _ in range(200):
+        proc = sup._procs.get(1)
+        if proc is not None and proc.pid != old_pid and sup._ready[1].done():
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("worker 1 was not started again")
+
+    # Whichever worker the resume lands on, the channel continues where it was.
+    again = Viewer(url, rpc)
+    again.key = viewer.key
+    again.channel = channel
+    await again.connect()
+    await again.send(channel.resume(again.hello))
+    ready = await again.expect(Ready)
+    assert ready.paid == paid
+    channel.on_ready(ready)
+    await again.play_and_pay("clip", chunks=2)
+    closed = await again.close_channel()
+    assert closed.paid == channel.paid > paid and closed.txid is not None
+    await rpc.close()
+
+
+def _get(url: str, token: str | None = None) -> Any:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as r:
+        return json.load(r)
+
+
+async def test_serve_with_workers_from_the_cli(tmp_path: Path, media_copy: Path):
+    """`gateway serve --workers 2`: health and operator settlement cover every worker."""
+    datadir = tmp_path / "gw"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "serve", "--workers", "2", "--datadir",
+         str(datadir), "--media", str(media_copy), "--port", "0", "--rpc-port", "0",
+         "--block-interval", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        info_path = datadir / "gateway.json"
+        for _ in range(600):
+            if info_path.exists() or proc.poll() is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert info_path.exists(), proc.stdout.read().decode() if proc.poll() is not None else ""
+        info = json.loads(info_path.read_text())
+        rpc = RpcClient(info["rpc"], cookie_path=Path(info["cookie"]))
+        viewers = [await connect_on(info["ws"], rpc, w) for w in (0, 1)]
+        for viewer in viewers:
+            await viewer.open_and_fund()
+            await viewer.play_and_pay("clip", chunks=5)
+        health = await asyncio.to_thread(_get, info["web"] + "api/health")
+        assert (health["workers"], health["channels"], health["sessions"]) == (2, 2, 2)
+        token = (datadir / "operator-token").read_text().strip()
+        listed = await asyncio.to_thread(_get, info["web"] + "api/dashboard/channels", token)
+        ids = {v.channel.outpoint.channel_id for v in viewers}
+        assert {c["channel_id"] for c in listed["channels"]} == ids
+
+        out = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "gateway.cli", "settle", "--datadir", str(datadir)],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        assert all(cid in out.stdout for cid in ids)
+        for viewer in viewers:  # each holder told its own session
+            closed = await viewer.expect(Closed)
+            assert closed.txid is not None
+        await rpc.close()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
