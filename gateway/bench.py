@@ -104,6 +104,7 @@ class BenchOptions:
     pin: bool = True
     close_concurrency: int = 256
     workdir: Path | None = None
+    workers: int = 1
 
 
 # -- the CLI -----------------------------------------------------------------------
@@ -141,6 +142,8 @@ def register_cli(sub: Any) -> None:
                         help="load-generator processes sharing the viewers (default 1)")
     parser.add_argument("--presign", type=int, default=0, metavar="P",
                         help="increments each viewer signs ahead (default: enough for the run)")
+    parser.add_argument("--workers", type=int, default=1, metavar="W",
+                        help="gateway processes (gateway serve --workers; default 1)")
     parser.add_argument("--no-pin", dest="pin", action="store_false",
                         help="do not pin the gateway to CPU 0 and the load to the others")
     parser.add_argument("--close-concurrency", type=int, default=256, metavar="C",
@@ -175,6 +178,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         pin=args.pin,
         close_concurrency=args.close_concurrency,
         workdir=args.workdir,
+        workers=args.workers,
     )
     checks = [
         (opts.viewers >= 1, "--viewers must be at least 1"),
@@ -186,6 +190,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         (1 <= opts.clients <= opts.viewers, "--clients must be between 1 and --viewers"),
         (opts.presign >= 0, "--presign must be >= 0"),
         (opts.close_concurrency >= 1, "--close-concurrency must be at least 1"),
+        (1 <= opts.workers <= 64, "--workers must be between 1 and 64"),
     ]
     for ok, message in checks:
         if not ok:
@@ -268,6 +273,30 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its running children (a supervisor's gateway workers)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # exited meanwhile
+            continue
+        if int(text[text.rindex(")") + 2 :].split()[1]) == pid:
+            children.append(int(stat.parent.name))
+    return [pid, *children]
+
+
+def tree_cpu_seconds(pids: list[int]) -> float:
+    """:func:`cpu_seconds` summed over ``pids`` (those still running)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            total += cpu_seconds(pid)
+        except OSError:
+            continue
+    return total
+
+
 def steal_seconds() -> float:
     """CPU seconds the hypervisor gave to others, all cores (``/proc/stat`` ``steal``)."""
     for line in Path("/proc/stat").read_text().splitlines():
@@ -277,11 +306,15 @@ def steal_seconds() -> float:
 
 
 def rss_bytes(pid: int) -> int:
-    """Resident set size of ``pid`` (``VmRSS`` in ``/proc/PID/status``)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    """Resident set size of ``pid`` and its children (``VmRSS``, ``/proc/PID/status``)."""
+    total = 0
+    for one in process_tree(pid):
+        try:
+            lines = Path(f"/proc/{one}/status").read_text().splitlines()
+        except OSError:
+            continue
+        total += next((int(x.split()[1]) * 1024 for x in lines if x.startswith("VmRSS:")), 0)
+    return total
 
 
 def percentiles(samples: list[float]) -> dict[str, float | int | None]:
@@ -381,12 +414,13 @@ def _health(web: str) -> dict[str, Any]:
         return result
 
 
-def _cpu_split(pin: bool) -> tuple[set[int] | None, set[int] | None]:
-    """(gateway CPUs, everything else) — or no pinning on one core / ``--no-pin``."""
+def _cpu_split(pin: bool, workers: int) -> tuple[set[int] | None, set[int] | None]:
+    """(gateway CPUs, everything else): a core per gateway worker and one core left
+    for the rest, or no pinning (``--no-pin``, or too few cores for that)."""
     cpus = sorted(os.sched_getaffinity(0))
-    if not pin or len(cpus) < 2:
+    if not pin or len(cpus) < workers + 1:
         return None, None
-    return {cpus[0]}, set(cpus[1:])
+    return set(cpus[:workers]), set(cpus[workers:])
 
 
 class _LoadGen:
@@ -471,7 +505,7 @@ async def _run(
 ) -> dict[str, Any]:
     from gateway.chain.rpc import RpcClient
 
-    gw_cpus, other_cpus = _cpu_split(opts.pin)
+    gw_cpus, other_cpus = _cpu_split(opts.pin, opts.workers)
     if other_cpus:
         os.sched_setaffinity(0, other_cpus)
     presign = opts.presign or _presign_count(opts)
@@ -503,7 +537,7 @@ async def _run(
     gw_log = workdir / "gateway.log"
     gateway = _spawn(
         [*GATEWAY, "serve", "--datadir", str(gw_dir), "--port", "0", "--media", str(media),
-         "--rpc-url", rpc_url, "--rpc-cookie", str(cookie)],
+         "--rpc-url", rpc_url, "--rpc-cookie", str(cookie), "--workers", str(opts.workers)],
         gw_log, gw_cpus,
     )
     procs.append(gateway)
@@ -559,10 +593,11 @@ async def _run(
     for lg in loadgens:
         await lg.send({"cmd": "go", "start": start, "window": list(window)})
     await asyncio.sleep(max(0.0, window[0] - time.monotonic()))
-    cpu0, node_cpu0, wall0 = cpu_seconds(gateway.pid), cpu_seconds(node.pid), time.monotonic()
+    gateway_pids = process_tree(gateway.pid)  # the supervisor and its workers
+    cpu0, node_cpu0, wall0 = tree_cpu_seconds(gateway_pids), cpu_seconds(node.pid), time.monotonic()
     lg_cpu0, steal0 = sum(cpu_seconds(lg.proc.pid) for lg in loadgens), steal_seconds()
     await asyncio.sleep(max(0.0, window[1] - time.monotonic()))
-    cpu1, node_cpu1, wall1 = cpu_seconds(gateway.pid), cpu_seconds(node.pid), time.monotonic()
+    cpu1, node_cpu1, wall1 = tree_cpu_seconds(gateway_pids), cpu_seconds(node.pid), time.monotonic()
     lg_cpu1, steal1 = sum(cpu_seconds(lg.proc.pid) for lg in loadgens), steal_seconds()
     rss_run = rss_bytes(gateway.pid)
     dones = await asyncio.gather(*(lg.expect("done", 120) for lg in loadgens))
@@ -615,6 +650,7 @@ async def _run(
         "chunk_ms": opts.chunk_ms,
         "rate_sat_per_s": opts.rate_msat / 1000,
         "load_generators": opts.clients,
+        "gateway_workers": opts.workers,
         "cpu_split": {
             "cores": os.cpu_count(),
             "gateway": sorted(gw_cpus) if gw_cpus else "any",
@@ -678,7 +714,8 @@ def format_table(r: dict[str, Any]) -> str:
         ("mode", f"{r['mode']}: {r['viewers']} viewers, {r['seconds']:g} s, "
                  f"{r['chunk_bytes']} B / {r['chunk_ms']} ms chunks, "
                  f"{r['rate_sat_per_s']:g} sat/s"),
-        ("cpu split", f"{split['cores']} cores: gateway on {split['gateway']}, load generators "
+        ("cpu split", f"{split['cores']} cores: gateway ({r['gateway_workers']} worker(s)) on "
+                      f"{split['gateway']}, load generators "
                       f"({r['load_generators']}), node and coordinator on "
                       f"{split['load_node_coordinator']}"),
         ("paid chunks/s", f"{r['paid_chunks_per_s']:,.1f}  ({r['media_mbit_per_s']} Mbit/s)"),

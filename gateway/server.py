@@ -439,7 +439,12 @@ class Gateway:
             except KeyError:
                 return None
         if what == "stats":
-            return {"channels": len(self.channels), "sessions": sum(self.sessions.values())}
+            return {
+                "channels": len(self.channels),
+                "sessions": sum(self.sessions.values()),
+                "commits": self.store.commits,
+                "requests": self.store.requests,
+            }
         if what == "channels":
             return [live.summary() for live in self.channels.values()]
         raise ValueError(f"unknown request {what!r}")
@@ -454,7 +459,10 @@ class Gateway:
             "channels": sum(s["channels"] for s in stats),
             "sessions": sum(s["sessions"] for s in stats),
             "workers": self.worker.count if self.worker else 1,
-            "store": {"commits": self.store.commits, "requests": self.store.requests},
+            "store": {
+                "commits": sum(s["commits"] for s in stats),
+                "requests": sum(s["requests"] for s in stats),
+            },
         }
 
     def _tag_response(

@@ -70,6 +70,14 @@ def test_two_load_generators_share_the_viewers_and_the_wallet(
     _check_common(r, 6)
 
 
+def test_gateway_workers_are_measured_together(capsys: pytest.CaptureFixture[str]) -> None:
+    r = _run(capsys, "--viewers", "6", "--workers", "2", "--seconds", "1", "--warmup", "0.3")
+    assert r["gateway_workers"] == 2
+    _check_common(r, 6)
+    # The supervisor and two workers: three interpreters resident, not one.
+    assert r["gateway"]["rss_idle_mb"] > 60
+
+
 def test_paced_mode_reports_lateness(capsys: pytest.CaptureFixture[str]) -> None:
     r = _run(capsys, "--paced", "--viewers", "3", "--seconds", "1", "--warmup", "0.3",
              "--chunk-ms", "100", "--chunk-bytes", "2000", "--rate", "1000")
@@ -90,6 +98,7 @@ def test_paced_mode_reports_lateness(capsys: pytest.CaptureFixture[str]) -> None
         (["--rate", "abc"], "--rate"),
         (["--chunk-ms", "0"], "--chunk-ms"),
         (["--viewers", "2", "--clients", "3"], "--clients"),
+        (["--workers", "0"], "--workers must be between 1 and 64"),
     ],
 )
 def test_bad_flags_are_one_line_errors(
