@@ -10,8 +10,8 @@ Theory of operation (the datasette ``database.py`` pattern, DESIGN.md):
   increment is durable only after the fsync, and sends ``paid`` and the chunk
   it pays for only then (PROTOCOL.md section 7); many sessions share one fsync.
   The running gateway's workers are the file's only writers (``gateway
-  settle`` asks them over HTTP); ``BEGIN IMMEDIATE`` runs on the writer
-  thread, where waiting for another worker's commit stalls no event loop.
+  settle`` asks them over HTTP); a batch that finds another worker's write
+  lock waits for it on the writer thread, never on the event loop.
 * Reads use a separate connection on the caller's thread; WAL lets them run
   beside the writer. The hot path never reads before it writes: the sessions
   hold channel state in memory and only write.
@@ -71,6 +71,12 @@ _CHANNELS = {
 class _Request:
     ops: list[Op]
     future: asyncio.Future[list[int]]
+
+
+#: Each request with its statements' rowids, or the error that undid it.
+_Results = list[tuple[_Request, list[int] | BaseException]]
+#: How long a worker's writer thread waits for another worker's commit.
+LOCK_WAIT_MS = 5000
 
 
 def connect(path: Path | str) -> sqlite3.Connection:
@@ -138,6 +144,8 @@ class Store:
         """Open the write connection (call once, from the event loop)."""
         self._loop = asyncio.get_running_loop()
         self._writer = connect(self.path)
+        # Never sleep on the event loop for another worker's lock (see _begin).
+        self._writer.execute("PRAGMA busy_timeout = 0")
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -171,55 +179,81 @@ class Store:
         return await request.future
 
     def _begin(self) -> None:
-        """Take the write lock off-loop, run the batch on the loop, fsync off-loop.
+        """Loop thread: run the queued requests in one transaction, then fsync off-loop.
 
-        ``BEGIN IMMEDIATE`` runs on the writer thread: with several gateway
-        workers on one file (``--workers``), it waits there for another
-        worker's commit instead of stalling this event loop. The statements
-        then run on the event loop's thread: they touch only SQLite's page
-        cache (microseconds each), while doing them on the writer thread cost
-        two GIL hand-offs per statement, most of a commit's time under load
-        (``gateway bench``). Only ``COMMIT``, the fsync, goes back to the
-        writer thread, and the next batch gathers meanwhile.
+        Statements run here, on the event loop's thread: they touch only
+        SQLite's page cache (microseconds each), while doing them on the
+        writer thread cost two GIL hand-offs per statement, most of a
+        commit's time under load (``gateway bench``). Only ``COMMIT``, the
+        fsync, goes to the writer thread, and the next batch gathers
+        meanwhile.
+
+        With several gateway workers on one file (``--workers``) another
+        worker may hold the write lock. The writer's ``busy_timeout`` is 0, so
+        ``BEGIN IMMEDIATE`` fails at once instead of sleeping on the loop, and
+        the whole batch then runs on the writer thread (:meth:`_locked_batch`).
+        Holding the lock across a hop back to a busy loop would make the other
+        worker wait that long too.
         """
         assert self._loop is not None and self._writer is not None
         batch, self._queue = self._queue, []
-        began = self._loop.run_in_executor(self._executor, self._writer.execute, "BEGIN IMMEDIATE")
-        began.add_done_callback(lambda f: self._run_batch(batch, f))
-
-    def _run_batch(self, batch: list[_Request], began: asyncio.Future[Any]) -> None:
-        assert self._loop is not None and self._writer is not None
-        failure = began.exception()
-        if failure is not None:  # no write lock (another writer held it past busy_timeout)
-            self._finish([(request, failure) for request in batch])
-            return
         try:
-            results = self._execute(self._writer, batch)
-        except sqlite3.Error as exc:  # even the retry could not run: nothing is written
-            if self._writer.in_transaction:
-                self._writer.execute("ROLLBACK")
-            results = [(request, exc) for request in batch]
+            self._writer.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError:  # locked: wait for it beside the loop
+            done = self._loop.run_in_executor(self._executor, self._locked_batch, batch)
+            done.add_done_callback(lambda f: self._committed(batch, f))
+            return
+        results = self._run_batch(batch)
         if not self._writer.in_transaction:  # nothing left to commit (all failed)
             self._finish(results)
             return
-        done = self._loop.run_in_executor(self._executor, self._writer.execute, "COMMIT")
-        done.add_done_callback(lambda f: self._committed(results, f))
+        done = self._loop.run_in_executor(self._executor, self._commit, results)
+        done.add_done_callback(lambda f: self._committed(batch, f))
 
-    def _committed(
-        self, results: list[tuple[_Request, list[int] | BaseException]], done: asyncio.Future[Any]
-    ) -> None:
+    def _run_batch(self, batch: list[_Request]) -> _Results:
+        """The batch's statements; rolled back whole if no request succeeded."""
+        assert self._writer is not None
+        try:
+            results = self._execute(self._writer, batch)
+        except sqlite3.Error as exc:  # even the retry could not run: nothing is written
+            results = [(request, exc) for request in batch]
+        failed = all(isinstance(outcome, BaseException) for _, outcome in results)
+        if failed and self._writer.in_transaction:
+            self._writer.execute("ROLLBACK")
+        return results
+
+    def _commit(self, results: _Results) -> _Results:
+        """Writer thread: the fsync."""
+        assert self._writer is not None
+        self._writer.execute("COMMIT")
+        return results
+
+    def _locked_batch(self, batch: list[_Request]) -> _Results:
+        """Writer thread: wait for the write lock, then the batch and its commit."""
+        assert self._writer is not None
+        self._writer.execute(f"PRAGMA busy_timeout = {LOCK_WAIT_MS}")
+        try:
+            self._writer.execute("BEGIN IMMEDIATE")
+            results = self._run_batch(batch)
+        finally:
+            self._writer.execute("PRAGMA busy_timeout = 0")
+        return self._commit(results) if self._writer.in_transaction else results
+
+    def _committed(self, batch: list[_Request], done: asyncio.Future[_Results]) -> None:
         exc = done.exception()
-        if exc is not None:
-            # The commit failed (disk full, I/O error): nothing is durable, so
-            # every waiter learns it and nothing paid is released.
+        if exc is None:
+            results = done.result()
+        else:
+            # No lock, or the commit failed (disk full, I/O error): nothing is
+            # durable, so every waiter learns it and nothing paid is released.
             assert self._writer is not None
             if self._writer.in_transaction:
                 self._writer.execute("ROLLBACK")
-            results = [(request, exc) for request, _ in results]
+            results = [(request, exc) for request in batch]
         self.commits += 1
         self._finish(results)
 
-    def _finish(self, results: list[tuple[_Request, list[int] | BaseException]]) -> None:
+    def _finish(self, results: _Results) -> None:
         self.requests += len(results)
         for request, outcome in results:
             _resolve(request.future, outcome)
@@ -231,25 +265,27 @@ class Store:
             self._idle.set()
 
     @staticmethod
-    def _execute(
-        conn: sqlite3.Connection, batch: list[_Request]
-    ) -> list[tuple[_Request, list[int] | BaseException]]:
+    def _execute(conn: sqlite3.Connection, batch: list[_Request]) -> _Results:
         """Every request's statements in the open transaction, leaving it open.
 
-        First without savepoints (half the statements); if anything fails, the
-        whole batch is rolled back and run again with a SAVEPOINT per request,
-        so a failing request fails alone and nothing of it is committed. (The
-        retry's ``BEGIN IMMEDIATE`` runs here, on the loop: only a failing
-        statement gets here, and it waits at most for one other worker's commit.)
+        First all at once (a savepoint around the batch, not one per request);
+        if anything fails, the batch is rolled back to that savepoint and run
+        again with a savepoint per request, so a failing request fails alone
+        and nothing of it is committed. The transaction, and so the write
+        lock, is kept throughout: no other worker can slip in between.
         """
+        conn.execute("SAVEPOINT batch")
         try:
-            return [(request, _run_ops(conn, request.ops)) for request in batch]
+            results: _Results = [(request, _run_ops(conn, request.ops)) for request in batch]
         except sqlite3.Error as exc:
-            conn.execute("ROLLBACK")
+            conn.execute("ROLLBACK TO batch")
+            conn.execute("RELEASE batch")
             if len(batch) == 1:  # the one request is the one that failed
                 return [(batch[0], exc)]
-        conn.execute("BEGIN IMMEDIATE")
-        results: list[tuple[_Request, list[int] | BaseException]] = []
+        else:
+            conn.execute("RELEASE batch")
+            return results
+        results = []
         for request in batch:
             conn.execute("SAVEPOINT req")
             try:

@@ -54,3 +54,43 @@ async def test_settings_are_wal_and_full_sync(tmp_path):
     assert store.read("PRAGMA journal_mode")[0][0] == "wal"
     assert store.read("PRAGMA synchronous")[0][0] == 2  # FULL
     await store.close()
+
+
+async def test_another_writer_s_lock_is_waited_for_beside_the_loop(tmp_path):
+    """A gateway worker (``--workers``) finds another worker's write lock held."""
+    path = tmp_path / "s.db"
+    store = Store(path)
+    await store.start()
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    other.execute("INSERT INTO channels(kind, state) VALUES ('cltv', 'other')")
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    ticker = asyncio.create_task(tick())
+    writes = asyncio.gather(*(store.write([_insert()]) for _ in range(20)))
+    await asyncio.sleep(0.3)
+    assert not writes.done()
+    assert ticks >= 15  # the loop ran on while the writes waited for the lock
+    other.execute("COMMIT")
+    results = await asyncio.wait_for(writes, 10)
+    ticker.cancel()
+    assert len({r[0] for r in results}) == 20
+    states = [r["state"] for r in store.read("SELECT state FROM channels ORDER BY id")]
+    assert states == ["other"] + ["open"] * 20
+    # A failing request that waited for the lock still fails alone.
+    other.execute("BEGIN IMMEDIATE")
+    good = asyncio.ensure_future(store.write([_insert()]))
+    bad = asyncio.ensure_future(store.write([("INSERT INTO channels(kind) VALUES (NULL)", ())]))
+    await asyncio.sleep(0.05)
+    assert not good.done()
+    other.execute("COMMIT")
+    (rowid,), outcome = await asyncio.gather(good, bad, return_exceptions=True)
+    assert isinstance(outcome, sqlite3.IntegrityError) and rowid == 22
+    other.close()
+    await store.close()
