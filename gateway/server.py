@@ -5,6 +5,9 @@ Start order (and reverse stop order): store → master key → chain (embedded
 node unless ``rpc_url`` names a bitcoind) → chain watcher → catalog →
 channels reloaded from the store → settlement duty (which settles at once
 what is due: restart recovery, PROTOCOL.md section 8) → WebSocket server.
+
+With ``gateway serve --workers N`` each of N processes runs one of these on a
+shared socket, holding its own share of the channels (gateway/workers.py).
 """
 
 from __future__ import annotations
@@ -440,6 +443,7 @@ class Gateway:
                 return None
         if what == "stats":
             return {
+                "worker": self.worker.index if self.worker else 0,
                 "channels": len(self.channels),
                 "sessions": sum(self.sessions.values()),
                 "commits": self.store.commits,
@@ -458,7 +462,10 @@ class Gateway:
             "height": self.watcher.height,
             "channels": sum(s["channels"] for s in stats),
             "sessions": sum(s["sessions"] for s in stats),
-            "workers": self.worker.count if self.worker else 1,
+            "workers": sorted(
+                ({k: s[k] for k in ("worker", "channels", "sessions")} for s in stats),
+                key=lambda s: s["worker"],
+            ),
             "store": {
                 "commits": sum(s["commits"] for s in stats),
                 "requests": sum(s["requests"] for s in stats),

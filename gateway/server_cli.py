@@ -109,7 +109,7 @@ def load_config(args: argparse.Namespace) -> Config:
 def _serve(args: argparse.Namespace) -> int:
     from gateway.cli import CliError
     from gateway.server import run_gateway
-    from gateway.workers import run_supervisor
+    from gateway.workers import WorkerStartError, run_supervisor
 
     config = load_config(args)
     logging.basicConfig(
@@ -125,6 +125,8 @@ def _serve(args: argparse.Namespace) -> int:
             runner.run(run_supervisor(config) if config.workers > 1 else run_gateway(config))
     except OSError as exc:
         raise CliError(f"cannot start: {exc.strerror or exc}") from None
+    except WorkerStartError as exc:
+        raise CliError(f"cannot start: {exc}") from None
     return 0
 
 

@@ -22,6 +22,8 @@ Theory of operation (the datasette ``database.py`` pattern, DESIGN.md):
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import sqlite3
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -75,8 +77,10 @@ class _Request:
 
 #: Each request with its statements' rowids, or the error that undid it.
 _Results = list[tuple[_Request, list[int] | BaseException]]
-#: How long a worker's writer thread waits for another worker's commit.
+#: How long the writer thread waits for SQLite's lock held by a writer that
+#: does not take the lock file (a tool with its own connection).
 LOCK_WAIT_MS = 5000
+_LOCK_FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
 
 
 def connect(path: Path | str) -> sqlite3.Connection:
@@ -132,6 +136,8 @@ class Store:
         self._idle: asyncio.Event | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-fsync")
         self._writer: sqlite3.Connection | None = None
+        #: The writers' lock file (see :meth:`_begin`).
+        self._lock_fd = -1
         self._closed = False
         #: Commits and requests so far (group commit: requests / commits > 1 under load).
         self.commits = 0
@@ -144,8 +150,9 @@ class Store:
         """Open the write connection (call once, from the event loop)."""
         self._loop = asyncio.get_running_loop()
         self._writer = connect(self.path)
-        # Never sleep on the event loop for another worker's lock (see _begin).
+        # Never sleep on the event loop for another writer's lock (see _begin).
         self._writer.execute("PRAGMA busy_timeout = 0")
+        self._lock_fd = os.open(self.path.with_name(self.path.name + ".lock"), _LOCK_FLAGS, 0o600)
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -158,6 +165,7 @@ class Store:
             await self._idle.wait()
         if self._writer is not None:
             self._writer.close()
+            os.close(self._lock_fd)
         self._executor.shutdown(wait=True)
         self._reader.close()
 
@@ -188,23 +196,46 @@ class Store:
         fsync, goes to the writer thread, and the next batch gathers
         meanwhile.
 
-        With several gateway workers on one file (``--workers``) another
-        worker may hold the write lock. The writer's ``busy_timeout`` is 0, so
-        ``BEGIN IMMEDIATE`` fails at once instead of sleeping on the loop, and
-        the whole batch then runs on the writer thread (:meth:`_locked_batch`).
-        Holding the lock across a hop back to a busy loop would make the other
-        worker wait that long too.
+        With several gateway workers on one file (``--workers``) the writers
+        take turns on a lock file (``flock``) around each transaction. A
+        batch that finds it held waits on the writer thread, never on the
+        loop, and is woken the moment the other worker's commit ends: SQLite's
+        own busy handler polls with sleeps of up to 100 ms, which put
+        second-long stalls into a two-worker ``gateway bench``.
         """
-        assert self._loop is not None and self._writer is not None
+        assert self._loop is not None
         batch, self._queue = self._queue, []
         try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another worker is writing: wait beside the loop
+            locked = self._loop.run_in_executor(
+                self._executor, fcntl.flock, self._lock_fd, fcntl.LOCK_EX
+            )
+            locked.add_done_callback(lambda f: self._locked(batch, f))
+            return
+        self._write_batch(batch)
+
+    def _locked(self, batch: list[_Request], locked: asyncio.Future[None]) -> None:
+        failure = locked.exception()
+        if failure is not None:
+            self._finish([(request, failure) for request in batch])
+        else:
+            self._write_batch(batch)
+
+    def _write_batch(self, batch: list[_Request]) -> None:
+        """Loop thread, holding the lock file: BEGIN, the statements, then COMMIT off-loop."""
+        assert self._loop is not None and self._writer is not None
+        try:
             self._writer.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError:  # locked: wait for it beside the loop
-            done = self._loop.run_in_executor(self._executor, self._locked_batch, batch)
+        except sqlite3.OperationalError:
+            # A writer outside the lock file holds SQLite's lock (busy_timeout
+            # is 0 here): wait for it, and run the batch, on the writer thread.
+            done = self._loop.run_in_executor(self._executor, self._batch_when_free, batch)
             done.add_done_callback(lambda f: self._committed(batch, f))
             return
         results = self._run_batch(batch)
         if not self._writer.in_transaction:  # nothing left to commit (all failed)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             self._finish(results)
             return
         done = self._loop.run_in_executor(self._executor, self._commit, results)
@@ -223,33 +254,43 @@ class Store:
         return results
 
     def _commit(self, results: _Results) -> _Results:
-        """Writer thread: the fsync."""
+        """Writer thread: the fsync, then the lock file is free for the next writer."""
         assert self._writer is not None
-        self._writer.execute("COMMIT")
+        try:
+            self._writer.execute("COMMIT")
+        except BaseException:
+            # Disk full, I/O error: nothing is durable; undo before unlocking.
+            if self._writer.in_transaction:
+                self._writer.execute("ROLLBACK")
+            raise
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
         return results
 
-    def _locked_batch(self, batch: list[_Request]) -> _Results:
-        """Writer thread: wait for the write lock, then the batch and its commit."""
+    def _batch_when_free(self, batch: list[_Request]) -> _Results:
+        """Writer thread: wait for SQLite's lock, then the batch and its commit."""
         assert self._writer is not None
         self._writer.execute(f"PRAGMA busy_timeout = {LOCK_WAIT_MS}")
         try:
             self._writer.execute("BEGIN IMMEDIATE")
             results = self._run_batch(batch)
+        except BaseException:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            raise
         finally:
             self._writer.execute("PRAGMA busy_timeout = 0")
-        return self._commit(results) if self._writer.in_transaction else results
+        if not self._writer.in_transaction:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            return results
+        return self._commit(results)
 
     def _committed(self, batch: list[_Request], done: asyncio.Future[_Results]) -> None:
+        # On an error (no lock, or the commit failed) nothing is durable: the
+        # writer thread rolled back, every waiter learns it, nothing paid is released.
         exc = done.exception()
-        if exc is None:
-            results = done.result()
-        else:
-            # No lock, or the commit failed (disk full, I/O error): nothing is
-            # durable, so every waiter learns it and nothing paid is released.
-            assert self._writer is not None
-            if self._writer.in_transaction:
-                self._writer.execute("ROLLBACK")
-            results = [(request, exc) for request in batch]
+        results: _Results = (
+            done.result() if exc is None else [(request, exc) for request in batch]
+        )
         self.commits += 1
         self._finish(results)
 

@@ -68,6 +68,10 @@ class LinkError(RuntimeError):
     """The other end answered a request with an error, or the link closed."""
 
 
+class WorkerStartError(RuntimeError):
+    """A worker exited before it served (its log says why)."""
+
+
 class Link:
     """One end of the supervisor ↔ worker channel: requests and answers, both ways.
 
@@ -185,6 +189,8 @@ class Supervisor:
         self._watchers: set[asyncio.Task[None]] = set()
         #: row id → worker, for channels held elsewhere than ``id % count``.
         self.moved: dict[int, int] = {}
+        #: One lock per channel ever handed over (kept: dropping one while a
+        #: waiter is being woken would let a third acquire run beside it).
         self._locks: dict[int, asyncio.Lock] = {}
         self._stopping = False
         self._started = False
@@ -313,7 +319,9 @@ class Supervisor:
         if not self._started:  # the first start failed: `gateway serve` fails
             ready = self._ready[index]
             if not ready.done():
-                ready.set_exception(RuntimeError(f"worker {index} exited with {code} at start"))
+                ready.set_exception(
+                    WorkerStartError(f"gateway worker {index} exited with status {code} at start")
+                )
             return
         if self._stopping:
             return
@@ -369,8 +377,6 @@ class Supervisor:
                     self.moved.pop(row_id, None)
                 else:
                     self.moved[row_id] = index
-        if not lock.locked():
-            self._locks.pop(row_id, None)
         return True
 
     async def everywhere(self, what: str, args: dict[str, Any]) -> list[Any]:
