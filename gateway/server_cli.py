@@ -108,6 +108,7 @@ def load_config(args: argparse.Namespace) -> Config:
 
 def _serve(args: argparse.Namespace) -> int:
     from gateway.cli import CliError
+    from gateway.media.segment import MediaError
     from gateway.server import run_gateway
     from gateway.workers import WorkerStartError, run_supervisor
 
@@ -125,7 +126,7 @@ def _serve(args: argparse.Namespace) -> int:
             runner.run(run_supervisor(config) if config.workers > 1 else run_gateway(config))
     except OSError as exc:
         raise CliError(f"cannot start: {exc.strerror or exc}") from None
-    except WorkerStartError as exc:
+    except (WorkerStartError, MediaError) as exc:
         raise CliError(f"cannot start: {exc}") from None
     return 0
 

@@ -199,9 +199,12 @@ class Supervisor:
     async def start(self) -> None:
         """Prepare what the workers share, then start them all and wait until they serve."""
         from gateway.chain.rpc import RpcClient
+        from gateway.media.catalog import Catalog
         from gateway.server import NETWORKS, PATH, operator_address, operator_token
         from gateway.store import Store
 
+        # A bad catalog fails here, once, rather than in every worker.
+        Catalog.load(self.config.media)
         # The schema, the operator's address and token are made once, here:
         # N workers doing it at once would race.
         await Store(self.datadir / "gateway.db").close()
@@ -463,8 +466,12 @@ def main(argv: list[str] | None = None) -> int:
     import uvloop
 
     args = sys.argv[1:] if argv is None else argv
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(_work(int(args[0])))
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(_work(int(args[0])))
+    except Exception as exc:  # the supervisor reports the exit; say why in one line
+        print(f"gateway worker: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -108,6 +108,27 @@ def test_serve_refuses_settings_out_of_range_before_starting(tmp_path, args, mes
     assert not (tmp_path / "d" / "gateway.db").exists()  # nothing was started or written
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_that_cannot_start_says_why_in_one_line(tmp_path, workers):
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "catalog.toml").write_text("[items.x]\ntitle = 3\n")
+    base = [sys.executable, "-m", "gateway.cli", "serve", "--port", "0", "--rpc-port", "0",
+            "--workers", workers]
+    proc = subprocess.run([*base, "--datadir", str(tmp_path / "a"), "--media", str(media)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("gateway: error: ") and "catalog.toml" in line
+    # A failure inside a worker process (here: its master key cannot be read).
+    datadir = tmp_path / "b"
+    (datadir / "master.key").mkdir(parents=True)
+    proc = subprocess.run([*base, "--datadir", str(datadir), "--media", str(tmp_path / "none")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("gateway: error: cannot start: ")
+
+
 def test_config_check_catches_inconsistent_limits():
     config = Config.load(None, {"PAYSTREAM_LIMITS_MIN_VALUE": "20000000"})
     with pytest.raises(ConfigError, match="min_value <= max_value"):
