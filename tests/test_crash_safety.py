@@ -10,7 +10,10 @@ and the final settlement, mined by the node, pays the client exactly the last
 stored balance, which is at most every acknowledged balance.
 
 The node runs as its own process (``gateway node``), as bitcoind would, so
-only the gateway dies.
+only the gateway dies. With ``--workers 2`` the supervisor and both workers
+die together (SIGKILL to the process group, as in a power cut); after each
+restart the viewer's resume may land on the worker that does not hold the
+channel, which then takes it over.
 """
 
 from __future__ import annotations
@@ -38,9 +41,20 @@ GATEWAY = [sys.executable, "-m", "gateway.cli"]
 
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    # Its own process group: a kill takes the supervisor and its workers at once.
     return subprocess.Popen(
-        GATEWAY + args, stdout=log.open("ab"), stderr=subprocess.STDOUT, cwd=log.parent
+        GATEWAY + args,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        cwd=log.parent,
+        start_new_session=True,
     )
+
+
+def _kill_all(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the gateway and every worker it started."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
 
 
 async def _wait_file(path: Path, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
@@ -50,6 +64,15 @@ async def _wait_file(path: Path, proc: subprocess.Popen[bytes], timeout: float =
             raise AssertionError(f"process exited with {proc.returncode}")
         assert time.monotonic() < deadline, f"{path} never appeared"
         await asyncio.sleep(0.05)
+
+
+def _row_id(db: Path, cid: str) -> int:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        row = conn.execute("SELECT id FROM channels WHERE channel_id = ?", (cid,)).fetchone()
+        return int(row[0])
+    finally:
+        conn.close()
 
 
 def _stored(db: Path, cid: str) -> tuple[int, int]:
@@ -83,18 +106,23 @@ async def node_process(tmp_path: Path):
     proc.wait(timeout=20)
 
 
-async def test_sigkill_mid_stream_loses_no_paid_increment(tmp_path, media_copy, node_process):
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_sigkill_mid_stream_loses_no_paid_increment(
+    tmp_path, media_copy, node_process, workers
+):
     rpc_url, cookie = node_process
     rpc = RpcClient(rpc_url, cookie_path=cookie)
     datadir = tmp_path / "gw"
     args = ["serve", "--datadir", str(datadir), "--port", "0", "--media", str(media_copy),
-            "--rpc-url", rpc_url, "--rpc-cookie", str(cookie), "--resume-grace", "3600"]
+            "--rpc-url", rpc_url, "--rpc-cookie", str(cookie), "--resume-grace", "3600",
+            "--workers", str(workers)]
     rng = random.Random(20261122)
     viewer: Viewer | None = None
     acked_paid = 0  # highest `paid` the gateway acknowledged
     delivered_total = 0  # highest `due` total of a chunk the viewer received
     cid = ""
     mid_stream_kills = 0  # kills that hit a stream with chunks or payments under way
+    handovers = 0  # resumes on a worker other than the channel's holder (``id % 2``)
     for trial in range(TRIALS):
         (datadir / "gateway.json").unlink(missing_ok=True)
         proc = _spawn(args, tmp_path / "gateway.log")
@@ -116,6 +144,9 @@ async def test_sigkill_mid_stream_loses_no_paid_increment(tmp_path, media_copy, 
                 viewer.channel.on_ready(ready)
                 # The restarted gateway holds at least every acknowledged increment.
                 assert ready.paid >= acked_paid, (trial, ready.paid, acked_paid)
+                if workers > 1:
+                    worker = int(viewer.ws.response.headers["X-Paystream-Worker"])
+                    handovers += worker != _row_id(datadir / "gateway.db", cid) % workers
             _, stored = _stored(datadir / "gateway.db", cid)
             assert stored >= acked_paid and stored >= delivered_total, (trial, stored)
 
@@ -143,19 +174,19 @@ async def test_sigkill_mid_stream_loses_no_paid_increment(tmp_path, media_copy, 
                     pending_total = 0
             streaming = any(isinstance(m, (Due, Paid)) for m in viewer.log[-3:])
             mid_stream_kills += streaming
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=10)
+            _kill_all(proc)
             await viewer.disconnect()
             _seq, stored = _stored(datadir / "gateway.db", cid)
             assert stored >= acked_paid, (trial, stored, acked_paid)
             assert stored >= delivered_total, (trial, stored, delivered_total)
         finally:
             if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+                _kill_all(proc)
     assert viewer is not None and acked_paid > 0
-    print(f"{mid_stream_kills} of {TRIALS} kills hit a paying stream; paid {acked_paid}")
+    print(f"{mid_stream_kills} of {TRIALS} kills hit a paying stream; paid {acked_paid}; "
+          f"{handovers} resumes taken over from another worker")
     assert mid_stream_kills >= TRIALS // 2
+    assert workers == 1 or handovers > 0
 
     # Settle for real after the last crash: the client gets exactly the stored balance.
     (datadir / "gateway.json").unlink(missing_ok=True)
