@@ -213,3 +213,43 @@ async def test_serve_with_workers_from_the_cli(tmp_path: Path, media_copy: Path)
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
+
+
+async def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path, media_copy: Path):
+    """No orphans: a worker whose supervisor is gone cannot be restarted or hand a
+    channel over, so it finishes its sessions' writes and exits."""
+    from gateway.bench import process_tree
+
+    datadir = tmp_path / "gw"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "serve", "--workers", "2", "--datadir",
+         str(datadir), "--media", str(media_copy), "--port", "0", "--rpc-port", "0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(600):
+            if (datadir / "gateway.json").exists():
+                break
+            await asyncio.sleep(0.05)
+        workers = process_tree(proc.pid)[1:]
+        assert len(workers) == 2
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        for _ in range(300):
+            if not any(_running(pid) for pid in workers):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("workers outlived their supervisor")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's exit is reaped by init, in its own time)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
