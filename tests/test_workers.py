@@ -82,13 +82,30 @@ def _rows(sup: Supervisor) -> list[sqlite3.Row]:
         conn.close()
 
 
-async def test_a_resume_on_another_worker_takes_the_channel_over(supervisor):
-    sup = supervisor
+async def paying_viewer(
+    sup: Supervisor, worker: int, chunks: int
+) -> tuple[str, RpcClient, Viewer]:
+    """A viewer on ``worker`` with a funded channel and ``chunks`` chunks paid for."""
     url = f"ws://127.0.0.1:{sup.port}/paystream/1"
     rpc = _rpc(sup)
-    first = await connect_on(url, rpc, 0)
-    await first.open_and_fund()
-    await first.play_and_pay("clip", chunks=6)
+    viewer = await connect_on(url, rpc, worker)
+    await viewer.open_and_fund()
+    await viewer.play_and_pay("clip", chunks=chunks)
+    return url, rpc, viewer
+
+
+async def resume(viewer: Viewer, old: Viewer) -> Ready:
+    """``old``'s channel resumed on ``viewer``'s (connected) session."""
+    viewer.key, viewer.channel = old.key, old.channel
+    await viewer.send(viewer.channel.resume(viewer.hello))
+    ready = await viewer.expect(Ready)
+    viewer.channel.on_ready(ready)
+    return ready
+
+
+async def test_a_resume_on_another_worker_takes_the_channel_over(supervisor):
+    sup = supervisor
+    url, rpc, first = await paying_viewer(sup, 0, chunks=6)
     channel = first.channel
     paid_before = channel.paid
     assert paid_before > 0
@@ -105,12 +122,7 @@ async def test_a_resume_on_another_worker_takes_the_channel_over(supervisor):
     assert (await thief.expect(Error)).code == ErrorCode.BAD_SIGNATURE.value
 
     second = await connect_on(url, rpc, 1)
-    second.key = first.key
-    second.channel = channel
-    await second.send(channel.resume(second.hello))
-    ready = await second.expect(Ready)
-    assert ready.paid == paid_before
-    channel.on_ready(ready)
+    assert (await resume(second, first)).paid == paid_before
     replaced = await first.expect(Error)
     assert replaced.code == ErrorCode.SESSION_REPLACED.value
 
@@ -128,11 +140,7 @@ async def test_a_resume_on_another_worker_takes_the_channel_over(supervisor):
 
 async def test_a_killed_worker_is_started_again_and_nothing_paid_is_lost(supervisor):
     sup = supervisor
-    url = f"ws://127.0.0.1:{sup.port}/paystream/1"
-    rpc = _rpc(sup)
-    viewer = await connect_on(url, rpc, 1)
-    await viewer.open_and_fund()
-    await viewer.play_and_pay("clip", chunks=5)
+    url, rpc, viewer = await paying_viewer(sup, 1, chunks=5)
     channel = viewer.channel
     paid = channel.paid
     old_pid = sup._procs[1].pid
@@ -147,13 +155,8 @@ async def test_a_killed_worker_is_started_again_and_nothing_paid_is_lost(supervi
 
     # Whichever worker the resume lands on, the channel continues where it was.
     again = Viewer(url, rpc)
-    again.key = viewer.key
-    again.channel = channel
     await again.connect()
-    await again.send(channel.resume(again.hello))
-    ready = await again.expect(Ready)
-    assert ready.paid == paid
-    channel.on_ready(ready)
+    assert (await resume(again, viewer)).paid == paid
     await again.play_and_pay("clip", chunks=2)
     closed = await again.close_channel()
     assert closed.paid == channel.paid > paid and closed.txid is not None
