@@ -192,7 +192,8 @@ class Supervisor:
         #: One lock per channel ever handed over (kept: dropping one while a
         #: waiter is being woken would let a third acquire run beside it).
         self._locks: dict[int, asyncio.Lock] = {}
-        self._stopping = False
+        #: Set when the supervisor is stopping: a worker's exit is then expected.
+        self.stopping = False
         self._started = False
         self._backoff: dict[int, float] = {}
 
@@ -258,7 +259,7 @@ class Supervisor:
 
     async def stop(self) -> None:
         """Stop every worker (SIGTERM: each finishes its sessions' writes), then the node."""
-        self._stopping = True
+        self.stopping = True
         for proc in self._procs.values():
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
@@ -287,7 +288,7 @@ class Supervisor:
             pass_fds=(self._sock.fileno(), theirs.fileno()),
         )
         theirs.close()
-        if self._stopping:  # a restart raced the shutdown
+        if self.stopping:  # a restart raced the shutdown
             proc.terminate()
         reader, writer = await asyncio.open_unix_connection(sock=ours, limit=LINK_LIMIT)
         start = {
@@ -326,7 +327,7 @@ class Supervisor:
                     WorkerStartError(f"gateway worker {index} exited with status {code} at start")
                 )
             return
-        if self._stopping:
+        if self.stopping:
             return
         # A worker that dies at once (say, a full disk) is retried less often.
         lived = asyncio.get_running_loop().time() - born
@@ -338,7 +339,7 @@ class Supervisor:
             self._backoff[index],
         )
         await asyncio.sleep(self._backoff[index])
-        if not self._stopping:
+        if not self.stopping:
             await self._spawn(index)
 
     async def _handle(self, index: int, op: str, args: dict[str, Any]) -> Any:
@@ -401,9 +402,16 @@ async def run_supervisor(config: Config) -> None:
     supervisor = Supervisor(config)
     await supervisor.start()
     stop = asyncio.Event()
+
+    def stopping() -> None:
+        # At once, not when stop() runs: Ctrl-C reaches the workers too, and
+        # their exits must not be taken for crashes to restart from.
+        supervisor.stopping = True
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stopping)
     announce(supervisor.network, supervisor.urls, supervisor.datadir, workers=supervisor.count)
     try:
         await stop.wait()
