@@ -47,13 +47,16 @@ import random
 import resource
 import sys
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 import coincurve
 import websockets
 from bitcoin.core import CMutableTransaction, CTransaction, CTxOut
+from websockets.asyncio.client import ClientConnection
+from websockets.frames import Frame, Opcode
+from websockets.protocol import Event
 
 from gateway.chain.rpc import RpcClient
 from gateway.protocol.channel import ClientChannel
@@ -136,8 +139,9 @@ class BenchViewer:
         self.t0 = 0.0
         self.window = (0.0, 0.0)
         self.stopping = False
-        #: A paced wait for the next chunk time; close() ends it early.
-        self._napping: asyncio.Future[None] | None = None
+        #: A paced pay waiting for its chunk time; close() cancels it.
+        self._timer: asyncio.TimerHandle | None = None
+        self.expect_media = False  # the next binary frame is a paid media chunk
         self.closed: asyncio.Future[dict[str, Any]] | None = None
         self.hello_to_ready = 0.0
         self.t_hello = 0.0
@@ -150,7 +154,7 @@ class BenchViewer:
         t_hello = self.t_hello = time.monotonic()
         self.ws = await websockets.connect(
             self.cfg.url, compression=None, max_size=None, ping_interval=None,
-            open_timeout=60,
+            open_timeout=60, create_connection=_FastConnection,
         )
         await self.ws.send(json.dumps({"type": "hello", "version": 1, "agent": "bench"}))
         hello = parse_server_message(await self.ws.recv())
@@ -201,119 +205,156 @@ class BenchViewer:
     # -- the timed run -------------------------------------------------------------
 
     async def run(self, start: float, window: tuple[float, float], spread: float) -> None:
-        """Play from ``start`` and pay every ``due`` until the window closes."""
+        """Play from ``start`` and pay every ``due`` until the window closes.
+
+        The timed run is driven by callbacks from the connection
+        (:class:`_FastConnection`): each server frame is handled as it is
+        parsed, and each ``pay`` is written at once, instead of a ``recv``
+        future, a task wake-up and a ``send`` context per message. That cut
+        the load generator's CPU at 10,000 paced viewers by about a fifth
+        (0.41 cores against 0.50-0.56): on a small box, CPU the gateway being
+        measured does not get.
+        """
         self.window = window
         self.t0 = start + spread
-        self.closed = asyncio.get_running_loop().create_future()
-        await asyncio.sleep(max(0.0, start - time.monotonic()))
-        await self.ws.send(json.dumps({"type": "play", "media": self.cfg.media}))
-        try:
-            await self._read()
-        except websockets.ConnectionClosed:
-            if not self.closed.done():
-                self.closed.set_exception(RuntimeError("connection closed"))
-
-    async def _read(self) -> None:
-        ws, c, cfg = self.ws, self.c, self.cfg
-        lo, hi = self.window
-        chunk_s = cfg.chunk_ms / 1000
-        expect_media = False
-        while True:
-            raw = await ws.recv()
-            now = time.monotonic()
-            if isinstance(raw, bytes):
-                if expect_media and lo <= now <= hi:
-                    c.chunks += 1
-                    c.bytes += len(raw)
-                    if self.pay_sent_at:
-                        c.latency.append(now - self.pay_sent_at)
-                    if cfg.paced and self.want_at:
-                        c.lateness.append(now - self.want_at)
-                self.pay_sent_at = 0.0
-                expect_media = False
-                continue
-            msg = json.loads(raw)
-            kind = msg["type"]
-            if kind == "due":
-                if now >= hi or self.stopping:
-                    self.stopping = True
-                    continue  # the window is over: stop paying, wait for close
-                k = self.paid_chunks + 1
-                if k <= len(self.presigned):
-                    total, frame = self.presigned[k - 1]
-                elif total_due(k, cfg.rate_msat, cfg.chunk_ms) > self.value - 546:
-                    c.errors["channel_exhausted"] = c.errors.get("channel_exhausted", 0) + 1
-                    self.stopping = True  # the channel is spent: a bigger --presign funds more
-                    continue
-                else:
-                    total, frame = self._sign(k)
-                    c.live_signed += 1
-                if total != msg["total"]:
-                    c.errors["due_mismatch"] = c.errors.get("due_mismatch", 0) + 1
-                    self.stopping = True
-                    continue
-                if cfg.paced:
-                    # Chunk k-1 (0-based) is wanted at t0 + (k-1)*D; pay then.
-                    self.want_at = self.t0 + (k - 1) * chunk_s
-                    delay = self.want_at - time.monotonic()
-                    if delay > 0:
-                        await self._nap(delay)
-                    if self.want_at >= hi or self.stopping:
-                        self.stopping = True  # wanted after the window, or closing
-                        continue
-                self.paid_chunks = k
-                self.pay_sent_at = time.monotonic()
-                await ws.send(frame)
-            elif kind == "chunk":
-                expect_media = msg["index"] >= 0
-            elif kind == "paid":
-                if lo <= now <= hi:
-                    c.increments += 1
-            elif kind == "stream":
-                if msg["rate_msat"] != cfg.rate_msat or msg["free_ms"] != 0:
-                    c.errors["stream_terms"] = c.errors.get("stream_terms", 0) + 1
-            elif kind == "end":
-                if not self.stopping:  # the item ran out: play it again
-                    await ws.send(json.dumps({"type": "play", "media": cfg.media}))
-            elif kind == "closed":
-                assert self.closed is not None
-                if not self.closed.done():
-                    self.closed.set_result(msg)
-                return
-            elif kind == "error":
-                code = str(msg.get("code"))
-                c.errors[code] = c.errors.get(code, 0) + 1
-                if msg.get("fatal"):
-                    raise websockets.ConnectionClosed(None, None)
-
-    async def _nap(self, delay: float) -> None:
-        """Sleep ``delay`` s unless close() comes first: the settle figure must
-        not include a viewer's wait for its next chunk time. A future and a
-        timer, as ``asyncio.sleep`` itself: no task per paced chunk."""
         loop = asyncio.get_running_loop()
-        self._napping = nap = loop.create_future()
-        timer = loop.call_later(delay, _wake, nap)
-        try:
-            await nap
-        finally:
-            timer.cancel()
-            self._napping = None
+        self.closed = loop.create_future()
+        await asyncio.sleep(max(0.0, start - time.monotonic()))
+        self.ws.on_frame = self._on_frame
+        self.ws.on_lost = self._on_lost
+        self._send(json.dumps({"type": "play", "media": self.cfg.media}))
+        with contextlib.suppress(Exception):  # close() reports how it ended
+            await asyncio.shield(self.closed)
+
+    def _send(self, text: str) -> None:
+        self.ws.protocol.send_text(text.encode())
+        self.ws.send_data()
+
+    def _on_lost(self) -> None:
+        if self.closed is not None and not self.closed.done():
+            self.closed.set_exception(RuntimeError("connection closed"))
+
+    def _on_frame(self, frame: Frame) -> None:
+        c, cfg = self.c, self.cfg
+        lo, hi = self.window
+        now = time.monotonic()
+        if frame.opcode is Opcode.BINARY:
+            if self.expect_media and lo <= now <= hi:
+                c.chunks += 1
+                c.bytes += len(frame.data)
+                if self.pay_sent_at:
+                    c.latency.append(now - self.pay_sent_at)
+                if cfg.paced and self.want_at:
+                    c.lateness.append(now - self.want_at)
+            self.pay_sent_at = 0.0
+            self.expect_media = False
+            return
+        msg = json.loads(bytes(frame.data))  # bytes(b) is b: no copy
+        kind = msg["type"]
+        if kind == "due":
+            self._on_due(msg, now)
+        elif kind == "chunk":
+            self.expect_media = msg["index"] >= 0
+        elif kind == "paid":
+            if lo <= now <= hi:
+                c.increments += 1
+        elif kind == "stream":
+            if msg["rate_msat"] != cfg.rate_msat or msg["free_ms"] != 0:
+                c.errors["stream_terms"] = c.errors.get("stream_terms", 0) + 1
+        elif kind == "end":
+            if not self.stopping:  # the item ran out: play it again
+                self._send(json.dumps({"type": "play", "media": cfg.media}))
+        elif kind == "closed":
+            if self.closed is not None and not self.closed.done():
+                self.closed.set_result(msg)
+        elif kind == "error":
+            code = str(msg.get("code"))
+            c.errors[code] = c.errors.get(code, 0) + 1
+            if msg.get("fatal"):
+                self._on_lost()
+
+    def _on_due(self, msg: dict[str, Any], now: float) -> None:
+        c, cfg = self.c, self.cfg
+        if now >= self.window[1] or self.stopping:
+            self.stopping = True
+            return  # the window is over: stop paying, wait for close
+        k = self.paid_chunks + 1
+        if k <= len(self.presigned):
+            total, frame = self.presigned[k - 1]
+        elif total_due(k, cfg.rate_msat, cfg.chunk_ms) > self.value - 546:
+            c.errors["channel_exhausted"] = c.errors.get("channel_exhausted", 0) + 1
+            self.stopping = True  # the channel is spent: a bigger --presign funds more
+            return
+        else:
+            total, frame = self._sign(k)
+            c.live_signed += 1
+        if total != msg["total"]:
+            c.errors["due_mismatch"] = c.errors.get("due_mismatch", 0) + 1
+            self.stopping = True
+            return
+        if cfg.paced:
+            # Chunk k-1 (0-based) is wanted at t0 + (k-1)*D; pay then.
+            self.want_at = self.t0 + (k - 1) * cfg.chunk_ms / 1000
+            delay = self.want_at - time.monotonic()
+            if delay > 0:
+                self._timer = asyncio.get_running_loop().call_later(delay, self._pay, k, frame)
+                return
+        self._pay(k, frame)
+
+    def _pay(self, k: int, frame: str) -> None:
+        self._timer = None
+        if self.stopping or (self.cfg.paced and self.want_at >= self.window[1]):
+            self.stopping = True  # wanted after the window, or closing
+            return
+        self.paid_chunks = k
+        self.pay_sent_at = time.monotonic()
+        self._send(frame)
 
     async def close(self) -> tuple[float, float, dict[str, Any]]:
-        """``close`` → ``closed``: (sent at, answered at, closed message)."""
+        """``close`` → ``closed``: (sent at, answered at, closed message).
+
+        A viewer waiting for its next chunk time stops waiting: the settle
+        figure must not include that wait.
+        """
         assert self.closed is not None
         self.stopping = True
-        if self._napping is not None:
-            _wake(self._napping)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         sent = time.monotonic()
-        await self.ws.send(json.dumps({"type": "close"}))
+        self._send(json.dumps({"type": "close"}))
         closed = await asyncio.wait_for(self.closed, 120)
         return sent, time.monotonic(), closed
 
 
-def _wake(nap: asyncio.Future[None]) -> None:
-    if not nap.done():
-        nap.set_result(None)
+class _FastConnection(ClientConnection):
+    """websockets' client connection that hands data frames to ``on_frame``.
+
+    Set-up uses ``recv`` as usual; the timed run sets ``on_frame`` (see
+    :meth:`BenchViewer.run`). The gateway never fragments a message, so a
+    frame is a whole message.
+    """
+
+    on_frame: Callable[[Frame], None] | None = None
+    on_lost: Callable[[], None] | None = None
+
+    def process_event(self, event: Event) -> None:
+        """A whole text or binary message goes to ``on_frame`` once it is set."""
+        if (
+            self.on_frame is not None
+            and isinstance(event, Frame)
+            and event.fin
+            and event.opcode in (Opcode.TEXT, Opcode.BINARY)
+        ):
+            self.on_frame(event)
+            return
+        super().process_event(event)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """As websockets does, then tell the viewer."""
+        super().connection_lost(exc)
+        if self.on_lost is not None:
+            self.on_lost()
 
 
 # -- funding many channels cheaply ------------------------------------------------------
