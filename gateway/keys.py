@@ -61,13 +61,22 @@ class MasterKey:
         except FileNotFoundError:
             path.parent.mkdir(parents=True, exist_ok=True)
             seed = secrets.token_bytes(32)
-            # O_EXCL: two gateways starting at once must not overwrite each
-            # other's seed; mode 0600 from the first byte, not chmod after.
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            # Written whole to a private name, then linked into place: a
+            # gateway starting at the same moment finds either no file or the
+            # whole seed, never a half-written one, and never overwrites it.
+            # Mode 0600 from the first byte, not chmod after.
+            tmp = path.with_name(f"{path.name}.{secrets.token_hex(8)}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(seed.hex() + "\n")
                 f.flush()
                 os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:  # the other one won: use its seed
+                return cls.load_or_create(path)
+            finally:
+                tmp.unlink()
             return cls(seed)
         try:
             seed = bytes.fromhex(text)

@@ -200,15 +200,17 @@ class Supervisor:
     async def start(self) -> None:
         """Prepare what the workers share, then start them all and wait until they serve."""
         from gateway.chain.rpc import RpcClient
+        from gateway.keys import MasterKey
         from gateway.media.catalog import Catalog
         from gateway.server import NETWORKS, PATH, operator_address, operator_token
         from gateway.store import Store
 
         # A bad catalog fails here, once, rather than in every worker.
         Catalog.load(self.config.media)
-        # The schema, the operator's address and token are made once, here:
-        # N workers doing it at once would race.
+        # The schema, the master key, the operator's address and token are
+        # made once, here: N workers doing it at once would race.
         await Store(self.datadir / "gateway.db").close()
+        MasterKey.load_or_create(self.datadir / "master.key")
         config = self.config
         rpc_url, cookie = config.rpc_url, config.rpc_cookie
         if rpc_url is None:

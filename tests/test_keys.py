@@ -38,3 +38,16 @@ def test_bad_seed_file_is_a_clear_error(tmp_path):
         MasterKey(b"short")
     with pytest.raises(ValueError):
         MasterKey(SEED).derive_hardened(-1)
+
+
+def test_gateways_starting_together_share_one_seed(tmp_path):
+    """Several processes (``--workers``) may create the seed at once: all get the
+    one seed that was written whole, none overwrites it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = tmp_path / "d" / "master.key"
+    with ThreadPoolExecutor(8) as pool:
+        keys = list(pool.map(lambda _: MasterKey.load_or_create(path), range(32)))
+    assert len({k.channel_key(1)[1] for k in keys}) == 1
+    assert [p.name for p in path.parent.iterdir()] == ["master.key"]  # no temp file left
+    assert path.stat().st_mode & 0o777 == 0o600
