@@ -123,3 +123,29 @@ async def test_two_stores_on_one_file_take_turns_on_the_lock_file(tmp_path):
     os.close(fd)
     await first.close()
     await second.close()
+
+
+async def test_the_wal_is_checkpointed_beside_the_commits(tmp_path, monkeypatch):
+    """No commit copies the WAL into the database (that stalled every writer);
+    the store's own checkpointer does, within a few seconds."""
+    import gateway.store
+
+    monkeypatch.setattr(gateway.store, "CHECKPOINT_INTERVAL_S", 2.0)  # after the writes
+    store = Store(tmp_path / "s.db")
+    await store.start()
+    db = tmp_path / "s.db"
+    before = db.stat().st_size
+    big = "x" * 2000
+    for _ in range(20):  # well past SQLite's automatic 1,000-page checkpoint
+        await store.write(
+            [("INSERT INTO channels(kind, state, refund_tx) VALUES ('cltv', 'open', ?)", (big,))]
+            * 200
+        )
+    assert db.stat().st_size == before  # every page is still in the WAL only
+    for _ in range(200):
+        if db.stat().st_size > before + 4_000_000:
+            break
+        await asyncio.sleep(0.05)
+    assert db.stat().st_size > before + 4_000_000
+    assert store.read("SELECT count(*) FROM channels")[0][0] == 4000
+    await store.close()
