@@ -28,6 +28,10 @@ reported as a fraction of it (DESIGN.md "Performance, measured not assumed").
 With ``--pin`` (the default on a machine with two or more cores) the gateway
 runs on CPU 0 and the load generators, the node and the coordinator on the
 others, so the gateway's figures are one core's worth; the split is printed.
+With ``--workers W`` the gateway is ``gateway serve --workers W`` (a
+supervisor and W worker processes, :mod:`gateway.workers`): it gets W cores
+if one is left for the rest, else nothing is pinned, and its CPU time and
+RSS are summed over all its processes.
 """
 
 from __future__ import annotations
