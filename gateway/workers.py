@@ -5,7 +5,8 @@ One CPython process tops out near one core (``docs/performance.md``). With
 listening socket and starts N worker processes that all accept on it (the
 pre-fork model: the kernel gives each connection to one of them). Each
 worker is a whole :class:`gateway.server.Gateway` with its own event loop,
-store connection (group commit; WAL takes one writer at a time) and
+store connection (group commit; WAL takes one writer at a time, and the
+workers take turns on ``gateway.db.lock``, see :mod:`gateway.store`) and
 settlement duty.
 
 Theory of operation:
