@@ -262,7 +262,7 @@ class Store:
         assert self._writer is not None
         try:
             results = self._execute(self._writer, batch)
-        except sqlite3.Error as exc:  # even the retry could not run: nothing is written
+        except Exception as exc:  # even the retry could not run: nothing is written
             results = [(request, exc) for request in batch]
         failed = all(isinstance(outcome, BaseException) for _, outcome in results)
         if failed and self._writer.in_transaction:
@@ -334,7 +334,10 @@ class Store:
         conn.execute("SAVEPOINT batch")
         try:
             results: _Results = [(request, _run_ops(conn, request.ops)) for request in batch]
-        except sqlite3.Error as exc:
+        # Any error, not only sqlite3's (an int beyond 64 bits is OverflowError):
+        # one that escaped here would leave the transaction, and the lock file
+        # every worker waits on, held for good.
+        except Exception as exc:
             conn.execute("ROLLBACK TO batch")
             conn.execute("RELEASE batch")
             if len(batch) == 1:  # the one request is the one that failed
@@ -347,7 +350,7 @@ class Store:
             conn.execute("SAVEPOINT req")
             try:
                 results.append((request, _run_ops(conn, request.ops)))
-            except sqlite3.Error as exc:
+            except Exception as exc:
                 conn.execute("ROLLBACK TO req")
                 results.append((request, exc))
             conn.execute("RELEASE req")

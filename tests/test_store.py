@@ -48,6 +48,28 @@ async def test_a_failing_request_fails_alone_and_changes_nothing(tmp_path):
         await store.write([_insert()])
 
 
+async def test_a_request_failing_outside_sqlite_fails_alone_and_frees_the_lock(tmp_path):
+    """Not only sqlite3 errors: an int beyond 64 bits raises OverflowError while
+    binding. It once escaped the batch and left the write lock held for good."""
+    store, other = Store(tmp_path / "s.db"), Store(tmp_path / "s.db")
+    await store.start()
+    await other.start()
+    huge = [("INSERT INTO channels(kind, state, value) VALUES ('cltv', 'open', ?)", (2**70,))]
+    for requests in ([huge], [huge, [_insert()]]):  # alone, and beside a good request
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(*(store.write(r) for r in requests), return_exceptions=True), 5
+        )
+        assert isinstance(outcomes[0], OverflowError)
+        assert all(isinstance(o, list) for o in outcomes[1:])
+    # The lock file is free: another worker's store writes, and so does this one.
+    await asyncio.wait_for(other.write([_insert()]), 5)
+    await asyncio.wait_for(store.write([_insert()]), 5)
+    assert store.read("SELECT count(*) FROM channels WHERE value IS NOT NULL")[0][0] == 0
+    assert store.read("SELECT count(*) FROM channels")[0][0] == 3
+    await store.close()
+    await other.close()
+
+
 async def test_settings_are_wal_and_full_sync(tmp_path):
     store = Store(tmp_path / "s.db")
     await store.start()
