@@ -284,7 +284,7 @@ class Gateway:
                 return False
             session, live.session = live.session, None
             if session is not None:
-                await session.replaced()
+                session.replaced()  # its stream stops before the meter is written
             live.disconnected_at = live.disconnected_at or time.time()
             await self.store.write(
                 [

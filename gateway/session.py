@@ -103,6 +103,7 @@ class Session:
         self._last_rx = 0.0
         self._watchdog: asyncio.TimerHandle | None = None
         self._idle_close: asyncio.Task[None] | None = None
+        self._goodbye: asyncio.Task[None] | None = None
 
     # -- I/O ---------------------------------------------------------------------
 
@@ -442,7 +443,7 @@ class Session:
         live.disconnected_at = None
         self.live = live
         if old is not None and old is not self:
-            await old.replaced()
+            old.replaced()
         if live.core.state is ServerState.FUNDING:
             assert live.core.outpoint is not None
             conf = await self.gw.watcher.confirmations(live.core.outpoint.txid) or 0
@@ -450,9 +451,22 @@ class Session:
             return
         await self._send(ready)
 
-    async def replaced(self) -> None:
-        """Another session resumed our channel: fatal ``session_replaced`` (section 5)."""
-        self.live = None  # the channel is no longer ours: our cleanup must not touch it
+    def replaced(self) -> None:
+        """Another session (or worker) took our channel: fatal ``session_replaced`` (section 5).
+
+        From the return the channel is no longer ours: our cleanup will not
+        touch it, and our streamer is cancelled, so it sends and meters
+        nothing more (it stops at its next ``await``). The goodbye (a ``paid``
+        left for the streamer, the error, the close handshake) goes on in the
+        background: a client that has stopped reading must not hold up the
+        one that resumed, nor a hand-over between workers.
+        """
+        self.live = None
+        if self._stream is not None:
+            self._stream.cancel()
+        self._goodbye = asyncio.create_task(self._say_replaced())
+
+    async def _say_replaced(self) -> None:
         await self._stop_stream()
         with contextlib.suppress(ConnectionClosed):
             await self._send_error(

@@ -94,11 +94,11 @@ async def paying_viewer(
     return url, rpc, viewer
 
 
-async def resume(viewer: Viewer, old: Viewer) -> Ready:
+async def resume(viewer: Viewer, old: Viewer, timeout: float = 20) -> Ready:
     """``old``'s channel resumed on ``viewer``'s (connected) session."""
     viewer.key, viewer.channel = old.key, old.channel
     await viewer.send(viewer.channel.resume(viewer.hello))
-    ready = await viewer.expect(Ready)
+    ready = await viewer.expect(Ready, timeout)
     viewer.channel.on_ready(ready)
     return ready
 
@@ -135,6 +135,19 @@ async def test_a_resume_on_another_worker_takes_the_channel_over(supervisor):
     (row,) = _rows(sup)
     assert row["settle_txid"] == closed.txid
     assert row["value"] - row["balance"] == channel.paid
+    await rpc.close()
+
+
+async def test_an_old_client_that_stopped_reading_does_not_hold_up_the_hand_over(supervisor):
+    """The old session's goodbye (error, close handshake) is not awaited by the
+    release: its close alone would wait out websockets' 10 s close timeout."""
+    sup = supervisor
+    url, rpc, first = await paying_viewer(sup, 0, chunks=4)
+    first.ws.transport.pause_reading()  # gone quiet: never answers the close
+    second = await connect_on(url, rpc, 1)
+    assert (await resume(second, first, timeout=5)).paid == first.channel.paid
+    closed = await second.close_channel()
+    assert closed.paid == second.channel.paid and closed.txid is not None
     await rpc.close()
 
 
