@@ -667,6 +667,7 @@ async def _run(
         "lateness": percentiles([x for d in dones for x in d["lateness"]]),
         "gateway": {
             "cpu_cores": round((cpu1 - cpu0) / window_s, 3),
+            "processes": len(gateway_pids),  # the CPU and RSS are summed over these
             "rss_mb": round(rss_run / 2**20, 1),
             "rss_idle_mb": round(rss_idle / 2**20, 1),
             "rss_per_viewer_kb": round((rss_ready - rss_idle) / opts.viewers / 1024, 1),
@@ -726,7 +727,7 @@ def format_table(r: dict[str, Any]) -> str:
         ("increments/s", f"{r['increments_per_s']:,.1f}"),
         ("pay -> chunk", _ms(r["pay_to_chunk"])),
         ("lateness", _ms(r["lateness"])),
-        ("gateway cpu", f"{gw['cpu_cores']:.2f} cores"),
+        ("gateway cpu", f"{gw['cpu_cores']:.2f} cores ({gw['processes']} process(es))"),
         ("gateway rss", f"{gw['rss_mb']} MB (idle {gw['rss_idle_mb']} MB, "
                         f"{gw['rss_per_viewer_kb']} KB per viewer)"),
         ("group commit", f"{gw['store_commits_per_s']:,.1f} commits/s, "

@@ -145,12 +145,14 @@ class Wallet:
         """A signed T1 paying ``value`` to ``script_pubkey``, NOT broadcast.
 
         The player stores T1 and its refund before broadcasting, so no crash
-        leaves money at an output it cannot refund. Preselects confirmed
-        segwit coins covering ``value`` (a transaction with no inputs is
-        ambiguous to decode, and this keeps T1 segwit-only), lets the wallet
-        add fee inputs and change, signs, and checks that every input has a
-        witness (PROTOCOL.md section 2). ``segwit_only=False`` (cltv, whose
-        refund does not depend on T1's txid) lets the wallet pick any coins.
+        leaves money at an output it cannot refund. By default (multisig,
+        whose refund T2 spends T1 by txid) it preselects confirmed segwit
+        coins covering ``value``, lets the wallet add fee inputs and change,
+        signs, and checks that every input has a witness, so no one can
+        change T1's txid (PROTOCOL.md section 2). ``segwit_only=False``
+        (cltv, whose refund the client signs after T1 is final) hands the
+        wallet an input-less template, as ``createrawtransaction`` +
+        ``fundrawtransaction`` do, and lets it pick any coins.
         """
         output = CTxOut(value, CScript(script_pubkey))
         if not segwit_only:
