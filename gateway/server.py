@@ -481,12 +481,16 @@ class Gateway:
 
     def urls(self) -> dict[str, str]:
         """Where clients find this gateway (printed on start)."""
-        host = self.config.host
-        urls = {"ws": f"ws://{host}:{self.port}{PATH}", "web": f"http://{host}:{self.port}/"}
-        if self.node is not None:
-            urls["rpc"] = self.node.rpc_url
-            urls["cookie"] = str(self.node.cookie_path)
-        return urls
+        return urls(self.config.host, self.port, self.node)
+
+
+def urls(host: str, port: int, node: Any) -> dict[str, str]:
+    """Where clients find a gateway on ``host:port``, and its embedded ``node`` if any."""
+    found = {"ws": f"ws://{host}:{port}{PATH}", "web": f"http://{host}:{port}/"}
+    if node is not None:
+        found["rpc"] = node.rpc_url
+        found["cookie"] = str(node.cookie_path)
+    return found
 
 
 _SETTLEABLE = (ServerState.READY, ServerState.FUNDING)

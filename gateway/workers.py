@@ -201,7 +201,7 @@ class Supervisor:
         from gateway.chain.rpc import RpcClient
         from gateway.keys import MasterKey
         from gateway.media.catalog import Catalog
-        from gateway.server import NETWORKS, PATH, operator_address, operator_token
+        from gateway.server import NETWORKS, operator_address, operator_token, urls
         from gateway.store import Store
 
         # A bad catalog fails here, once, rather than in every worker.
@@ -244,11 +244,7 @@ class Supervisor:
         settings = json.loads(json.dumps(dataclasses.asdict(worker), default=str))
         # None is each optional setting's default, and not a value a config file can hold.
         self._worker_config = {k: v for k, v in settings.items() if v is not None}
-        host = config.host
-        self.urls = {"ws": f"ws://{host}:{self.port}{PATH}", "web": f"http://{host}:{self.port}/"}
-        if self.node is not None:
-            self.urls["rpc"] = self.node.rpc_url
-            self.urls["cookie"] = str(self.node.cookie_path)
+        self.urls = urls(config.host, self.port, self.node)
         try:
             for index in range(self.count):
                 await self._spawn(index)
