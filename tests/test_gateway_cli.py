@@ -96,6 +96,7 @@ def test_config_layers(tmp_path):
         (["--port", "99999999"], "port must be 0-65535"),
         (["--block-interval", "-1"], "block_interval must be >= 0 (0: blocks on request)"),
         (["--rpc-port", "70000"], "rpc_port must be 0-65535"),
+        (["--workers", "0"], "workers must be 1-64"),
     ],
 )
 def test_serve_refuses_settings_out_of_range_before_starting(tmp_path, args, message):
