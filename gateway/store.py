@@ -86,12 +86,21 @@ CHECKPOINT_INTERVAL_S = 1.0
 #: How long the writer thread waits for SQLite's lock held by a writer that
 #: does not take the lock file (a tool with its own connection).
 LOCK_WAIT_MS = 5000
+#: Bytes per database page. The WAL gets every page a commit touched, whole:
+#: a paid increment touches two (its channel row and its delivery row), so
+#: with SQLite's default 4 KiB a 20-pay commit wrote ~150 KiB and 10,000
+#: audio viewers ~70 MB/s. 2 KiB halves that and cut such a commit from
+#: ~0.9 to ~0.65 ms, while a channel's row still fits one page (a settled
+#: multisig one is ~1.3 KB); 1 KiB pages were no faster and would overflow it.
+PAGE_SIZE = 2048
 _LOCK_FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
 
 
 def connect(path: Path | str) -> sqlite3.Connection:
     """Open ``path`` with the settings every connection here needs."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    # Only a new file takes it (a WAL database keeps the size it was made with).
+    conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
     conn.execute("PRAGMA journal_mode=WAL")
     # synchronous is per connection (DESIGN.md): FULL fsyncs the WAL on every
     # commit, which is what makes "durable before paid" true.

@@ -6,7 +6,7 @@ import sqlite3
 
 import pytest
 
-from gateway.store import Store, StoreClosed
+from gateway.store import PAGE_SIZE, Store, StoreClosed
 
 
 def _insert(kind="cltv", state="open"):
@@ -75,6 +75,20 @@ async def test_settings_are_wal_and_full_sync(tmp_path):
     await store.start()
     assert store.read("PRAGMA journal_mode")[0][0] == "wal"
     assert store.read("PRAGMA synchronous")[0][0] == 2  # FULL
+    assert store.read("PRAGMA page_size")[0][0] == PAGE_SIZE == 2048
+    await store.close()
+
+
+async def test_a_store_made_with_another_page_size_keeps_it_and_works(tmp_path):
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.execute("PRAGMA journal_mode=WAL")  # made before PAGE_SIZE: SQLite's 4 KiB
+    old.close()
+    store = Store(path)
+    await store.start()
+    await store.write([_insert()])
+    assert store.read("PRAGMA page_size")[0][0] == 4096
+    assert store.read("SELECT count(*) FROM channels")[0][0] == 1
     await store.close()
 
 
