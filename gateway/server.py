@@ -39,11 +39,10 @@ from gateway.protocol.scripts import address_to_script_pubkey
 from gateway.session import Session
 from gateway.settlement import Settler
 from gateway.store import Store
+from gateway.workers import LinkError, WorkerRole
 
 if TYPE_CHECKING:
     import socket
-
-    from gateway.workers import WorkerRole
 
 log = logging.getLogger(__name__)
 
@@ -246,8 +245,6 @@ class Gateway:
         the stored copy if the channel closed meanwhile (the holder kept it).
         """
         assert self.worker is not None
-        from gateway.workers import LinkError
-
         if stored.core.state not in _SETTLEABLE:
             return stored
         try:
@@ -405,7 +402,12 @@ class Gateway:
         if request.headers.get("Authorization", "") != f"Bearer {self.operator_token}":
             return _json_response(HTTPStatus.UNAUTHORIZED, {"error": "operator token required"})
         wanted = dict(p.partition("=")[::2] for p in query.split("&") if p).get("channel")
-        answers = await self.everywhere("settle", channel=wanted)
+        try:
+            # Every worker must answer: a channel's holder may be restarting.
+            answers = await self.everywhere("settle", whole=True, channel=wanted)
+        except LinkError as exc:  # one is still down (workers.WHOLE_WAIT_S)
+            message = str(exc).removeprefix("WorkersDown: ")
+            return _json_response(HTTPStatus.SERVICE_UNAVAILABLE, {"error": message})
         if all(answer is None for answer in answers):
             return _json_response(HTTPStatus.NOT_FOUND, {"error": f"no live channel {wanted}"})
         settled = [item for answer in answers if answer for item in answer]
@@ -426,11 +428,15 @@ class Gateway:
             results.append({"channel_id": live.channel_id, **closed.to_wire()})
         return results
 
-    async def everywhere(self, what: str, **args: Any) -> list[Any]:
-        """:meth:`answer` ``what`` in every worker (just here without ``--workers``)."""
+    async def everywhere(self, what: str, *, whole: bool = False, **args: Any) -> list[Any]:
+        """:meth:`answer` ``what`` in every worker (just here without ``--workers``).
+
+        ``whole``: wait for a restarting worker; see :meth:`Supervisor.everywhere`.
+        """
         if self.worker is None:
             return [await self.answer(what, args)]
-        return list(await self.worker.link.request("everywhere", what=what, args=args))
+        answers = await self.worker.link.request("everywhere", what=what, args=args, whole=whole)
+        return list(answers)
 
     async def answer(self, what: str, args: dict[str, Any]) -> Any:
         """What one gateway process answers for itself (:meth:`everywhere`, the supervisor)."""

@@ -59,6 +59,9 @@ log = logging.getLogger(__name__)
 LINK_LIMIT = 1 << 26
 #: Longest a worker may take to start (load its channels, settle what is due).
 START_TIMEOUT_S = 120.0
+#: Longest operator settlement waits for a restarting worker (restart
+#: back-off is at most 10 s, then it loads its channels).
+WHOLE_WAIT_S = 30.0
 
 Handler = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
@@ -69,6 +72,18 @@ class LinkError(RuntimeError):
 
 class WorkerStartError(RuntimeError):
     """A worker exited before it served (its log says why)."""
+
+
+class WorkersDown(RuntimeError):
+    """A request that needs every worker found one not serving."""
+
+
+@dataclass
+class _Turn:
+    """Hand-overs of one channel, one at a time (:meth:`Supervisor.acquire`)."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
 
 
 class Link:
@@ -188,9 +203,10 @@ class Supervisor:
         self._watchers: set[asyncio.Task[None]] = set()
         #: row id → worker, for channels held elsewhere than ``id % count``.
         self.moved: dict[int, int] = {}
-        #: One lock per channel ever handed over (kept: dropping one while a
-        #: waiter is being woken would let a third acquire run beside it).
-        self._locks: dict[int, asyncio.Lock] = {}
+        #: One turn per channel being handed over, dropped by its last user.
+        self._turns: dict[int, _Turn] = {}
+        #: Set while every worker serves (cleared while one is restarting).
+        self._all_serving = asyncio.Event()
         #: Set when the supervisor is stopping: a worker's exit is then expected.
         self.stopping = False
         self._started = False
@@ -315,6 +331,7 @@ class Supervisor:
         born = asyncio.get_running_loop().time()
         code = await proc.wait()
         link = self._links.pop(index, None)
+        self._note_serving()
         if link is not None:
             link.close()
         if not self._started:  # the first start failed: `gateway serve` fails
@@ -342,11 +359,12 @@ class Supervisor:
     async def _handle(self, index: int, op: str, args: dict[str, Any]) -> Any:
         if op == "ready":
             self._ready[index].set_result(None)
+            self._note_serving()
             return True
         if op == "acquire":
             return await self.acquire(index, int(args["row"]))
         if op == "everywhere":
-            return await self.everywhere(args["what"], args["args"])
+            return await self.everywhere(args["what"], args["args"], whole=args.get("whole", False))
         raise ValueError(f"unknown request {op!r}")
 
     async def acquire(self, index: int, row_id: int) -> bool:
@@ -356,7 +374,18 @@ class Supervisor:
         Raises :class:`LinkError` if the holder is alive and could not release
         it (its store write failed): it still holds the channel.
         """
-        lock = self._locks.setdefault(row_id, asyncio.Lock())
+        # No await between taking the turn and counting this user in: a turn
+        # is dropped only when nobody holds or waits for it.
+        turn = self._turns.setdefault(row_id, _Turn())
+        turn.users += 1
+        try:
+            return await self._hand_over(turn.lock, index, row_id)
+        finally:
+            turn.users -= 1
+            if turn.users == 0:
+                del self._turns[row_id]
+
+    async def _hand_over(self, lock: asyncio.Lock, index: int, row_id: int) -> bool:
         async with lock:
             holder = self.moved.get(row_id, row_id % self.count)
             if holder != index:
@@ -379,8 +408,38 @@ class Supervisor:
                     self.moved[row_id] = index
         return True
 
-    async def everywhere(self, what: str, args: dict[str, Any]) -> list[Any]:
-        """Ask every running worker ``what``; the answers of those that answered."""
+    def _down(self) -> list[int]:
+        """Workers not serving now: dead, waiting to restart, or starting."""
+        return [
+            i
+            for i in range(self.count)
+            if i not in self._links or i not in self._ready or not self._ready[i].done()
+        ]
+
+    def _note_serving(self) -> None:
+        if self._down():
+            self._all_serving.clear()
+        else:
+            self._all_serving.set()
+
+    async def everywhere(
+        self, what: str, args: dict[str, Any], *, whole: bool = False
+    ) -> list[Any]:
+        """Ask every running worker ``what``; the answers of those that answered.
+
+        ``whole``: the answer must cover every channel (operator settlement),
+        so a worker that is restarting is waited for, up to ``WHOLE_WAIT_S``;
+        raises :class:`WorkersDown` if one is still not serving then. Health
+        and the dashboard answer at once with the workers that serve.
+        """
+        if whole:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_serving.wait(), WHOLE_WAIT_S)
+            if down := self._down():
+                raise WorkersDown(
+                    f"gateway worker {', '.join(map(str, down))} is not serving "
+                    "(restarting); try again"
+                )
         answers = await asyncio.gather(
             *(link.request(what, **args) for link in list(self._links.values())),
             return_exceptions=True,
@@ -480,4 +539,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, not this copy's: run as a script this file
+    # is `__main__`, and its LinkError would not be the one gateway.server catches.
+    from gateway.workers import main as imported_main
+
+    sys.exit(imported_main())

@@ -14,6 +14,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -135,6 +136,7 @@ async def test_a_resume_on_another_worker_takes_the_channel_over(supervisor):
     (row,) = _rows(sup)
     assert row["settle_txid"] == closed.txid
     assert row["value"] - row["balance"] == channel.paid
+    assert sup._turns == {}  # nothing kept per channel once its hand-over ended
     await rpc.close()
 
 
@@ -173,6 +175,53 @@ async def test_a_killed_worker_is_started_again_and_nothing_paid_is_lost(supervi
     await again.play_and_pay("clip", chunks=2)
     closed = await again.close_channel()
     assert closed.paid == channel.paid > paid and closed.txid is not None
+    await rpc.close()
+
+
+async def test_operator_settlement_waits_for_a_restarting_holder(supervisor):
+    """Settling a channel whose holder was just killed waits for its restart
+    instead of answering "no live channel" (404)."""
+    sup = supervisor
+    _, rpc, viewer = await paying_viewer(sup, 1, chunks=8)  # past the free minute
+    cid = viewer.channel.outpoint.channel_id
+    await viewer.disconnect()
+    os.kill(sup._procs[1].pid, signal.SIGKILL)
+    while 1 in sup._links:  # the supervisor has seen it die
+        await asyncio.sleep(0.01)
+    token = (sup.datadir / "operator-token").read_text().strip()
+    url = f"{sup.urls['web']}api/admin/settle?channel={cid}"
+    answer = await asyncio.to_thread(_get, url, token)
+    (settled,) = answer["settled"]
+    assert settled["channel_id"] == cid and settled["paid"] == viewer.channel.paid > 0
+    assert settled["txid"] is not None
+    await rpc.close()
+
+
+async def test_operator_settlement_says_which_worker_is_down(supervisor, monkeypatch):
+    """A holder that does not come back in time: 503 naming it, and nothing settled."""
+    import gateway.workers
+
+    sup = supervisor
+    _, rpc, viewer = await paying_viewer(sup, 1, chunks=3)
+    cid = viewer.channel.outpoint.channel_id
+    monkeypatch.setattr(gateway.workers, "WHOLE_WAIT_S", 0.2)
+    sup.stopping = True  # no restart: worker 1 stays down
+    os.kill(sup._procs[1].pid, signal.SIGKILL)
+    while 1 in sup._links:
+        await asyncio.sleep(0.01)
+    token = (sup.datadir / "operator-token").read_text().strip()
+    request = urllib.request.Request(
+        f"{sup.urls['web']}api/admin/settle?channel={cid}",
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as failed:
+        await asyncio.to_thread(urllib.request.urlopen, request, timeout=30)
+    assert failed.value.code == 503
+    assert json.load(failed.value)["error"] == (
+        "gateway worker 1 is not serving (restarting); try again"
+    )
+    (row,) = _rows(sup)
+    assert row["channel_id"] == cid and row["settle_txid"] is None
     await rpc.close()
 
 
