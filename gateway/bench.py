@@ -50,6 +50,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -290,12 +291,22 @@ def process_tree(pid: int) -> list[int]:
     return [pid, *children]
 
 
-def tree_cpu_seconds(pids: list[int]) -> float:
-    """:func:`cpu_seconds` summed over ``pids`` (those still running)."""
+def write_bytes(pid: int) -> int:
+    """Bytes ``pid`` has sent towards the disk, counted when it dirtied them
+    (``/proc/PID/io`` ``write_bytes``: the WAL, checkpoints, logs)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("write_bytes:"):
+            return int(line.split()[1])
+    return 0
+
+
+def tree_total(pids: list[int], measure: Callable[[int], float]) -> float:
+    """``measure`` (:func:`cpu_seconds`, :func:`write_bytes`) summed over ``pids``
+    (those still running)."""
     total = 0.0
     for pid in pids:
         try:
-            total += cpu_seconds(pid)
+            total += measure(pid)
         except OSError:
             continue
     return total
@@ -598,10 +609,14 @@ async def _run(
         await lg.send({"cmd": "go", "start": start, "window": list(window)})
     await asyncio.sleep(max(0.0, window[0] - time.monotonic()))
     gateway_pids = process_tree(gateway.pid)  # the supervisor and its workers
-    cpu0, node_cpu0, wall0 = tree_cpu_seconds(gateway_pids), cpu_seconds(node.pid), time.monotonic()
+    disk0, cpu0 = tree_total(gateway_pids, write_bytes), tree_total(gateway_pids, cpu_seconds)
+    node_cpu0, wall0 = cpu_seconds(node.pid), time.monotonic()
     lg_cpu0, steal0 = sum(cpu_seconds(lg.proc.pid) for lg in loadgens), steal_seconds()
     await asyncio.sleep(max(0.0, window[1] - time.monotonic()))
-    cpu1, node_cpu1, wall1 = tree_cpu_seconds(gateway_pids), cpu_seconds(node.pid), time.monotonic()
+    cpu1, node_cpu1, wall1 = (
+        tree_total(gateway_pids, cpu_seconds), cpu_seconds(node.pid), time.monotonic()
+    )
+    disk1 = tree_total(gateway_pids, write_bytes)
     lg_cpu1, steal1 = sum(cpu_seconds(lg.proc.pid) for lg in loadgens), steal_seconds()
     rss_run = rss_bytes(gateway.pid)
     dones = await asyncio.gather(*(lg.expect("done", 120) for lg in loadgens))
@@ -673,6 +688,10 @@ async def _run(
             "rss_per_viewer_kb": round((rss_ready - rss_idle) / opts.viewers / 1024, 1),
             "store_commits_per_s": round(commits / (wall1 - wall0), 1),
             "writes_per_commit": round(requests / commits, 2) if commits else None,
+            "disk_write_mb_per_s": round((disk1 - disk0) / window_s / 1e6, 2),
+            "disk_write_bytes_per_increment": (
+                round((disk1 - disk0) / increments) if increments else None
+            ),
         },
         "load_generator_cpu_cores": round((lg_cpu1 - lg_cpu0) / window_s, 3),
         "node_cpu_cores": round((node_cpu1 - node_cpu0) / window_s, 3),
@@ -732,6 +751,8 @@ def format_table(r: dict[str, Any]) -> str:
                         f"{gw['rss_per_viewer_kb']} KB per viewer)"),
         ("group commit", f"{gw['store_commits_per_s']:,.1f} commits/s, "
                          f"{gw['writes_per_commit']} writes per commit"),
+        ("disk writes", f"{gw['disk_write_mb_per_s']} MB/s "
+                        f"({gw['disk_write_bytes_per_increment']} B per increment)"),
         ("load gen cpu", f"{r['load_generator_cpu_cores']:.2f} cores "
                          f"(node {r['node_cpu_cores']:.2f})"),
         ("cpu steal", f"{r['cpu_steal_s']} s over the window, all cores (a VM's "

@@ -43,6 +43,8 @@ def _check_common(r: dict[str, Any], viewers: int) -> None:
     assert gw["cpu_cores"] > 0 and gw["rss_mb"] >= gw["rss_idle_mb"] > 0
     assert r["cpu_steal_s"] >= 0
     assert gw["store_commits_per_s"] > 0 and gw["writes_per_commit"] >= 1
+    # Every commit appends at least a page to the WAL (DESIGN.md: real SQLite file).
+    assert gw["disk_write_bytes_per_increment"] * gw["writes_per_commit"] >= 2048
     settle = r["settle"]
     assert settle["channels"] == viewers and settle["failed"] == 0
     assert settle["settlements"] == settle["confirmed"] == viewers
