@@ -429,7 +429,8 @@ class Supervisor:
 
         ``whole``: the answer must cover every channel (operator settlement),
         so a worker that is restarting is waited for, up to ``WHOLE_WAIT_S``;
-        raises :class:`WorkersDown` if one is still not serving then. Health
+        raises :class:`WorkersDown` if one is still not serving then, or one
+        fails to answer. Health
         and the dashboard answer at once with the workers that serve.
         """
         if whole:
@@ -440,13 +441,18 @@ class Supervisor:
                     f"gateway worker {', '.join(map(str, down))} is not serving "
                     "(restarting); try again"
                 )
+        links = list(self._links.items())
         answers = await asyncio.gather(
-            *(link.request(what, **args) for link in list(self._links.values())),
-            return_exceptions=True,
+            *(link.request(what, **args) for _, link in links), return_exceptions=True
         )
-        for answer in answers:
-            if isinstance(answer, BaseException):
-                log.warning("a worker did not answer %s: %s", what, answer)
+        failed = [
+            (i, a) for (i, _), a in zip(links, answers, strict=True) if isinstance(a, Exception)
+        ]
+        for i, failure in failed:
+            log.warning("worker %d did not answer %s: %s", i, what, failure)
+        if whole and failed:  # it died meanwhile, or its settlement failed
+            i, failure = failed[0]
+            raise WorkersDown(f"gateway worker {i} failed: {failure}; try again")
         return [a for a in answers if not isinstance(a, BaseException)]
 
 

@@ -225,6 +225,25 @@ async def test_operator_settlement_says_which_worker_is_down(supervisor, monkeyp
     await rpc.close()
 
 
+async def test_operator_settlement_that_fails_in_a_worker_is_not_a_partial_answer(supervisor):
+    """With the node gone the holder cannot broadcast: 503 naming it, not a list
+    without its channel (or a 404) that reads as "nothing to settle"."""
+    sup = supervisor
+    _, rpc, viewer = await paying_viewer(sup, 0, chunks=8)
+    cid = viewer.channel.outpoint.channel_id
+    await rpc.close()
+    await sup.node.stop()
+    token = (sup.datadir / "operator-token").read_text().strip()
+    request = urllib.request.Request(
+        f"{sup.urls['web']}api/admin/settle?channel={cid}",
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as failed:
+        await asyncio.to_thread(urllib.request.urlopen, request, timeout=60)
+    assert failed.value.code == 503
+    assert json.load(failed.value)["error"].startswith("gateway worker 0 failed: ")
+
+
 def _get(url: str, token: str | None = None) -> Any:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as r:
