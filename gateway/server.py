@@ -26,7 +26,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from gateway.chain.rpc import RpcClient
+from gateway.chain.rpc import RpcClient, RpcException
 from gateway.chain.watch import ChainWatcher
 from gateway.channels import LIVE_STATES, ChannelReleased, LiveChannel, restore
 from gateway.config import Config
@@ -405,8 +405,11 @@ class Gateway:
         try:
             # Every worker must answer: a channel's holder may be restarting.
             answers = await self.everywhere("settle", whole=True, channel=wanted)
-        except LinkError as exc:  # one is still down (workers.WHOLE_WAIT_S)
+        except LinkError as exc:  # a worker is down (workers.WHOLE_WAIT_S) or failed
             message = str(exc).removeprefix("WorkersDown: ")
+            return _json_response(HTTPStatus.SERVICE_UNAVAILABLE, {"error": message})
+        except RpcException as exc:  # the node is unreachable: the settlement waits, stored
+            message = f"settling failed: {exc}; try again"
             return _json_response(HTTPStatus.SERVICE_UNAVAILABLE, {"error": message})
         if all(answer is None for answer in answers):
             return _json_response(HTTPStatus.NOT_FOUND, {"error": f"no live channel {wanted}"})

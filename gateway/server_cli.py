@@ -192,7 +192,11 @@ def _settle(args: argparse.Namespace) -> int:
             with urllib.request.urlopen(request, timeout=60) as answer:
                 result = json.load(answer)
         except urllib.error.HTTPError as exc:
-            raise CliError(json.load(exc).get("error", str(exc))) from None
+            try:
+                message = json.load(exc).get("error", str(exc))
+            except ValueError:  # not the gateway's JSON (a proxy, say)
+                message = str(exc)
+            raise CliError(message) from None
         except OSError as exc:
             raise CliError(f"cannot reach the gateway: {exc}") from None
         settled = result["settled"]

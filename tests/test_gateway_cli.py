@@ -67,6 +67,22 @@ async def test_settle_asks_the_running_gateway(gateway_factory, capsys):
     assert gw.channels[cid].core.settlement_txid is not None
 
 
+async def test_settle_that_cannot_reach_the_node_is_a_one_line_error(gateway_factory, capsys):
+    gw = await gateway_factory(limits={"resume_grace_s": 3600})
+    viewer = await _session_with_payments(gw)
+    cid = viewer.channel.outpoint.channel_id
+    import os
+
+    (gw.datadir / "gateway.json").write_text(json.dumps({"pid": os.getpid(), **gw.urls()}))
+    await gw.node.stop()  # the settlement cannot be broadcast
+    capsys.readouterr()
+    code = await asyncio.to_thread(main, ["settle", "--datadir", str(gw.datadir), cid])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert err.startswith("gateway: error: settling failed: cannot connect")
+    assert err.rstrip().endswith("; try again")
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["channels", "--datadir", str(tmp_path / "none")]) == 1
     err = capsys.readouterr().err.strip()
