@@ -82,7 +82,8 @@ their own wallet funding; then the rest during concurrent set-up, without the
 wait for the shared funding transaction), settlement of every channel (close ->
 closed) and the blocks that confirm them, the crypto ceiling (coincurve verify
 + BIP143 digest per second on one core) and the ratio to it, group commit, the
-gateway's disk writes (MB/s and bytes per increment), and the CPU time the hypervisor gave to other guests during the window (steal).
+gateway's disk writes (MB/s and bytes per increment), and the CPU time the
+hypervisor gave to other guests during the window (steal).
 
 In throughput mode every viewer has one payment in flight, so latency is
 viewers / throughput (Little's law): read latency targets from --paced runs.
