@@ -188,9 +188,8 @@ async def test_operator_settlement_waits_for_a_restarting_holder(supervisor):
     os.kill(sup._procs[1].pid, signal.SIGKILL)
     while 1 in sup._links:  # the supervisor has seen it die
         await asyncio.sleep(0.01)
-    token = (sup.datadir / "operator-token").read_text().strip()
-    url = f"{sup.urls['web']}api/admin/settle?channel={cid}"
-    answer = await asyncio.to_thread(_get, url, token)
+    status, answer = await asyncio.to_thread(_admin_settle, sup, cid)
+    assert status == 200
     (settled,) = answer["settled"]
     assert settled["channel_id"] == cid and settled["paid"] == viewer.channel.paid > 0
     assert settled["txid"] is not None
@@ -209,16 +208,8 @@ async def test_operator_settlement_says_which_worker_is_down(supervisor, monkeyp
     os.kill(sup._procs[1].pid, signal.SIGKILL)
     while 1 in sup._links:
         await asyncio.sleep(0.01)
-    token = (sup.datadir / "operator-token").read_text().strip()
-    request = urllib.request.Request(
-        f"{sup.urls['web']}api/admin/settle?channel={cid}",
-        headers={"Authorization": f"Bearer {token}"},
-    )
-    with pytest.raises(urllib.error.HTTPError) as failed:
-        await asyncio.to_thread(urllib.request.urlopen, request, timeout=30)
-    assert failed.value.code == 503
-    assert json.load(failed.value)["error"] == (
-        "gateway worker 1 is not serving (restarting); try again"
+    assert await asyncio.to_thread(_admin_settle, sup, cid) == (
+        503, {"error": "gateway worker 1 is not serving (restarting); try again"}
     )
     (row,) = _rows(sup)
     assert row["channel_id"] == cid and row["settle_txid"] is None
@@ -233,20 +224,23 @@ async def test_operator_settlement_that_fails_in_a_worker_is_not_a_partial_answe
     cid = viewer.channel.outpoint.channel_id
     await rpc.close()
     await sup.node.stop()
+    status, answer = await asyncio.to_thread(_admin_settle, sup, cid)
+    assert status == 503 and answer["error"].startswith("gateway worker 0 failed: ")
+
+
+def _admin_settle(sup: Supervisor, channel_id: str) -> tuple[int, Any]:
+    """The operator's ``/api/admin/settle?channel=`` (blocking): status and JSON body."""
     token = (sup.datadir / "operator-token").read_text().strip()
-    request = urllib.request.Request(
-        f"{sup.urls['web']}api/admin/settle?channel={cid}",
-        headers={"Authorization": f"Bearer {token}"},
-    )
-    with pytest.raises(urllib.error.HTTPError) as failed:
-        await asyncio.to_thread(urllib.request.urlopen, request, timeout=60)
-    assert failed.value.code == 503
-    assert json.load(failed.value)["error"].startswith("gateway worker 0 failed: ")
+    url = f"{sup.urls['web']}api/admin/settle?channel={channel_id}"
+    try:
+        return 200, _get(url, token, timeout=60)
+    except urllib.error.HTTPError as failed:
+        return failed.code, json.load(failed)
 
 
-def _get(url: str, token: str | None = None) -> Any:
+def _get(url: str, token: str | None = None, timeout: float = 30) -> Any:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as r:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as r:
         return json.load(r)
 
 
