@@ -408,7 +408,7 @@ class Gateway:
         except LinkError as exc:  # a worker is down (workers.WHOLE_WAIT_S) or failed
             message = str(exc).removeprefix("WorkersDown: ")
             return _json_response(HTTPStatus.SERVICE_UNAVAILABLE, {"error": message})
-        except RpcException as exc:  # the node is unreachable: the settlement waits, stored
+        except RpcException as exc:  # no node, or it refused: stored, the duty retries
             message = f"settling failed: {exc}; try again"
             return _json_response(HTTPStatus.SERVICE_UNAVAILABLE, {"error": message})
         if all(answer is None for answer in answers):
