@@ -408,25 +408,39 @@ class Gateway:
         except LinkError as exc:  # a worker is down (workers.WHOLE_WAIT_S) or failed
             message = str(exc).removeprefix("WorkersDown: ")
             return _json_response(HTTPStatus.SERVICE_UNAVAILABLE, {"error": message})
-        except RpcException as exc:  # no node, or it refused: stored, the duty retries
+        except RpcException as exc:  # no node: see settle_by_hand, nothing is lost
             message = f"settling failed: {exc}; try again"
             return _json_response(HTTPStatus.SERVICE_UNAVAILABLE, {"error": message})
         if all(answer is None for answer in answers):
             return _json_response(HTTPStatus.NOT_FOUND, {"error": f"no live channel {wanted}"})
-        settled = [item for answer in answers if answer for item in answer]
-        return _json_response(HTTPStatus.OK, {"settled": settled})
+        items = [item for answer in answers if answer for item in answer]
+        settled = [item for item in items if "error" not in item]
+        failed = [item for item in items if "error" in item]
+        return _json_response(HTTPStatus.OK, {"settled": settled, "failed": failed})
 
     async def settle_by_hand(self, channel_id: str | None) -> list[dict[str, Any]]:
-        """Settle one live channel (KeyError if unknown) or every ready one."""
+        """Settle one live channel (KeyError if unknown) or every ready one.
+
+        Settling every one goes on past a channel that failed for want of the
+        node: its item has an ``error`` instead of a ``txid``. Nothing is lost:
+        it is either still ready (the fee estimate failed first) or its
+        settlement is stored and the duty rebroadcasts it. One named channel
+        raises.
+        """
         if channel_id is not None:
             targets = [self.channels[channel_id]]
         else:
             targets = [c for c in self.channels.values() if c.core.state in _SETTLEABLE]
-        results = []
+        results: list[dict[str, Any]] = []
         for live in targets:
             try:
                 closed = await self.settler.settle(live, reason="operator")
             except ChannelReleased:  # handed to another worker meanwhile
+                continue
+            except RpcException as exc:
+                if channel_id is not None:
+                    raise
+                results.append({"channel_id": live.channel_id, "error": str(exc)})
                 continue
             results.append({"channel_id": live.channel_id, **closed.to_wire()})
         return results

@@ -199,13 +199,20 @@ def _settle(args: argparse.Namespace) -> int:
             raise CliError(message) from None
         except OSError as exc:
             raise CliError(f"cannot reach the gateway: {exc}") from None
-        settled = result["settled"]
+        items = result["settled"] + result.get("failed", [])
     else:
-        settled = asyncio.run(_settle_offline(config, args.channel))
-    for item in settled:
-        print(f"{item['channel_id']}  paid {item['paid']}  txid {item['txid'] or '-'}")
-    if not settled:
+        items = asyncio.run(_settle_offline(config, args.channel))
+    failed = [item for item in items if "error" in item]
+    for item in items:
+        if "error" in item:
+            print(f"{item['channel_id']}  failed: {item['error']}")
+        else:
+            print(f"{item['channel_id']}  paid {item['paid']}  txid {item['txid'] or '-'}")
+    if not items:
         print("nothing to settle")
+    if failed:
+        raise CliError(f"{len(failed)} channel(s) not settled for want of the node; "
+                       "nothing is lost: run it again once the node answers")
     return 0
 
 

@@ -82,6 +82,18 @@ async def test_settle_that_cannot_reach_the_node_is_a_one_line_error(gateway_fac
     assert err.startswith("gateway: error: settling failed: cannot connect")
     assert err.rstrip().endswith("; try again")
 
+    # Every channel: each one that failed is listed, and the exit says so.
+    code = await asyncio.to_thread(main, ["settle", "--datadir", str(gw.datadir)])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert captured.out.startswith(f"{cid}  failed: cannot connect")
+    assert captured.err == (
+        "gateway: error: 1 channel(s) not settled for want of the node; "
+        "nothing is lost: run it again once the node answers\n"
+    )
+    state = gw.store.read("SELECT state FROM channels WHERE channel_id = ?", (cid,))
+    assert state[0]["state"] in ("ready", "closing")  # still to settle, or stored to rebroadcast
+
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["channels", "--datadir", str(tmp_path / "none")]) == 1
