@@ -545,8 +545,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run the imported module's main, not this copy's: run as a script this file
-    # is `__main__`, and its LinkError would not be the one gateway.server catches.
-    from gateway.workers import main as imported_main
+    # As in gateway/cli.py: run as ``python -m gateway.workers`` this file is
+    # ``__main__``, and its LinkError is another class than the one
+    # gateway.server catches. The canonical module's main() uses the right one.
+    from gateway.workers import main as _main
 
-    sys.exit(imported_main())
+    sys.exit(_main())
