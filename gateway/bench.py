@@ -13,7 +13,7 @@ The coordinator (this module) starts, each in its own process:
 
 It writes a catalog item of ``--chunk-bytes`` random bytes per chunk and
 ``--chunk-ms`` per chunk, ``--rate`` sat/s, no free allowance (every chunk is
-paid, PROTOCOL.md section 7). The load generators open and fund every
+paid, protocol.md section 7). The load generators open and fund every
 channel and pre-sign increments before timing starts; then every viewer plays
 and the coordinator reads the gateway's CPU time (``/proc/PID/stat``) at the
 edges of the timed window that the load generators count events in. After the
@@ -23,7 +23,7 @@ settlement time, and one mined block must confirm every settlement.
 The raw ceiling — coincurve verifies/s and BIP143 digests/s
 (``PaymentTemplate.digest``) on one core — is measured in the same run, on the
 gateway's core while the gateway is idle, and the paid increments/s are
-reported as a fraction of it (DESIGN.md "Performance, measured not assumed").
+reported as a fraction of it (design.md "Performance, measured not assumed").
 
 With ``--pin`` (the default on a machine with two or more cores) the gateway
 runs on CPU 0 and the load generators, the node and the coordinator on the
@@ -136,7 +136,7 @@ def register_cli(sub: Any) -> None:
     parser.add_argument("--chunk-ms", type=int, metavar="D",
                         help="media ms per chunk (default 1000; paced 2000)")
     # 50 sat/s (not the demo's 2): a short run must earn each channel more than
-    # its settlement fee, or PROTOCOL.md section 3 leaves it to the refund and
+    # its settlement fee, or protocol.md section 3 leaves it to the refund and
     # there is no settlement to time.
     parser.add_argument("--rate", default="50", metavar="R",
                         help="price in sat/s of media (default 50; fractions to 0.001)")

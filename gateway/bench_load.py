@@ -11,7 +11,7 @@ Theory of operation
 
 1. The first stdin line is the configuration (:class:`LoadConfig` as JSON).
 2. Set-up, not timed: every viewer connects, says ``hello`` and ``open``s a
-   cltv channel (PROTOCOL.md section 4). All funding outputs then go into a
+   cltv channel (protocol.md section 4). All funding outputs then go into a
    few transactions with many outputs each, funded and signed by the node's
    wallet (``fundrawtransaction`` + ``signrawtransactionwithwallet``), so a
    thousand channels cost a handful of RPC calls; ``min_conf`` is 0, so each
@@ -88,7 +88,7 @@ class LoadConfig:
     viewers: int
     media: str
     #: Price of chunk k is ``ceil(k * rate_msat * chunk_ms / 1e6)`` sat in total
-    #: (PROTOCOL.md section 7 with free_ms 0); checked against ``stream``.
+    #: (protocol.md section 7 with free_ms 0); checked against ``stream``.
     rate_msat: int
     chunk_ms: int
     paced: bool

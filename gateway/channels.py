@@ -4,7 +4,7 @@ that makes each change durable.
 
 Every write here is a list of ``(sql, params)`` ops handed to
 :meth:`gateway.store.Store.write`; nothing on the per-payment path reads the
-database first (DESIGN.md, "Traps": no read-before-write).
+database first (design.md, "Traps": no read-before-write).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class LiveChannel:
     #: Bill per media (msat*ms/s): splits the server's share among publishers.
     media_bill: dict[str, int] = field(default_factory=dict)
     #: Paid (sat) as durably stored: the only figure that may release a chunk
-    #: (PROTOCOL.md section 7: persist before paid or any chunk it pays for).
+    #: (protocol.md section 7: persist before paid or any chunk it pays for).
     durable_paid: int = 0
     session: Session | None = None
     disconnected_at: float | None = None
@@ -134,7 +134,7 @@ def state_op(row_id: int, core: ServerChannel, **extra: Any) -> Op:
 
 
 def funded_op(live: LiveChannel) -> Op:
-    """Persist the funding outpoint and value (PROTOCOL.md ``fund``)."""
+    """Persist the funding outpoint and value (protocol.md ``fund``)."""
     core = live.core
     return state_op(
         live.row_id,

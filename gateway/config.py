@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class Limits:
-    """Abuse and safety limits, advertised in ``hello.limits`` (PROTOCOL.md section 6)."""
+    """Abuse and safety limits, advertised in ``hello.limits`` (protocol.md section 6)."""
 
     min_value: int = 10_000
     max_value: int = 10_000_000

@@ -4,7 +4,7 @@
 Start order (and reverse stop order): store → master key → chain (embedded
 node unless ``rpc_url`` names a bitcoind) → chain watcher → catalog →
 channels reloaded from the store → settlement duty (which settles at once
-what is due: restart recovery, PROTOCOL.md section 8) → WebSocket server.
+what is due: restart recovery, protocol.md section 8) → WebSocket server.
 
 With ``gateway serve --workers N`` each of N processes runs one of these on a
 shared socket, holding its own share of the channels (gateway/workers.py).
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PATH = "/paystream/1"
-#: Bitcoin Core's ``getblockchaininfo.chain`` → PROTOCOL.md ``hello.network``.
+#: Bitcoin Core's ``getblockchaininfo.chain`` → protocol.md ``hello.network``.
 NETWORKS = {"regtest": "regtest", "signet": "signet", "test": "testnet", "main": "main"}
 #: Client messages are small; a signed T1 in ``fund.tx`` is the largest.
 MAX_CLIENT_MESSAGE = 256 * 1024

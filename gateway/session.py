@@ -3,14 +3,14 @@
 Theory of operation
 -------------------
 
-The session reads one client message at a time (PROTOCOL.md section 4) and
+The session reads one client message at a time (protocol.md section 4) and
 answers it; media flows from a separate *streamer* task so that a ``pay`` can
 be read while a chunk waits for it. The two tasks meet at two points:
 
 * ``LiveChannel.durable_paid`` — what the store has fsync'd. The streamer
   compares a chunk's ``due`` total with it, never with the core's in-memory
   figure, so no chunk leaves before the increment that pays for it is durable
-  (section 7, DESIGN.md "Money rules").
+  (section 7, design.md "Money rules").
 * ``_paid_event`` — set by the ``pay`` handler once the increment is
   durable; the streamer then re-checks and sends the chunk, or the same
   ``due`` again for a partial payment (section 7). When the streamer is
@@ -80,7 +80,7 @@ class SessionEnd(Exception):
 
 
 class Session:
-    """The gateway's side of one WebSocket (PROTOCOL.md section 4)."""
+    """The gateway's side of one WebSocket (protocol.md section 4)."""
 
     def __init__(self, gateway: Gateway, ws: ServerConnection, peer: str) -> None:
         self.gw = gateway
@@ -108,7 +108,7 @@ class Session:
     # -- I/O ---------------------------------------------------------------------
 
     async def _send(self, *frames: Message | bytes | str) -> None:
-        """Send ``frames`` in order, in one socket write (PROTOCOL.md section 1).
+        """Send ``frames`` in order, in one socket write (protocol.md section 1).
 
         Messages and ``str`` go as text frames, ``bytes`` as binary frames.
         All of them reach the connection before the first ``await`` (the
@@ -201,7 +201,7 @@ class Session:
             raise ProtocolError(ErrorCode.BAD_STATE, f"{msg.type} is out of order")
         await handler(self, msg)
 
-    # -- opening and funding (PROTOCOL.md sections 4, 5) ---------------------------
+    # -- opening and funding (protocol.md sections 4, 5) ---------------------------
 
     def _no_channel_yet(self, what: str) -> None:
         if self._pending is not None or self.live is not None:

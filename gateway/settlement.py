@@ -1,6 +1,6 @@
 """Settlement: a background duty, not a reaction to a socket event.
 
-Theory of operation (PROTOCOL.md sections 3 and 8; DESIGN.md "Lessons")
+Theory of operation (protocol.md sections 3 and 8; design.md "Lessons")
 -----------------------------------------------------------------------
 
 Every ``settle_interval_s`` the duty looks at each live channel:

@@ -1,6 +1,6 @@
 """The channel store: one SQLite file, one write connection, group commit.
 
-Theory of operation (the datasette ``database.py`` pattern, DESIGN.md):
+Theory of operation (the datasette ``database.py`` pattern, design.md):
 
 * One write connection (WAL, ``synchronous=FULL``). Callers
   ``await store.write(ops)``; every request queued while the previous commit
@@ -8,7 +8,7 @@ Theory of operation (the datasette ``database.py`` pattern, DESIGN.md):
   the event loop's thread, then one thread does the ``COMMIT`` (one fsync)
   and every waiting future is resolved. A session therefore learns that its
   increment is durable only after the fsync, and sends ``paid`` and the chunk
-  it pays for only then (PROTOCOL.md section 7); many sessions share one fsync.
+  it pays for only then (protocol.md section 7); many sessions share one fsync.
   The running gateway's workers are the file's only writers (``gateway
   settle`` asks them over HTTP); a batch that finds another worker's write
   lock waits for it on the writer thread, never on the event loop.
@@ -16,7 +16,7 @@ Theory of operation (the datasette ``database.py`` pattern, DESIGN.md):
   beside the writer. The hot path never reads before it writes: the sessions
   hold channel state in memory and only write.
 * Schema creation uses sqlite-utils; the hot path uses plain SQL because
-  ``table.update()`` costs an extra SELECT per call (DESIGN.md, "Traps").
+  ``table.update()`` costs an extra SELECT per call (design.md, "Traps").
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ SCHEMA_VERSION = 1
 
 _CHANNELS = {
     "id": int,  # also the BIP32 child index of the channel's K2 (gateway/keys.py)
-    "channel_id": str,  # "txid:vout" once funded (PROTOCOL.md section 6, ready)
+    "channel_id": str,  # "txid:vout" once funded (protocol.md section 6, ready)
     "kind": str,
     "client_pubkey": str,
     "server_pubkey": str,
@@ -102,7 +102,7 @@ def connect(path: Path | str) -> sqlite3.Connection:
     # Only a new file takes it (a WAL database keeps the size it was made with).
     conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
     conn.execute("PRAGMA journal_mode=WAL")
-    # synchronous is per connection (DESIGN.md): FULL fsyncs the WAL on every
+    # synchronous is per connection (design.md): FULL fsyncs the WAL on every
     # commit, which is what makes "durable before paid" true.
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=5000")

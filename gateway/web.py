@@ -22,7 +22,7 @@ or ``None`` ("not mine": the server answers 404).
 * ``/api/dashboard/*`` need ``Authorization: Bearer <operator token>``:
   earnings are private. Rates are edited through the catalog API, which
   writes ``catalog.toml`` atomically; the gateway re-reads it at the next
-  ``play`` (a rate change applies to new plays, PROTOCOL.md ``stream``).
+  ``play`` (a rate change applies to new plays, protocol.md ``stream``).
 
 websockets accepts no request body, so POST endpoints take query parameters.
 """

@@ -19,7 +19,7 @@ Theory of operation:
   supervisor asks the holder to *release* it. The holder ends the old session
   (``session_replaced``) and makes the meter durable, then drops the channel
   and answers. Only then does the new holder load the channel from the store.
-  Every paid satoshi is durable before ``paid`` (PROTOCOL.md section 7), so a
+  Every paid satoshi is durable before ``paid`` (protocol.md section 7), so a
   hand-over loses nothing. The supervisor keeps the moved channels in
   memory; after a full restart every channel is back with ``id % N``.
 * **Settlement duty per holder.** A worker settles the channels it holds.

@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 
 :class:`Player` is the I/O around :class:`gateway.protocol.channel.ClientChannel`
-(the pure client state machine): it moves PROTOCOL.md messages over one
+(the pure client state machine): it moves protocol.md messages over one
 WebSocket, funds through a :class:`~player.wallet.Wallet`, and keeps every
 channel in a :class:`~player.keystore.Keystore` so a later run can resume it
 (section 5) or refund it alone (section 2). One :meth:`Player.play` call is
@@ -16,7 +16,7 @@ one session::
     play ─► stream ─► (chunk + binary | due ─► pay | paid)… ─► end
     close ─► closed                (or just disconnect with keep_open)
 
-Money rules (DESIGN.md, PROTOCOL.md section 7):
+Money rules (design.md, protocol.md section 7):
 
 - every ``due`` is checked by the channel's :class:`ClientMeter` against the
   advertised rate and the media received, never more than one chunk ahead;
@@ -108,7 +108,7 @@ DEFAULT_EXPIRY_S: Final = 24 * 3600
 REFUND_FEERATE: Final = 2
 #: Slack kept inside ``min_expiry_s`` so the gateway, checking a moment later, still accepts.
 _EXPIRY_SLACK_S: Final = 120
-#: Seconds per block when converting a height expiry (PROTOCOL.md section 6).
+#: Seconds per block when converting a height expiry (protocol.md section 6).
 _BLOCK_S: Final = 600
 #: Largest media frame accepted (a 2 s chunk of high-rate video stays far below).
 _MAX_FRAME: Final = 64 * 1024 * 1024
@@ -119,7 +119,7 @@ class PlayerError(Exception):
 
 
 class GatewayError(PlayerError):
-    """The gateway answered with a PROTOCOL.md section 9 ``error``."""
+    """The gateway answered with a protocol.md section 9 ``error``."""
 
     def __init__(self, error: Error) -> None:
         super().__init__(f"gateway error {error.code}: {error.message}")
@@ -382,7 +382,7 @@ class Player:
         try:
             return await websockets.connect(
                 self.url,
-                compression=None,  # media does not compress (DESIGN.md, "Traps")
+                compression=None,  # media does not compress (design.md, "Traps")
                 max_size=_MAX_FRAME,
                 open_timeout=self.reply_timeout,
                 user_agent_header=AGENT,
@@ -570,7 +570,7 @@ class Player:
                 "pass --wallet-rpc and --wallet-cookie to fund a new one"
             )
         limits = hello.limits
-        # Never fund more than the budget (DESIGN.md); the gateway caps the value too.
+        # Never fund more than the budget (design.md); the gateway caps the value too.
         value = min(self.budget, limits.max_value)
         if value < limits.min_value:
             raise PlayerError(
@@ -905,7 +905,7 @@ def _refund_locktime(tx: bytes) -> int:
 
 
 async def refund_channel(store: Keystore, wallet: Wallet, rec: StoredChannel) -> str:
-    """Broadcast the refund stored for ``rec`` (PROTOCOL.md section 2); return its txid.
+    """Broadcast the refund stored for ``rec`` (protocol.md section 2); return its txid.
 
     Valid once the expiry has passed (a height expiry: from block
     ``expiry + 1``; a time expiry: once median-time-past exceeds it).

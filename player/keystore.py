@@ -4,12 +4,12 @@ Theory of operation
 -------------------
 
 A viewer must be able to resume a channel in a later run and to refund it
-alone after expiry (PROTOCOL.md sections 2, 5 and 8), so everything that
+alone after expiry (protocol.md sections 2, 5 and 8), so everything that
 defines a channel lives here: the keys and expiry (its script), the funding
 outpoint and value, the signed refund (the cltv refund, or the multisig T2
 signed by the gateway before T1 was broadcast), and the latest increment.
 
-The money rule (DESIGN.md): the player persists an increment — ``seq``,
+The money rule (design.md): the player persists an increment — ``seq``,
 ``balance``, signature and its section 7 bill — durably *before* sending the
 ``pay``, so a crash can never make it sign a lower ``seq`` or a higher
 ``balance`` again. :meth:`Keystore.record_payment` commits with
@@ -53,7 +53,7 @@ class KeystoreError(Exception):
 
 
 class ChannelState:
-    """Values of :attr:`StoredChannel.state` (the player's view, PROTOCOL.md section 4)."""
+    """Values of :attr:`StoredChannel.state` (the player's view, protocol.md section 4)."""
 
     OPEN: Final = "open"  # terms accepted, not funded yet
     REFUND_SIGNED: Final = "refund_signed"  # our refund is signed and stored; T1 may be broadcast
@@ -96,7 +96,7 @@ class StoredChannel:
 
     @property
     def channel_id(self) -> str | None:
-        """``txid:vout`` once the funding output is known (PROTOCOL.md section 6)."""
+        """``txid:vout`` once the funding output is known (protocol.md section 6)."""
         return None if self.txid is None else f"{self.txid}:{self.vout}"
 
     @property
@@ -159,7 +159,7 @@ class Keystore:
             os.close(fd)
             os.chmod(self.path, 0o600)
             self._db = sqlite3.connect(self.path, isolation_level=None)
-            # WAL + synchronous=FULL: every commit is fsync'd (DESIGN.md, "Traps").
+            # WAL + synchronous=FULL: every commit is fsync'd (design.md, "Traps").
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)

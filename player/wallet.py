@@ -8,7 +8,7 @@ Bitcoin Core RPCs:
 - T1 is always *signed but not broadcast* first (:meth:`Wallet.build_funding_tx`:
   ``fundrawtransaction`` adds inputs and change, ``signrawtransactionwithwallet``
   signs), so the player stores it with its refund before any coin moves.
-- ``cltv`` (PROTOCOL.md section 2): the client signs its refund alone, so
+- ``cltv`` (protocol.md section 2): the client signs its refund alone, so
   any coins will do.
 - ``multisig``: the gateway signs the refund T2 before T1 is broadcast, and
   T1 must spend only segwit outputs so its txid cannot be changed by anyone
@@ -39,7 +39,7 @@ __all__ = ["COIN", "FundingTx", "Wallet", "WalletError", "chain_to_network", "is
 COIN: Final = 100_000_000
 _SEQUENCE_RBF: Final = 0xFFFFFFFD
 
-#: ``getblockchaininfo.chain`` -> ``hello.network`` (PROTOCOL.md section 6).
+#: ``getblockchaininfo.chain`` -> ``hello.network`` (protocol.md section 6).
 _CHAINS: Final = {
     "regtest": "regtest",
     "signet": "signet",
@@ -54,7 +54,7 @@ class WalletError(Exception):
 
 
 def chain_to_network(chain: str) -> str:
-    """Map Bitcoin Core's chain name to a PROTOCOL.md network name."""
+    """Map Bitcoin Core's chain name to a protocol.md network name."""
     try:
         return _CHAINS[chain]
     except KeyError:
@@ -106,7 +106,7 @@ class Wallet:
             raise WalletError(f"wallet RPC {method} failed: {exc}") from None
 
     async def network(self) -> str:
-        """The wallet's network, as PROTOCOL.md names it."""
+        """The wallet's network, as protocol.md names it."""
         info = await self._call("getblockchaininfo")
         return chain_to_network(str(info.get("chain")))
 
@@ -149,7 +149,7 @@ class Wallet:
         whose refund T2 spends T1 by txid) it preselects confirmed segwit
         coins covering ``value``, lets the wallet add fee inputs and change,
         signs, and checks that every input has a witness, so no one can
-        change T1's txid (PROTOCOL.md section 2). ``segwit_only=False``
+        change T1's txid (protocol.md section 2). ``segwit_only=False``
         (cltv, whose refund the client signs after T1 is final) hands the
         wallet an input-less template, as ``createrawtransaction`` +
         ``fundrawtransaction`` do, and lets it pick any coins.

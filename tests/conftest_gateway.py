@@ -1,7 +1,7 @@
 """Fixtures for gateway tests: real media (PyAV), a real gateway with its
 embedded node on 127.0.0.1 port 0, and a small protocol-level test viewer.
 
-``Viewer`` is the test's own client: it speaks PROTOCOL.md through the pure
+``Viewer`` is the test's own client: it speaks protocol.md through the pure
 ``ClientChannel`` over a real WebSocket and funds from the node's faucet
 wallet over real JSON-RPC, so tests can send exactly the (bad) messages they
 need. The shipped player (``player play``) is exercised by the end-to-end

@@ -1,7 +1,7 @@
 """A ClientChannel and a ServerChannel joined in memory (h11's ConnectionPair).
 
 Every message between them goes through ``encode`` and the real parser, so
-the pair also exercises PROTOCOL.md's wire shapes. :meth:`ChannelPair.play`
+the pair also exercises protocol.md's wire shapes. :meth:`ChannelPair.play`
 is a minimal gateway loop of section 7 (quote, ``due``, ``pay``, ``paid``,
 chunk, commit) with the money invariants asserted at every step.
 """

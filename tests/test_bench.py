@@ -3,7 +3,7 @@
 The bench starts a real node, a real gateway and a load generator as
 processes. These tests check that every figure is present and sane — counts
 add up, percentiles are ordered, every settlement is confirmed — and never
-assert a timing (benchmarks live in the CLI, not in timed tests: DESIGN.md).
+assert a timing (benchmarks live in the CLI, not in timed tests: design.md).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _check_common(r: dict[str, Any], viewers: int) -> None:
     assert gw["cpu_cores"] > 0 and gw["rss_mb"] >= gw["rss_idle_mb"] > 0
     assert r["cpu_steal_s"] >= 0
     assert gw["store_commits_per_s"] > 0 and gw["writes_per_commit"] >= 1
-    # Every commit appends at least a page to the WAL (DESIGN.md: real SQLite file).
+    # Every commit appends at least a page to the WAL (design.md: real SQLite file).
     assert gw["disk_write_bytes_per_increment"] * gw["writes_per_commit"] >= 2048
     settle = r["settle"]
     assert settle["channels"] == viewers and settle["failed"] == 0

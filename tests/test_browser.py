@@ -4,7 +4,7 @@ A viewer opens ``/watch/clip`` (12 s of fMP4 H.264/AAC, 3 s free, 300 sat/s),
 confirms a budget, funds from the demo faucet, plays past the free allowance
 into paid time through MediaSource, leaves the page, and the settlement
 transaction mined in a block pays the gateway exactly what the overlay showed
-(PROTOCOL.md sections 3, 7 and 8).
+(protocol.md sections 3, 7 and 8).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Hypothesis drives random sequences of valid and invalid messages at the pair.
 
-Invariants (DESIGN.md "Money rules", PROTOCOL.md sections 7 and 9), checked
+Invariants (design.md "Money rules", protocol.md sections 7 and 9), checked
 after every step:
 
 - the recorded balance never rises and ``seq`` strictly rises;

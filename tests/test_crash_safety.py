@@ -1,4 +1,4 @@
-"""Crash safety (DESIGN.md "Money rules", PROTOCOL.md section 7): the gateway
+"""Crash safety (design.md "Money rules", protocol.md section 7): the gateway
 process is killed with SIGKILL mid-stream at random points, 20 times, and
 restarted on the same data dir. After every restart:
 

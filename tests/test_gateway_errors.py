@@ -1,4 +1,4 @@
-"""Every PROTOCOL.md section 9 error the gateway sends, over a real socket,
+"""Every protocol.md section 9 error the gateway sends, over a real socket,
 with the session and channel state unchanged afterwards (the client can go
 on with a correct message)."""
 

@@ -1,5 +1,5 @@
 """The gateway over a real socket with its real embedded node: open, fund,
-free chunks, paid chunks, close and settlement (PROTOCOL.md sections 4-8)."""
+free chunks, paid chunks, close and settlement (protocol.md sections 4-8)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Settlement as a background duty (PROTOCOL.md section 8): after a disconnect
+"""Settlement as a background duty (protocol.md section 8): after a disconnect
 and the resume grace, before expiry without the viewer, across a resume, and
 split among publishers (section 3) — each checked in a block mined by the
 embedded node, whose blocks libbitcoinkernel validates."""

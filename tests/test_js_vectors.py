@@ -2,7 +2,7 @@
 must produce exactly what the Python core produces for the same keys and inputs.
 
 ``build_vectors()`` makes ``tests/vectors/t3.json`` from the Python core:
-channel scripts and addresses (PROTOCOL.md section 2), T3 digests and RFC 6979
+channel scripts and addresses (protocol.md section 2), T3 digests and RFC 6979
 signatures (section 3), resume proofs (section 5) and the client's metering
 figures (section 7). The checked-in file must equal a fresh build, and node's
 test runner (player/web/test/vectors.test.js) checks the JavaScript against it.

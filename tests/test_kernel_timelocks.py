@@ -3,8 +3,8 @@
 Each test runs its own chainstate in a temp dir (``gateway.chain.kernel``)
 and builds blocks with ``gateway.chain.blocks``. The kernel accepts or
 refuses whole blocks: a block that fails while connecting returns normally
-and the tip does not move, so every step compares the tip (DESIGN.md,
-"Traps"). PROTOCOL.md section 2: a refund with nLockTime ``E`` first fits
+and the tip does not move, so every step compares the tip (design.md,
+"Traps"). protocol.md section 2: a refund with nLockTime ``E`` first fits
 in block ``E + 1`` (height) or once median-time-past exceeds ``E`` (time).
 """
 

@@ -82,7 +82,7 @@ def _decode(data: bytes) -> dict[str, list[float]]:
 
 
 def _check_chunks(manifest: Manifest, *, video: bool) -> None:
-    """Chunk rules of PROTOCOL.md section 7, and each chunk decoding alone."""
+    """Chunk rules of protocol.md section 7, and each chunk decoding alone."""
     chunks = manifest.chunks
     assert [c.index for c in chunks] == list(range(len(chunks)))
     assert sum(c.duration_ms for c in chunks) == manifest.duration_ms
@@ -135,7 +135,7 @@ def test_segment_music(sources: dict[str, Path], tmp_path: Path) -> None:
 def test_segment_scales_odd_and_large_video(tmp_path: Path) -> None:
     # 4:2:0 needs even sizes, and big input is scaled to MAX_HEIGHT (720).
     # The input is intra-only: every decoded frame says "I", which the
-    # segmenter must ignore to keep one-second GOPs (DESIGN.md, PyAV traps).
+    # segmenter must ignore to keep one-second GOPs (design.md, PyAV traps).
     source = tmp_path / "big.mp4"
     with av.open(str(source), "w") as out:
         stream = out.add_stream("mpeg4", rate=10)

@@ -1,4 +1,4 @@
-"""PROTOCOL.md sections 1, 5, 6: every message parses, validates and round-trips."""
+"""protocol.md sections 1, 5, 6: every message parses, validates and round-trips."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PROTOCOL.md section 7: the metering arithmetic on both ends."""
+"""protocol.md section 7: the metering arithmetic on both ends."""
 
 from __future__ import annotations
 

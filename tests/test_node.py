@@ -167,7 +167,7 @@ async def test_relay_policy(rpc: RpcClient) -> None:
 
 
 def cltv_script(client: bytes, server: bytes, expiry: int) -> bytes:
-    """PROTOCOL.md section 2's ``cltv`` witness script, built by hand."""
+    """protocol.md section 2's ``cltv`` witness script, built by hand."""
     return (
         OP_IF + push_data(server) + OP_CHECKSIGVERIFY + OP_ELSE + push_int(expiry)
         + OP_CLTV + OP_DROP + OP_ENDIF + push_data(client) + OP_CHECKSIG

@@ -1,7 +1,7 @@
 """The Python player: keystore, wallet funding on the real embedded node, the message loop.
 
 The gateway here is :class:`FakeGateway`, a deliberately small FAKE that speaks
-PROTOCOL.md over real WebSockets on 127.0.0.1:0 using the real pure core
+protocol.md over real WebSockets on 127.0.0.1:0 using the real pure core
 (``ServerChannel``, ``ServerMeter``) but no chain, no store and no settlement:
 it reads the funding output from ``fund.tx``, answers ``close`` with
 ``closed`` (``txid`` null) and can be told to overcharge. The real gateway is

@@ -1,4 +1,4 @@
-"""Channel scripts, P2WSH and addresses (PROTOCOL.md section 2; BIP173/BIP350)."""
+"""Channel scripts, P2WSH and addresses (protocol.md section 2; BIP173/BIP350)."""
 
 from __future__ import annotations
 

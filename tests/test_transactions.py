@@ -1,4 +1,4 @@
-"""T2 refunds, the T3 template and settlements (PROTOCOL.md sections 2 and 3).
+"""T2 refunds, the T3 template and settlements (protocol.md sections 2 and 3).
 
 Every transaction built here is checked by libbitcoinkernel
 (``ScriptPubkey.verify`` with all flags and the spent outputs), never by

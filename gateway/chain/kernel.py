@@ -7,7 +7,7 @@ Two jobs, both delegated to Bitcoin Core's own consensus code:
   parent, bad coinbase height, timestamp) and silently refuses others (a block
   that fails while connecting: bad script, failed CLTV, spent input), so
   acceptance is decided by comparing the tip before and after, and the reason
-  is read from the kernel's log (DESIGN.md, "Traps already found here").
+  is read from the kernel's log (design.md, "Traps already found here").
 - ``verify_input``: one input through ``ScriptPubkey.verify`` with all
   consensus flags and the spent outputs (``PrecomputedTransactionData``),
   raising ``ScriptVerifyError`` with a Bitcoin Core-like reason.

@@ -6,7 +6,7 @@ Layout of a media directory (``media/`` by default)::
     <item id>/            one directory per item, written by the segmenter:
         manifest.json       chunk times and sizes, MIME type, total duration
         init.mp4            initialization segment (index -1, always free)
-        chunk-00000.m4s     1-2 s media segments (PROTOCOL.md section 7)
+        chunk-00000.m4s     1-2 s media segments (protocol.md section 7)
     .sources/             sample sources made by ``gateway media sample``
 
 ``catalog.toml``::
@@ -20,7 +20,7 @@ Layout of a media directory (``media/`` by default)::
     publisher = "demo"
     rate_msat = 2000                # msat per second of media: authoritative
     rate = 2                        # the same in sat/s, for people; may be alone
-    free_ms = 60000                 # PROTOCOL.md section 7, default 60 000
+    free_ms = 60000                 # protocol.md section 7, default 60 000
     source = "/path/to/input.mp4"
     dir = "sample-video"
 
@@ -51,12 +51,12 @@ from gateway.media.segment import ChunkInfo, Manifest, MediaError, segment
 from gateway.protocol.scripts import NETWORKS, address_to_script_pubkey
 
 CATALOG_NAME = "catalog.toml"
-#: PROTOCOL.md section 7: the first minute of each media is free by default.
+#: protocol.md section 7: the first minute of each media is free by default.
 DEFAULT_FREE_MS = 60_000
 #: Publisher and item ids: lowercase, a leading letter or digit (so they can
 #: never name the hidden ``.staging-*`` and ``.sources`` directories).
 _ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
-#: PROTOCOL.md section 1: integers on the wire stay within 2^53 - 1.
+#: protocol.md section 1: integers on the wire stay within 2^53 - 1.
 _MAX_INT = 2**53 - 1
 
 
@@ -380,7 +380,7 @@ def set_price(
 ) -> MediaItem | None:
     """Change an item's rate (and free allowance) in catalog.toml; None if no such item.
 
-    Plays already started keep the rate they were quoted (PROTOCOL.md
+    Plays already started keep the rate they were quoted (protocol.md
     section 6, ``stream``); new plays get the new one.
     """
     with _writer_lock(media_dir):

@@ -9,7 +9,7 @@ H.264 (libx264) + AAC-LC, or AAC-LC alone for music:
   no scene-cut keyframes, no B-frames) and every decoded frame's
   ``pict_type`` is cleared first: decoders and synthetic test patterns mark
   frames as I-frames, and libx264 honours that, which would give one
-  fragment per frame (DESIGN.md, PyAV traps).
+  fragment per frame (design.md, PyAV traps).
 * The muxer runs with ``empty_moov+default_base_moof``: the ``moov`` holds
   no samples and every ``moof`` carries its own ``tfdt``, which is what
   MediaSource needs (ISO BMFF byte stream format: an initialization segment
@@ -21,11 +21,11 @@ The muxed file is then split at top-level boxes: everything before the first
 ``moof`` is the init segment, and each ``moof`` with the boxes after it is a
 fragment. Fragments are timed by demuxing the file once and mapping each
 packet's byte position to its fragment, then grouped into chunks of 1-2 s of
-media time (PROTOCOL.md section 7); only the last chunk may be shorter. Each
+media time (protocol.md section 7); only the last chunk may be shorter. Each
 chunk therefore starts with a keyframe and decodes alone after the init
 segment.
 
-Chunk times are integer milliseconds (PROTOCOL.md section 1): chunk ``i``
+Chunk times are integer milliseconds (protocol.md section 1): chunk ``i``
 starts where chunk ``i - 1`` ends, so durations sum exactly to the total.
 """
 
@@ -47,7 +47,7 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 INIT_NAME = "init.mp4"
 
-#: PROTOCOL.md section 7: media is cut into chunks of 1-2 s.
+#: protocol.md section 7: media is cut into chunks of 1-2 s.
 MIN_CHUNK_MS = 1000
 MAX_CHUNK_MS = 2000
 
@@ -274,7 +274,7 @@ class _VideoEncoder:
         out_frame = frame.reformat(self.stream.width, self.stream.height, "yuv420p")
         out_frame.pts = pts
         out_frame.time_base = 1 / self.fps
-        # Let the GOP decide keyframes (DESIGN.md, PyAV traps).
+        # Let the GOP decide keyframes (design.md, PyAV traps).
         out_frame.pict_type = PictureType.NONE
         self.next_pts = pts + 1
         self.out.mux(self.stream.encode(out_frame))

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 
-A payment channel (PROTOCOL.md sections 2-5, 8) moves through one lifecycle,
+A payment channel (protocol.md sections 2-5, 8) moves through one lifecycle,
 seen from each end::
 
     OPEN ──refund──► REFUND_SIGNED ──fund──┐        (multisig)
@@ -112,7 +112,7 @@ __all__ = [
     "resume_digest",
 ]
 
-#: Tag of the resume proof digest (PROTOCOL.md section 5).
+#: Tag of the resume proof digest (protocol.md section 5).
 RESUME_TAG: Final = b"paystream/1 resume"
 #: Seconds per block when converting a height expiry (section 6).
 _BLOCK_S: Final = 600
@@ -257,7 +257,7 @@ def resume_digest(channel_id: str, nonce: bytes) -> bytes:
 
 
 def is_expiring(expiry: int, settle_margin_s: int, now: int, tip_height: int) -> bool:
-    """True once payments must stop (PROTOCOL.md section 8).
+    """True once payments must stop (protocol.md section 8).
 
     Time expiry: ``now ≥ expiry - settle_margin_s``. Height expiry: the next
     block's height ``tip_height + 1 ≥ expiry - ceil(settle_margin_s / 600)``.

@@ -1,4 +1,4 @@
-"""Protocol errors: the one error shape of PROTOCOL.md section 9.
+"""Protocol errors: the one error shape of protocol.md section 9.
 
 Hierarchy::
 
@@ -8,7 +8,7 @@ Hierarchy::
 The pure core raises :class:`ProtocolError` for anything the peer got wrong;
 the I/O layer turns it into an ``error`` message. Internal failures are not
 ``ProtocolError``: the I/O layer answers them with ``internal`` and never
-sends their text to the peer (PROTOCOL.md section 9).
+sends their text to the peer (protocol.md section 9).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from enum import StrEnum
 
 
 class ErrorCode(StrEnum):
-    """Every ``error.code`` of PROTOCOL.md section 9."""
+    """Every ``error.code`` of protocol.md section 9."""
 
     BAD_MESSAGE = "bad_message"
     UNSUPPORTED_VERSION = "unsupported_version"
@@ -43,7 +43,7 @@ class ErrorCode(StrEnum):
     INTERNAL = "internal"
 
 
-#: Codes that always close the session (PROTOCOL.md section 9: errors that
+#: Codes that always close the session (protocol.md section 9: errors that
 #: answer ``pay``/``play``/``stop`` on a ready channel are never fatal).
 FATAL_BY_DEFAULT = frozenset({ErrorCode.UNSUPPORTED_VERSION, ErrorCode.SESSION_REPLACED})
 
@@ -62,7 +62,7 @@ class ProtocolError(Exception):
         self.fatal = code in FATAL_BY_DEFAULT if fatal is None else fatal
 
     def to_wire(self) -> dict[str, object]:
-        """The ``error`` message of PROTOCOL.md section 6 for this error."""
+        """The ``error`` message of protocol.md section 6 for this error."""
         return {
             "type": "error",
             "code": self.code.value,

@@ -1,9 +1,9 @@
-"""Every PROTOCOL.md message as a frozen dataclass: parse, validate, encode.
+"""Every protocol.md message as a frozen dataclass: parse, validate, encode.
 
 Theory of operation
 -------------------
 
-A text frame is one JSON object with a string ``type`` (PROTOCOL.md section 1).
+A text frame is one JSON object with a string ``type`` (protocol.md section 1).
 :func:`parse_client_message` (used by the gateway) and
 :func:`parse_server_message` (used by the player) turn a frame into one of the
 dataclasses below or raise :class:`~gateway.protocol.errors.ProtocolError`
@@ -83,9 +83,9 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION: Final = 1
-#: Largest amount in satoshi (PROTOCOL.md section 1: 21 million BTC).
+#: Largest amount in satoshi (protocol.md section 1: 21 million BTC).
 MAX_MONEY: Final = 2_100_000_000_000_000
-#: Largest non-amount integer (PROTOCOL.md section 1: 2^53 - 1, exact in JSON doubles).
+#: Largest non-amount integer (protocol.md section 1: 2^53 - 1, exact in JSON doubles).
 MAX_INT: Final = 2**53 - 1
 
 # Size caps (bytes after hex decoding). They bound hostile input only: a
@@ -109,7 +109,7 @@ _CHANNEL_ID = re.compile(r"[0-9a-f]{64}:(?:0|[1-9][0-9]{0,15})").fullmatch
 
 
 class ChannelKind:
-    """The two channel script kinds of PROTOCOL.md section 2."""
+    """The two channel script kinds of protocol.md section 2."""
 
     CLTV: Final = "cltv"
     MULTISIG: Final = "multisig"
@@ -361,7 +361,7 @@ def _check_version(label: str, version: int) -> None:
         )
 
 
-# -- client to gateway (PROTOCOL.md section 5) ------------------------------
+# -- client to gateway (protocol.md section 5) ------------------------------
 
 
 @_message("hello")
@@ -450,7 +450,7 @@ class Close(Message):
     """Settle now."""
 
 
-# -- gateway to client (PROTOCOL.md section 6) ------------------------------
+# -- gateway to client (protocol.md section 6) ------------------------------
 
 
 @_wire("hello.limits")
@@ -702,7 +702,7 @@ def _parse(text: str | bytes, table: dict[str, type[Message]]) -> Any:
 
 
 def parse_client_message(text: str | bytes) -> ClientMessage:
-    """Parse one client-to-gateway text frame (PROTOCOL.md section 5).
+    """Parse one client-to-gateway text frame (protocol.md section 5).
 
     Raises :class:`ProtocolError` (``bad_message``, or ``unsupported_version``
     for a ``hello`` of another version) and nothing else.
@@ -712,7 +712,7 @@ def parse_client_message(text: str | bytes) -> ClientMessage:
 
 
 def parse_server_message(text: str | bytes) -> ServerMessage:
-    """Parse one gateway-to-client text frame (PROTOCOL.md section 6).
+    """Parse one gateway-to-client text frame (protocol.md section 6).
 
     Raises :class:`ProtocolError` (``bad_message``, or ``unsupported_version``
     for a ``hello`` of another version) and nothing else.

@@ -1,4 +1,4 @@
-"""Metering: the price of each chunk, exactly as PROTOCOL.md section 7 says.
+"""Metering: the price of each chunk, exactly as protocol.md section 7 says.
 
 Theory of operation
 -------------------

@@ -1,4 +1,4 @@
-"""Channel witness scripts, P2WSH outputs and addresses (PROTOCOL.md section 2).
+"""Channel witness scripts, P2WSH outputs and addresses (protocol.md section 2).
 
 The funding output of T1 is P2WSH (BIP141) of one of two witness scripts:
 
@@ -60,7 +60,7 @@ __all__ = [
 
 Kind = Literal["cltv", "multisig"]
 
-#: Channel kinds of PROTOCOL.md section 2; ``cltv`` is the default.
+#: Channel kinds of protocol.md section 2; ``cltv`` is the default.
 KINDS: tuple[str, ...] = ("cltv", "multisig")
 
 #: nLockTime values below this are block heights, others unix times (BIP65).
@@ -74,7 +74,7 @@ class _Network:
     p2sh_version: int
 
 
-#: Address parameters per ``hello.network`` value (PROTOCOL.md section 6).
+#: Address parameters per ``hello.network`` value (protocol.md section 6).
 NETWORKS: dict[str, _Network] = {
     "main": _Network("bc", 0x00, 0x05),
     "testnet": _Network("tb", 0x6F, 0xC4),
@@ -111,7 +111,7 @@ def _check_expiry(expiry: int) -> None:
 
 
 def cltv_witness_script(client_pubkey: bytes, server_pubkey: bytes, expiry: int) -> bytes:
-    """The ``cltv`` witness script of PROTOCOL.md section 2.
+    """The ``cltv`` witness script of protocol.md section 2.
 
     ``expiry`` is pushed as a minimal script number (BIP62 rule 3/4), which
     python-bitcoinlib's integer coercion produces.
@@ -138,7 +138,7 @@ def cltv_witness_script(client_pubkey: bytes, server_pubkey: bytes, expiry: int)
 
 
 def multisig_witness_script(client_pubkey: bytes, server_pubkey: bytes) -> bytes:
-    """The ``multisig`` witness script of PROTOCOL.md section 2 (K1 first)."""
+    """The ``multisig`` witness script of protocol.md section 2 (K1 first)."""
     _check_key(client_pubkey, "client")
     _check_key(server_pubkey, "server")
     return bytes(CScript([OP_2, client_pubkey, server_pubkey, OP_2, OP_CHECKMULTISIG]))
@@ -216,7 +216,7 @@ def _is_p2sh(spk: bytes) -> bool:
 def is_standard_output_script(spk: bytes) -> bool:
     """True for P2PKH, P2SH, P2WPKH, P2WSH and P2TR output scripts.
 
-    These are the output types any wallet pays to; PROTOCOL.md section 9
+    These are the output types any wallet pays to; protocol.md section 9
     answers any other ``change_script`` with ``bad_script``.
     """
     if _is_p2pkh(spk) or _is_p2sh(spk):
@@ -292,7 +292,7 @@ class ChannelScript:
     def make(
         cls, kind: str, client_pubkey: bytes, server_pubkey: bytes, expiry: int
     ) -> ChannelScript:
-        """Build the channel script of ``kind`` (PROTOCOL.md section 2).
+        """Build the channel script of ``kind`` (protocol.md section 2).
 
         ``expiry`` is in the witness script only for ``cltv``; a multisig
         channel's expiry is the nLockTime of its refund T2.
@@ -318,7 +318,7 @@ class ChannelScript:
 
     @property
     def is_height_expiry(self) -> bool:
-        """True if the expiry is a block height (PROTOCOL.md section 2)."""
+        """True if the expiry is a block height (protocol.md section 2)."""
         return is_height_expiry(self.expiry)
 
     def address(self, network: str) -> str:

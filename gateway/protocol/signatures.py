@@ -2,7 +2,7 @@
 
 Every transaction signature on the wire is strict DER (BIP66), low S
 (BIP62/BIP146 ``LOW_S``), followed by one sighash-type byte; signers sign the
-32-byte digest as is, with no further hashing (PROTOCOL.md section 1).
+32-byte digest as is, with no further hashing (protocol.md section 1).
 
 Signing is RFC 6979 deterministic (libsecp256k1's default nonce), so the
 same key, digest and balance always give the same bytes. Verification parses
@@ -83,7 +83,7 @@ def is_low_s_der(der: bytes) -> bool:
 def check_der_low_s(der: bytes) -> None:
     """Raise ``non_canonical_signature`` unless ``der`` is strict DER, low S.
 
-    PROTOCOL.md section 1 and section 9: a signature that is not strict DER
+    protocol.md section 1 and section 9: a signature that is not strict DER
     (BIP66) or has a high S (BIP62/BIP146) is ``non_canonical_signature``.
     """
     s = _der_s(der)

@@ -1,6 +1,6 @@
 """Channel transactions: T2 refund, T3 payment template, settlement.
 
-PROTOCOL.md sections 2 and 3. Serialisation goes through python-bitcoinlib
+protocol.md sections 2 and 3. Serialisation goes through python-bitcoinlib
 (``CTransaction`` and friends); signatures through coincurve
 (:mod:`gateway.protocol.signatures`). Nothing here validates scripts: that is
 libbitcoinkernel's job, in the tests and in the node.
@@ -77,9 +77,9 @@ __all__ = [
     "txid_of",
 ]
 
-#: The dust limit of PROTOCOL.md v1 (section 3), fixed.
+#: The dust limit of protocol.md v1 (section 3), fixed.
 DUST_LIMIT = 546
-#: 21 million bitcoin in satoshi: the largest amount (PROTOCOL.md section 1).
+#: 21 million bitcoin in satoshi: the largest amount (protocol.md section 1).
 MAX_MONEY = 2_100_000_000_000_000
 #: Sighash type of a T3 signature while ``balance > 0`` (section 3).
 PAYMENT_SIGHASH = SIGHASH_SINGLE | SIGHASH_ANYONECANPAY  # 0x83
@@ -169,7 +169,7 @@ class Outpoint:
 
     @property
     def channel_id(self) -> str:
-        """``txid:vout``, the channel id of PROTOCOL.md sections 5 and 6."""
+        """``txid:vout``, the channel id of protocol.md sections 5 and 6."""
         return f"{self.txid}:{self.vout}"
 
     @classmethod
@@ -193,7 +193,7 @@ class Outpoint:
 
 
 class PaymentTemplate:
-    """The T3 template of PROTOCOL.md section 3 for one channel.
+    """The T3 template of protocol.md section 3 for one channel.
 
     ``digest(balance)`` is the BIP143 sighash of input 0 that the client
     signs for ``balance``; every part that does not depend on the balance is
@@ -299,7 +299,7 @@ def sign_payment(template: PaymentTemplate, client_privkey: bytes, balance: int)
 def check_payment_signature(
     template: PaymentTemplate, balance: int, sig: bytes, verifier: Verifier
 ) -> None:
-    """Check a ``pay.sig`` in PROTOCOL.md section 9 order.
+    """Check a ``pay.sig`` in protocol.md section 9 order.
 
     Encoding and sighash type first (``non_canonical_signature``), then the
     signature itself (``bad_signature``). ``verifier`` is the client key's
@@ -358,7 +358,7 @@ def _vsize(tx: CTransaction) -> int:
 def _cooperative_witness(
     script: ChannelScript, client_sig: bytes, server_sig: bytes
 ) -> list[bytes]:
-    # PROTOCOL.md section 2: cltv `<sig_K1> <sig_K2> 01 <script>` (OP_IF takes
+    # protocol.md section 2: cltv `<sig_K1> <sig_K2> 01 <script>` (OP_IF takes
     # the true branch); multisig `<> <sig_K1> <sig_K2> <script>` (the empty
     # element is CHECKMULTISIG's dummy, BIP147 NULLDUMMY).
     if script.kind == "cltv":
@@ -403,7 +403,7 @@ def build_settlement(
     feerate_sat_vb: float | int | Decimal | Fraction,
     min_relay_sat_vb: float | int | Decimal | Fraction = 1,
 ) -> Settlement | None:
-    """The settlement of PROTOCOL.md section 3, or None to broadcast nothing.
+    """The settlement of protocol.md section 3, or None to broadcast nothing.
 
     The client is paid exactly ``balance`` in output 0 (absent at 0). The
     server's share ``value - balance`` pays the fee at ``feerate_sat_vb`` on
@@ -469,7 +469,7 @@ def build_settlement(
         fee = needed
 
     # Case 2: no server output, the whole share is fee. Nothing was paid
-    # (share 0) means nothing to settle (PROTOCOL.md section 8).
+    # (share 0) means nothing to settle (protocol.md section 8).
     if share <= 0:
         return None
     outputs = client_outputs or [(_NULL_OUTPUT_SCRIPT, 0)]
@@ -483,7 +483,7 @@ def build_settlement(
 
 
 def check_refund_t2(tx: bytes, script: ChannelScript, value: int) -> Outpoint:
-    """Check a multisig refund T2 against PROTOCOL.md section 2; its outpoint.
+    """Check a multisig refund T2 against protocol.md section 2; its outpoint.
 
     Version 2, exactly one input with nSequence 0xfffffffe, nLockTime equal
     to the channel's expiry, at least one output, outputs totalling at most
@@ -606,7 +606,7 @@ def find_funding_output(tx: bytes, script_pubkey: bytes) -> tuple[int, int]:
     """(vout, value) of the first output of ``tx`` paying ``script_pubkey``.
 
     ``bad_message`` if ``tx`` is not a transaction, ``funding_mismatch`` if
-    no output pays the script (PROTOCOL.md section 5, ``fund``).
+    no output pays the script (protocol.md section 5, ``fund``).
     """
     try:
         parsed = parse_tx(tx)

@@ -13,12 +13,12 @@ import { bech32 } from '@scure/base';
 
 export { bytesToHex, hexToBytes };
 
-/** PROTOCOL.md section 3: T3 sighash types. */
+/** protocol.md section 3: T3 sighash types. */
 export const SIGHASH_SINGLE_ACP = 0x83;
 export const SIGHASH_NONE_ACP = 0x82;
-/** PROTOCOL.md section 3: a balance is 0 or at least the v1 dust limit. */
+/** protocol.md section 3: a balance is 0 or at least the v1 dust limit. */
 export const DUST_LIMIT = 546;
-/** PROTOCOL.md section 5: tag of the resume proof digest. */
+/** protocol.md section 5: tag of the resume proof digest. */
 export const RESUME_TAG = 'paystream/1 resume';
 const BILL_PER_SAT = 1_000_000n; // bill is msat*ms/s (metering.py)
 const HRP = { main: 'bc', testnet: 'tb', signet: 'tb', regtest: 'bcrt' };
@@ -70,7 +70,7 @@ function checkKey(pub, who) {
   }
 }
 
-/** PROTOCOL.md section 2, kind `cltv` (BIP65). */
+/** protocol.md section 2, kind `cltv` (BIP65). */
 export function cltvWitnessScript(clientPub, serverPub, expiry) {
   checkKey(clientPub, 'client');
   checkKey(serverPub, 'server');
@@ -82,7 +82,7 @@ export function cltvWitnessScript(clientPub, serverPub, expiry) {
   );
 }
 
-/** PROTOCOL.md section 2, kind `multisig`: OP_2 <K1> <K2> OP_2 OP_CHECKMULTISIG. */
+/** protocol.md section 2, kind `multisig`: OP_2 <K1> <K2> OP_2 OP_CHECKMULTISIG. */
 export function multisigWitnessScript(clientPub, serverPub) {
   checkKey(clientPub, 'client');
   checkKey(serverPub, 'server');
@@ -106,13 +106,13 @@ export const publicKey = (secret) => secp256k1.getPublicKey(secret, true);
 /** A fresh random K1 secret (the browser's CSPRNG). */
 export const newSecret = () => secp256k1.utils.randomSecretKey();
 
-/** Sign a 32-byte digest as is: RFC 6979 nonce, low S, strict DER (PROTOCOL.md section 1). */
+/** Sign a 32-byte digest as is: RFC 6979 nonce, low S, strict DER (protocol.md section 1). */
 export function signDigest(secret, digest) {
   if (digest.length !== 32) throw new Error('digest must be 32 bytes');
   return secp256k1.sign(digest, secret, { prehash: false, lowS: true, format: 'der' });
 }
 
-/** The T3 template of PROTOCOL.md section 3 (gateway/protocol/transactions.py PaymentTemplate). */
+/** The T3 template of protocol.md section 3 (gateway/protocol/transactions.py PaymentTemplate). */
 export class PaymentTemplate {
   constructor(witnessScript, txid, vout, value, changeScript) {
     if (!Number.isSafeInteger(value) || value <= 0) throw new Error('value out of range');
@@ -154,7 +154,7 @@ export class PaymentTemplate {
   }
 }
 
-/** sha256("paystream/1 resume" ‖ channel_id ‖ nonce), PROTOCOL.md section 5. */
+/** sha256("paystream/1 resume" ‖ channel_id ‖ nonce), protocol.md section 5. */
 export function resumeDigest(channelId, nonce) {
   return sha256(concatBytes(utf8ToBytes(RESUME_TAG), utf8ToBytes(channelId), nonce));
 }
@@ -183,7 +183,7 @@ export function checkTerms(terms, { kind, clientPub, expiry, network }) {
   return ws;
 }
 
-/** Milliseconds of a chunk beyond the free allowance (PROTOCOL.md section 7). */
+/** Milliseconds of a chunk beyond the free allowance (protocol.md section 7). */
 export function chargedMs(deliveredMs, durationMs, freeMs) {
   const over = (x) => Math.max(0, x - freeMs);
   return over(deliveredMs + durationMs) - over(deliveredMs);

@@ -1,7 +1,7 @@
-// The browser player (/watch/<id>): one WebSocket session of PROTOCOL.md,
+// The browser player (/watch/<id>): one WebSocket session of protocol.md,
 // MediaSource playback of the chunks it delivers, K1 kept in IndexedDB.
 //
-// Money rules kept here (DESIGN.md): the viewer confirms a budget before any
+// Money rules kept here (design.md): the viewer confirms a budget before any
 // funding; each `due` is checked against the page's own section 7 bill
 // (paystream.js ClientMeter) and an overcharge closes the channel; the page
 // pays only while the media it has is less than AHEAD_S seconds ahead of
@@ -162,7 +162,7 @@ const HANDLERS = {
       expiry: app.expiry, network: app.network }));
     app.state = 'funding';
     app.funding = { address: msg.funding_address, amount: app.budget };
-    // Fund without txid: the gateway watches the address (PROTOCOL.md section 5),
+    // Fund without txid: the gateway watches the address (protocol.md section 5),
     // so any wallet can pay it.
     send({ type: 'fund' });
     showFunding(msg.funding_address, app.budget);
@@ -508,7 +508,7 @@ async function exportKey() {
 }
 
 function onLeave() {
-  // Leaving settles the channel at once (PROTOCOL.md section 8). Unticked,
+  // Leaving settles the channel at once (protocol.md section 8). Unticked,
   // the channel stays open for the resume grace and a reload resumes it.
   if (leaving) return;
   leaving = true;
