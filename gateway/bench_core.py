@@ -49,7 +49,7 @@ def _key(label: str) -> bytes:
 
 def _pair() -> tuple[ClientChannel, ServerChannel]:
     """A ready cltv channel between a client and a server, in memory."""
-    hello = ServerHello(version=1, agent="bench", network="regtest", nonce=bytes(32),
+    hello = ServerHello(version=2, agent="bench", network="regtest", nonce=bytes(32),
                         limits=_LIMITS)
     client = ClientChannel(_key("K1"), hello, budget=_VALUE)
     change = b"\x00\x14" + _key("change")[:20]

@@ -156,7 +156,7 @@ class BenchViewer:
             self.cfg.url, compression=None, max_size=None, ping_interval=None,
             open_timeout=60, create_connection=_FastConnection,
         )
-        await self.ws.send(json.dumps({"type": "hello", "version": 1, "agent": "bench"}))
+        await self.ws.send(json.dumps({"type": "hello", "version": 2, "agent": "bench"}))
         hello = parse_server_message(await self.ws.recv())
         if not isinstance(hello, ServerHello):
             raise RuntimeError(f"viewer {self.index}: expected hello, got {hello}")

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 #: States in which a channel is loaded at start and watched by the settlement duty.
 LIVE_STATES = (ServerState.FUNDING, ServerState.READY, ServerState.CLOSING)
+#: States in which a channel's funding is watched (gateway/funding.py).
+FUNDED_STATES = (ServerState.FUNDING, ServerState.READY)
 
 
 class ChannelReleased(RuntimeError):
@@ -46,12 +48,18 @@ class LiveChannel:
     session: Session | None = None
     disconnected_at: float | None = None
     settle_tx: bytes | None = None
-    #: (tip height, monotonic time) when the settlement duty last followed it.
-    followed: tuple[int, float] | None = None
+    #: (tip hash, monotonic time) when the settlement duty last followed it.
+    followed: tuple[str, float] | None = None
     #: Serialises settlement against payments and other settlement attempts.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     #: Handed to another worker: this copy must not be settled or paid into.
     released: bool = False
+    #: The funding's confirmations when last asked (None: not unspent), and the
+    #: tip height since which it has been gone (gateway/funding.py).
+    funding_conf: int | None = None
+    gone_since: int | None = None
+    #: Set whenever the funding duty moved the channel or its confirmations.
+    funding_changed: asyncio.Event = field(default_factory=asyncio.Event)
     _dirty_media: set[str] = field(default_factory=set)
 
     @property

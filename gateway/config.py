@@ -20,6 +20,17 @@ class ConfigError(ValueError):
     """A setting is unknown or has the wrong type; the message names it."""
 
 
+#: ``min_conf`` by network when the operator sets none: unconfirmed funding is
+#: only safe where coins are free (regtest); elsewhere a double spend of an
+#: unconfirmed funding would take media the gateway already streamed.
+DEFAULT_MIN_CONF = {"regtest": 0, "signet": 1, "testnet": 1, "main": 3}
+#: Confirmations that make a settlement (or a refund) final for the store:
+#: a channel is ``closed`` only once its close is this deep (protocol.md section 8).
+DEFAULT_SETTLE_CONFIRMATIONS = {"regtest": 1, "signet": 6, "testnet": 6, "main": 6}
+#: The dust limit of protocol.md section 3 (v1 and v2: fixed, not a setting).
+DUST_LIMIT = 546
+
+
 @dataclass
 class Limits:
     """Abuse and safety limits, advertised in ``hello.limits`` (protocol.md section 6)."""
@@ -28,18 +39,21 @@ class Limits:
     max_value: int = 10_000_000
     min_expiry_s: int = 2 * 3600
     max_expiry_s: int = 30 * 86400
-    #: Confirmations before ``ready``; 0 (regtest default) accepts unconfirmed funding.
-    min_conf: int = 0
+    #: Confirmations before ``ready``; unset: by network (``DEFAULT_MIN_CONF``).
+    min_conf: int | None = None
     #: Stop taking payments and settle this long before expiry (section 8). An
     #: hour covers block-time drift (up to 2 h ahead is legal, so keep expiries
     #: long) and a few blocks of rebroadcasting.
     settle_margin_s: int = 3600
     resume_grace_s: int = 120
-    dust_limit: int = 546
 
-    def to_wire(self) -> dict[str, int]:
-        """The ``limits`` object of ``hello``."""
-        return dataclasses.asdict(self)
+    def to_wire(self, network: str) -> dict[str, int]:
+        """The ``limits`` object of ``hello`` on ``network`` (defaults resolved)."""
+        wire = dataclasses.asdict(self)
+        if wire["min_conf"] is None:
+            wire["min_conf"] = DEFAULT_MIN_CONF.get(network, 1)
+        wire["dust_limit"] = DUST_LIMIT
+        return wire
 
 
 @dataclass
@@ -72,6 +86,12 @@ class Config:
     idle_timeout_s: float = 300.0
     #: How often the settlement duty wakes (seconds).
     settle_interval_s: float = 1.0
+    #: Confirmations before a settlement or refund counts as final; unset: by
+    #: network (``DEFAULT_SETTLE_CONFIRMATIONS``).
+    settle_confirmations: int | None = None
+    #: Allow ``min_conf`` 0 on mainnet (``gateway serve --allow-zero-conf``):
+    #: without it the gateway refuses to start there with unconfirmed funding.
+    allow_zero_conf: bool = False
     operator_token: str = ""
     #: Gateway processes sharing the port and the store (``gateway/workers.py``);
     #: 1 runs everything in one process.
@@ -120,8 +140,8 @@ class Config:
             ("settle_interval_s must be > 0", self.settle_interval_s > 0),
             ("workers must be 1-64", 1 <= self.workers <= 64),
             (
-                "limits need dust_limit <= min_value <= max_value",
-                0 <= lim.dust_limit <= lim.min_value <= lim.max_value,
+                "limits need 546 <= min_value <= max_value",
+                DUST_LIMIT <= lim.min_value <= lim.max_value,
             ),
             (
                 "limits need 0 < min_expiry_s <= max_expiry_s",
@@ -129,12 +149,35 @@ class Config:
             ),
             (
                 "limits need min_conf, settle_margin_s, resume_grace_s >= 0",
-                min(lim.min_conf, lim.settle_margin_s, lim.resume_grace_s) >= 0,
+                min(lim.min_conf or 0, lim.settle_margin_s, lim.resume_grace_s) >= 0,
+            ),
+            (
+                "settle_confirmations must be >= 1",
+                self.settle_confirmations is None or self.settle_confirmations >= 1,
             ),
         ]
         for message, ok in rules:
             if not ok:
                 raise ConfigError(message)
+
+    def settle_depth(self, network: str) -> int:
+        """``settle_confirmations``, or the network's default."""
+        if self.settle_confirmations is not None:
+            return self.settle_confirmations
+        return DEFAULT_SETTLE_CONFIRMATIONS.get(network, 6)
+
+    def check_network(self, network: str) -> None:
+        """Refuse what is only safe on regtest (raises :class:`ConfigError`).
+
+        Unconfirmed funding on mainnet lets a viewer double-spend its funding
+        after watching: allowed only with ``allow_zero_conf``.
+        """
+        min_conf = self.limits.to_wire(network)["min_conf"]
+        if network == "main" and min_conf == 0 and not self.allow_zero_conf:
+            raise ConfigError(
+                "min_conf 0 on mainnet accepts unconfirmed funding, which a viewer can "
+                "double-spend after watching; set min_conf >= 1 or pass --allow-zero-conf"
+            )
 
     def update(self, data: Mapping[str, Any], *, from_text: bool = False) -> None:
         """Set fields from ``data`` (a TOML table, env or flags), checking names and types."""
@@ -155,11 +198,22 @@ def _apply(target: Any, data: Mapping[str, Any], from_text: bool, where: str) ->
         setattr(target, key, _coerce(f"{where}{key}", fields[key].type, value, from_text))
 
 
+_BOOL_TEXT = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
 def _coerce(name: str, annotation: object, value: Any, from_text: bool) -> Any:
     kind = str(annotation)
+    if value is None and "None" in kind:
+        return None  # an optional setting left unset (the supervisor passes it on)
     try:
         if "Path" in kind:
             return None if value in ("", None) and "None" in kind else Path(value)
+        if kind.startswith("bool"):
+            if isinstance(value, bool):
+                return value
+            if from_text and str(value).lower() in _BOOL_TEXT:
+                return _BOOL_TEXT[str(value).lower()]
+            raise TypeError
         if kind.startswith("int"):
             if isinstance(value, bool) or not (isinstance(value, int) or from_text):
                 raise TypeError

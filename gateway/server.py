@@ -1,4 +1,4 @@
-"""The gateway process: WebSocket sessions at ``/paystream/1``, JSON at
+"""The gateway process: WebSocket sessions at ``/paystream/2``, JSON at
 ``/api/*``, the chain, the store and the settlement duty, on one port.
 
 Start order (and reverse stop order): store → master key → chain (embedded
@@ -27,9 +27,11 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from gateway.chain.rpc import RpcClient, RpcException
-from gateway.chain.watch import ChainWatcher
-from gateway.channels import LIVE_STATES, ChannelReleased, LiveChannel, restore
-from gateway.config import Config
+from gateway.chain.watch import REORG_WINDOW, ChainFollower
+from gateway.channels import FUNDED_STATES, LIVE_STATES, ChannelReleased, LiveChannel, restore
+from gateway.config import Config, ConfigError
+from gateway.datadir import secure_datadir, write_private
+from gateway.funding import FundingDuty
 from gateway.keys import MasterKey
 from gateway.media.catalog import Catalog, MediaItem
 from gateway.protocol.channel import ServerState
@@ -46,7 +48,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PATH = "/paystream/1"
+PATH = "/paystream/2"
+#: Version 1's path: still upgraded, so that a version 1 client's ``hello``
+#: gets the clear ``unsupported_version`` error (protocol.md section 10).
+LEGACY_PATHS = ("/paystream/1",)
 #: Bitcoin Core's ``getblockchaininfo.chain`` → protocol.md ``hello.network``.
 NETWORKS = {"regtest": "regtest", "signet": "signet", "test": "testnet", "main": "main"}
 #: Client messages are small; a signed T1 in ``fund.tx`` is the largest.
@@ -95,14 +100,18 @@ class Gateway:
         #: Set in a worker of ``gateway serve --workers N`` (gateway/workers.py).
         self.worker = worker
         self.datadir = Path(config.datadir)
+        secure_datadir(self.datadir)
         self.store = Store(self.datadir / "gateway.db")
         self.master = MasterKey.load_or_create(self.datadir / "master.key")
         self.node: Any = None
         self.rpc: RpcClient
-        self.watcher: ChainWatcher
+        self.watcher: ChainFollower
+        self.funding: FundingDuty
         self.catalog = Catalog.load(config.media)
         self.network = "regtest"
-        self.limits = Limits(**config.limits.to_wire())
+        self.limits = Limits(**config.limits.to_wire(self.network))
+        #: Confirmations that make a settlement or refund final (protocol.md section 8).
+        self.settle_depth = config.settle_depth(self.network)
         self.operator_script = b""
         self.channels: dict[str, LiveChannel] = {}
         self.settler = Settler(self)
@@ -142,12 +151,37 @@ class Gateway:
                 user=self.config.rpc_user,
                 password=self.config.rpc_password,
             )
-        self.watcher = ChainWatcher(self.rpc)
-        await self.watcher.start()
-        self.network = NETWORKS.get(self.watcher.chain, self.watcher.chain)
+        info = await self.rpc.call("getblockchaininfo")
+        self.network = NETWORKS.get(info["chain"], info["chain"])
+        try:
+            self.config.check_network(self.network)
+        except ConfigError as exc:
+            raise GatewayStartError(str(exc)) from None
+        self.limits = Limits(**self.config.limits.to_wire(self.network))
+        self.settle_depth = self.config.settle_depth(self.network)
+        self.watcher = ChainFollower(self.rpc)
+        self.funding = FundingDuty(
+            rpc=self.rpc,
+            follower=self.watcher,
+            store=self.store,
+            channels=lambda: self.channels.values(),
+            min_conf=self.limits.min_conf,
+            settle_depth=self.settle_depth,
+        )
         address = self.config.operator_address or await operator_address(self.rpc, self.datadir)
         self.operator_script = address_to_script_pubkey(address, self.network)
         self._load_channels()
+        # What the live channels watch is registered before the follower reads
+        # the blocks since the checkpoint: a settlement confirmed, or a
+        # funding spent, while the gateway was down is seen now.
+        await self.watcher.start(self._checkpoint(int(info["blocks"])))
+        self._save_checkpoint(self.watcher.height)
+        self.watcher.on_block.append(self.funding.on_block)
+        self.watcher.on_block.append(self._save_checkpoint)
+        self.watcher.on_reorg.append(self.funding.on_reorg)
+        await self.funding.check(
+            [c for c in self.channels.values() if c.core.state in FUNDED_STATES]
+        )
         await self.settler.start()
         if serve_sockets:
             where: dict[str, Any] = {"sock": sock}
@@ -194,8 +228,49 @@ class Gateway:
             # A session that was live when the gateway stopped: its grace runs
             # from the restart (section 8).
             live.disconnected_at = live.disconnected_at or now
-            self.channels[live.channel_id] = live
+            self.hold(live)
         log.info("loaded %d live channels", len(self.channels))
+
+    def _checkpoint(self, tip: int) -> tuple[int, str] | None:
+        """Where the follower starts: the last tip followed, stored in ``meta``.
+
+        None (start at the tip) for a new gateway; a store without one but
+        with live channels (made by a version that kept none) is read from
+        REORG_WINDOW blocks back.
+        """
+        rows = self.store.read("SELECT value FROM meta WHERE key = 'chain_checkpoint'")
+        if rows:
+            height, _, block_hash = str(rows[0]["value"]).partition(":")
+            return int(height), block_hash
+        if self.channels:
+            return max(0, tip - REORG_WINDOW), ""
+        return None
+
+    def _save_checkpoint(self, height: int) -> None:
+        """Follower callback: remember the tip followed (where the next start reads from)."""
+        value = f"{height}:{self.watcher.best_hash}"
+        op = ("INSERT OR REPLACE INTO meta(key, value) VALUES ('chain_checkpoint', ?)", (value,))
+        task = asyncio.ensure_future(self.store.write([op]))
+        task.add_done_callback(_log_failure)
+
+    def hold(self, live: LiveChannel) -> None:
+        """Hold a funded channel here; the follower watches its funding and settlement."""
+        self.channels[live.channel_id] = live
+        outpoint = live.core.outpoint
+        assert outpoint is not None
+        self.watcher.watch_outpoint(outpoint.txid, outpoint.vout)
+        if live.core.settlement_txid is not None:
+            self.watcher.watch_txid(live.core.settlement_txid)
+
+    def drop(self, live: LiveChannel) -> None:
+        """Stop holding ``live`` (it ended, or went to another worker)."""
+        if self.channels.get(live.channel_id) is live:
+            del self.channels[live.channel_id]
+        outpoint = live.core.outpoint
+        if outpoint is not None:
+            self.watcher.unwatch_outpoint(outpoint.txid, outpoint.vout)
+        if live.core.settlement_txid is not None:
+            self.watcher.unwatch_txid(live.core.settlement_txid)
 
     def _restore(self, row: Any) -> LiveChannel:
         deliveries = self.store.read(
@@ -261,7 +336,7 @@ class Gateway:
         if not acquired or fresh.core.state not in _SETTLEABLE:
             return fresh
         fresh.disconnected_at = time.time()
-        self.channels[fresh.channel_id] = fresh
+        self.hold(fresh)
         return fresh
 
     async def release(self, row_id: int) -> bool:
@@ -294,7 +369,7 @@ class Gateway:
             )
             # Only once durable: if the write failed, it stays held here.
             live.released = True
-            del self.channels[live.channel_id]
+            self.drop(live)
         return True
 
     def catalog_item(self, media: str) -> MediaItem | None:
@@ -375,7 +450,7 @@ class Gateway:
 
     async def _http(self, ws: ServerConnection, request: Request) -> Response | None:
         path, _, query = request.path.partition("?")
-        if path == PATH:
+        if path == PATH or path in LEGACY_PATHS:
             if request.headers.get("Upgrade", "").lower() != "websocket":
                 return _json_response(HTTPStatus.UPGRADE_REQUIRED, {"error": "use a WebSocket"})
             return None
@@ -519,9 +594,17 @@ def urls(host: str, port: int, node: Any) -> dict[str, str]:
 _SETTLEABLE = (ServerState.READY, ServerState.FUNDING)
 
 
+class GatewayStartError(RuntimeError):
+    """The gateway refuses to start (a setting unsafe on this network); one line."""
+
+
+def _log_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("could not save the chain checkpoint: %s", task.exception())
+
+
 def operator_token(datadir: Path) -> str:
     """The operator token kept in the data dir (mode 0600), made on first run."""
-    import os
     import secrets
 
     path = datadir / "operator-token"
@@ -529,9 +612,7 @@ def operator_token(datadir: Path) -> str:
         return path.read_text().strip()
     except FileNotFoundError:
         token = secrets.token_urlsafe(24)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
+        write_private(path, token + "\n", exclusive=True)
         return token
 
 
@@ -541,7 +622,7 @@ async def operator_address(rpc: RpcClient, datadir: Path) -> str:
     if path.exists():
         return path.read_text().strip()
     address = str(await rpc.call("getnewaddress"))
-    path.write_text(address + "\n")
+    write_private(path, address + "\n")
     return address
 
 
@@ -589,7 +670,7 @@ def announce(network: str, urls: dict[str, str], datadir: Path, *, workers: int 
         print(f"  node rpc:  {urls['rpc']}  (cookie {urls['cookie']})", flush=True)
     # Atomic: `gateway settle` and tests read it while we may be writing it.
     info = datadir / "gateway.json"
-    info.with_suffix(".tmp").write_text(json.dumps({"pid": os.getpid(), **urls}))
+    write_private(info.with_suffix(".tmp"), json.dumps({"pid": os.getpid(), **urls}))
     info.with_suffix(".tmp").replace(info)
 
 

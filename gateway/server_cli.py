@@ -135,7 +135,7 @@ def _print_demo_hint(config: Config) -> None:
     cookie = config.datadir / "node" / "regtest" / ".cookie"
     print(
         "demo: in another terminal, watch the sample video (Ctrl-C closes the channel):\n"
-        f"  .venv/bin/player play ws://{config.host}:{config.port}/paystream/1 sample-video "
+        f"  .venv/bin/player play ws://{config.host}:{config.port}/paystream/2 sample-video "
         f"--budget 20000 --out /tmp/paystream-sample.mp4 "
         f"--wallet-rpc http://127.0.0.1:{config.rpc_port} --wallet-cookie {cookie}",
         flush=True,

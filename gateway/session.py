@@ -40,11 +40,12 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from gateway.chain.rpc import RpcError, RpcVerifyAlreadyInChain
-from gateway.chain.watch import btc_to_sat
 from gateway.channels import LiveChannel, funded_op, state_op
+from gateway.funding import funding_status
 from gateway.protocol.channel import ServerChannel, ServerState
 from gateway.protocol.errors import ErrorCode, ProtocolError
 from gateway.protocol.messages import (
+    PROTOCOL_VERSION,
     Chunk,
     Close,
     Due,
@@ -64,7 +65,7 @@ from gateway.protocol.messages import (
     encode,
     parse_client_message,
 )
-from gateway.protocol.transactions import Outpoint, find_funding_output, txid_of
+from gateway.protocol.transactions import Outpoint
 
 if TYPE_CHECKING:
     from gateway.media.catalog import MediaItem
@@ -104,6 +105,8 @@ class Session:
         self._watchdog: asyncio.TimerHandle | None = None
         self._idle_close: asyncio.Task[None] | None = None
         self._goodbye: asyncio.Task[None] | None = None
+        #: Notices sent from outside the message loop (funding lost, void).
+        self._background: set[asyncio.Future[None]] = set()
 
     # -- I/O ---------------------------------------------------------------------
 
@@ -188,7 +191,7 @@ class Session:
             self._hello = True
             await self._send(
                 ServerHello(
-                    version=1,
+                    version=PROTOCOL_VERSION,
                     agent=AGENT,
                     network=self.gw.network,
                     nonce=self.nonce,
@@ -274,86 +277,83 @@ class Session:
         row_id, core = self._pending_core("fund")
         if self._funding is not None:
             raise ProtocolError(ErrorCode.BAD_STATE, "fund is already being processed")
-        if core.state is ServerState.OPEN and core.kind == "multisig":
-            raise ProtocolError(ErrorCode.BAD_STATE, "multisig: fund comes after refund")
-        if core.state not in (ServerState.OPEN, ServerState.REFUND_SIGNED):
-            raise ProtocolError(ErrorCode.BAD_STATE, f"fund in state {core.state.value}")
-        if msg.tx is None and msg.txid is None:
-            # Watch funding_address (section 5): runs beside the message loop.
+        # Every check the message allows comes first: a tx that does not fund
+        # this channel is refused before anything reaches the node (section 5).
+        claim = core.resolve_fund(msg)
+        if claim.outpoint is None or (claim.tx is None and msg.txid is None):
+            # Watch funding_address, or (multisig) T2's outpoint: beside the loop.
             self._funding = asyncio.create_task(
                 self._beside_loop(self._watch_funding(row_id, core))
             )
             return
-        outpoint = await self._locate_funding(msg, core)
-        await self._accept_funding(row_id, core, outpoint)
+        if claim.tx is not None:
+            await self._broadcast_funding(claim.tx)
+        await self._accept_funding(row_id, core, claim.outpoint, known=claim.tx is not None)
 
-    async def _locate_funding(self, msg: Fund, core: ServerChannel) -> Outpoint:
-        rpc = self.gw.rpc
-        if msg.tx is not None:
-            try:
-                txid = txid_of(msg.tx)
-            except ValueError:
-                raise ProtocolError(ErrorCode.BAD_MESSAGE, "fund.tx is not a transaction") from None
-            if msg.txid is not None and msg.txid != txid:
-                raise ProtocolError(ErrorCode.FUNDING_MISMATCH, "fund.tx does not have fund.txid")
-            if msg.vout is not None:
-                vout = msg.vout
-            else:
-                try:
-                    vout, _ = find_funding_output(msg.tx, core.script.script_pubkey)
-                except ValueError:
-                    raise ProtocolError(
-                        ErrorCode.FUNDING_MISMATCH, "fund.tx has no output paying funding_script"
-                    ) from None
-            try:
-                await rpc.call("sendrawtransaction", msg.tx.hex())
-            except RpcVerifyAlreadyInChain:
-                pass
-            except RpcError as exc:
-                raise ProtocolError(
-                    ErrorCode.FUNDING_NOT_FOUND, f"the node refused fund.tx: {exc.message}"
-                ) from None
-            return Outpoint(txid, vout)
-        assert msg.txid is not None and msg.vout is not None
-        return Outpoint(msg.txid, msg.vout)
+    async def _broadcast_funding(self, tx: bytes) -> None:
+        """Relay the client's T1 (it pays this channel: resolve_fund said so)."""
+        try:
+            await self.gw.rpc.call("sendrawtransaction", tx.hex())
+        except RpcVerifyAlreadyInChain:
+            pass
+        except RpcError as exc:
+            code = ErrorCode.FUNDING_NOT_FOUND
+            if "conflict" in exc.message or "missingorspent" in exc.message:
+                code = ErrorCode.FUNDING_SPENT
+            raise ProtocolError(code, f"the node refused fund.tx: {exc.message}") from None
 
-    async def _accept_funding(self, row_id: int, core: ServerChannel, outpoint: Outpoint) -> None:
-        rpc = self.gw.rpc
-        out = await rpc.call("gettxout", outpoint.txid, outpoint.vout, True)
-        if out is None:
-            try:
-                await rpc.call("getrawtransaction", outpoint.txid, False)
-            except RpcError:
+    async def _accept_funding(
+        self, row_id: int, core: ServerChannel, outpoint: Outpoint, *, known: bool = False
+    ) -> None:
+        """The funding output ``outpoint`` exists unspent: the channel is funded.
+
+        Asked with ``gettxout`` (a stock node answers it without a transaction
+        index). Not unspent: ``funding_spent`` when the transaction is known
+        (the client sent it, or the mempool has it), else ``funding_not_found``
+        — a stock node cannot tell an unknown output from one spent long ago.
+        """
+        status = await funding_status(self.gw.rpc, outpoint.txid, outpoint.vout)
+        if status.confirmations is None:
+            if known or status.spent_in_mempool or await self._in_mempool(outpoint.txid):
                 raise ProtocolError(
-                    ErrorCode.FUNDING_NOT_FOUND, f"the node does not know {outpoint.channel_id}"
-                ) from None
-            raise ProtocolError(ErrorCode.FUNDING_SPENT, f"{outpoint.channel_id} is already spent")
+                    ErrorCode.FUNDING_SPENT, f"{outpoint.channel_id} is already spent"
+                )
+            raise ProtocolError(
+                ErrorCode.FUNDING_NOT_FOUND,
+                f"the node has no unspent output {outpoint.channel_id}",
+            )
         if outpoint.channel_id in self.gw.channels or self.gw.known_outpoint(outpoint.channel_id):
             raise ProtocolError(ErrorCode.FUNDING_MISMATCH, "that output funds another channel")
-        spk = bytes.fromhex(out["scriptPubKey"]["hex"])
-        core.accept_funding(outpoint, btc_to_sat(out["value"]), spk)
+        assert status.value is not None and status.script_pubkey is not None
+        core.accept_funding(outpoint, status.value, status.script_pubkey)
         live = LiveChannel(row_id=row_id, core=core, durable_paid=0)
         await self.gw.store.write([funded_op(live)])
         self._pending = None
         self.gw.note_unfunded(self.peer, -1)
-        self.gw.channels[live.channel_id] = live
+        self.gw.hold(live)
         self.live = live
         live.session = self
-        await self._confirm(live, int(out.get("confirmations", 0)))
+        await self.gw.funding.apply(live, status)
+        await self._until_ready(live)
 
-    async def _confirm(self, live: LiveChannel, confirmations: int) -> None:
+    async def _in_mempool(self, txid: str) -> bool:
+        try:
+            await self.gw.rpc.call("getmempoolentry", txid)
+        except RpcError:
+            return False
+        return True
+
+    async def _until_ready(self, live: LiveChannel) -> None:
         """``ready`` now, or wait for ``min_conf`` beside the message loop (section 6).
 
         Waiting inside the loop would leave ``close`` unread until a block
         came; a wait already in the background task just goes on.
         """
         background = self._funding is not None and self._funding is asyncio.current_task()
-        if background or confirmations >= self.gw.limits.min_conf:
-            await self._await_confirmations(live, confirmations)
+        if background or live.core.state is not ServerState.FUNDING:
+            await self._await_ready(live)
         else:
-            self._funding = asyncio.create_task(
-                self._beside_loop(self._await_confirmations(live, confirmations))
-            )
+            self._funding = asyncio.create_task(self._beside_loop(self._await_ready(live)))
 
     async def _beside_loop(self, work: Awaitable[None]) -> None:
         """Run a funding step as ``_funding``; a failure is sent as ``error`` (section 9)."""
@@ -370,7 +370,8 @@ class Session:
                     ProtocolError(ErrorCode.INTERNAL, "the gateway failed while funding")
                 )
         finally:
-            self._funding = None
+            if self._funding is asyncio.current_task():
+                self._funding = None
 
     async def _watch_funding(self, row_id: int, core: ServerChannel) -> None:
         try:
@@ -400,28 +401,34 @@ class Session:
                     return outpoint
                 await asyncio.sleep(self.gw.watcher.poll_interval)
 
-    async def _await_confirmations(self, live: LiveChannel, confirmations: int) -> None:
+    async def _await_ready(self, live: LiveChannel) -> None:
+        """``funding`` at each new confirmation until the funding duty says ready.
+
+        The duty (gateway/funding.py) moves the channel; this only reports.
+        """
         needed = self.gw.limits.min_conf
         core = live.core
         outpoint = core.outpoint
         assert outpoint is not None
-        while confirmations < needed:
-            await self._send(
-                Funding(
-                    txid=outpoint.txid,
-                    vout=outpoint.vout,
-                    confirmations=confirmations,
-                    needed=needed,
+        told: int | None = None
+        while True:
+            live.funding_changed.clear()  # before looking: a change meanwhile wakes the wait
+            if core.state is not ServerState.FUNDING or live.session is not self:
+                break
+            confirmations = live.funding_conf or 0
+            if confirmations != told:
+                told = confirmations
+                await self._send(
+                    Funding(
+                        txid=outpoint.txid,
+                        vout=outpoint.vout,
+                        confirmations=confirmations,
+                        needed=needed,
+                    )
                 )
-            )
-            await self.gw.watcher.wait_for_tip(self.gw.watcher.height)
-            confirmations = await self.gw.watcher.confirmations(outpoint.txid) or 0
-        if core.state is ServerState.FUNDING:
-            ready = core.confirm()
-            await self.gw.store.write([state_op(live.row_id, core)])
-        else:
-            ready = core.ready()
-        await self._send(ready)
+            await live.funding_changed.wait()
+        if core.state is ServerState.READY and live.session is self:
+            await self._send(core.ready())
 
     # -- resume (section 5) ----------------------------------------------------------
 
@@ -437,19 +444,72 @@ class Session:
             # session (gateway/workers.py).
             live.core.check_resume(msg, nonce=self.nonce, now=now, tip_height=height)
             live = await self.gw.take_over(live)
-        ready = live.core.check_resume(msg, nonce=self.nonce, now=now, tip_height=height)
+        live.core.check_resume(msg, nonce=self.nonce, now=now, tip_height=height)
         old = live.session
         live.session = self
         live.disconnected_at = None
         self.live = live
         if old is not None and old is not self:
             old.replaced()
-        if live.core.state is ServerState.FUNDING:
-            assert live.core.outpoint is not None
-            conf = await self.gw.watcher.confirmations(live.core.outpoint.txid) or 0
-            await self._confirm(live, conf)
+        # The funding output must still be there (a reorg, a double spend)
+        # before anything flows on it again (section 5).
+        # `funding` progress instead of `ready` until it is deep enough again.
+        await self.gw.funding.check_one(live)
+        if live.core.state is ServerState.VOID:
+            raise ProtocolError(
+                ErrorCode.CHANNEL_CLOSED, "the channel's funding was double-spent", fatal=True
+            )
+        await self._until_ready(live)
+
+    def funding_lost(self) -> None:
+        """The funding duty took the channel back to ``funding`` (a reorg): tell the client.
+
+        Media stops at once; ``funding`` progress and ``ready`` follow when the
+        funding is back (protocol.md section 8, ``funding_lost``).
+        """
+        if self.live is None or self._closed:
             return
-        await self._send(ready)
+        if self._stream is not None:
+            self._stream.cancel()
+        self._track(self._say_funding_lost(self.live))
+
+    async def _say_funding_lost(self, live: LiveChannel) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await self._stop_stream(send_end=True)
+            await self._send_error(
+                ProtocolError(
+                    ErrorCode.FUNDING_LOST,
+                    "a reorg took the funding's confirmations: no media until it is back",
+                )
+            )
+            if self._funding is None:
+                self._funding = asyncio.create_task(self._beside_loop(self._await_ready(live)))
+
+    def channel_void(self) -> None:
+        """The funding was double-spent: fatal ``funding_spent``, the socket closes."""
+        if self.live is None or self._closed:
+            return
+        self._closed = True
+        if self._stream is not None:
+            self._stream.cancel()
+        self._track(self._say_void())
+
+    async def _say_void(self) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await self._stop_stream()
+            await self._send_error(
+                ProtocolError(
+                    ErrorCode.FUNDING_SPENT,
+                    "the funding transaction was double-spent: the channel is void",
+                    fatal=True,
+                )
+            )
+            await self.ws.close(1008, "funding_spent")
+
+    def _track(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def replaced(self) -> None:
         """Another session (or worker) took our channel: fatal ``session_replaced`` (section 5).

@@ -28,8 +28,13 @@ import time
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
-from gateway.chain.rpc import RpcError, RpcVerifyAlreadyInChain
-from gateway.channels import ChannelReleased, LiveChannel, settlement_ops, state_op
+from gateway.chain.rpc import (
+    RpcError,
+    RpcException,
+    RpcInvalidAddressOrKey,
+    RpcVerifyAlreadyInChain,
+)
+from gateway.channels import LIVE_STATES, ChannelReleased, LiveChannel, settlement_ops, state_op
 from gateway.protocol.channel import ServerState
 from gateway.protocol.messages import Closed
 from gateway.protocol.scripts import address_to_script_pubkey
@@ -55,8 +60,8 @@ class Settler:
         self.gw = gateway
         self._task: asyncio.Task[None] | None = None
         self._script_cache: dict[str, bytes] = {}
-        #: The last fee estimate (sat/vB) and when it was asked (tip height, monotonic).
-        self._feerate: tuple[Decimal, tuple[int, float]] | None = None
+        #: The last fee estimate (sat/vB) and when it was asked (tip hash, monotonic).
+        self._feerate: tuple[Decimal, tuple[str, float]] | None = None
 
     async def start(self) -> None:
         """Run one round now (restart recovery), then keep running in the background."""
@@ -81,13 +86,15 @@ class Settler:
                 log.exception("settlement round failed; retrying")
 
     async def tick(self) -> None:
-        """One round over every live channel."""
+        """One round: fundings moved by new blocks, then every live channel."""
+        if self.gw.funding.pending:
+            await self.gw.funding.round()
         now = time.time()
         grace = self.gw.limits.resume_grace_s
         for n, live in enumerate(list(self.gw.channels.values()), 1):
             if n % TICK_SLICE == 0:
                 # Let sessions run: a pass over 5,000 channels held a worker's
-                # loop for 10-23 ms each second (`gateway bench`, 10k viewers).
+                # loop for 10-23 ms each second (docs/performance.md).
                 await asyncio.sleep(0)
             core = live.core
             try:
@@ -101,7 +108,11 @@ class Settler:
                         await self.settle(live, reason="expiry" if expiring else "disconnect")
                 if core.state is ServerState.CLOSING and self._follow_due(live):
                     await self.follow(live)
-            except RpcError:
+                if core.state not in LIVE_STATES:
+                    self.gw.drop(live)
+            except RpcException:
+                # The node refused, or did not answer: nothing is lost, the
+                # next round tries again (settlements are stored first).
                 log.warning("settling %s failed; will retry", live.channel_id, exc_info=True)
             except ChannelReleased:  # handed to another worker while we waited for it
                 pass
@@ -119,14 +130,14 @@ class Settler:
         live.followed = self._stamp()
         return True
 
-    def _stamp(self) -> tuple[int, float]:
-        return self.gw.watcher.height, time.monotonic()
+    def _stamp(self) -> tuple[str, float]:
+        return self.gw.watcher.best_hash, time.monotonic()
 
-    def _fresh(self, stamp: tuple[int, float] | None, ttl: float) -> bool:
+    def _fresh(self, stamp: tuple[str, float] | None, ttl: float) -> bool:
         """``stamp`` (see :meth:`_stamp`) is from this tip and younger than ``ttl`` s."""
         return (
             stamp is not None
-            and stamp[0] == self.gw.watcher.height
+            and stamp[0] == self.gw.watcher.best_hash
             and time.monotonic() - stamp[1] < ttl
         )
 
@@ -219,8 +230,9 @@ class Settler:
                     settlement.txid if settlement else None,
                 )
                 if settlement is None:
-                    self.gw.channels.pop(live.channel_id, None)
+                    self.gw.drop(live)
                 else:
+                    self.gw.watcher.watch_txid(settlement.txid)
                     await self._broadcast(live)
         if reason != "close" and live.session is not None:
             await live.session.channel_settled()
@@ -237,36 +249,50 @@ class Settler:
             log.warning("broadcast of %s refused: %s", live.core.settlement_txid, exc)
 
     async def follow(self, live: LiveChannel) -> None:
-        """Confirmed → closed; unknown → rebroadcast; funding spent elsewhere → refunded."""
+        """Follow a broadcast settlement through the best chain (section 8).
+
+        Confirmed ``settle_confirmations`` deep → ``closed``; the funding spent
+        by another transaction (the client's refund) that deep → ``refunded``;
+        confirmed less deep, or waiting in the mempool → wait; neither in a
+        block nor in the mempool (dropped, or reorged out and not re-added) →
+        broadcast again. Blocks come from the follower, never a txid index.
+        """
         core = live.core
         txid = core.settlement_txid
         outpoint = core.outpoint
         assert txid is not None and outpoint is not None
-        status = await self.gw.watcher.tx_status(txid)
-        confirmations = None if status is None else status[0]
-        if status is not None and status[0] >= 1 and status[1] is not None:
-            # The block's own height: the watcher's tip can lag the node's.
-            header = await self.gw.rpc.call("getblockheader", status[1])
-            core.mark_closed()
-            await self.gw.store.write(
-                [
-                    state_op(
-                        live.row_id,
-                        core,
-                        confirmed_height=int(header["height"]),
-                        closed_at=time.time(),
-                    )
-                ]
-            )
-            self.gw.channels.pop(live.channel_id, None)
+        follower = self.gw.watcher
+        depth = self.gw.settle_depth
+        seen = follower.confirmed(txid)
+        if seen is not None:
+            if follower.depth(seen) >= depth:
+                core.mark_closed()
+                await self.gw.store.write(
+                    [
+                        state_op(
+                            live.row_id,
+                            core,
+                            confirmed_height=seen.height,
+                            closed_at=time.time(),
+                        )
+                    ]
+                )
+                log.info("settlement %s of %s confirmed", txid, live.channel_id)
             return
-        if confirmations is None:
-            # Not in the mempool nor the chain. Spent in a block by another
-            # transaction (the refund) means refunded; otherwise rebroadcast.
-            unspent = await self.gw.rpc.call("gettxout", outpoint.txid, outpoint.vout, False)
-            if unspent is None and await self.gw.watcher.confirmations(outpoint.txid):
+        spend = follower.spent(outpoint.txid, outpoint.vout)
+        if spend is not None and spend.txid != txid:
+            if follower.depth(spend.block) >= depth:
                 core.mark_refunded()
                 await self.gw.store.write([state_op(live.row_id, core, closed_at=time.time())])
-                self.gw.channels.pop(live.channel_id, None)
-                return
-            await self._broadcast(live)
+                log.info("channel %s was refunded by %s", live.channel_id, spend.txid)
+            return
+        if await self._in_mempool(txid):
+            return
+        await self._broadcast(live)
+
+    async def _in_mempool(self, txid: str) -> bool:
+        try:
+            await self.gw.rpc.call("getmempoolentry", txid)
+        except RpcInvalidAddressOrKey:  # -5: not in the mempool
+            return False
+        return True

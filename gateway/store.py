@@ -35,6 +35,8 @@ from typing import Any
 
 import sqlite_utils
 
+from gateway.datadir import create_private
+
 log = logging.getLogger(__name__)
 
 #: One statement with its parameters.
@@ -160,6 +162,7 @@ class Store:
         self.commits = 0
         self.requests = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        create_private(self.path)  # 0600: it holds signatures and client addresses
         self._reader = connect(self.path)
         create_schema(self._reader)
 

@@ -4,7 +4,7 @@ dashboard and their JSON endpoints (docs/web.md).
 Theory of operation
 -------------------
 
-``gateway/server.py`` serves ``/paystream/1``, ``/api/health``,
+``gateway/server.py`` serves ``/paystream/2``, ``/api/health``,
 ``/api/catalog`` and ``/api/admin/settle`` itself and hands every other path
 to :func:`handle_http`, which answers a :class:`~websockets.http11.Response`
 or ``None`` ("not mine": the server answers 404).
@@ -497,11 +497,9 @@ async def settlements(gateway: Gateway, q: dict[str, str]) -> dict[str, Any]:
     height = gateway.watcher.height
     recent = []
     for r in rows:
-        # Asked of the node (current), else from the stored block height.
-        try:
-            confirmations = await gateway.watcher.confirmations(r["settle_txid"])
-        except RpcError:
-            confirmations = None
+        # As the follower saw it (current), else from the stored block height.
+        seen = gateway.watcher.confirmed(r["settle_txid"])
+        confirmations = gateway.watcher.depth(seen) if seen is not None else None
         if confirmations is None and r["confirmed_height"] is not None:
             confirmations = height - r["confirmed_height"] + 1
         recent.append(

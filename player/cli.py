@@ -160,7 +160,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--wallet-cookie", metavar="PATH", help="the RPC's cookie file")
 
     play = sub.add_parser("play", help="watch MEDIA from a gateway, paying per chunk")
-    play.add_argument("url", help="ws://HOST:PORT/paystream/1")
+    play.add_argument("url", help="ws://HOST:PORT/paystream/2")
     play.add_argument("media", help="media id in the gateway's catalog")
     play.add_argument(
         "--budget",

@@ -199,7 +199,7 @@ def check_gateway_url(url: str) -> str:
     except ValueError:
         ok = False
     if not ok:
-        raise PlayerError(f"bad gateway URL {url!r}: expected ws://HOST:PORT/paystream/1")
+        raise PlayerError(f"bad gateway URL {url!r}: expected ws://HOST:PORT/paystream/2")
     return url
 
 
@@ -447,7 +447,7 @@ class Player:
         return msg
 
     async def _hello(self) -> ServerHello:
-        await self._send(Hello(version=1, agent=AGENT))
+        await self._send(Hello(version=2, agent=AGENT))
         return await self._expect(ServerHello)
 
     # -- session ---------------------------------------------------------------------

@@ -122,8 +122,8 @@ async def gateway(gateway_factory: Any) -> Gateway:
 
 
 def ws_url(gw: Gateway) -> str:
-    """The gateway's ``/paystream/1`` URL."""
-    return f"ws://127.0.0.1:{gw.port}/paystream/1"
+    """The gateway's ``/paystream/2`` URL."""
+    return f"ws://127.0.0.1:{gw.port}/paystream/2"
 
 
 def node_rpc(gw: Gateway) -> RpcClient:
@@ -148,7 +148,7 @@ class Viewer:
     async def connect(self) -> ServerHello:
         """Connect and exchange ``hello``."""
         self.ws = await websockets.connect(self.url, compression=None, max_size=None)
-        await self.send_raw({"type": "hello", "version": 1, "agent": "test-viewer"})
+        await self.send_raw({"type": "hello", "version": 2, "agent": "test-viewer"})
         hello = await self.recv()
         assert isinstance(hello, ServerHello), hello
         self.hello = hello

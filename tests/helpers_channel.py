@@ -56,7 +56,7 @@ OPERATOR_SCRIPT = b"\x00\x14" + hashlib.sha256(b"operator").digest()[:20]
 
 def hello(nonce: bytes = NONCE) -> ServerHello:
     """The gateway's ``hello`` for these tests."""
-    return ServerHello(version=1, agent="test", network=NETWORK, nonce=nonce, limits=LIMITS)
+    return ServerHello(version=2, agent="test", network=NETWORK, nonce=nonce, limits=LIMITS)
 
 
 def to_server(msg: Message):

@@ -24,7 +24,7 @@ MIME = 'video/mp4; codecs="avc1.64000C, mp4a.40.2"'
 
 
 def url(gw: Gateway, path: str) -> str:
-    """The gateway's own origin (the page talks to /paystream/1 on it)."""
+    """The gateway's own origin (the page talks to /paystream/2 on it)."""
     return f"http://127.0.0.1:{gw.port}{path}"
 
 

@@ -77,11 +77,14 @@ async def test_malformed_frames_are_bad_message_and_not_fatal(gateway):
     assert (await viewer.expect(Paid)).paid == 1100
 
 
-async def test_unsupported_version_is_fatal(gateway):
-    async with websockets.connect(ws_url(gateway)) as ws:
-        await ws.send(json.dumps({"type": "hello", "version": 2, "agent": "x"}))
+@pytest.mark.parametrize("path, version", [("/paystream/2", 3), ("/paystream/1", 1)])
+async def test_unsupported_version_is_fatal(gateway, path, version):
+    # A version 1 client, on version 1's path, learns which version to speak.
+    async with websockets.connect(f"ws://127.0.0.1:{gateway.port}{path}") as ws:
+        await ws.send(json.dumps({"type": "hello", "version": version, "agent": "x"}))
         answer = json.loads(await ws.recv())
         assert answer["code"] == "unsupported_version" and answer["fatal"] is True
+        assert "this is version 2" in answer["message"]
         with pytest.raises(websockets.ConnectionClosed):
             await asyncio.wait_for(ws.recv(), 5)
 
@@ -99,7 +102,7 @@ async def test_out_of_order_is_bad_state(gateway):
     await _error(viewer, "bad_state")
     await viewer.send_raw({"type": "stop"})
     await _error(viewer, "bad_state")
-    await viewer.send_raw({"type": "hello", "version": 1, "agent": "again"})
+    await viewer.send_raw({"type": "hello", "version": 2, "agent": "again"})
     await _error(viewer, "bad_state")
     # Still usable: open and fund work after all that.
     assert isinstance(await viewer.open_and_fund(), Ready)

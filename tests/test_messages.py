@@ -52,7 +52,7 @@ LIMITS = Limits(
 )
 
 CLIENT_MESSAGES = [
-    Hello(version=1, agent="player/0.1"),
+    Hello(version=2, agent="player/0.1"),
     Open(client_pubkey=KEY, expiry=800_000, change_script=b"\x00\x14" + b"\x22" * 20),
     Open(client_pubkey=KEY, expiry=1_900_000_000, change_script=b"\x51", kind="multisig"),
     Refund(tx=b"\x02\x00\x00\x00", value=100_000),
@@ -70,7 +70,7 @@ CLIENT_MESSAGES = [
 ]
 
 SERVER_MESSAGES = [
-    ServerHello(version=1, agent="gw", network="regtest", nonce=b"\x07" * 32, limits=LIMITS),
+    ServerHello(version=2, agent="gw", network="regtest", nonce=b"\x07" * 32, limits=LIMITS),
     Terms(
         kind="cltv",
         server_pubkey=KEY,
@@ -198,6 +198,11 @@ BAD_CLIENT = [
     ('{"type":"fund","vout":0}', "fund: txid and vout go together"),
     ('{"type":"fund","txid":"' + TXID.upper() + '","vout":0}', "fund.txid: expected a txid"),
     ('{"type":"fund","txid":"ab","vout":0}', "fund.txid: expected a txid"),
+    # An output index is 32 bits (section 1): no transaction has output 2^32.
+    (
+        '{"type":"fund","txid":"' + TXID + '","vout":4294967296}',
+        "fund.vout: integer out of range 0..4294967295",
+    ),
     ('{"type":"fund","txid":null,"vout":null}', "fund.txid: expected a string, got null"),
     ('{"type":"resume","channel_id":"' + TXID + '","proof":""}', "resume.channel_id"),
     ('{"type":"resume","channel_id":"' + TXID + ':01","proof":""}', "resume.channel_id"),
@@ -219,7 +224,7 @@ def test_bad_client_messages(text, needle):
     assert "Traceback" not in info.value.message and "sys." not in info.value.message
 
 
-@pytest.mark.parametrize("version", [0, 2, 99])
+@pytest.mark.parametrize("version", [0, 1, 3, 99])
 def test_unsupported_version_is_fatal(version):
     for parse, extra in (
         (parse_client_message, ""),

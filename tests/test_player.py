@@ -109,7 +109,7 @@ class FakeGateway:
     async def __aenter__(self) -> FakeGateway:
         self._server = await serve(self._handler, "127.0.0.1", 0, compression=None)
         port = self._server.sockets[0].getsockname()[1]
-        self.url = f"ws://127.0.0.1:{port}/paystream/1"
+        self.url = f"ws://127.0.0.1:{port}/paystream/2"
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -150,7 +150,7 @@ class FakeGateway:
         nonce = os.urandom(32)
         assert isinstance(await inbox.get(), Hello)
         await send(
-            ServerHello(version=1, agent="fake", network="regtest", nonce=nonce, limits=self.limits)
+            ServerHello(version=2, agent="fake", network="regtest", nonce=nonce, limits=self.limits)
         )
         channel: ServerChannel | None = None
         now = int(time.time())
@@ -311,7 +311,7 @@ def test_keystore_is_private_and_keeps_k1(tmp_path: Path) -> None:
 def _stored_cltv_channel(store: Keystore, *, value: int = 50_000) -> int:
     server_pubkey = coincurve.PrivateKey().public_key.format(compressed=True)
     rec = store.add_channel(
-        gateway_url="ws://gw/paystream/1",
+        gateway_url="ws://gw/paystream/2",
         network="regtest",
         kind="cltv",
         server_pubkey=server_pubkey,
@@ -395,8 +395,8 @@ def test_parse_expiry_and_resolve() -> None:
 
 
 def test_gateway_url_is_checked() -> None:
-    assert check_gateway_url("ws://127.0.0.1:8080/paystream/1")
-    for bad in ("http://host/paystream/1", "ws://", "host:80", "ws://h:99999999/"):
+    assert check_gateway_url("ws://127.0.0.1:8080/paystream/2")
+    for bad in ("http://host/paystream/2", "ws://", "host:80", "ws://h:99999999/"):
         with pytest.raises(PlayerError, match="bad gateway URL"):
             check_gateway_url(bad)
 
@@ -410,7 +410,7 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    url = f"ws://127.0.0.1:{port}/paystream/1"
+    url = f"ws://127.0.0.1:{port}/paystream/2"
     assert cli.main(["play", url, "m", "--data-dir", str(tmp_path), "--out", out]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot connect" in err
@@ -432,7 +432,7 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert table[1].split()[:7] == [
         "1",
         "ab" * 32 + ":1",
-        "ws://gw/paystream/1",
+        "ws://gw/paystream/2",
         "cltv",
         "50000",
         "50000",
@@ -677,7 +677,7 @@ def test_cli_usage_errors_and_progress_line(
 ) -> None:
     for bad in (["--expiry", "6x"], ["--budget", "-1"], ["--max-chunks", "0"]):
         with pytest.raises(SystemExit) as info:
-            cli.main(["play", "ws://h:1/paystream/1", "m", "--data-dir", str(tmp_path), *bad])
+            cli.main(["play", "ws://h:1/paystream/2", "m", "--data-dir", str(tmp_path), *bad])
         assert info.value.code == 2
     assert "bad expiry '6x'" in capsys.readouterr().err
 

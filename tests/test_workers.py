@@ -87,7 +87,7 @@ async def paying_viewer(
     sup: Supervisor, worker: int, chunks: int
 ) -> tuple[str, RpcClient, Viewer]:
     """A viewer on ``worker`` with a funded channel and ``chunks`` chunks paid for."""
-    url = f"ws://127.0.0.1:{sup.port}/paystream/1"
+    url = f"ws://127.0.0.1:{sup.port}/paystream/2"
     rpc = _rpc(sup)
     viewer = await connect_on(url, rpc, worker)
     await viewer.open_and_fund()

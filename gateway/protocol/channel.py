@@ -16,6 +16,8 @@ seen from each end::
                                                            CLOSING ──closed──► CLOSED
     OPEN/REFUND_SIGNED/FUNDING/READY ──abandon (nothing to broadcast)──► CLOSED
     FUNDING/READY/CLOSING/CLOSED ──refunded (the client's refund spent it)──► REFUNDED
+    READY ──unconfirm (a reorg took the funding's confirmations)──► FUNDING
+    FUNDING/READY ──void (the funding transaction was double-spent)──► VOID
 
 The server's machine (:class:`ServerChannel`) is driven by client messages
 and by what the I/O layer learned from the chain; the client's
@@ -130,6 +132,7 @@ class ServerState(enum.Enum):
     CLOSING = "closing"  # settlement built; broadcast until confirmed
     CLOSED = "closed"  # settled, or left to the client's refund
     REFUNDED = "refunded"  # the funding output was spent by the refund
+    VOID = "void"  # the funding never made it into the best chain: double-spent
 
 
 class ClientState(enum.Enum):
@@ -162,10 +165,14 @@ class Event(enum.Enum):
     CLOSE = "close"
     CLOSED = "closed"
     REFUNDED = "refunded"
+    UNCONFIRM = "unconfirm"
+    VOID = "void"
 
 
 _S = ServerState
 _C = ClientState
+#: Server states in which a channel takes nothing more (``channel_closed``).
+_ENDED: Final = frozenset({_S.CLOSING, _S.CLOSED, _S.REFUNDED, _S.VOID})
 _E = Event
 _MULTISIG_ONLY: Final = frozenset({"multisig"})
 _CLTV_ONLY: Final = frozenset({"cltv"})
@@ -184,6 +191,7 @@ _SERVER_TRANSITIONS: Final[
     (_S.READY, _E.RESUME): (_S.READY, _ANY),
     (_S.READY, _E.PAY): (_S.READY, _ANY),
     (_S.READY, _E.SETTLE): (_S.CLOSING, _ANY),
+    (_S.FUNDING, _E.SETTLE): (_S.CLOSING, _ANY),  # paid, then a reorg: settle what was paid
     (_S.CLOSING, _E.SETTLE): (_S.CLOSING, _ANY),  # idempotent: the same tx again
     (_S.CLOSING, _E.CLOSED): (_S.CLOSED, _ANY),
     (_S.OPEN, _E.ABANDON): (_S.CLOSED, _ANY),
@@ -194,6 +202,9 @@ _SERVER_TRANSITIONS: Final[
     (_S.READY, _E.REFUNDED): (_S.REFUNDED, _ANY),
     (_S.CLOSING, _E.REFUNDED): (_S.REFUNDED, _ANY),
     (_S.CLOSED, _E.REFUNDED): (_S.REFUNDED, _ANY),
+    (_S.READY, _E.UNCONFIRM): (_S.FUNDING, _ANY),  # a reorg: wait for confirmations again
+    (_S.FUNDING, _E.VOID): (_S.VOID, _ANY),
+    (_S.READY, _E.VOID): (_S.VOID, _ANY),
 }
 
 _CLIENT_TRANSITIONS: Final[
@@ -217,6 +228,7 @@ _CLIENT_TRANSITIONS: Final[
     (_C.READY, _E.REFUNDED): (_C.REFUNDED, _ANY),
     (_C.CLOSING, _E.REFUNDED): (_C.REFUNDED, _ANY),
     (_C.CLOSED, _E.REFUNDED): (_C.REFUNDED, _ANY),
+    (_C.READY, _E.UNCONFIRM): (_C.FUNDING, _ANY),  # `funding_lost`: `ready` comes again
 }
 
 
@@ -542,14 +554,12 @@ class ServerChannel:
         ``bad_state`` (multisig before ``refund``, or not awaiting funding),
         ``bad_message`` (``tx`` is not a transaction), ``funding_mismatch``
         (``tx`` whose txid is not ``txid``, or whose output does not pay
-        ``funding_script``), ``funding_not_found`` (a ``vout`` no transaction
-        can have). The I/O layer then looks up what the claim leaves open
-        (the node for a bare outpoint, the address watch for nothing) and
-        calls :meth:`accept_funding`.
+        ``funding_script``). Checked before anything is broadcast: a ``tx``
+        that does not fund this channel is never relayed. The I/O layer then
+        looks up what the claim leaves open (the node for a bare outpoint,
+        the address watch for nothing) and calls :meth:`accept_funding`.
         """
         self._next(Event.FUND)
-        if msg.vout is not None and msg.vout > 0xFFFFFFFF:
-            raise ProtocolError(ErrorCode.FUNDING_NOT_FOUND, "no transaction has that vout")
         if msg.tx is None:
             if msg.txid is not None and msg.vout is not None:
                 return FundingClaim(Outpoint(msg.txid, msg.vout), None, None)
@@ -594,6 +604,14 @@ class ServerChannel:
         """Enough confirmations (``min_conf``): the channel takes payments."""
         self.state = self._next(Event.CONFIRM)
         return self.ready()
+
+    def unconfirm(self) -> None:
+        """A reorg took the funding below ``min_conf``: no payments until :meth:`confirm`."""
+        self.state = self._next(Event.UNCONFIRM)
+
+    def void(self) -> None:
+        """The funding transaction was double-spent: nothing to settle, ever (section 8)."""
+        self.state = self._next(Event.VOID)
 
     def ready(self) -> Ready:
         """The ``ready`` message for the channel as it is (also after ``resume``)."""
@@ -667,7 +685,7 @@ class ServerChannel:
             raise ProtocolError(
                 ErrorCode.BAD_SIGNATURE, "resume proof is not a low-S DER signature by K1"
             )
-        if self.state in (ServerState.CLOSING, ServerState.CLOSED, ServerState.REFUNDED):
+        if self.state in _ENDED:
             raise ProtocolError(ErrorCode.CHANNEL_CLOSED, "the channel is closed", fatal=True)
         if self.is_expiring(now, tip_height):
             raise ProtocolError(
@@ -902,6 +920,10 @@ class ClientChannel:
             self.meter.unpay()
         self.balance = own_balance
         self.state = new_state
+
+    def on_funding_lost(self) -> None:
+        """``error funding_lost``: a reorg took the funding back; wait for ``ready`` again."""
+        self.state = self._next(Event.UNCONFIRM, local=False)
 
     # -- resuming ------------------------------------------------------------
 

@@ -30,6 +30,7 @@ class ErrorCode(StrEnum):
     FUNDING_NOT_FOUND = "funding_not_found"
     FUNDING_MISMATCH = "funding_mismatch"
     FUNDING_SPENT = "funding_spent"
+    FUNDING_LOST = "funding_lost"
     SEQ_NOT_INCREASING = "seq_not_increasing"
     BALANCE_INCREASED = "balance_increased"
     NON_CANONICAL_SIGNATURE = "non_canonical_signature"

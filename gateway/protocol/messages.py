@@ -21,11 +21,12 @@ Section 1 rules enforced here:
 - integers are JSON numbers without fraction or exponent; ``true``/``false``
   are not integers (``bool`` is a subclass of ``int`` in Python: checked);
 - amounts (satoshi) are in 0 … 2 100 000 000 000 000, every other integer
-  (``seq``, ``vout``, ``expiry``, media times, ``*_msat``) in 0 … 2^53 - 1;
+  (``seq``, ``expiry``, media times, ``*_msat``) in 0 … 2^53 - 1, ``vout`` in
+  0 … 2^32 - 1;
 - keys, scripts, signatures and transactions are even-length lowercase hex,
   decoded to ``bytes``; txids stay display-order hex strings;
 - unknown fields are ignored; an unknown ``type`` is ``bad_message``;
-- ``hello.version`` other than 1 is ``unsupported_version`` (fatal).
+- ``hello.version`` other than 2 is ``unsupported_version`` (fatal).
 
 Checks that need context (is this key a valid point? this script standard?
 this signature strict DER?) belong to the channel state machines, which answer
@@ -82,7 +83,7 @@ __all__ = [
     "parse_server_message",
 ]
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
 #: Largest amount in satoshi (protocol.md section 1: 21 million BTC).
 MAX_MONEY: Final = 2_100_000_000_000_000
 #: Largest non-amount integer (protocol.md section 1: 2^53 - 1, exact in JSON doubles).
@@ -265,6 +266,8 @@ class _ErrorCodeCodec(_Codec):
 
 _AMOUNT: Final = _Int(0, MAX_MONEY)
 _UINT: Final = _Int(0, MAX_INT)
+#: An output index: 32 bits in a transaction (section 1).
+_VOUT: Final = _Int(0, 0xFFFF_FFFF)
 _TXID_CODEC: Final = _Pattern(_TXID, "a txid (64 lowercase hex digits)")
 _CHANNEL_ID_CODEC: Final = _Pattern(_CHANNEL_ID, "a channel id 'txid:vout'")
 _MEDIA: Final = _NonEmptyStr(256)
@@ -402,7 +405,7 @@ class Fund(Message):
     """The funding output exists: ``txid``+``vout``, a signed ``tx``, or neither."""
 
     txid: str | None = field(default=None, metadata=_wired(_TXID_CODEC))
-    vout: int | None = field(default=None, metadata=_wired(_UINT))
+    vout: int | None = field(default=None, metadata=_wired(_VOUT))
     tx: bytes | None = field(default=None, metadata=_wired(_Hex(_MAX_TX)))
 
     def _check(self) -> None:
@@ -520,7 +523,7 @@ class Funding(Message):
     """Funding progress while confirmations < ``needed``."""
 
     txid: str = field(metadata=_wired(_TXID_CODEC))
-    vout: int = field(metadata=_wired(_UINT))
+    vout: int = field(metadata=_wired(_VOUT))
     confirmations: int = field(metadata=_wired(_UINT))
     needed: int = field(metadata=_wired(_UINT))
 

@@ -105,9 +105,9 @@ function send(msg) {
 
 function connect() {
   const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
-  ws = new WebSocket(`${scheme}://${location.host}/paystream/1`);
+  ws = new WebSocket(`${scheme}://${location.host}/paystream/2`);
   ws.binaryType = 'arraybuffer';
-  ws.onopen = () => send({ type: 'hello', version: 1, agent: AGENT });
+  ws.onopen = () => send({ type: 'hello', version: 2, agent: AGENT });
   ws.onmessage = (ev) => {
     queue = queue.then(() => onMessage(ev.data)).catch((e) => fail(`player error: ${e.message}`));
   };
