@@ -28,7 +28,14 @@ def register_cli(sub: Any) -> None:
     serve.add_argument("--block-interval", type=float, help="embedded node: seconds per block")
     serve.add_argument("--resume-grace", type=int, help="seconds a dropped channel stays resumable")
     serve.add_argument("--settle-margin", type=int, help="settle this many seconds before expiry")
-    serve.add_argument("--min-conf", type=int, help="confirmations before ready")
+    serve.add_argument(
+        "--min-conf", type=int, help="confirmations before ready (default: 0 regtest, "
+        "1 signet/testnet, 3 main)"
+    )
+    serve.add_argument(
+        "--allow-zero-conf", action="store_true", default=None,
+        help="allow --min-conf 0 on mainnet (a viewer could double-spend its funding)",
+    )
     serve.add_argument("--workers", type=int, help="gateway processes sharing the port (default 1)")
     serve.add_argument("--demo", action="store_true", help="print a ready-to-paste player line")
     serve.add_argument("-v", "--verbose", action="store_true", help="log every settlement")
@@ -85,6 +92,7 @@ def load_config(args: argparse.Namespace) -> Config:
         "rpc_port": getattr(args, "rpc_port", None),
         "block_interval": getattr(args, "block_interval", None),
         "workers": getattr(args, "workers", None),
+        "allow_zero_conf": getattr(args, "allow_zero_conf", None),
     }
     for name, value in flags.items():
         if value is not None:
@@ -109,7 +117,7 @@ def load_config(args: argparse.Namespace) -> Config:
 def _serve(args: argparse.Namespace) -> int:
     from gateway.cli import CliError
     from gateway.media.segment import MediaError
-    from gateway.server import run_gateway
+    from gateway.server import GatewayStartError, run_gateway
     from gateway.workers import WorkerStartError, run_supervisor
 
     config = load_config(args)
@@ -126,7 +134,7 @@ def _serve(args: argparse.Namespace) -> int:
             runner.run(run_supervisor(config) if config.workers > 1 else run_gateway(config))
     except OSError as exc:
         raise CliError(f"cannot start: {exc.strerror or exc}") from None
-    except (WorkerStartError, MediaError) as exc:
+    except (WorkerStartError, MediaError, GatewayStartError) as exc:
         raise CliError(f"cannot start: {exc}") from None
     return 0
 

@@ -475,7 +475,7 @@ class Session:
 
     async def _say_funding_lost(self, live: LiveChannel) -> None:
         with contextlib.suppress(ConnectionClosed):
-            await self._stop_stream(send_end=True)
+            await self._stop_stream()  # no `end`: funding_lost says the stream stopped
             await self._send_error(
                 ProtocolError(
                     ErrorCode.FUNDING_LOST,

@@ -44,11 +44,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote
 
+from bitcoin.core import CTransaction, CTxOut
+from bitcoin.core.script import CScript
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from gateway.chain.rpc import RpcError
-from gateway.chain.watch import btc_to_sat
 from gateway.media.catalog import (
     Catalog,
     parse_rate,
@@ -56,7 +57,8 @@ from gateway.media.catalog import (
     set_price,
 )
 from gateway.media.segment import MediaError
-from gateway.protocol.scripts import ChannelScript
+from gateway.protocol.scripts import ChannelScript, address_to_script_pubkey
+from gateway.protocol.transactions import find_funding_output
 
 if TYPE_CHECKING:
     from gateway.server import Gateway
@@ -403,17 +405,19 @@ async def _faucet(gateway: Gateway, request: Request, _: str, q: dict[str, str])
                         "not the funding address of an open, unfunded channel")
     paid.add(address)
     try:
-        txid = str(await gateway.rpc.call("sendtoaddress", address, f"{amount / 1e8:.8f}"))
-        raw = await gateway.rpc.call("getrawtransaction", txid, True)
+        # Built, signed and sent here rather than by sendtoaddress: the output
+        # index is then known without asking the node where the transaction
+        # is (a stock node forgets that once it is mined, without -txindex).
+        script = address_to_script_pubkey(address, gateway.network)
+        template = CTransaction([], [CTxOut(amount, CScript(script))], nVersion=2)
+        funded = await gateway.rpc.call("fundrawtransaction", template.serialize().hex())
+        signed = await gateway.rpc.call("signrawtransactionwithwallet", funded["hex"])
+        txid = str(await gateway.rpc.call("sendrawtransaction", signed["hex"]))
     except RpcError as exc:
         paid.discard(address)
         log.warning("demo faucet failed: %s", exc)
         raise HttpError(HTTPStatus.BAD_GATEWAY, "the node's wallet could not pay") from None
-    vout = next(
-        (o["n"] for o in raw["vout"] if o["scriptPubKey"].get("address") == address), None
-    )
-    if vout is None:  # a node that omits "address": match the amount instead
-        vout = next(o["n"] for o in raw["vout"] if btc_to_sat(o["value"]) == amount)
+    vout = find_funding_output(bytes.fromhex(signed["hex"]), script)[0]
     return json_response(HTTPStatus.OK, {"txid": txid, "vout": vout, "amount": amount})
 
 

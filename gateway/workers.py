@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.config import Config
+from gateway.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +244,10 @@ class Supervisor:
         try:
             chain = (await rpc.call("getblockchaininfo"))["chain"]
             self.network = NETWORKS.get(chain, chain)
+            try:
+                config.check_network(self.network)
+            except ConfigError as exc:
+                raise WorkerStartError(str(exc)) from None
             address = config.operator_address or await operator_address(rpc, self.datadir)
         finally:
             await rpc.close()

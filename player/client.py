@@ -534,14 +534,24 @@ class Player:
             raise
         return channel, self.store.update(rec.id, state=ChannelState.READY, value=ready.value)
 
-    async def _wait_ready(self, channel: ClientChannel) -> Ready:
-        """Wait for ``ready`` through ``funding`` progress messages."""
+    async def _wait_ready(self, channel: ClientChannel, *, after_loss: bool = False) -> Ready:
+        """Wait for ``ready`` through ``funding`` progress messages.
+
+        ``after_loss``: after ``funding_lost``, where a ``pay`` already in
+        flight is answered ``bad_state`` and the stream's last frames may
+        still arrive: both are passed over.
+        """
         deadline = None if self.funding_timeout is None else time.monotonic() + self.funding_timeout
         while True:
             timeout = (
                 self.reply_timeout if deadline is None else max(0.0, deadline - time.monotonic())
             )
             msg = await self._recv(None if deadline is None else timeout)
+            if after_loss and (
+                isinstance(msg, bytes | Chunk | Due | Paid)
+                or (isinstance(msg, Error) and msg.code is ErrorCode.BAD_STATE)
+            ):
+                continue
             if isinstance(msg, Error):
                 raise GatewayError(msg)
             if isinstance(msg, Funding):
@@ -786,6 +796,14 @@ class Player:
                         rec.id, state=ChannelState.CLOSED, closing_txid=msg.txid
                     )
                     return self._result("gateway_closed", rec, resumed, chunks, media_ms, msg)
+                elif isinstance(msg, Error) and msg.code is ErrorCode.FUNDING_LOST:
+                    # A reorg took the funding back (section 8): the stream
+                    # stopped; play on from here once it is confirmed again.
+                    channel.on_funding_lost()
+                    self._report(status="funding lost: waiting for confirmations")
+                    await self._wait_ready(channel, after_loss=True)
+                    self._report(status="playing")
+                    await self._send(Play(media=media, start_ms=media_ms))
                 elif isinstance(msg, Error):
                     raise GatewayError(msg)
                 else:
