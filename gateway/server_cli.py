@@ -161,7 +161,9 @@ def _channels(args: argparse.Namespace) -> int:
     ).fetchall()
     items = [dict(r) for r in rows]
     for item in items:
-        item["paid"] = (item["value"] or 0) - (item["balance"] or item["value"] or 0)
+        # No balance yet means nothing paid; a balance of 0 means all of it was.
+        value, balance = item["value"] or 0, item["balance"]
+        item["paid"] = 0 if balance is None else value - balance
     if args.json:
         print(json.dumps(items, indent=2))
         return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 
@@ -163,3 +164,52 @@ def test_config_check_catches_inconsistent_limits():
     with pytest.raises(ConfigError, match="min_value <= max_value"):
         config.check()
     Config.load(None, {}).check()  # the defaults are consistent
+
+
+def test_channels_shows_a_channel_paid_down_to_zero_as_paid_in_full(tmp_path, capsys):
+    """Issue 14 item 15: paid is value - balance; a balance of 0 is not "no balance"."""
+    from gateway.store import connect, create_schema
+
+    datadir = tmp_path / "gw"
+    datadir.mkdir()
+    conn = connect(datadir / "gateway.db")
+    create_schema(conn)
+    rows = [  # (id, value, balance): paid in full, partly, never (no increment yet)
+        (1, 20_000, 0),
+        (2, 20_000, 19_699),
+        (3, 20_000, None),
+    ]
+    for row_id, value, balance in rows:
+        conn.execute(
+            "INSERT INTO channels(id, channel_id, kind, state, value, balance, seq) "
+            "VALUES (?, ?, 'cltv', 'closing', ?, ?, ?)",
+            (row_id, f"{row_id:064x}:0", value, balance, 0 if balance is None else 1),
+        )
+    conn.close()
+    assert main(["channels", "--datadir", str(datadir), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(c["id"], c["paid"]) for c in listed] == [(1, 20_000), (2, 301), (3, 0)]
+    assert main(["channels", "--datadir", str(datadir)]) == 0
+    table = capsys.readouterr().out.splitlines()[1:]
+    assert [line.split()[5] for line in table] == ["20000", "301", "0"]
+
+
+def test_the_players_environment_does_not_break_gateway_commands(tmp_path):
+    """Issue 14 item 12: ``PAYSTREAM_PLAYER_DIR`` (the player's) is not a gateway setting."""
+    assert Config.load(None, {"PAYSTREAM_PLAYER_DIR": str(tmp_path)}) == Config()
+    env = {**os.environ, "PAYSTREAM_PLAYER_DIR": str(tmp_path / "player")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "serve", "--datadir", str(tmp_path / "d"),
+         "--port", "99999999"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )
+    # It gets as far as checking its own settings (and refuses the port, starting nothing).
+    assert proc.stderr.strip().splitlines() == ["gateway: error: port must be 0-65535"]
+    # Its own settings are still read from the environment.
+    env["PAYSTREAM_PORT"] = "70000"
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "serve", "--datadir", str(tmp_path / "d")],
+        capture_output=True, text=True, timeout=60, env=env,
+    )
+    assert proc.stderr.strip().splitlines() == ["gateway: error: port must be 0-65535"]
+    assert not (tmp_path / "d").exists()
