@@ -33,7 +33,12 @@ def register_cli(sub: Any) -> None:
     serve.add_argument("--min-conf", type=int, help="confirmations before ready")
     serve.add_argument("--workers", type=int, help="gateway processes sharing the port (default 1)")
     serve.add_argument("--demo", action="store_true", help="print a ready-to-paste player line")
-    serve.add_argument("-v", "--verbose", action="store_true", help="log every settlement")
+    loud = serve.add_mutually_exclusive_group()
+    loud.add_argument(
+        "-v", "--verbose", action="store_true",
+        help="also log each WebSocket connection and HTTP request",
+    )
+    loud.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     serve.set_defaults(func=_serve)
 
     channels = sub.add_parser("channels", help="list channels and their states")
@@ -112,10 +117,14 @@ def _serve(args: argparse.Namespace) -> int:
     from gateway.cli import CliError
 
     config = load_config(args)
+    # INFO: a line per session start and end, funding, settlement and error
+    # sent to a client; never a key, token, signature or raw transaction.
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
+        level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:  # websockets logs every connection and HTTP answer at INFO
+        logging.getLogger("websockets").setLevel(logging.WARNING)
     with contextlib.ExitStack() as held:
         # Before anything starts: a second gateway on the data dir would fail
         # deep in the node's chainstate (gateway/lockfile.py).

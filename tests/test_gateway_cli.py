@@ -232,14 +232,17 @@ def _gateway_cli(*args: str, **options) -> subprocess.CompletedProcess[str]:
 def _start_serve(datadir, media, *extra: str) -> subprocess.Popen:
     """``gateway serve`` on ports 0; returns once it wrote ``gateway.json``."""
     (datadir / "gateway.json").unlink(missing_ok=True)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "serve", "--datadir", str(datadir), "--port", "0",
-         "--rpc-port", "0", "--block-interval", "0", "--media", str(media), *extra],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
+    log = datadir.parent / "serve.log"
+    with log.open("a") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "serve", "--datadir", str(datadir),
+             "--port", "0", "--rpc-port", "0", "--block-interval", "0", "--media", str(media),
+             *extra],
+            stdout=out, stderr=subprocess.STDOUT,
+        )
     deadline = time.monotonic() + 60
     while not (datadir / "gateway.json").exists():
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert proc.poll() is None, log.read_text()
         assert time.monotonic() < deadline
         time.sleep(0.05)
     return proc
