@@ -242,7 +242,9 @@ async def _index(gateway: Gateway, request: Request, _: str, q: dict[str, str]) 
         "<th>Price per second</th><th>Free</th><th>Length</th></tr></thead>"
         f"<tbody>{''.join(rows)}</tbody></table>"
         if rows
-        else "<p>The catalog is empty: publish with <code>gateway media publish</code>.</p>"
+        else "<p>The catalog is empty: publish with <code>gateway publish FILE --id ID "
+        "--publisher P --rate SAT_PER_S</code>, or add the demo's with "
+        "<code>gateway media sample</code> (media/README.md).</p>"
     )
     body = f"<h1>Catalog</h1>\n<p>Network: {html.escape(gateway.network)}</p>\n{table}"
     return _page("Catalog", body, None)

@@ -240,3 +240,10 @@ async def test_unknown_pages_are_html_404s_and_api_paths_stay_json(gateway):
         status, headers, body = await http(gateway, path)
         assert status == 404 and headers["Content-Type"] == "application/json", path
         assert json.loads(body)["error"]
+
+
+async def test_an_empty_catalog_page_names_the_command_that_fills_it(gateway_factory, tmp_path):
+    gw = await gateway_factory(media=tmp_path / "empty")
+    status, _, body = await http(gw, "/")
+    assert status == 200
+    assert b"<code>gateway publish FILE" in body and b"gateway media sample" in body
