@@ -227,7 +227,8 @@ def _parser() -> argparse.ArgumentParser:
         "that channel (after the last chunk received, so nothing is paid twice; from the "
         "start once it was played to the end), unless --from says where. Without a "
         "stored channel one is opened and funded from --wallet-rpc, for exactly --budget "
-        "sat. Ctrl-C or SIGTERM closes the channel and prints a summary.",
+        "sat. Progress goes to stderr: one line redrawn on a terminal, else a plain line "
+        "every few seconds. Ctrl-C or SIGTERM closes the channel and prints a summary.",
     )
     play.add_argument("url", help="ws://HOST:PORT/paystream/1")
     play.add_argument("media", help="media id in the gateway's catalog")
