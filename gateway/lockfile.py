@@ -27,6 +27,8 @@ GATEWAY_LOCK = "gateway.pid"
 NODE_LOCK = "node.pid"
 #: How long a reader waits for a new holder to write its pid (it does so at once).
 _PID_WAIT_S = 1.0
+#: How long a start retries past a reader's brief shared lock (:func:`holder_pid`).
+_PROBE_WAIT_S = 0.2
 
 
 class DataDirInUse(Exception):
@@ -64,7 +66,7 @@ def lock_datadir(datadir: Path, name: str, holder: str) -> DataDirLock:
     # O_CLOEXEC: a worker or any other child must not inherit (and so keep) the lock.
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _lock_exclusive(fd)
     except BlockingIOError:
         pid, what = _read_holder(fd)
         os.close(fd)
@@ -96,6 +98,23 @@ def holder_pid(datadir: Path, name: str) -> int | None:
         return None
     finally:
         os.close(fd)
+
+
+def _lock_exclusive(fd: int) -> None:
+    """``flock(LOCK_EX)`` without waiting for a holder, but past a passing probe.
+
+    :func:`holder_pid` holds a shared lock for an instant; a start that
+    collided with it would otherwise name the previous holder as running.
+    """
+    deadline = time.monotonic() + _PROBE_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)
 
 
 def _read_holder(fd: int) -> tuple[int | None, str]:

@@ -325,3 +325,23 @@ def test_settle_without_a_running_gateway_says_so_and_creates_nothing(tmp_path):
         f"gateway: error: no running gateway for data dir {datadir} "
         "(start it with gateway serve)"]
     assert sorted(p.name for p in datadir.iterdir()) == ["gateway.json", "operator-token"]
+
+
+def test_a_start_is_not_refused_by_settles_passing_look_at_the_lock(tmp_path):
+    """`gateway settle` looks with a shared lock for an instant; a gateway starting then
+    waits it out instead of naming the previous holder as running."""
+    import fcntl
+    import threading
+
+    from gateway.lockfile import holder_pid
+
+    with lock_datadir(tmp_path, GATEWAY_LOCK, "gateway"):
+        assert holder_pid(tmp_path, GATEWAY_LOCK) == os.getpid()
+    assert holder_pid(tmp_path, GATEWAY_LOCK) is None  # released: a leftover file only
+    with (tmp_path / GATEWAY_LOCK).open() as probe:
+        fcntl.flock(probe, fcntl.LOCK_SH)
+        threading.Timer(0.05, fcntl.flock, (probe, fcntl.LOCK_UN)).start()
+        with lock_datadir(tmp_path, GATEWAY_LOCK, "gateway") as held:
+            assert held.path.read_text() == f"{os.getpid()} gateway\n"
+    assert holder_pid(tmp_path / "none", GATEWAY_LOCK) is None
+    assert not (tmp_path / "none").exists()
