@@ -187,7 +187,7 @@ def _channels(args: argparse.Namespace) -> int:
     ).fetchall()
     items = [dict(r) for r in rows]
     for item in items:
-        # No balance yet means nothing paid; a balance of 0 means all of it was.
+        # No balance yet means nothing paid; an empty balance means all of it was.
         value, balance = item["value"] or 0, item["balance"]
         item["paid"] = 0 if balance is None else value - balance
     if args.json:

@@ -111,7 +111,7 @@ async def handle_http(gateway: Gateway, request: Request) -> Response | None:
         route = _route(path)
         if route is None:
             if path.startswith(("/api/", "/web/", "/paystream/")):
-                return None  # programs ask these: the server's JSON 404
+                return None  # programs ask these: the server answers in JSON
             return _not_found_page(f"There is no page {unquote(path)} here.")
         handler, arg = route
         return await handler(gateway, request, arg, _query(query))

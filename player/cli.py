@@ -184,7 +184,8 @@ def _media_time(text: str) -> int:
     if match is None:
         raise bad
     hours, minutes, seconds = int(match[1] or 0), int(match[2] or 0), float(match[3])
-    # In 1:02:03 and 1:30 the later fields are below 60; bare seconds are not.
+    # After an hour or a minute field, minutes and seconds stay below a full one;
+    # bare seconds may be any number.
     if (match[2] is not None and seconds >= 60) or (match[1] is not None and minutes >= 60):
         raise bad
     return round((hours * 3600 + minutes * 60 + seconds) * 1000)
