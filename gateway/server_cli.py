@@ -187,7 +187,7 @@ def _channels(args: argparse.Namespace) -> int:
     ).fetchall()
     items = [dict(r) for r in rows]
     for item in items:
-        # No balance yet means nothing paid; an empty balance means all of it was.
+        # No balance yet means nothing paid; a zero balance means all of it was.
         value, balance = item["value"] or 0, item["balance"]
         item["paid"] = 0 if balance is None else value - balance
     if args.json:
@@ -265,5 +265,3 @@ def _running_gateway(config: Config) -> str:
     if announced != pid:  # the one that wrote it is gone; the new one is starting
         raise CliError(f"the gateway for data dir {config.datadir} is starting; try again")
     return web.rstrip("/") + "/"
-
-
