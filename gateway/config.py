@@ -99,7 +99,13 @@ class Config:
 
     @classmethod
     def load(cls, path: Path | None, env: Mapping[str, str] | None = None) -> Config:
-        """Defaults, overridden by the TOML file at ``path`` and by ``env``."""
+        """Defaults, overridden by the TOML file at ``path`` and by ``env``.
+
+        In the file an unknown name is an error; in ``env`` (``os.environ`` by
+        default) only ``PAYSTREAM_<SETTING>`` and ``PAYSTREAM_LIMITS_<LIMIT>``
+        of the gateway's own settings are read, and other names are left to
+        whoever they belong to.
+        """
         config = cls()
         if path is not None:
             try:
@@ -109,13 +115,17 @@ class Config:
             config.update(data)
         env = os.environ if env is None else env
         prefix = "PAYSTREAM_"
+        # The environment is shared with the player (PAYSTREAM_PLAYER_DIR) and
+        # anything else of ours: only the names of gateway settings are read.
+        ours = {f.name for f in dataclasses.fields(cls)}
+        limits = {f.name for f in dataclasses.fields(Limits)}
         updates: dict[str, Any] = {}
         for key, value in env.items():
             if key.startswith(prefix):
                 name = key[len(prefix) :].lower()
-                if name.startswith("limits_"):
+                if name.startswith("limits_") and name[len("limits_") :] in limits:
                     updates.setdefault("limits", {})[name[len("limits_") :]] = value
-                else:
+                elif name in ours and name != "limits":
                     updates[name] = value
         config.update(updates, from_text=True)
         return config

@@ -441,9 +441,13 @@ class Gateway:
             await ws.close(1013, "busy")
             return
         self.sessions[peer] += 1
+        session = Session(self, ws, peer)
+        where = f"{peer}:{ws.remote_address[1]}" if ws.remote_address else peer
+        log.info("session from %s started", where)
         try:
-            await Session(self, ws, peer).run()
+            await session.run()
         finally:
+            log.info("session from %s ended (channel %s)", where, session.channel_label())
             self.sessions[peer] -= 1
             if self.sessions[peer] <= 0:
                 del self.sessions[peer]

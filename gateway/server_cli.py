@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ from typing import Any
 import uvloop
 
 from gateway.config import Config, ConfigError
+from gateway.lockfile import GATEWAY_LOCK, NODE_LOCK, DataDirInUse, holder_pid, lock_datadir
 
 
 def register_cli(sub: Any) -> None:
@@ -38,7 +40,12 @@ def register_cli(sub: Any) -> None:
     )
     serve.add_argument("--workers", type=int, help="gateway processes sharing the port (default 1)")
     serve.add_argument("--demo", action="store_true", help="print a ready-to-paste player line")
-    serve.add_argument("-v", "--verbose", action="store_true", help="log every settlement")
+    loud = serve.add_mutually_exclusive_group()
+    loud.add_argument(
+        "-v", "--verbose", action="store_true",
+        help="also log each WebSocket connection and HTTP request",
+    )
+    loud.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     serve.set_defaults(func=_serve)
 
     channels = sub.add_parser("channels", help="list channels and their states")
@@ -49,11 +56,11 @@ def register_cli(sub: Any) -> None:
     settle = sub.add_parser(
         "settle",
         help="settle a channel (or every open one) now",
-        description="Asks the running gateway (with the operator token) to settle; "
-        "when no gateway runs on DATADIR, starts its chain access alone and settles.",
+        description="Asks the gateway running on DATADIR (found from DATADIR/gateway.json, "
+        "with the operator token) to settle now. Without a running gateway it does nothing: "
+        "start it with gateway serve, which also settles what is due when it starts.",
     )
     _common(settle)
-    _chain(settle)
     settle.add_argument("channel", nargs="?", help="txid:vout (default: every ready channel)")
     settle.set_defaults(func=_settle)
 
@@ -116,17 +123,37 @@ def load_config(args: argparse.Namespace) -> Config:
 
 def _serve(args: argparse.Namespace) -> int:
     from gateway.cli import CliError
+
+    config = load_config(args)
+    # INFO: a line per session start and end, funding, settlement and error
+    # sent to a client; never a key, token, signature or raw transaction.
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not args.verbose:  # websockets logs every connection and HTTP answer at INFO
+        logging.getLogger("websockets").setLevel(logging.WARNING)
+    with contextlib.ExitStack() as held:
+        # Before anything starts: a second gateway on the data dir would fail
+        # deep in the node's chainstate (gateway/lockfile.py).
+        try:
+            held.enter_context(lock_datadir(config.datadir, GATEWAY_LOCK, "gateway"))
+            if config.rpc_url is None:
+                held.enter_context(lock_datadir(config.datadir / "node", NODE_LOCK, "gateway"))
+        except DataDirInUse as exc:
+            raise CliError(str(exc)) from None
+        if args.demo:
+            _print_demo_hint(config)
+        _run(config)
+    return 0
+
+
+def _run(config: Config) -> None:
+    from gateway.cli import CliError
     from gateway.media.segment import MediaError
     from gateway.server import GatewayStartError, run_gateway
     from gateway.workers import WorkerStartError, run_supervisor
 
-    config = load_config(args)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if args.demo:
-        _print_demo_hint(config)
     try:
         # uvloop (libuv) runs the same asyncio code with a fraction of the
         # loop's own cost per message (``gateway bench`` figures in README).
@@ -136,7 +163,6 @@ def _serve(args: argparse.Namespace) -> int:
         raise CliError(f"cannot start: {exc.strerror or exc}") from None
     except (WorkerStartError, MediaError, GatewayStartError) as exc:
         raise CliError(f"cannot start: {exc}") from None
-    return 0
 
 
 def _print_demo_hint(config: Config) -> None:
@@ -169,7 +195,9 @@ def _channels(args: argparse.Namespace) -> int:
     ).fetchall()
     items = [dict(r) for r in rows]
     for item in items:
-        item["paid"] = (item["value"] or 0) - (item["balance"] or item["value"] or 0)
+        # No balance yet means nothing paid; a zero balance means all of it was.
+        value, balance = item["value"] or 0, item["balance"]
+        item["paid"] = 0 if balance is None else value - balance
     if args.json:
         print(json.dumps(items, indent=2))
         return 0
@@ -184,32 +212,30 @@ def _channels(args: argparse.Namespace) -> int:
 
 
 def _settle(args: argparse.Namespace) -> int:
-    """Ask the running gateway (operator token) or, if none runs, settle offline."""
+    """Ask the gateway running on the data dir to settle (operator token)."""
     from gateway.cli import CliError
 
     config = load_config(args)
-    info_path = config.datadir / "gateway.json"
-    info = json.loads(info_path.read_text()) if info_path.exists() else None
-    if info is not None and _alive(int(info.get("pid", 0))):
+    url = _running_gateway(config) + "api/admin/settle"
+    try:
         token = (config.datadir / "operator-token").read_text().strip()
-        url = info["web"].rstrip("/") + "/api/admin/settle"
-        if args.channel:
-            url += f"?channel={args.channel}"
-        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    except OSError as exc:
+        raise CliError(f"cannot read the operator token: {exc.strerror or exc}") from None
+    if args.channel:
+        url += f"?channel={args.channel}"
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            result = json.load(answer)
+    except urllib.error.HTTPError as exc:
         try:
-            with urllib.request.urlopen(request, timeout=60) as answer:
-                result = json.load(answer)
-        except urllib.error.HTTPError as exc:
-            try:
-                message = json.load(exc).get("error", str(exc))
-            except ValueError:  # not the gateway's JSON (a proxy, say)
-                message = str(exc)
-            raise CliError(message) from None
-        except OSError as exc:
-            raise CliError(f"cannot reach the gateway: {exc}") from None
-        items = result["settled"] + result.get("failed", [])
-    else:
-        items = asyncio.run(_settle_offline(config, args.channel))
+            message = json.load(exc).get("error", str(exc))
+        except ValueError:  # not the gateway's JSON (a proxy, say)
+            message = str(exc)
+        raise CliError(message) from None
+    except OSError as exc:
+        raise CliError(f"cannot reach the gateway: {exc}") from None
+    items = result["settled"] + result.get("failed", [])
     failed = [item for item in items if "error" in item]
     for item in items:
         if "error" in item:
@@ -224,25 +250,26 @@ def _settle(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _settle_offline(config: Config, channel: str | None) -> list[dict[str, Any]]:
+def _running_gateway(config: Config) -> str:
+    """The web URL of the gateway serving ``config.datadir`` (CliError if none runs).
+
+    A gateway runs there if a process holds the data dir's lock; its
+    ``gateway.json`` says where it listens. Nothing is created.
+    """
     from gateway.cli import CliError
-    from gateway.server import Gateway
 
-    gateway = Gateway(config)
-    await gateway.start(serve_sockets=False)
+    pid = holder_pid(config.datadir, GATEWAY_LOCK)
+    info_path = config.datadir / "gateway.json"
+    if pid is None or not info_path.exists():
+        raise CliError(
+            f"no running gateway for data dir {config.datadir} (start it with gateway serve)"
+        )
     try:
-        return await gateway.settle_by_hand(channel)
-    except KeyError:
-        raise CliError(f"no open channel {channel}") from None
-    finally:
-        await gateway.stop()
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True
+        info = json.loads(info_path.read_text())
+        web = str(info["web"])
+        announced = int(info["pid"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CliError(f"cannot read {info_path}: {exc}") from None
+    if announced != pid:  # the one that wrote it is gone; the new one is starting
+        raise CliError(f"the gateway for data dir {config.datadir} is starting; try again")
+    return web.rstrip("/") + "/"

@@ -107,6 +107,8 @@ class Session:
         self._goodbye: asyncio.Task[None] | None = None
         #: Notices sent from outside the message loop (funding lost, void).
         self._background: set[asyncio.Future[None]] = set()
+        #: The last channel this session had, for the log (:meth:`channel_label`).
+        self._label = "none"
 
     # -- I/O ---------------------------------------------------------------------
 
@@ -127,7 +129,15 @@ class Session:
                     ws.protocol.send_text(text.encode())
 
     async def _send_error(self, exc: ProtocolError) -> None:
+        log.info("error %s to %s (channel %s)", exc.code.value, self.peer, self.channel_label())
         await self._send(_json(exc.to_wire()))
+
+    def channel_label(self) -> str:
+        """The session's channel for the log: its id, "unfunded" or "none"."""
+        if self.live is not None:
+            return self.live.channel_id
+        self._label = self._label if self._pending is None else "unfunded"
+        return self._label
 
     async def run(self) -> None:
         """Serve the socket until it closes; then hand the channel to settlement."""
@@ -332,7 +342,9 @@ class Session:
         self.gw.note_unfunded(self.peer, -1)
         self.gw.hold(live)
         self.live = live
+        self._label = live.channel_id
         live.session = self
+        log.info("channel %s funded: %d sat, from %s", live.channel_id, core.value, self.peer)
         await self.gw.funding.apply(live, status)
         await self._until_ready(live)
 
@@ -449,6 +461,8 @@ class Session:
         live.session = self
         live.disconnected_at = None
         self.live = live
+        self._label = live.channel_id
+        log.info("channel %s resumed from %s", live.channel_id, self.peer)
         if old is not None and old is not self:
             old.replaced()
         # The funding output must still be there (a reorg, a double spend)

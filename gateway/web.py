@@ -112,7 +112,9 @@ async def handle_http(gateway: Gateway, request: Request) -> Response | None:
     try:
         route = _route(path)
         if route is None:
-            return None
+            if path.startswith(("/api/", "/web/", "/paystream/")):
+                return None  # programs ask these: the server answers in JSON
+            return _not_found_page(f"There is no page {unquote(path)} here.")
         handler, arg = route
         return await handler(gateway, request, arg, _query(query))
     except HttpError as exc:
@@ -175,7 +177,12 @@ def _response(
 
 
 def _page(
-    title: str, body: str, script: str | None, *, data: dict[str, str] | None = None
+    title: str,
+    body: str,
+    script: str | None,
+    *,
+    data: dict[str, str] | None = None,
+    status: HTTPStatus = HTTPStatus.OK,
 ) -> Response:
     attrs = "".join(f' data-{k}="{html.escape(v)}"' for k, v in (data or {}).items())
     text = f"""<!doctype html>
@@ -197,7 +204,16 @@ def _page(
 </body>
 </html>
 """
-    return _response(HTTPStatus.OK, text.encode(), "text/html; charset=utf-8")
+    return _response(status, text.encode(), "text/html; charset=utf-8")
+
+
+def _not_found_page(message: str) -> Response:
+    """A 404 for a person: what is missing and the way back (JSON paths keep JSON)."""
+    body = (
+        f"<h1>Not found</h1>\n<p>{html.escape(message)}</p>\n"
+        '<p>See <a href="/">the catalog</a> for what this gateway plays.</p>'
+    )
+    return _page("Not found", body, None, status=HTTPStatus.NOT_FOUND)
 
 
 # -- pages -------------------------------------------------------------------------
@@ -228,7 +244,9 @@ async def _index(gateway: Gateway, request: Request, _: str, q: dict[str, str]) 
         "<th>Price per second</th><th>Free</th><th>Length</th></tr></thead>"
         f"<tbody>{''.join(rows)}</tbody></table>"
         if rows
-        else "<p>The catalog is empty: publish with <code>gateway media publish</code>.</p>"
+        else "<p>The catalog is empty: publish with <code>gateway publish FILE --id ID "
+        "--publisher P --rate SAT_PER_S</code>, or add the demo's with "
+        "<code>gateway media sample</code> (media/README.md).</p>"
     )
     body = f"<h1>Catalog</h1>\n<p>Network: {html.escape(gateway.network)}</p>\n{table}"
     return _page("Catalog", body, None)
@@ -283,7 +301,7 @@ _WATCH_BODY = """<h1 id="title">{title}</h1>
 async def _watch(gateway: Gateway, request: Request, media: str, q: dict[str, str]) -> Response:
     item = _catalog(gateway).items.get(media)
     if item is None:
-        raise HttpError(HTTPStatus.NOT_FOUND, f"no media {media!r} in the catalog")
+        return _not_found_page(f"No media {media!r} in the catalog.")
     body = _WATCH_BODY.replace("{title}", html.escape(item.title))
     return _page(item.title, body, "player.js",
                  data={"media": item.id, "network": gateway.network})

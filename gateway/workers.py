@@ -316,6 +316,7 @@ class Supervisor:
             "extra": sorted(i for i, w in self.moved.items() if w == index),
             "away": sorted(i for i, w in self.moved.items() if i % self.count == index),
             "log_level": logging.getLogger().level,
+            "websockets_log_level": logging.getLogger("websockets").level,
         }
         # The first line, before the link starts reading: the worker's settings.
         writer.write(json.dumps(start).encode() + b"\n")
@@ -495,6 +496,7 @@ async def _work(link_fd: int) -> None:
         level=start["log_level"],
         format=f"%(asctime)s %(levelname)s worker-{start['index']} %(name)s: %(message)s",
     )
+    logging.getLogger("websockets").setLevel(start["websockets_log_level"])
     config = Config()
     config.update(start["config"])
     gateway: Gateway | None = None

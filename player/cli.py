@@ -11,14 +11,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
+import re
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
+from gateway.protocol.channel import ClientChannel
 from gateway.protocol.scripts import is_height_expiry
+from player.catalog import catalog_item
 from player.client import (
     DEFAULT_BUDGET,
     DEFAULT_BUFFER_S,
@@ -48,18 +52,40 @@ def _fmt_ms(ms: int) -> str:
     )
 
 
-class ProgressLine:
-    """The live progress line on ``stream`` (stderr): rewritten in place on a terminal."""
+#: Seconds between two progress lines while playing when stderr is not a terminal.
+PLAIN_INTERVAL_S = 5.0
 
-    def __init__(self, stream: TextIO) -> None:
+
+class ProgressLine:
+    """Progress on ``stream`` (stderr).
+
+    On a terminal, one line rewritten in place. Otherwise (a pipe, a log
+    file) plain lines: one per change of status, and while playing one
+    every ``interval`` seconds, so a log shows the player is alive without a
+    line per chunk.
+    """
+
+    def __init__(
+        self,
+        stream: TextIO,
+        *,
+        interval: float = PLAIN_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.stream = stream
         self.live = stream.isatty()
+        self.interval = interval
+        self.clock = clock
         self._last = ""
+        self._status = ""
+        self._printed_at = -math.inf
 
     def __call__(self, p: Progress) -> None:
         """Show ``p``."""
         if p.status == "funding" and p.needed:
             line = f"funding: {p.confirmations}/{p.needed} confirmations"
+        elif p.status == "playing" and not p.duration_ms:  # its `stream` is not here yet
+            line = f"playing {p.media}"
         elif p.status in ("playing", "closing", "closed", "disconnected"):
             line = (
                 f"{p.media} {_fmt_ms(p.media_ms)}/{_fmt_ms(p.duration_ms)}"
@@ -77,6 +103,20 @@ class ProgressLine:
         if self.live:
             self.stream.write("\r\x1b[2K" + line)
             self.stream.flush()
+            return
+        now = self.clock()
+        if p.status != self._status or now - self._printed_at >= self.interval:
+            self._status, self._printed_at = p.status, now
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+    def note(self, text: str) -> None:
+        """A message of its own line, above the live line (which is drawn again)."""
+        if self.live and self._last:
+            self.stream.write("\r\x1b[2K" + text + "\n" + self._last)
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
 
     def done(self) -> None:
         """End the live line (the summary goes on its own line)."""
@@ -132,6 +172,25 @@ def _integer(text: str, minimum: int) -> int:
     return value
 
 
+_TIME = re.compile(r"(?:(?:(\d+):)?(\d+):)?(\d+(?:\.\d{1,3})?)")
+
+
+def _media_time(text: str) -> int:
+    """``--from``: ``[[H:]MM:]SS[.mmm]`` or seconds, as milliseconds."""
+    match = _TIME.fullmatch(text.strip())
+    bad = argparse.ArgumentTypeError(
+        f"bad time {text!r}: expected seconds or [H:]MM:SS, e.g. 90, 1:30 or 1:02:03"
+    )
+    if match is None:
+        raise bad
+    hours, minutes, seconds = int(match[1] or 0), int(match[2] or 0), float(match[3])
+    # After an hour or a minute field, minutes and seconds stay below a full one;
+    # bare seconds may be any number.
+    if (match[2] is not None and seconds >= 60) or (match[1] is not None and minutes >= 60):
+        raise bad
+    return round((hours * 3600 + minutes * 60 + seconds) * 1000)
+
+
 def _positive(text: str) -> int:
     return _integer(text, 1)
 
@@ -159,22 +218,47 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--wallet-rpc", metavar="URL", help="Bitcoin Core-compatible wallet RPC URL")
         p.add_argument("--wallet-cookie", metavar="PATH", help="the RPC's cookie file")
 
-    play = sub.add_parser("play", help="watch MEDIA from a gateway, paying per chunk")
+    play = sub.add_parser(
+        "play",
+        help="watch MEDIA from a gateway, paying per chunk",
+        description="Watch MEDIA from a gateway, paying per chunk. The gateway's catalog "
+        "is read first: an id it does not have is refused before any channel is opened. "
+        "A funded channel stored for this gateway is resumed (the player says which, "
+        "with its value, paid and balance) and MEDIA goes on where it was left off on "
+        "that channel (after the last chunk received, so nothing is paid twice; from the "
+        "start once it was played to the end), unless --from says where. Without a "
+        "stored channel one is opened and funded from --wallet-rpc, for exactly --budget "
+        "sat. Progress goes to stderr: one line redrawn on a terminal, else a plain line "
+        "every few seconds. Ctrl-C or SIGTERM closes the channel and prints a summary.",
+    )
     play.add_argument("url", help="ws://HOST:PORT/paystream/2")
     play.add_argument("media", help="media id in the gateway's catalog")
     play.add_argument(
         "--budget",
         type=_positive,
-        default=DEFAULT_BUDGET,
-        help="channel value and the most paid (sat)",
+        default=None,
+        metavar="SAT",
+        help="a new channel's value, the most ever paid on it; within the gateway's "
+        f"limits or refused (default {DEFAULT_BUDGET}). On a resumed channel: the most "
+        "this run pays more (at most its balance; default: its balance)",
     )
     play.add_argument("--kind", choices=("cltv", "multisig"), default="cltv")
     play.add_argument(
         "--expiry", type=_expiry_arg, default=None, help="e.g. 6h, 3600 (s) or h:HEIGHT"
     )
     play.add_argument("--out", metavar="FILE", help="write media to FILE ('-' = stdout)")
-    play.add_argument(
-        "--start-ms", type=_non_negative, default=0, help="start playback at this media time"
+    start = play.add_mutually_exclusive_group()
+    start.add_argument(
+        "--from",
+        dest="start_ms",
+        type=_media_time,
+        default=None,
+        metavar="TIME",
+        help="start at this media time, e.g. 0, 90 or 1:30 (default: where this channel "
+        "left MEDIA off, else the start)",
+    )
+    start.add_argument(
+        "--start-ms", dest="start_ms", type=_non_negative, help="the same in milliseconds"
     )
     play.add_argument(
         "--duration-ms", type=_positive, default=None, help="stop after this much media"
@@ -236,17 +320,48 @@ def _open_out(target: str | None) -> tuple[BinaryIO | None, bool]:
         raise PlayerError(f"cannot write {target}: {exc.strerror}") from None
 
 
+def _check_play(args: argparse.Namespace) -> None:
+    """What ``play`` checks before it writes anything (keystore, output file, channel).
+
+    The URL, then the gateway's catalog: an id it does not have fails here,
+    not once a channel is funded; and ``--from`` within the media.
+    """
+    check_gateway_url(args.url)
+    item = catalog_item(args.url, args.media)
+    duration_ms = item.get("duration_ms")
+    if isinstance(duration_ms, int) and (args.start_ms or 0) > duration_ms:
+        raise PlayerError(
+            f"--from {_fmt_ms(args.start_ms)} is past the end of {args.media} "
+            f"({_fmt_ms(duration_ms)})"
+        )
+
+
 async def _play(args: argparse.Namespace, store: Keystore) -> int:
-    check_gateway_url(args.url)  # before creating the output file
     wallet = _wallet(args, required=False)
     out, must_close = _open_out(args.out)
     line = ProgressLine(sys.stderr)
+
+    def resuming(rec: StoredChannel, channel: ClientChannel) -> None:
+        value, paid = channel.value or 0, channel.paid
+        balance = value - paid
+        text = f"resuming channel {rec.id} (value {value}, paid {paid}, balance {balance} sat)"
+        if args.budget is not None:
+            most = channel.budget - paid
+            text += f"; this run pays at most {most} sat"
+            if most < args.budget:
+                text += " (the channel's balance; --new-channel opens another)"
+        line.note(text)
+        if args.start_ms is None and (at := store.position(rec.id, args.media)):
+            line.note(f"{args.media} goes on at {_fmt_ms(at)} (--from 0 starts it over)")
+
     try:
         player = Player(
             args.url,
             store,
             wallet=wallet,
-            budget=args.budget,
+            budget=DEFAULT_BUDGET if args.budget is None else args.budget,
+            resume_budget=args.budget,
+            on_resume=resuming,
             kind=args.kind,
             expiry=args.expiry,
             new_channel=args.new_channel,
@@ -264,11 +379,14 @@ async def _play(args: argparse.Namespace, store: Keystore) -> int:
                 raise KeyboardInterrupt
             player.stop()
 
-        # Not possible off the main thread or on Windows: Ctrl-C then just interrupts.
-        handled = False
-        with contextlib.suppress(RuntimeError, NotImplementedError, ValueError):
-            loop.add_signal_handler(signal.SIGINT, on_sigint)
-            handled = True
+        # SIGTERM (`timeout`, `kill`, a service manager) ends the session as Ctrl-C
+        # does: close, wait for `closed`, summary. Not possible off the main
+        # thread or on Windows: the signal then just interrupts.
+        handled: list[signal.Signals] = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(RuntimeError, NotImplementedError, ValueError):
+                loop.add_signal_handler(sig, on_sigint)
+                handled.append(sig)
         try:
             result = await player.play(
                 args.media,
@@ -278,8 +396,8 @@ async def _play(args: argparse.Namespace, store: Keystore) -> int:
                 keep_open=args.keep_open,
             )
         finally:
-            if handled:
-                loop.remove_signal_handler(signal.SIGINT)
+            for sig in handled:
+                loop.remove_signal_handler(sig)
             line.done()
     finally:
         if out is not None:
@@ -342,6 +460,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     data_dir = args.data_dir or default_data_dir()
     try:
+        if args.command == "play":
+            _check_play(args)
         with Keystore(data_dir) as store:
             if args.command == "channels":
                 print(format_channels(store.channels()))

@@ -340,10 +340,12 @@ class Player:
         close_timeout: float = 10.0,
         funding_timeout: float | None = None,
         buffer_s: float | None = DEFAULT_BUFFER_S,
+        resume_budget: int | None = None,
+        on_resume: Callable[[StoredChannel, ClientChannel], None] | None = None,
     ) -> None:
         self.url = check_gateway_url(url)
-        if budget < DUST_LIMIT:
-            raise PlayerError(f"budget {budget} sat is below the dust limit {DUST_LIMIT}")
+        if budget < 1:
+            raise PlayerError(f"budget {budget} sat is not positive")
         if kind not in ("cltv", "multisig"):
             raise PlayerError(f"unknown channel kind {kind!r}: use cltv or multisig")
         self.store = store
@@ -360,6 +362,11 @@ class Player:
         #: Pay for a chunk only while less than this much media is buffered
         #: ahead of real-time playback (None: pay as fast as chunks come).
         self.buffer_s = buffer_s
+        #: On a resumed channel: the most this session pays more (None: its balance).
+        self.resume_budget = resume_budget
+        #: Called with a stored channel about to be resumed (restored, nothing sent
+        #: yet): to say so, or to refuse it by raising :class:`PlayerError`.
+        self.on_resume = on_resume
         self._clock: tuple[float, int] | None = None  # (monotonic, media ms) at first chunk
         self._stop = asyncio.Event()
         self._ws: ClientConnection | None = None
@@ -456,21 +463,25 @@ class Player:
         self,
         media: str,
         *,
-        start_ms: int = 0,
+        start_ms: int | None = 0,
         max_chunks: int | None = None,
         duration_ms: int | None = None,
         keep_open: bool = False,
     ) -> PlayResult:
         """Watch ``media`` on a resumed or new channel until it ends or a limit is hit.
 
-        ``max_chunks``/``duration_ms`` stop after that much media. The channel
-        is then closed (``close``, wait for ``closed``) unless ``keep_open``,
-        which just disconnects so a later run resumes it. Raises
-        :class:`PlayerError` (and subclasses) with a one-line message.
+        ``start_ms`` None: where this channel left ``media`` off (a resumed
+        channel), else the beginning. ``max_chunks``/``duration_ms`` stop
+        after that much media. The channel is then closed (``close``, wait
+        for ``closed``) unless ``keep_open``, which just disconnects so a
+        later run resumes it. Raises :class:`PlayerError` (and subclasses)
+        with a one-line message.
         """
         try:
             channel, rec, resumed = await self._attach()
             assert self._ws is not None
+            if start_ms is None:
+                start_ms = self.store.position(rec.id, media) if resumed else 0
             return await self._stream(
                 channel, rec, resumed, media, start_ms, max_chunks, duration_ms, keep_open
             )
@@ -515,6 +526,10 @@ class Player:
             raise PlayerError(
                 f"channel {rec.id}: the stored channel is inconsistent: {exc}"
             ) from None
+        if self.resume_budget is not None:  # a cap on what this session pays more
+            channel.budget = min(channel.budget, channel.paid + self.resume_budget)
+        if self.on_resume is not None:
+            self.on_resume(rec, channel)
         channel_id = rec.channel_id
         assert channel_id is not None
         proof = sign_digest(self.store.privkey, resume_digest(channel_id, hello.nonce))
@@ -580,12 +595,16 @@ class Player:
                 "pass --wallet-rpc and --wallet-cookie to fund a new one"
             )
         limits = hello.limits
-        # Never fund more than the budget (design.md); the gateway caps the value too.
-        value = min(self.budget, limits.max_value)
-        if value < limits.min_value:
+        # The channel's value is the budget, never silently another figure.
+        value = self.budget
+        smallest = max(limits.min_value, DUST_LIMIT)  # (the budget may cap a resumed one)
+        if not smallest <= value <= limits.max_value:
+            above = value > limits.max_value
+            limit = limits.max_value if above else smallest
             raise PlayerError(
-                f"budget {self.budget} sat is below the gateway's minimum channel value "
-                f"{limits.min_value} sat"
+                f"budget {value} sat is {'above' if above else 'below'} the gateway's "
+                f"{'largest' if above else 'smallest'} channel, {limit} sat: "
+                f"use --budget {limit} or {'less' if above else 'more'}"
             )
         try:
             network = await wallet.network()
@@ -755,6 +774,8 @@ class Player:
                         received_ms += pending.duration_ms
                         media_ms = pending.start_ms + pending.duration_ms
                         free_left = max(0, free_left - pending.duration_ms)
+                        # Received (free or paid for): a later run goes on from here.
+                        self.store.record_position(rec.id, media, media_ms)
                         self._report(media_ms=media_ms, chunks=chunks, free_left_ms=free_left)
                     pending = None
                     if max_chunks is not None and chunks >= max_chunks:
@@ -789,6 +810,8 @@ class Player:
                     channel.on_paid(msg)
                 elif isinstance(msg, End):
                     reason = "finished"
+                    if msg.reason == "finished":  # the next run starts over
+                        self.store.record_position(rec.id, media, 0)
                 elif isinstance(msg, Closed):
                     # The gateway settled first (expiry, section 8).
                     channel.on_closed(msg)
@@ -817,7 +840,8 @@ class Player:
             raise OverchargeDetected(f"{exc.message}; closed the channel") from None
         except ProtocolError as exc:
             raise PlayerError(f"the gateway broke the protocol: {exc.message}") from None
-        if keep_open and reason != "budget":
+        # A spent channel is closed; one that only reached this run's cap stays open.
+        if keep_open and (reason != "budget" or channel.budget < (channel.value or 0)):
             self._report(status="disconnected")
             return self._result(reason, self.store.get(rec.id), resumed, chunks, media_ms, None)
         closed = await self._close(channel, rec)

@@ -137,6 +137,13 @@ CREATE TABLE IF NOT EXISTS channels (
     closing_txid TEXT,
     refund_txid TEXT
 );
+-- Where the viewer left off, per channel and media: a later run resumes there.
+CREATE TABLE IF NOT EXISTS positions (
+    channel INTEGER NOT NULL REFERENCES channels(id),
+    media TEXT NOT NULL,
+    position_ms INTEGER NOT NULL,
+    PRIMARY KEY (channel, media)
+);
 """
 
 
@@ -295,6 +302,31 @@ class Keystore:
         """Store the section 7 bill after a chunk metered without a ``due``."""
         with self._tx() as db:
             db.execute("UPDATE channels SET bill = ? WHERE id = ?", (bill, channel_id))
+
+    def record_position(self, channel_id: int, media: str, position_ms: int) -> None:
+        """Note that ``media`` was received up to ``position_ms`` on this channel.
+
+        0 forgets it (the next run starts at the beginning, as after the end).
+        """
+        with self._tx() as db:
+            if position_ms <= 0:
+                db.execute(
+                    "DELETE FROM positions WHERE channel = ? AND media = ?", (channel_id, media)
+                )
+            else:
+                db.execute(
+                    "INSERT OR REPLACE INTO positions(channel, media, position_ms) "
+                    "VALUES (?, ?, ?)",
+                    (channel_id, media, position_ms),
+                )
+
+    def position(self, channel_id: int, media: str) -> int:
+        """Where ``media`` was left off on this channel (ms; 0 if never, or finished)."""
+        row = self._db.execute(
+            "SELECT position_ms FROM positions WHERE channel = ? AND media = ?",
+            (channel_id, media),
+        ).fetchone()
+        return 0 if row is None else int(row[0])
 
     def get(self, channel_id: int) -> StoredChannel:
         """The channel with local id ``channel_id`` (``KeystoreError`` if none)."""

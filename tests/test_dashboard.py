@@ -224,3 +224,26 @@ async def test_pages_and_static_files(gateway):
     for path in bad:
         status, _, _ = await http(gateway, path)
         assert status == 404, path
+
+
+async def test_unknown_pages_are_html_404s_and_api_paths_stay_json(gateway):
+    """Issue 14 item 16: a page for a person (with the way back), JSON for programs."""
+    for path, name in (("/watch/nope", b"nope"), ("/nowhere", b"/nowhere")):
+        status, headers, body = await http(gateway, path)
+        assert status == 404, path
+        assert headers["Content-Type"] == "text/html; charset=utf-8"
+        assert headers["Content-Security-Policy"] == CSP
+        assert name in body and b'<a href="/">the catalog</a>' in body
+    status, _, body = await http(gateway, "/watch/%3Cscript%3E")
+    assert status == 404 and b"<script>" not in body and b"&lt;script&gt;" in body
+    for path in ("/api/nope", "/api/dashboard/nope", "/web/nope.js"):
+        status, headers, body = await http(gateway, path)
+        assert status == 404 and headers["Content-Type"] == "application/json", path
+        assert json.loads(body)["error"]
+
+
+async def test_an_empty_catalog_page_names_the_command_that_fills_it(gateway_factory, tmp_path):
+    gw = await gateway_factory(media=tmp_path / "empty")
+    status, _, body = await http(gw, "/")
+    assert status == 200
+    assert b"<code>gateway publish FILE" in body and b"gateway media sample" in body

@@ -231,3 +231,45 @@ async def test_expiry_without_the_gateway_player_refunds(stack_factory):
         await rpc.close()
     finally:
         node.stop()
+
+
+async def test_everyday_mistakes_with_the_real_gateway(stack_factory):
+    """Issue 14 items 9-11 against ``gateway serve``: an unknown id and a budget past
+    the gateway's largest channel are refused before anything is opened; replaying
+    goes on where the last run left off, so no second is billed twice."""
+    stack = await stack_factory("--resume-grace", "600")
+    unknown = await stack.player("play", stack.info["ws"], "no-such", "--budget", "20000",
+                                 "--out", "x.mp4", check=False)
+    assert unknown.returncode == 1
+    assert unknown.stderr.startswith("player: no media 'no-such' in the gateway's catalog "
+                                     "(it has: clip, song); see http://127.0.0.1:")
+    big = await stack.player("play", stack.info["ws"], "clip", "--budget", "20000000",
+                             "--out", "x.mp4", check=False)
+    assert big.returncode == 1
+    assert big.stderr.splitlines()[-1] == (
+        "player: budget 20000000 sat is above the gateway's largest channel, 10000000 sat: "
+        "use --budget 10000000 or less")
+    import sqlite3
+
+    with sqlite3.connect(stack.datadir / "gateway.db") as db:
+        assert db.execute("SELECT count(*) FROM channels").fetchone() == (0,)
+
+    # Three runs of four chunks: the second and third go on where the one before stopped.
+    runs = []
+    for _ in range(3):
+        runs.append(await stack.player("play", stack.info["ws"], "clip", "--max-chunks", "4",
+                                       "--keep-open", "--budget", "30000", "--out", "a.mp4",
+                                       "--no-pace"))
+    with Keystore(stack.player_dir) as keys:
+        (ch,) = keys.channels()
+    assert "resuming" not in runs[0].stderr
+    assert runs[1].stderr.startswith(
+        f"resuming channel {ch.id} (value 30000, paid ")
+    manifest = json.loads((stack.media / "clip" / "manifest.json").read_text())
+    chunks = manifest["chunks"]
+    at = sum(c["duration_ms"] for c in chunks[:4])
+    assert f"clip goes on at 0:{at // 1000:02d} (--from 0 starts it over)" in runs[1].stderr
+    # Billed once for the first twelve chunks' media beyond the 3 free seconds.
+    watched = sum(c["duration_ms"] for c in chunks[:12])
+    assert ch.paid == -(-(watched - 3000) * 300_000 // 1_000_000)
+    assert stack.channel_row()["balance"] == ch.balance

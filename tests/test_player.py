@@ -11,6 +11,8 @@ covered by the lead's end-to-end tests.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import os
 import signal
 import socket
@@ -104,10 +106,16 @@ class FakeGateway:
     channels: dict[str, ServerChannel] = field(default_factory=dict)
     meters: dict[str, ServerMeter] = field(default_factory=dict)
     received: list[Message] = field(default_factory=list)
+    #: Media ids ``GET /api/catalog`` lists ("missing" is streamed as media_unknown).
+    catalog: tuple[str, ...] = ("film",)
+    #: Requests for ``GET /api/catalog``.
+    catalog_requests: int = 0
     url: str = ""
 
     async def __aenter__(self) -> FakeGateway:
-        self._server = await serve(self._handler, "127.0.0.1", 0, compression=None)
+        self._server = await serve(
+            self._handler, "127.0.0.1", 0, compression=None, process_request=self._http
+        )
         port = self._server.sockets[0].getsockname()[1]
         self.url = f"ws://127.0.0.1:{port}/paystream/2"
         return self
@@ -115,6 +123,21 @@ class FakeGateway:
     async def __aexit__(self, *exc: object) -> None:
         self._server.close()
         await self._server.wait_closed()
+
+    def _http(self, ws: ServerConnection, request: Any) -> Any:
+        """``GET /api/catalog`` as the real gateway answers it; WebSockets elsewhere."""
+        if request.path != "/api/catalog":
+            return None
+        self.catalog_requests += 1
+        items = [
+            {"id": media, "title": "Fake", "publisher": "fake", "rate": self.rate_msat / 1000,
+             "rate_msat": self.rate_msat, "free_seconds": FREE_MS / 1000,
+             "duration_ms": self.chunks * CHUNK_MS, "mime": "video/mp4"}
+            for media in self.catalog
+        ]
+        response = ws.respond(200, json.dumps(items))
+        response.headers["Content-Type"] = "application/json"
+        return response
 
     def received_of(self, kind: type[Message]) -> list[Any]:
         """Messages of one type the fake received, in order."""
@@ -325,7 +348,7 @@ def _stored_cltv_channel(store: Keystore, *, value: int = 50_000) -> int:
 
 def _hello() -> ServerHello:
     return ServerHello(
-        version=1, agent="t", network="regtest", nonce=os.urandom(32), limits=_limits()
+        version=2, agent="t", network="regtest", nonce=os.urandom(32), limits=_limits()
     )
 
 
@@ -570,8 +593,9 @@ async def test_overcharge_closes_exits_3_and_never_signs_it(
             str(node.cookie_path),
         ]
         assert await asyncio.to_thread(cli.main, args) == cli.EXIT_OVERCHARGE
-    err = capsys.readouterr().err.strip()
-    assert "overcharges" in err and "\n" not in err
+    # The error is one line, the last (progress lines come before it: not a terminal).
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "overcharges" in err[-1] and [e for e in err if e.startswith("player:")] == err[-1:]
     assert gw.received_of(Close), "the player sends close on an overcharge"
     pays = gw.received_of(Pay)
     # Chunk 2 (the first paid one) was paid; chunk 3's inflated due never was.
@@ -783,3 +807,191 @@ async def test_cltv_t1_and_its_refund_are_stored_before_t1_is_broadcast(
         before.txid,
         before.vout,
     )
+
+
+# -- everyday mistakes (issue 14) -----------------------------------------------------
+
+
+def _play_args(gw: FakeGateway, node: Any, tmp_path: Path, media: str, *extra: str) -> list[str]:
+    return [
+        "play", gw.url, media, "--out", str(tmp_path / "out.bin"), "--data-dir",
+        str(tmp_path / "p"), "--wallet-rpc", node.rpc_url, "--wallet-cookie",
+        str(node.cookie_path), *extra,
+    ]
+
+
+async def test_an_unknown_media_id_is_refused_before_any_money_moves(
+    node: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 14 item 9: the catalog is read first; nothing is opened, funded or written."""
+    async with FakeGateway(catalog=("film", "song")) as gw:
+        code = await asyncio.to_thread(
+            cli.main, _play_args(gw, node, tmp_path, "missing", "--budget", "20000")
+        )
+        assert gw.catalog_requests == 1
+    assert code == cli.EXIT_ERROR
+    web = gw.url.replace("ws://", "http://").removesuffix("/paystream/2")
+    assert capsys.readouterr().err == (
+        f"player: no media 'missing' in the gateway's catalog (it has: film, song); "
+        f"see {web}/ or {web}/api/catalog\n"
+    )
+    assert gw.received == []  # not even a hello
+    # No output file, not even the player's data dir (so no channel, no key).
+    assert not (tmp_path / "out.bin").exists() and not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize(
+    ("budget", "message"),
+    [
+        ("60000", "budget 60000 sat is above the gateway's largest channel, 50000 sat: "
+                  "use --budget 50000 or less"),
+        ("999", "budget 999 sat is below the gateway's smallest channel, 1000 sat: "
+                "use --budget 1000 or more"),
+    ],
+)
+async def test_a_budget_outside_the_gateways_limits_is_refused_not_clamped(
+    node: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str], budget: str, message: str
+) -> None:
+    """Issue 14 item 10: one line naming the limit; no channel is opened or funded."""
+    async with FakeGateway(limits=_limits(max_value=50_000)) as gw:
+        code = await asyncio.to_thread(
+            cli.main, _play_args(gw, node, tmp_path, "film", "--budget", budget)
+        )
+    assert code == cli.EXIT_ERROR
+    assert capsys.readouterr().err == f"player: {message}\n"
+    assert not gw.received_of(Open) and not gw.received_of(Fund)
+    with Keystore(tmp_path / "p") as store:
+        assert store.channels() == []
+
+
+def test_progress_off_a_terminal_is_plain_lines_every_few_seconds() -> None:
+    """Issue 14 item 13: no carriage returns; a line per status, and while playing one
+    every ``interval`` seconds."""
+
+    class Pipe:
+        def __init__(self) -> None:
+            self.text = ""
+
+        def isatty(self) -> bool:
+            return False
+
+        def write(self, text: str) -> None:
+            self.text += text
+
+        def flush(self) -> None:
+            pass
+
+    now = [100.0]
+    pipe = Pipe()
+    line = cli.ProgressLine(pipe, interval=5.0, clock=lambda: now[0])  # type: ignore[arg-type]
+    line(Progress(status="funding", confirmations=0, needed=1))
+    playing = Progress(status="playing", media="film", duration_ms=60_000, rate_msat=2_000,
+                       balance=20_000)
+    for second in range(12):
+        now[0] = 101.0 + second
+        line(dataclasses.replace(playing, media_ms=second * 1000))
+    line.note("a note")
+    line(dataclasses.replace(playing, status="closing", media_ms=12_000))
+    line.done()
+    assert "\r" not in pipe.text and "\x1b" not in pipe.text
+    assert pipe.text.splitlines() == [
+        "funding: 0/1 confirmations",
+        "film 0:00/1:00  free left 0s  paid 0 sat  balance 20000 sat  rate 2 sat/s",
+        "film 0:05/1:00  free left 0s  paid 0 sat  balance 20000 sat  rate 2 sat/s",
+        "film 0:10/1:00  free left 0s  paid 0 sat  balance 20000 sat  rate 2 sat/s",
+        "a note",
+        "film 0:12/1:00  free left 0s  paid 0 sat  balance 20000 sat  rate 2 sat/s  [closing]",
+    ]
+
+
+async def _player_process(gw: FakeGateway, node: Any, tmp_path: Path) -> Any:
+    """``player play`` as a process whose stderr is a pipe (not a terminal)."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "player.cli",
+        *_play_args(gw, node, tmp_path, "film", "--budget", "20000", "--no-pace"),
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def test_sigterm_closes_like_ctrl_c_and_progress_shows_in_a_pipe(
+    node: Any, tmp_path: Path
+) -> None:
+    """Issue 14 item 13: killed by ``timeout`` (SIGTERM), the player closes the channel
+    and prints its summary; its progress reaches a pipe as plain lines."""
+    async with FakeGateway(chunks=40, delay=0.2) as gw:
+        proc = await _player_process(gw, node, tmp_path)
+        deadline = time.monotonic() + 30
+        while len(gw.received_of(Pay)) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    text = err.decode()
+    assert proc.returncode == 0, text
+    assert "\r" not in text
+    lines = text.splitlines()
+    assert any(line.startswith("film 0:0") and "paid" in line for line in lines), text
+    assert lines[-1].startswith("stopped:") and "closed" in lines[-1]
+    assert gw.received_of(Close)
+    with Keystore(tmp_path / "p") as store:
+        (rec,) = store.channels()
+        assert rec.state == ChannelState.CLOSED
+
+
+async def test_a_resumed_channel_is_named_budget_caps_the_run_and_media_goes_on(
+    node: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 14 item 11: the player says which channel it resumes and what it holds;
+    ``--budget`` caps what the run pays more; the media goes on after the last chunk
+    received (nothing paid twice) unless ``--from``; from the start once finished."""
+    async with FakeGateway(chunks=10) as gw:
+
+        async def play(*extra: str) -> list[str]:
+            args = _play_args(gw, node, tmp_path, "film", "--no-pace", *extra)
+            assert await asyncio.to_thread(cli.main, args) == 0
+            return capsys.readouterr().err.splitlines()
+
+        await play("--budget", "20000", "--max-chunks", "4", "--keep-open")
+        with Keystore(tmp_path / "p") as store:
+            (rec,) = store.channels()
+            assert rec.paid == _honest_total(3) == 5 and store.position(rec.id, "film") == 4000
+
+        err = await play("--budget", "3", "--keep-open")
+        assert err[:2] == [
+            "resuming channel 1 (value 20000, paid 5, balance 19995 sat); "
+            "this run pays at most 3 sat",
+            "film goes on at 0:04 (--from 0 starts it over)",
+        ]
+        assert err[-1].startswith("budget: 1 chunks") and err[-1].endswith("still open")
+        assert gw.channels[rec.channel_id or ""].paid == _honest_total(4) == 8  # 3 more
+
+        err = await play("--max-chunks", "1", "--keep-open")  # no --budget: its balance
+        assert err[:2] == [
+            "resuming channel 1 (value 20000, paid 8, balance 19992 sat)",
+            "film goes on at 0:05 (--from 0 starts it over)",
+        ]
+
+        err = await play("--budget", "50000", "--from", "0:08", "--keep-open")
+        assert err[0] == (
+            "resuming channel 1 (value 20000, paid 10, balance 19990 sat); this run pays at "
+            "most 19990 sat (the channel's balance; --new-channel opens another)"
+        )
+        assert not any(e.startswith("film goes on") for e in err)
+        assert err[-1].startswith("finished: 2 chunks")
+
+        err = await play("--max-chunks", "1")  # played to the end: from the start again
+        assert err[0] == "resuming channel 1 (value 20000, paid 15, balance 19985 sat)"
+        assert not any(e.startswith("film goes on") for e in err)
+    assert [p.start_ms for p in gw.received_of(Play)] == [0, 4000, 5000, 8000, 0]
+    assert len(gw.received_of(Open)) == 1
+
+
+def test_from_is_a_media_time(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    parse = cli._parser().parse_args
+    for text, ms in (("0", 0), ("90", 90_000), ("1:30", 90_000), ("1:02:03", 3_723_000),
+                     ("2.5", 2_500)):
+        assert parse(["play", "ws://h:1/paystream/2", "m", "--from", text]).start_ms == ms
+    assert parse(["play", "ws://h:1/paystream/2", "m"]).start_ms is None
+    for bad in ("1:60", "1:60:00", "x", "-1", "1::2"):
+        with pytest.raises(SystemExit):
+            parse(["play", "ws://h:1/paystream/2", "m", "--from", bad])
+    assert "bad time '-1'" in capsys.readouterr().err

@@ -1673,5 +1673,12 @@ def _run_cli(args: argparse.Namespace) -> int:
         await node.stop()
         print("node stopped", flush=True)
 
-    asyncio.run(run())
+    from gateway.lockfile import NODE_LOCK, DataDirInUse, lock_datadir
+
+    try:
+        lock = lock_datadir(args.datadir, NODE_LOCK, "node")  # a second node: one line
+    except DataDirInUse as exc:
+        raise CliError(str(exc)) from None
+    with lock:
+        asyncio.run(run())
     return 0
