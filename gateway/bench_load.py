@@ -59,8 +59,17 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import Event
 
 from gateway.chain.rpc import RpcClient
+from gateway.protocol import metering
 from gateway.protocol.channel import ClientChannel
-from gateway.protocol.messages import Pay, Ready, ServerHello, Terms, encode, parse_server_message
+from gateway.protocol.messages import (
+    Paid,
+    Pay,
+    Ready,
+    ServerHello,
+    Terms,
+    encode,
+    parse_server_message,
+)
 from gateway.protocol.scripts import address_to_script_pubkey
 from gateway.protocol.transactions import Outpoint, PaymentTemplate, sign_payment
 
@@ -102,8 +111,8 @@ class LoadConfig:
 
 
 def total_due(k: int, rate_msat: int, chunk_ms: int) -> int:
-    """Sat the channel must have paid before the k-th chunk (1-based), section 7."""
-    return -(-k * rate_msat * chunk_ms // 1_000_000)
+    """Sat of media paid before the k-th chunk (1-based), section 7 (no free time)."""
+    return metering.total_due(0, rate_msat, k * chunk_ms)
 
 
 @dataclass
@@ -130,6 +139,8 @@ class BenchViewer:
         self.terms: Terms | None = None
         self.template: PaymentTemplate | None = None
         self.value = 0
+        #: The reserve paid at set-up (``ready.exit_fee``).
+        self.reserve = 0
         #: Pre-encoded ``pay`` frames: presigned[k-1] pays the k-th chunk.
         self.presigned: list[tuple[int, str]] = []
         self.paid_chunks = 0  # dues paid so far (k of the next pay is this + 1)
@@ -189,6 +200,14 @@ class BenchViewer:
         self.channel.on_ready(ready)
         self.value = value
         self.template = self.channel._template  # the T3 template ClientChannel built
+        # The reserve (the viewer's own exit fee, section 3) is paid first, in
+        # the set-up: the timed run then pays for media only.
+        self.reserve = ready.exit_fee
+        if self.reserve:
+            await self.ws.send(encode(self.channel.pay(self.reserve)))
+            paid = parse_server_message(await self.ws.recv())
+            if not isinstance(paid, Paid):
+                raise RuntimeError(f"viewer {self.index}: expected paid, got {paid}")
 
     def presign(self) -> None:
         """Sign the increments for the first ``presign`` chunks (section 3)."""
@@ -197,10 +216,10 @@ class BenchViewer:
 
     def _sign(self, k: int) -> tuple[int, str]:
         assert self.template is not None
-        total = total_due(k, self.cfg.rate_msat, self.cfg.chunk_ms)
+        total = self.reserve + total_due(k, self.cfg.rate_msat, self.cfg.chunk_ms)
         balance = self.value - total
         sig = sign_payment(self.template, self.key.secret, balance)
-        return total, encode(Pay(seq=k, balance=balance, sig=sig))
+        return total, encode(Pay(seq=k + 1, balance=balance, sig=sig))
 
     # -- the timed run -------------------------------------------------------------
 
@@ -281,7 +300,7 @@ class BenchViewer:
         k = self.paid_chunks + 1
         if k <= len(self.presigned):
             total, frame = self.presigned[k - 1]
-        elif total_due(k, cfg.rate_msat, cfg.chunk_ms) > self.value - 546:
+        elif self.reserve + total_due(k, cfg.rate_msat, cfg.chunk_ms) > self.value - 546:
             c.errors["channel_exhausted"] = c.errors.get("channel_exhausted", 0) + 1
             self.stopping = True  # the channel is spent: a bigger --presign funds more
             return

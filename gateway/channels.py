@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gateway.protocol.channel import ChannelRecord, PaymentRecord, ServerChannel, ServerState
 from gateway.protocol.messages import Limits
 from gateway.protocol.metering import Quote, ServerMeter
-from gateway.protocol.transactions import Outpoint, Settlement
+from gateway.protocol.settlement import Batch, ChannelClaim
+from gateway.protocol.transactions import Outpoint
 from gateway.store import Op
 
 if TYPE_CHECKING:
@@ -47,7 +49,9 @@ class LiveChannel:
     durable_paid: int = 0
     session: Session | None = None
     disconnected_at: float | None = None
-    settle_tx: bytes | None = None
+    #: Its funding was found spent by another transaction (the client's
+    #: refund) when its batch was refused: followed until that is deep.
+    spent: bool = False
     #: (tip hash, monotonic time) when the settlement duty last followed it.
     followed: tuple[str, float] | None = None
     #: Serialises settlement against payments and other settlement attempts.
@@ -154,17 +158,64 @@ def funded_op(live: LiveChannel) -> Op:
     )
 
 
-def settlement_ops(live: LiveChannel, settlement: Settlement | None, payouts: list[Op]) -> list[Op]:
-    """Persist a settlement BEFORE it is broadcast, so a restart rebroadcasts it."""
-    core = live.core
-    extra: dict[str, Any] = {"settled_at": time.time()}
-    if settlement is not None:
-        extra.update(
-            settle_txid=settlement.txid, settle_tx=settlement.tx.hex(), settle_fee=settlement.fee
+def batch_ops(
+    batch: Batch,
+    lives: Sequence[LiveChannel],
+    claims: Sequence[ChannelClaim],
+    owners: dict[bytes, str],
+) -> list[Op]:
+    """Persist a settlement batch BEFORE it is broadcast, so a restart rebroadcasts it.
+
+    ``lives`` and ``claims`` are in the batch's input order; ``owners`` names
+    the publisher of each payout script. Besides the transaction and each
+    channel's state, what every item earned and paid in fees is kept for the
+    dashboard: the channel's share beyond its reserve, split by what each item
+    billed, less its part of the fee the server side paid.
+    """
+    now = time.time()
+    ops: list[Op] = [
+        (
+            "INSERT OR REPLACE INTO settlements(txid, tx, fee, vsize, reserves, channels, "
+            "state, created_at) VALUES (?, ?, ?, ?, ?, ?, 'broadcast', ?)",
+            (batch.txid, batch.tx.hex(), batch.fee, batch.vsize, batch.reserves,
+             len(lives), now),
+        ),
+    ]
+    for spk, amount in batch.server_outputs:
+        ops.append(
+            (
+                "INSERT OR REPLACE INTO payouts(txid, publisher, script, amount) "
+                "VALUES (?, ?, ?, ?)",
+                (batch.txid, owners.get(spk, "operator"), spk.hex(), amount),
+            )
         )
-    else:
-        extra["closed_at"] = time.time()
-    return [state_op(live.row_id, core, **extra), *payouts]
+    media_total = sum(c.share - c.reserve for c in claims)
+    server_fee = max(0, media_total - sum(a for _, a in batch.server_outputs))
+    for live, claim in zip(lives, claims, strict=True):
+        core = live.core
+        ops.append(
+            state_op(
+                live.row_id,
+                core,
+                settle_txid=batch.txid,
+                settle_fee=claim.reserve,
+                settled_at=now,
+            )
+        )
+        media = claim.share - claim.reserve
+        bills = {m: b for m, b in live.media_bill.items() if b > 0}
+        bill_sum = sum(bills.values())
+        for item, bill in sorted(bills.items()):
+            gross = media * bill // bill_sum if bill_sum else 0
+            fee = server_fee * gross // media_total if media_total else 0
+            ops.append(
+                (
+                    "INSERT OR REPLACE INTO earnings(txid, channel, media, gross, fee) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (batch.txid, live.row_id, item, gross, fee),
+                )
+            )
+    return ops
 
 
 def restore(row: Any, deliveries: list[Any], *, privkey: bytes, limits: Limits) -> LiveChannel:
@@ -186,9 +237,14 @@ def restore(row: Any, deliveries: list[Any], *, privkey: bytes, limits: Limits) 
         balance=row["balance"] if row["balance"] is not None else row["value"],
         sig=bytes.fromhex(row["sig"]) if row["sig"] else None,
         settlement_txid=row["settle_txid"],
+        exit_fee=row["exit_fee"] or 0,
     )
     core = ServerChannel.restore(record, server_privkey=privkey, limits=limits)
-    meter = ServerMeter(row["bill"] or 0, {d["media"]: d["delivered_ms"] for d in deliveries})
+    meter = ServerMeter(
+        row["bill"] or 0,
+        {d["media"]: d["delivered_ms"] for d in deliveries},
+        reserve=core.exit_fee,
+    )
     return LiveChannel(
         row_id=row["id"],
         core=core,
@@ -196,5 +252,4 @@ def restore(row: Any, deliveries: list[Any], *, privkey: bytes, limits: Limits) 
         media_bill={d["media"]: d["bill"] for d in deliveries},
         durable_paid=core.paid,
         disconnected_at=row["disconnected_at"],
-        settle_tx=bytes.fromhex(row["settle_tx"]) if row["settle_tx"] else None,
     )

@@ -89,6 +89,10 @@ class Config:
     #: Confirmations before a settlement or refund counts as final; unset: by
     #: network (``DEFAULT_SETTLE_CONFIRMATIONS``).
     settle_confirmations: int | None = None
+    #: Seconds a closed channel may wait for others to share its settlement
+    #: (one transaction for many channels); unset: one block interval (the
+    #: embedded node's ``block_interval``, 600 s on a real network).
+    settle_window_s: float | None = None
     #: Allow ``min_conf`` 0 on mainnet (``gateway serve --allow-zero-conf``):
     #: without it the gateway refuses to start there with unconfirmed funding.
     allow_zero_conf: bool = False
@@ -148,6 +152,10 @@ class Config:
             ("funding_timeout_s must be > 0", self.funding_timeout_s > 0),
             ("idle_timeout_s must be > 0", self.idle_timeout_s > 0),
             ("settle_interval_s must be > 0", self.settle_interval_s > 0),
+            (
+                "settle_window_s must be >= 0",
+                self.settle_window_s is None or self.settle_window_s >= 0,
+            ),
             ("workers must be 1-64", 1 <= self.workers <= 64),
             (
                 "limits need 546 <= min_value <= max_value",
@@ -175,6 +183,14 @@ class Config:
         if self.settle_confirmations is not None:
             return self.settle_confirmations
         return DEFAULT_SETTLE_CONFIRMATIONS.get(network, 6)
+
+    def settle_window(self, network: str, *, embedded: bool) -> float:
+        """``settle_window_s``, or one block interval of the chain in use."""
+        if self.settle_window_s is not None:
+            return self.settle_window_s
+        if embedded:
+            return self.block_interval
+        return 0.0 if network == "regtest" else 600.0
 
     def check_network(self, network: str) -> None:
         """Refuse what is only safe on regtest (raises :class:`ConfigError`).

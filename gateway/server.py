@@ -112,6 +112,8 @@ class Gateway:
         self.limits = Limits(**config.limits.to_wire(self.network))
         #: Confirmations that make a settlement or refund final (protocol.md section 8).
         self.settle_depth = config.settle_depth(self.network)
+        #: Seconds a closed channel may wait to share a settlement (settlement.py).
+        self.settle_window = 0.0
         self.operator_script = b""
         self.channels: dict[str, LiveChannel] = {}
         self.settler = Settler(self)
@@ -159,6 +161,7 @@ class Gateway:
             raise GatewayStartError(str(exc)) from None
         self.limits = Limits(**self.config.limits.to_wire(self.network))
         self.settle_depth = self.config.settle_depth(self.network)
+        self.settle_window = self.config.settle_window(self.network, embedded=self.node is not None)
         self.watcher = ChainFollower(self.rpc)
         self.funding = FundingDuty(
             rpc=self.rpc,
@@ -498,22 +501,24 @@ class Gateway:
         return _json_response(HTTPStatus.OK, {"settled": settled, "failed": failed})
 
     async def settle_by_hand(self, channel_id: str | None) -> list[dict[str, Any]]:
-        """Settle one live channel (KeyError if unknown) or every ready one.
+        """Settle one live channel (KeyError if unknown) or every one, now.
 
-        Settling every one goes on past a channel that failed for want of the
-        node: its item has an ``error`` instead of a ``txid``. Nothing is lost:
-        it is either still ready (the fee estimate failed first) or its
-        settlement is stored and the duty rebroadcasts it. One named channel
-        raises.
+        Every one: ready channels are closed and settled in one batch, and
+        closing ones have their batch broadcast again. It goes on past a
+        channel that failed for want of the node: its item has an ``error``
+        instead of a ``txid``. Nothing is lost: it is either still ready (the
+        fee estimate failed first) or its settlement is stored and the duty
+        broadcasts it again. One named channel raises.
         """
         if channel_id is not None:
             targets = [self.channels[channel_id]]
         else:
-            targets = [c for c in self.channels.values() if c.core.state in _SETTLEABLE]
+            states = (*_SETTLEABLE, ServerState.CLOSING)
+            targets = [c for c in self.channels.values() if c.core.state in states]
         results: list[dict[str, Any]] = []
         for live in targets:
             try:
-                closed = await self.settler.settle(live, reason="operator")
+                closed = await self.settler.settle_now(live)
             except ChannelReleased:  # handed to another worker meanwhile
                 continue
             except RpcException as exc:

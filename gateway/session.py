@@ -48,6 +48,7 @@ from gateway.protocol.messages import (
     PROTOCOL_VERSION,
     Chunk,
     Close,
+    Closed,
     Due,
     End,
     Fund,
@@ -65,6 +66,7 @@ from gateway.protocol.messages import (
     encode,
     parse_client_message,
 )
+from gateway.protocol.metering import INIT_SEGMENT, ServerMeter
 from gateway.protocol.transactions import Outpoint
 
 if TYPE_CHECKING:
@@ -233,6 +235,7 @@ class Session:
             network=self.gw.network,
             now=int(time.time()),
             tip_height=self.gw.watcher.height,
+            feerate=await self.gw.settler.feerate(),
         )
         # The row (and so K2's index) is durable before K2 is revealed: a
         # restart can always re-derive the key of an address a client funds.
@@ -240,8 +243,8 @@ class Session:
             [
                 (
                     "INSERT INTO channels(id, kind, client_pubkey, server_pubkey, expiry, "
-                    "change_script, network, state, created_at, client_addr) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "change_script, network, state, created_at, client_addr, exit_fee) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         row_id,
                         core.kind,
@@ -253,6 +256,7 @@ class Session:
                         core.state.value,
                         time.time(),
                         self.peer,
+                        core.exit_fee,
                     ),
                 )
             ]
@@ -336,7 +340,9 @@ class Session:
             raise ProtocolError(ErrorCode.FUNDING_MISMATCH, "that output funds another channel")
         assert status.value is not None and status.script_pubkey is not None
         core.accept_funding(outpoint, status.value, status.script_pubkey)
-        live = LiveChannel(row_id=row_id, core=core, durable_paid=0)
+        live = LiveChannel(
+            row_id=row_id, core=core, meter=ServerMeter(reserve=core.exit_fee), durable_paid=0
+        )
         await self.gw.store.write([funded_op(live)])
         self._pending = None
         self.gw.note_unfunded(self.peer, -1)
@@ -590,51 +596,40 @@ class Session:
 
     async def _stream_media(self, live: LiveChannel, item: MediaItem, first: int) -> None:
         out: list[Message | bytes] = []
+        # The initialization segment first: free, but due for the channel's
+        # reserve until the client paid it (section 7).
+        parts = [(INIT_SEGMENT, 0, 0)]
+        parts += [(c.index, c.start_ms, c.duration_ms) for c in item.chunks[first:]]
         try:
-            init = live.meter.quote(item.id, -1, 0, rate_msat=item.rate_msat, free_ms=item.free_ms)
-            out += [
-                Chunk(media=item.id, index=-1, start_ms=0, duration_ms=0, size=item.init_size),
-                await self.gw.read_chunk(item, -1),
-            ]
-            live.commit_chunk(init)
-            for info in item.chunks[first:]:
+            for index, start_ms, duration_ms in parts:
                 quote = live.meter.quote(
-                    item.id,
-                    info.index,
-                    info.duration_ms,
-                    rate_msat=item.rate_msat,
-                    free_ms=item.free_ms,
+                    item.id, index, duration_ms, rate_msat=item.rate_msat, free_ms=item.free_ms
                 )
-                if live.durable_paid >= quote.total:
+                if out and live.durable_paid >= quote.total:
                     await self._send(*out)  # free or paid ahead: flow control per chunk
                     out = []
                 while live.durable_paid < quote.total:
                     out.append(
-                        Due(
-                            total=quote.total,
-                            media=item.id,
-                            index=info.index,
-                            duration_ms=info.duration_ms,
-                        )
+                        Due(total=quote.total, media=item.id, index=index, duration_ms=duration_ms)
                     )
                     await self._send(*out)
                     out = await self._wait_paid()
                     if live.core.state is not ServerState.READY:
                         await self._send(*out)
                         return  # settled meanwhile (expiry): no more chunks
-                data = self.gw.cached_chunk(item, info.index)
+                data = self.gw.cached_chunk(item, index)
                 if data is None:
                     # A file read waits: send what is held first, so a ``paid``
                     # never waits behind it (a later one would overtake it).
                     await self._send(*out)
                     out = []
-                    data = await self.gw.read_chunk(item, info.index)
+                    data = await self.gw.read_chunk(item, index)
                 out += [
                     Chunk(
                         media=item.id,
-                        index=info.index,
-                        start_ms=info.start_ms,
-                        duration_ms=info.duration_ms,
+                        index=index,
+                        start_ms=start_ms,
+                        duration_ms=duration_ms,
                         size=len(data),
                     ),
                     data,
@@ -707,13 +702,13 @@ class Session:
         if self._funding is not None:
             self._funding.cancel()
         if self.live is not None:
-            closed = await self.gw.settler.settle(self.live, reason="close")
+            closed = await self.gw.settler.close(self.live, reason="close")
         else:
             assert self._pending is not None
             row_id, core = self._pending
             self._pending = None
             self.gw.note_unfunded(self.peer, -1)
-            core.settle([], b"", 1)  # nothing funded: abandon (closed, txid null)
+            core.abandon()  # nothing funded: closed, txid null
             await self.gw.store.write([state_op(row_id, core, closed_at=time.time())])
             closed = core.closed_message()
         await self._send(closed)
@@ -721,16 +716,24 @@ class Session:
         await self.ws.close(1000, "closed")
         raise SessionEnd
 
-    async def channel_settled(self) -> None:
-        """The settlement duty settled our channel (expiry): say ``closed`` and end."""
-        live = self.live
-        if live is None or self._closed:
+    def tell_closed(self, closed: Closed) -> None:
+        """The duty or the operator closed our channel: say ``closed`` and end.
+
+        In the background: a client that stopped reading must not hold up
+        the settlement duty nor the operator.
+        """
+        if self.live is None or self._closed:
             return
         self._closed = True
-        await self._stop_stream()
+        if self._stream is not None:
+            self._stream.cancel()
         self._paid_event.set()
+        self._track(self._say_closed(closed))
+
+    async def _say_closed(self, closed: Closed) -> None:
         with contextlib.suppress(ConnectionClosed):
-            await self._send(live.core.closed_message())
+            await self._stop_stream()
+            await self._send(closed)
             await self.ws.close(1000, "closed")
 
     async def _cleanup(self) -> None:

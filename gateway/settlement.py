@@ -1,22 +1,34 @@
-"""Settlement: a background duty, not a reaction to a socket event.
+"""Settlement: a background duty that settles channels in batches.
 
 Theory of operation (protocol.md sections 3 and 8; design.md "Lessons")
 -----------------------------------------------------------------------
 
-Every ``settle_interval_s`` the duty looks at each live channel:
+A channel stops taking payments when it *closes*: the client's ``close``,
+a disconnect older than ``resume_grace_s``, the settle margin before expiry,
+or the operator. :meth:`Settler.close` moves it to ``closing`` (durably) and
+queues it; the ``closed`` answer says when its settlement goes out
+(``settle_by``). Every ``settle_interval_s`` the duty:
 
-* ``ready`` and (inside the settle margin, or disconnected for longer than
-  ``resume_grace_s``) → settle now, whether or not a viewer is connected;
-* ``closing`` → follow the settlement: confirmed → ``closed``; unknown to the
-  node → rebroadcast; funding output spent in a block by something else →
-  ``refunded`` (the client's refund won).
+* settles the queue in ONE transaction (``gateway/protocol/settlement.py``)
+  once its oldest channel has waited ``settle_window`` — by default one block
+  interval, so a settlement misses no block — or at once when a channel is
+  inside its settle margin or the operator asks. Each client pays its own
+  exit from its reserve; the publishers share the rest in one output each.
+  A channel that cannot pay even alone is abandoned: ``closed`` with nothing
+  broadcast, and the client refunds after expiry;
+* stores the batch BEFORE it is broadcast, so a gateway killed in between
+  broadcasts the same transaction on restart;
+* when the node refuses a batch (a channel's funding was spent by its
+  client's refund, say), leaves out the channels whose funding is gone and
+  settles the rest; a refusal it cannot pin on a channel splits the batch
+  in two;
+* follows every broadcast batch through the best chain: ``settle_depth``
+  deep → its channels are ``closed``; a funding spent that deep by another
+  transaction → ``refunded``; in neither a block nor the mempool → broadcast
+  again.
 
-:meth:`Settler.settle` is idempotent (bitcoinj once re-entered ``close()`` and
-never answered): the core returns the same settlement again, and the
-transaction is stored durably BEFORE it is broadcast, so a gateway killed in
-between rebroadcasts it on restart. The server's share is split among the
-publishers of what the channel watched, by what each item billed; outputs
-below dust are folded into the operator's payout (section 3).
+:meth:`Settler.close` is idempotent (bitcoinj once re-entered ``close()``
+and never answered): ``closed`` is always answered.
 """
 
 from __future__ import annotations
@@ -25,8 +37,11 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from decimal import Decimal
-from typing import TYPE_CHECKING
+from fractions import Fraction
+from typing import TYPE_CHECKING, Any
 
 from gateway.chain.rpc import (
     RpcError,
@@ -34,11 +49,17 @@ from gateway.chain.rpc import (
     RpcInvalidAddressOrKey,
     RpcVerifyAlreadyInChain,
 )
-from gateway.channels import LIVE_STATES, ChannelReleased, LiveChannel, settlement_ops, state_op
+from gateway.channels import (
+    LIVE_STATES,
+    ChannelReleased,
+    LiveChannel,
+    batch_ops,
+    state_op,
+)
 from gateway.protocol.channel import ServerState
 from gateway.protocol.messages import Closed
 from gateway.protocol.scripts import address_to_script_pubkey
-from gateway.store import Op
+from gateway.protocol.settlement import Batch, ChannelClaim, build_batch, feerate
 
 if TYPE_CHECKING:
     from gateway.server import Gateway
@@ -51,6 +72,16 @@ TICK_SLICE = 256
 FEERATE_TTL_S = 30.0
 #: Longest a closing channel goes unfollowed within one block (seconds).
 REFOLLOW_S = 60.0
+#: Channels per settlement: a standard transaction weighs at most 400,000 WU
+#: (100,000 vB) and a channel's exit at most ~150 vB.
+MAX_BATCH = 500
+
+
+@dataclass
+class _Queued:
+    live: LiveChannel
+    #: Unix time by which its batch goes out (``closed.settle_by``).
+    settle_by: float
 
 
 class Settler:
@@ -61,10 +92,23 @@ class Settler:
         self._task: asyncio.Task[None] | None = None
         self._script_cache: dict[str, bytes] = {}
         #: The last fee estimate (sat/vB) and when it was asked (tip hash, monotonic).
-        self._feerate: tuple[Decimal, tuple[str, float]] | None = None
+        self._feerate: tuple[Fraction, tuple[str, float]] | None = None
+        self._queue: dict[str, _Queued] = {}
+        #: Broadcast batches still followed: txid -> raw transaction.
+        self._batches: dict[str, bytes] = {}
+        self._batching = asyncio.Lock()
+
+    @property
+    def window(self) -> float:
+        """Seconds a closed channel may wait for others to share its settlement."""
+        return self.gw.settle_window
 
     async def start(self) -> None:
-        """Run one round now (restart recovery), then keep running in the background."""
+        """Load the stored batches, run one round now (restart recovery), then keep running."""
+        for row in self.gw.store.read(
+            "SELECT txid, tx FROM settlements WHERE state = 'broadcast'"
+        ):
+            self._batches[row["txid"]] = bytes.fromhex(row["tx"])
         await self.tick()
         self._task = asyncio.create_task(self._run(), name="settler")
 
@@ -86,11 +130,12 @@ class Settler:
                 log.exception("settlement round failed; retrying")
 
     async def tick(self) -> None:
-        """One round: fundings moved by new blocks, then every live channel."""
+        """One round: fundings moved by new blocks, due channels, the queue, the batches."""
         if self.gw.funding.pending:
             await self.gw.funding.round()
         now = time.time()
         grace = self.gw.limits.resume_grace_s
+        followed: set[str] = set()
         for n, live in enumerate(list(self.gw.channels.values()), 1):
             if n % TICK_SLICE == 0:
                 # Let sessions run: a pass over 5,000 channels held a worker's
@@ -100,22 +145,221 @@ class Settler:
             try:
                 if core.state in (ServerState.READY, ServerState.FUNDING):
                     expiring = core.is_expiring(int(now), self.gw.watcher.height)
-                    idle = (
-                        live.session is None
-                        and now - (live.disconnected_at or now) >= grace
-                    )
+                    idle = live.session is None and now - (live.disconnected_at or now) >= grace
                     if expiring or (idle and core.state is ServerState.READY):
-                        await self.settle(live, reason="expiry" if expiring else "disconnect")
-                if core.state is ServerState.CLOSING and self._follow_due(live):
-                    await self.follow(live)
+                        closed = await self.close(
+                            live, reason="expiry" if expiring else "disconnect"
+                        )
+                        if live.session is not None:
+                            live.session.tell_closed(closed)
+                elif core.state is ServerState.CLOSING:
+                    txid = core.settlement_txid
+                    if txid is None and live.channel_id not in self._queue and not live.spent:
+                        self._enqueue(live, urgent=True)  # closed before a restart
+                    elif txid is not None and txid not in followed and self._follow_due(live):
+                        followed.add(txid)
+                        await self.follow(txid)
+                    elif txid is None and live.spent:
+                        await self._follow_refund(live)
                 if core.state not in LIVE_STATES:
                     self.gw.drop(live)
             except RpcException:
                 # The node refused, or did not answer: nothing is lost, the
-                # next round tries again (settlements are stored first).
+                # next round tries again (batches are stored first).
                 log.warning("settling %s failed; will retry", live.channel_id, exc_info=True)
             except ChannelReleased:  # handed to another worker while we waited for it
                 pass
+        if self._due():
+            try:
+                await self.settle_queue()
+            except RpcException:
+                log.warning("settlement batch failed; will retry", exc_info=True)
+
+    # -- closing -----------------------------------------------------------------
+
+    async def close(self, live: LiveChannel, *, reason: str) -> Closed:
+        """No more payments on ``live``: queue its settlement; the ``closed`` answer.
+
+        Idempotent. The meter and the new state are durable before ``closed``
+        is answered; the settlement follows within the window (``settle_by``).
+        """
+        async with live.lock:
+            if live.released:
+                raise ChannelReleased(live.channel_id)
+            core = live.core
+            if core.state in (ServerState.READY, ServerState.FUNDING):
+                core.close()
+                ops = live.meter_ops(self.gw.publisher_of)
+                ops.append(state_op(live.row_id, core, closing_at=time.time()))
+                await self.gw.store.write(ops)
+                log.info("closing %s (%s): paid %d", live.channel_id, reason, core.paid)
+            settle_by: float | None = None
+            if core.state is ServerState.CLOSING and core.settlement_txid is None:
+                urgent = reason in ("expiry", "operator")
+                settle_by = self._enqueue(live, urgent=urgent)
+        if settle_by is not None and self.window == 0:
+            # No window to wait for company: settle now, answer with the txid.
+            await self.settle_queue()
+        pending = core.state is ServerState.CLOSING and core.settlement_txid is None
+        return core.closed_message(int(settle_by) + 1 if pending and settle_by else None)
+
+    def _enqueue(self, live: LiveChannel, *, urgent: bool) -> float:
+        queued = self._queue.get(live.channel_id)
+        settle_by = time.time() + (0.0 if urgent else self.window)
+        if queued is None:
+            queued = self._queue[live.channel_id] = _Queued(live, settle_by)
+        queued.settle_by = min(queued.settle_by, settle_by)
+        return queued.settle_by
+
+    def _due(self) -> bool:
+        now = time.time()
+        return any(q.settle_by <= now for q in self._queue.values()) or (
+            len(self._queue) >= MAX_BATCH
+        )
+
+    async def settle_now(self, live: LiveChannel) -> Closed:
+        """The operator's settle: close ``live`` and broadcast its batch at once.
+
+        A channel already in a broadcast batch has that batch sent again: an
+        operator who settles by hand wants it on the network now. A node that
+        cannot be reached raises (``RpcTransportError``); nothing is lost.
+        """
+        txid = live.core.settlement_txid
+        if txid is not None and txid in self._batches:
+            await self._broadcast(txid)
+            return live.core.closed_message()
+        await self.close(live, reason="operator")
+        await self.settle_queue()
+        closed = live.core.closed_message()
+        if live.session is not None:
+            # Told in the background: settling never waits on a client.
+            live.session.tell_closed(closed)
+        return closed
+
+    async def settle_queue(self) -> None:
+        """Settle every queued channel: in batches of up to MAX_BATCH, stored, then broadcast."""
+        async with self._batching:
+            queued = sorted(self._queue.values(), key=lambda q: q.settle_by)
+            self._queue.clear()
+            try:
+                for start in range(0, len(queued), MAX_BATCH):
+                    await self._settle([q.live for q in queued[start : start + MAX_BATCH]])
+            except BaseException:
+                # The node failed us midway: what is not in a stored batch waits
+                # for the next round, as due as it was.
+                for q in queued:
+                    core = q.live.core
+                    if core.state is ServerState.CLOSING and core.settlement_txid is None:
+                        self._queue.setdefault(q.live.channel_id, q)
+                raise
+
+    async def _settle(self, lives: list[LiveChannel]) -> None:
+        claims: list[ChannelClaim] = []
+        holders: dict[str, LiveChannel] = {}
+        for live in lives:
+            if live.released or live.core.state is not ServerState.CLOSING:
+                continue
+            claim = live.core.claim(self.payouts(live)[0])
+            if claim is None:
+                await self._abandon(live, "nothing paid")
+                continue
+            claims.append(claim)
+            holders[claim.outpoint.channel_id] = live
+        rate = await self.feerate()
+        while claims:
+            result = build_batch(claims, self.gw.operator_script, rate)
+            if result.batch is not None:
+                await self._store_and_broadcast(result.batch, claims, holders)
+            left = list(result.left_out)
+            if result.batch is None:
+                # Not even alone: the client refunds after expiry.
+                for claim in left:
+                    await self._abandon(holders[claim.outpoint.channel_id], "cannot pay its exit")
+                return
+            claims = left
+
+    async def _abandon(self, live: LiveChannel, why: str) -> None:
+        async with live.lock:
+            if live.core.state is ServerState.CLOSING and live.core.settlement_txid is None:
+                live.core.abandon()
+                await self.gw.store.write([state_op(live.row_id, live.core, closed_at=time.time())])
+                log.info("nothing to broadcast for %s (%s): refund after expiry", live.channel_id,
+                         why)
+        self.gw.drop(live)
+
+    async def _store_and_broadcast(
+        self, batch: Batch, claims: Sequence[ChannelClaim], holders: dict[str, LiveChannel]
+    ) -> None:
+        in_batch = [holders[outpoint.channel_id] for outpoint in batch.channels]
+        claimed = {c.outpoint.channel_id: c for c in claims}
+        for live in in_batch:
+            live.core.settled_in(batch.txid)
+        owners = self._owners(in_batch)
+        await self.gw.store.write(
+            batch_ops(batch, in_batch, [claimed[c.channel_id] for c in in_batch], owners)
+        )
+        self._batches[batch.txid] = batch.tx
+        self.gw.watcher.watch_txid(batch.txid)
+        log.info(
+            "settlement %s: %d channel(s), %d vB, fee %d sat (%.2f sat/vB)",
+            batch.txid, len(batch.channels), batch.vsize, batch.fee, float(batch.feerate),
+        )
+        await self._broadcast(batch.txid, in_batch)
+
+    def _owners(self, lives: Sequence[LiveChannel]) -> dict[bytes, str]:
+        owners: dict[bytes, str] = {}
+        for live in lives:
+            owners.update(self.payouts(live)[1])
+        owners.setdefault(self.gw.operator_script, "operator")
+        return owners
+
+    async def _broadcast(self, txid: str, lives: Sequence[LiveChannel] | None = None) -> None:
+        """Send a stored batch to the node; split it when the node refuses it for good."""
+        tx = self._batches[txid]
+        try:
+            await self.gw.rpc.call("sendrawtransaction", tx.hex())
+        except RpcVerifyAlreadyInChain:
+            pass
+        except RpcError as exc:
+            if exc.code not in (-25, -26):
+                log.warning("broadcast of %s refused: %s", txid, exc)
+                return
+            lives = list(lives) if lives is not None else self._members(txid)
+            log.warning("node refused settlement %s (%s): splitting it", txid, exc.message)
+            await self._split(txid, lives)
+
+    def _members(self, txid: str) -> list[LiveChannel]:
+        return [c for c in self.gw.channels.values() if c.core.settlement_txid == txid]
+
+    async def _split(self, txid: str, lives: list[LiveChannel]) -> None:
+        """Leave out the channels whose funding is gone; settle the rest again."""
+        calls = []
+        for live in lives:
+            outpoint = live.core.outpoint
+            assert outpoint is not None
+            calls.append(("gettxout", [outpoint.txid, outpoint.vout, True]))
+        answers = await self.gw.rpc.batch(calls)
+        gone = [live for live, answer in zip(lives, answers, strict=True) if answer is None]
+        if not gone and len(lives) == 1:
+            return  # nothing to pin it on: follow() tries the same transaction again
+        await self.gw.store.write(
+            [("UPDATE settlements SET state = 'abandoned' WHERE txid = ?", (txid,))]
+        )
+        self._batches.pop(txid, None)
+        self.gw.watcher.unwatch_txid(txid)
+        for live in lives:
+            live.core.unsettle()
+            live.spent = live in gone
+        await self.gw.store.write(
+            [state_op(live.row_id, live.core, settle_txid=None) for live in lives]
+        )
+        rest = [live for live in lives if live not in gone]
+        halves = [rest] if gone else [rest[: len(rest) // 2], rest[len(rest) // 2 :]]
+        for half in halves:
+            if half:
+                await self._settle(half)
+
+    # -- following ----------------------------------------------------------------
 
     def _follow_due(self, live: LiveChannel) -> bool:
         """Follow a settlement at each new tip, and every ``REFOLLOW_S`` otherwise.
@@ -123,7 +367,7 @@ class Settler:
         Only a block can confirm it; the timer is for a rebroadcast after the
         node dropped it. Following every channel on every round cost an RPC per
         closing channel per second, competing with the broadcasts of a wave of
-        closes (``gateway bench``, settle figure).
+        closes (docs/performance.md, settle figure).
         """
         if self._fresh(live.followed, REFOLLOW_S):
             return False
@@ -141,12 +385,78 @@ class Settler:
             and time.monotonic() - stamp[1] < ttl
         )
 
-    async def feerate(self) -> Decimal:
+    async def follow(self, txid: str) -> None:
+        """Follow a broadcast batch through the best chain (section 8).
+
+        Confirmed ``settle_depth`` deep → its channels ``closed``; confirmed
+        less deep, or waiting in the mempool → wait; neither in a block nor in
+        the mempool (dropped, or reorged out and not re-admitted) → broadcast
+        again (a channel whose funding its client's refund spent is then left
+        out). Blocks come from the follower, never a txid index.
+        """
+        follower = self.gw.watcher
+        members = self._members(txid)
+        seen = follower.confirmed(txid)
+        if seen is not None:
+            if follower.depth(seen) >= self.gw.settle_depth:
+                ops: list[Any] = [
+                    (
+                        "UPDATE settlements SET state = 'confirmed', confirmed_height = ? "
+                        "WHERE txid = ?",
+                        (seen.height, txid),
+                    )
+                ]
+                for live in members:
+                    live.core.mark_closed()
+                    ops.append(
+                        state_op(
+                            live.row_id,
+                            live.core,
+                            confirmed_height=seen.height,
+                            closed_at=time.time(),
+                        )
+                    )
+                await self.gw.store.write(ops)
+                self._batches.pop(txid, None)
+                follower.unwatch_txid(txid)
+                log.info("settlement %s confirmed (%d channel(s))", txid, len(members))
+            return
+        for live in members:
+            await self._follow_refund(live)
+        if any(live.core.state is ServerState.REFUNDED for live in members):
+            return
+        if await self._in_mempool(txid):
+            return
+        if txid in self._batches:
+            await self._broadcast(txid, members)
+
+    async def _follow_refund(self, live: LiveChannel) -> None:
+        """The funding spent by another transaction (the client's refund) that deep → refunded."""
+        outpoint = live.core.outpoint
+        assert outpoint is not None
+        spend = self.gw.watcher.spent(outpoint.txid, outpoint.vout)
+        if spend is None or spend.txid == live.core.settlement_txid:
+            return
+        if self.gw.watcher.depth(spend.block) >= self.gw.settle_depth:
+            live.core.mark_refunded()
+            await self.gw.store.write([state_op(live.row_id, live.core, closed_at=time.time())])
+            log.info("channel %s was refunded by %s", live.channel_id, spend.txid)
+
+    async def _in_mempool(self, txid: str) -> bool:
+        try:
+            await self.gw.rpc.call("getmempoolentry", txid)
+        except RpcInvalidAddressOrKey:  # -5: not in the mempool
+            return False
+        return True
+
+    # -- prices ---------------------------------------------------------------------
+
+    async def feerate(self) -> Fraction:
         """sat/vB for a settlement: the node's estimate, never below the floor.
 
         Kept until the next block or for ``FEERATE_TTL_S``: the estimate moves
         with blocks, and one ``estimatesmartfee`` per settlement was half the
-        RPC calls of a wave of closes (``gateway bench``, settle figure).
+        RPC calls of a wave of closes (docs/performance.md, settle figure).
         """
         if self._feerate is not None and self._fresh(self._feerate[1], FEERATE_TTL_S):
             return self._feerate[0]
@@ -155,16 +465,16 @@ class Settler:
         self._feerate = (rate, stamp)
         return rate
 
-    async def _estimate(self) -> Decimal:
-        floor = Decimal(str(self.gw.config.fee_floor))
+    async def _estimate(self) -> Fraction:
+        floor = feerate(str(self.gw.config.fee_floor))
         try:
             answer = await self.gw.rpc.call("estimatesmartfee", 2)
         except RpcError:
             return floor
         rate = answer.get("feerate") if isinstance(answer, dict) else None
-        if rate is None:
+        if rate is None:  # "Insufficient data or no feerate found"
             return floor
-        return max(floor, Decimal(str(rate)) * 100_000_000 / 1000)  # BTC/kvB → sat/vB
+        return max(floor, Fraction(Decimal(str(rate)) * 100_000_000) / 1000)  # BTC/kvB → sat/vB
 
     def _script(self, address: str) -> bytes:
         script = self._script_cache.get(address)
@@ -191,108 +501,3 @@ class Settler:
             weights[script] = weights.get(script, 0) + bill
             owner[script] = publisher.id
         return sorted(weights.items()), owner
-
-    async def settle(self, live: LiveChannel, *, reason: str) -> Closed:
-        """Settle ``live`` now (idempotent); answer the ``closed`` message."""
-        async with live.lock:
-            if live.released:
-                raise ChannelReleased(live.channel_id)
-            core = live.core
-            if core.state in (ServerState.READY, ServerState.FUNDING):
-                payouts, owner = self.payouts(live)
-                feerate = await self.feerate()
-                settlement = core.settle(payouts, self.gw.operator_script, feerate)
-                ops: list[Op] = live.meter_ops(self.gw.publisher_of)
-                if settlement is not None:
-                    live.settle_tx = settlement.tx
-                    for script, amount in settlement.outputs:
-                        if script == core.change_script and amount == core.balance:
-                            continue  # output 0, the client's
-                        ops.append(
-                            (
-                                "INSERT OR REPLACE INTO payouts(channel, publisher, script, "
-                                "amount, txid) VALUES (?, ?, ?, ?, ?)",
-                                (
-                                    live.row_id,
-                                    owner.get(script, "operator"),
-                                    script.hex(),
-                                    amount,
-                                    settlement.txid,
-                                ),
-                            )
-                        )
-                await self.gw.store.write(settlement_ops(live, settlement, ops))
-                log.info(
-                    "settled %s (%s): paid %d, txid %s",
-                    live.channel_id,
-                    reason,
-                    core.paid,
-                    settlement.txid if settlement else None,
-                )
-                if settlement is None:
-                    self.gw.drop(live)
-                else:
-                    self.gw.watcher.watch_txid(settlement.txid)
-                    await self._broadcast(live)
-        if reason != "close" and live.session is not None:
-            await live.session.channel_settled()
-        return core.closed_message()
-
-    async def _broadcast(self, live: LiveChannel) -> None:
-        assert live.settle_tx is not None
-        try:
-            await self.gw.rpc.call("sendrawtransaction", live.settle_tx.hex())
-        except RpcVerifyAlreadyInChain:
-            pass
-        except RpcError as exc:
-            # Stored already; follow() rebroadcasts or finds the refund.
-            log.warning("broadcast of %s refused: %s", live.core.settlement_txid, exc)
-
-    async def follow(self, live: LiveChannel) -> None:
-        """Follow a broadcast settlement through the best chain (section 8).
-
-        Confirmed ``settle_confirmations`` deep → ``closed``; the funding spent
-        by another transaction (the client's refund) that deep → ``refunded``;
-        confirmed less deep, or waiting in the mempool → wait; neither in a
-        block nor in the mempool (dropped, or reorged out and not re-added) →
-        broadcast again. Blocks come from the follower, never a txid index.
-        """
-        core = live.core
-        txid = core.settlement_txid
-        outpoint = core.outpoint
-        assert txid is not None and outpoint is not None
-        follower = self.gw.watcher
-        depth = self.gw.settle_depth
-        seen = follower.confirmed(txid)
-        if seen is not None:
-            if follower.depth(seen) >= depth:
-                core.mark_closed()
-                await self.gw.store.write(
-                    [
-                        state_op(
-                            live.row_id,
-                            core,
-                            confirmed_height=seen.height,
-                            closed_at=time.time(),
-                        )
-                    ]
-                )
-                log.info("settlement %s of %s confirmed", txid, live.channel_id)
-            return
-        spend = follower.spent(outpoint.txid, outpoint.vout)
-        if spend is not None and spend.txid != txid:
-            if follower.depth(spend.block) >= depth:
-                core.mark_refunded()
-                await self.gw.store.write([state_op(live.row_id, core, closed_at=time.time())])
-                log.info("channel %s was refunded by %s", live.channel_id, spend.txid)
-            return
-        if await self._in_mempool(txid):
-            return
-        await self._broadcast(live)
-
-    async def _in_mempool(self, txid: str) -> bool:
-        try:
-            await self.gw.rpc.call("getmempoolentry", txid)
-        except RpcInvalidAddressOrKey:  # -5: not in the mempool
-            return False
-        return True

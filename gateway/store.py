@@ -42,7 +42,9 @@ log = logging.getLogger(__name__)
 #: One statement with its parameters.
 Op = tuple[str, Sequence[Any] | dict[str, Any]]
 
-SCHEMA_VERSION = 1
+#: 2: settlements in batches (``settlements``, ``earnings``, per-batch
+#: ``payouts``) and the reserve (``channels.exit_fee``), protocol version 2.
+SCHEMA_VERSION = 2
 
 _CHANNELS = {
     "id": int,  # also the BIP32 child index of the channel's K2 (gateway/keys.py)
@@ -66,13 +68,31 @@ _CHANNELS = {
     "funded_at": float,
     "disconnected_at": float,  # last session end; the resume grace runs from here
     "client_addr": str,
-    "settle_txid": str,
-    "settle_tx": str,
-    "settle_fee": int,
+    "exit_fee": int,  # the reserve quoted in terms (protocol.md section 3)
+    "closing_at": float,  # when it stopped taking payments
+    "settle_txid": str,  # its batch (settlements.txid)
+    "settle_tx": str,  # schema 1 only: the single-channel settlement
+    "settle_fee": int,  # the reserve it paid towards its batch's fee
     "settled_at": float,
     "confirmed_height": int,
     "closed_at": float,
 }
+
+
+#: One row per settlement batch (protocol.md section 8).
+_SETTLEMENTS = {
+    "txid": str,
+    "tx": str,  # the whole signed transaction, broadcast again as stored
+    "fee": int,
+    "vsize": int,
+    "reserves": int,  # the part of the fee the clients' reserves paid
+    "channels": int,
+    "state": str,  # broadcast, confirmed, abandoned (refused: its channels moved on)
+    "created_at": float,
+    "confirmed_height": int,
+}
+#: What each batch paid each publisher (and the operator) on chain.
+_PAYOUTS = {"txid": str, "publisher": str, "script": str, "amount": int}
 
 
 @dataclass
@@ -125,16 +145,47 @@ def create_schema(conn: sqlite3.Connection) -> None:
         pk=("channel", "media"),
         if_not_exists=True,
     )
-    db.table("payouts").create(
-        {"channel": int, "publisher": str, "script": str, "amount": int, "txid": str},
-        pk=("channel", "script"),
+    _migrate(conn, db)
+    db.table("payouts").create(_PAYOUTS, pk=("txid", "script"), if_not_exists=True)
+    # One row per batch: the transaction is kept whole, so a restart
+    # broadcasts exactly what was stored (protocol.md section 8).
+    db.table("settlements").create(_SETTLEMENTS, pk="txid", if_not_exists=True)
+    db.table("settlements").create_index(["state"], if_not_exists=True)
+    # What each item earned in each batch, and its part of the fee (dashboard).
+    db.table("earnings").create(
+        {"txid": str, "channel": int, "media": str, "gross": int, "fee": int},
+        pk=("txid", "channel", "media"),
         if_not_exists=True,
     )
     db.table("meta").create({"key": str, "value": str}, pk="key", if_not_exists=True)
     conn.execute(
-        "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
+        "INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)",
         (str(SCHEMA_VERSION),),
     )
+
+
+def _migrate(conn: sqlite3.Connection, db: sqlite_utils.Database) -> None:
+    """Bring a schema 1 file (one settlement per channel) to schema 2 (batches)."""
+    channels = db.table("channels")
+    for name, kind in _CHANNELS.items():
+        if name not in channels.columns_dict:
+            channels.add_column(name, kind)
+    if "payouts" in db.table_names() and "channel" in db.table("payouts").columns_dict:
+        conn.execute("ALTER TABLE payouts RENAME TO payouts_v1")
+        db.table("payouts").create(_PAYOUTS, pk=("txid", "script"))
+        conn.execute(
+            "INSERT OR REPLACE INTO payouts(txid, publisher, script, amount) "
+            "SELECT txid, publisher, script, SUM(amount) FROM payouts_v1 GROUP BY txid, script"
+        )
+        conn.execute("DROP TABLE payouts_v1")
+    if "settlements" not in db.table_names():
+        db.table("settlements").create(_SETTLEMENTS, pk="txid")
+        conn.execute(
+            "INSERT OR IGNORE INTO settlements(txid, tx, fee, channels, state, created_at, "
+            "confirmed_height) SELECT settle_txid, settle_tx, settle_fee, 1, "
+            "CASE state WHEN 'closing' THEN 'broadcast' ELSE 'confirmed' END, settled_at, "
+            "confirmed_height FROM channels WHERE settle_txid IS NOT NULL AND settle_tx IS NOT NULL"
+        )
 
 
 class StoreClosed(RuntimeError):

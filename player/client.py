@@ -38,6 +38,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, BinaryIO, Final, TypeVar
 from urllib.parse import urlsplit
 
@@ -74,6 +75,7 @@ from gateway.protocol.messages import (
 )
 from gateway.protocol.metering import OverchargeError
 from gateway.protocol.scripts import ChannelScript, is_height_expiry
+from gateway.protocol.settlement import exit_vbytes
 from gateway.protocol.signatures import sign_digest
 from gateway.protocol.transactions import DUST_LIMIT, Outpoint, build_refund, parse_tx
 from player.keystore import ChannelState, Keystore, StoredChannel
@@ -228,6 +230,8 @@ def _terms_for(rec: StoredChannel, client_pubkey: bytes, network: str) -> Terms:
         funding_address=script.address(network),
         funding_script=script.script_pubkey,
         expiry=rec.expiry,
+        exit_fee=rec.exit_fee,
+        exit_vbytes=exit_vbytes(script, rec.change_script),
     )
 
 
@@ -241,7 +245,8 @@ def restore_channel(rec: StoredChannel, privkey: bytes, hello: ServerHello) -> C
     """
     if rec.txid is None or rec.vout is None or rec.value is None:
         raise PlayerError(f"channel {rec.id} was never funded")
-    channel = ClientChannel(privkey, hello, budget=rec.value)
+    # The reserve was accepted when the channel was opened: restore it as is.
+    channel = ClientChannel(privkey, hello, budget=rec.value, max_feerate=Fraction(rec.exit_fee))
     channel.open(expiry=rec.expiry, change_script=rec.change_script, kind=rec.kind)
     channel.accept_terms(_terms_for(rec, channel.client_pubkey, rec.network))
     outpoint = Outpoint(rec.txid, rec.vout)
@@ -620,6 +625,12 @@ class Player:
                 channel.accept_terms(terms)
             except ProtocolError as exc:
                 raise PlayerError(f"refusing the gateway's terms: {exc.message}") from None
+            if not channel.reserve_fits(value):
+                raise PlayerError(
+                    f"the gateway's exit fee is {terms.exit_fee} sat: a {value}-sat channel "
+                    "could get its change back only by a refund after expiry; "
+                    "use a larger --budget"
+                )
             rec = self.store.add_channel(
                 gateway_url=self.url,
                 network=hello.network,
@@ -628,6 +639,7 @@ class Player:
                 expiry=expiry,
                 change_script=dest,
                 refund_script=dest,
+                exit_fee=terms.exit_fee,
             )
             self._report(status="funding", value=value, balance=value)
             if self.kind == "cltv":

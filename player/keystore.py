@@ -93,6 +93,8 @@ class StoredChannel:
     bill: int = 0
     closing_txid: str | None = None
     refund_txid: str | None = None
+    #: The reserve accepted with ``terms``: our own exit fee (protocol.md section 3).
+    exit_fee: int = 0
 
     @property
     def channel_id(self) -> str | None:
@@ -135,7 +137,8 @@ CREATE TABLE IF NOT EXISTS channels (
     sig BLOB,
     bill INTEGER NOT NULL DEFAULT 0,
     closing_txid TEXT,
-    refund_txid TEXT
+    refund_txid TEXT,
+    exit_fee INTEGER NOT NULL DEFAULT 0
 );
 -- Where the viewer left off, per channel and media: a later run resumes there.
 CREATE TABLE IF NOT EXISTS positions (
@@ -170,6 +173,11 @@ class Keystore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(channels)")}
+            if "exit_fee" not in columns:  # a keystore of protocol version 1
+                self._db.execute(
+                    "ALTER TABLE channels ADD COLUMN exit_fee INTEGER NOT NULL DEFAULT 0"
+                )
         except (OSError, sqlite3.Error) as exc:
             raise KeystoreError(f"cannot open player data in {self.data_dir}: {exc}") from None
         self._privkey = self._load_or_create_key()
@@ -236,13 +244,14 @@ class Keystore:
         expiry: int,
         change_script: bytes,
         refund_script: bytes,
+        exit_fee: int = 0,
     ) -> StoredChannel:
         """Record a channel whose terms were accepted, before any money moves."""
         with self._tx() as db:
             cur = db.execute(
                 "INSERT INTO channels (gateway_url, network, kind, server_pubkey, expiry,"
-                " change_script, refund_script, state, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " change_script, refund_script, state, created_at, exit_fee)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     gateway_url,
                     network,
@@ -253,6 +262,7 @@ class Keystore:
                     refund_script,
                     ChannelState.OPEN,
                     time.time(),
+                    exit_fee,
                 ),
             )
             row_id = cur.lastrowid

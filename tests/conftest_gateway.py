@@ -126,6 +126,24 @@ def ws_url(gw: Gateway) -> str:
     return f"ws://127.0.0.1:{gw.port}/paystream/2"
 
 
+async def confirmed_tx(rpc: RpcClient, txid: str, depth: int = 20) -> dict[str, Any]:
+    """A confirmed transaction, found in the last ``depth`` blocks as a stock node allows.
+
+    Without ``-txindex`` Bitcoin Core answers ``getrawtransaction`` only for
+    the mempool or with the block's hash: walk the blocks, as a client would.
+    """
+    block_hash = await rpc.call("getbestblockhash")
+    for _ in range(depth):
+        block = await rpc.call("getblock", block_hash, 2)
+        for tx in block["tx"]:
+            if tx["txid"] == txid:
+                return {**tx, "blockhash": block_hash, "confirmations": block["confirmations"]}
+        if "previousblockhash" not in block:
+            break
+        block_hash = block["previousblockhash"]
+    raise AssertionError(f"{txid} is not in the last {depth} blocks")
+
+
 def node_rpc(gw: Gateway) -> RpcClient:
     """A wallet RPC client to the gateway's embedded node (the demo faucet)."""
     return RpcClient(gw.node.rpc_url, cookie_path=gw.node.cookie_path)

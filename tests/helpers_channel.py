@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 from gateway.protocol.channel import ClientChannel, PaymentRecord, ServerChannel, ServerState
 from gateway.protocol.messages import (
@@ -84,6 +85,8 @@ class ChannelPair:
     expiry: int = NOW + 7 * DAY
     now: int = NOW
     tip: int = TIP
+    #: The settlement feerate that prices the reserve (0: no reserve).
+    feerate: Fraction = Fraction(0)
     client: ClientChannel = field(init=False)
     server: ServerChannel = field(init=False)
     meter: ServerMeter = field(default_factory=ServerMeter)
@@ -107,7 +110,9 @@ class ChannelPair:
             network=NETWORK,
             now=self.now,
             tip_height=self.tip,
+            feerate=self.feerate,
         )
+        self.meter.reserve = self.server.exit_fee
         self.client.accept_terms(to_client(self.server.terms()))
 
     def fund(self) -> None:

@@ -47,7 +47,8 @@ def _check_common(r: dict[str, Any], viewers: int) -> None:
     assert gw["disk_write_bytes_per_increment"] * gw["writes_per_commit"] >= 2048
     settle = r["settle"]
     assert settle["channels"] == viewers and settle["failed"] == 0
-    assert settle["settlements"] == settle["confirmed"] == viewers
+    # Channels closed together share settlements (batches): at most one each.
+    assert 1 <= settle["settlements"] == settle["confirmed"] <= viewers
     assert settle["close_all_s"] > 0 and settle["mine_and_confirm_s"] > 0
     ceiling = r["ceiling"]
     assert ceiling["verifies_per_s"] > 1000 and ceiling["digests_per_s"] > ceiling["verifies_per_s"]

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from conftest_browser import Browser
-from conftest_gateway import node_rpc
+from conftest_gateway import confirmed_tx, node_rpc
 
 from gateway.chain.watch import btc_to_sat
 from gateway.protocol.metering import total_due
@@ -89,13 +89,15 @@ async def test_watch_fund_play_into_paid_time_leave_and_settle(gateway, browser)
     paid = int(overlay["paid"])
     assert paid > 0 and int(overlay["balance"]) == value - paid
     assert float(overlay["rate"]) == 300 and float(overlay["free"]) == 0
-    # Paid for the media delivered beyond the free 3 s (rounded up once), plus
-    # at most the one chunk a `pay` may precede (section 7).
-    delivered = gateway.channels[channel_id].meter.delivered_ms["clip"]
-    assert total_due(0, 300_000, delivered - 3000) <= paid
-    assert paid <= total_due(0, 300_000, delivered + 2000 - 3000)
+    # The reserve, then the media delivered beyond the free 3 s (rounded up
+    # once), plus at most the one chunk a `pay` may precede (section 7).
+    live = gateway.channels[channel_id]
+    reserve = live.core.exit_fee
+    delivered = live.meter.delivered_ms["clip"]
+    assert reserve + total_due(0, 300_000, delivered - 3000) <= paid
+    assert paid <= reserve + total_due(0, 300_000, delivered + 2000 - 3000)
     full_price = total_due(0, 300_000, gateway.catalog.items["clip"].duration_ms - 3000)
-    assert paid < full_price, "the page paid far ahead of playback"
+    assert paid < reserve + full_price, "the page paid far ahead of playback"
 
     await browser.get("about:blank")  # pagehide → close → the gateway settles
     deadline = time.monotonic() + 20
@@ -108,9 +110,8 @@ async def test_watch_fund_play_into_paid_time_leave_and_settle(gateway, browser)
         await browser.call(time.sleep, 0.1)
     assert row is not None, "leaving the page did not settle the channel"
     block = await rpc.call("generatetoaddress", 1, await rpc.call("getnewaddress"))
-    tx = await rpc.call("getrawtransaction", row["settle_txid"], True)
+    tx = await confirmed_tx(rpc, row["settle_txid"])
     assert tx["confirmations"] == 1 and tx["blockhash"] == block[0]
-    assert row["settle_txid"] in (await rpc.call("getblock", block[0], 1))["tx"]
 
     # The settlement spends the channel; the viewer's output is value - paid and
     # the gateway's outputs plus the fee are exactly the overlay's "paid".
@@ -119,7 +120,9 @@ async def test_watch_fund_play_into_paid_time_leave_and_settle(gateway, browser)
     outputs = [(o["scriptPubKey"]["hex"], btc_to_sat(o["value"])) for o in tx["vout"]]
     assert outputs[0] == (row["change_script"], value - paid)
     gateway_share = sum(amount for _, amount in outputs[1:])
-    assert gateway_share + row["settle_fee"] == paid and gateway_share > 0
+    fee = gateway.store.read("SELECT fee FROM settlements WHERE txid = ?",
+                             (row["settle_txid"],))[0]["fee"]
+    assert gateway_share + fee == paid and gateway_share > 0 and fee >= reserve
     await rpc.close()
 
 
@@ -140,7 +143,8 @@ async def test_overcharge_is_refused_and_the_channel_closed(gateway, browser, mo
     over = await browser.wait_for("window.paystream.overcharged", what="the overcharge")
     assert over["total"] == over["figure"] + 1
     closed = await browser.wait_for("window.paystream.closed", what="closed")
-    assert closed["paid"] == 0 and closed["txid"] is None  # nothing paid: the refund stays
+    # Only the reserve was paid: it settles the channel and the change comes back.
+    assert closed["paid"] == closed["exit_fee"] > 0 and closed["txid"] is not None
     assert "overcharges" in await browser.text("#status") or await browser.js(
         "return window.paystream.errors.some(e => e.includes('overcharges'));"
     )

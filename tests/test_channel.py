@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+from fractions import Fraction
 
 import coincurve
 import pytest
@@ -24,6 +25,7 @@ from helpers_channel import (
     funding_outpoint,
     hello,
     key,
+    to_client,
     to_server,
 )
 
@@ -53,6 +55,7 @@ from gateway.protocol.messages import (
     Terms,
 )
 from gateway.protocol.metering import OverchargeError
+from gateway.protocol.settlement import Batch, build_batch
 from gateway.protocol.signatures import SECP256K1_ORDER, sign_digest
 from gateway.protocol.transactions import Outpoint, build_refund, sign_payment, txid_of
 
@@ -85,8 +88,16 @@ def server_open(msg: Open, now: int = NOW, tip: int = TIP) -> ServerChannel:
     )
 
 
-def settle(channel: ServerChannel):
-    return channel.settle([(b"\x00\x14" + b"\x33" * 20, 1)], OPERATOR_SCRIPT, 2)
+def settle(channel: ServerChannel) -> Batch | None:
+    """What the settlement duty does for one channel: close, claim, settle it alone."""
+    channel.close()
+    claim = channel.claim([(b"\x00\x14" + b"\x33" * 20, 1)])
+    batch = None if claim is None else build_batch([claim], OPERATOR_SCRIPT, Fraction(2)).batch
+    if batch is None:
+        channel.abandon()
+        return None
+    channel.settled_in(batch.txid)
+    return batch
 
 
 # -- open ------------------------------------------------------------------------
@@ -107,13 +118,16 @@ def test_full_session(kind):
     assert settlement is not None and pair.server.state is ServerState.CLOSING
     assert settlement.outputs[0] == (CHANGE_SCRIPT, 98_000)
     assert sum(amount for _, amount in settlement.outputs) + settlement.fee == 100_000
-    assert settle(pair.server) is settlement  # idempotent
+    assert settle(pair.server) == settlement  # idempotent: RFC 6979, the same batch
     closed = pair.server.closed_message()
-    assert closed == Closed(txid=settlement.txid, paid=2_000, balance=98_000)
+    exit_fee = pair.server.exit_fee
+    assert closed == Closed(txid=settlement.txid, paid=2_000, balance=98_000, exit_fee=exit_fee)
     pair.client.on_closed(closed)
+    pair.client.check_settlement(settlement.tx, [100_000])
     pair.server.mark_closed()
     assert pair.server.state is ServerState.CLOSED
-    assert settle(pair.server) is settlement
+    with raises(ErrorCode.BAD_STATE, pair.server):
+        pair.server.close()
     assert pair.client.state is ClientState.CLOSED
 
 
@@ -419,6 +433,7 @@ def test_resume(kind):
         balance=97_000,
         paid=3_000,
         expiry=pair.expiry,
+        exit_fee=0,
     )
     pair.client.on_ready(ready)
     pair.pay(4_000)
@@ -472,18 +487,25 @@ def test_settle_with_nothing_paid_broadcasts_nothing():
     pair = ChannelPair()
     assert settle(pair.server) is None
     assert pair.server.state is ServerState.CLOSED
-    assert pair.server.closed_message() == Closed(txid=None, paid=0, balance=100_000)
+    exit_fee = pair.server.exit_fee
+    assert pair.server.closed_message() == Closed(
+        txid=None, paid=0, balance=100_000, exit_fee=exit_fee
+    )
     pair.server.mark_refunded()  # the client's refund at expiry
     assert pair.server.state is ServerState.REFUNDED
-    assert settle(pair.server) is None
+    with raises(ErrorCode.BAD_STATE, pair.server):
+        pair.server.claim()
     with raises(ErrorCode.BAD_STATE, pair.server):
         pair.server.mark_closed()
 
 
 def test_settle_unfunded_and_refund_while_ready():
     channel = server_open(open_msg())
-    assert settle(channel) is None and channel.state is ServerState.CLOSED
-    assert channel.closed_message() == Closed(txid=None, paid=0, balance=0)
+    channel.abandon()  # nothing funded: closed, nothing to broadcast
+    assert channel.state is ServerState.CLOSED
+    assert channel.closed_message() == Closed(
+        txid=None, paid=0, balance=0, exit_fee=channel.exit_fee
+    )
     pair = ChannelPair()
     pair.pay(1_000)
     pair.server.mark_refunded()
@@ -750,7 +772,9 @@ def test_closing_channel_restored_rebuilds_the_same_settlement():
     restored = ServerChannel.restore(
         pair.server.snapshot(), server_privkey=SERVER_KEY, limits=LIMITS
     )
-    assert restored.state is ServerState.CLOSING and restored.settlement is None
+    assert restored.state is ServerState.CLOSING
+    assert restored.settlement_txid == settlement.txid
+    restored.unsettle()  # its batch was refused: settle it again, the same way
     again = settle(restored)
     assert again == settlement and restored.state is ServerState.CLOSING
     restored.mark_closed("ff" * 32)  # a fee-bumped replacement confirmed
@@ -781,3 +805,65 @@ def test_paired_settlement_is_consensus_valid(kind, total):
     assert kernel_verify(settlement.tx, pair.server.script.script_pubkey, pair.value)
     client_out = [amt for spk, amt in settlement.outputs if spk == CHANGE_SCRIPT]
     assert client_out == ([pair.value - total] if total < pair.value else [])
+
+
+# -- the reserve (section 3): the client's own exit fee, paid first ----------------------
+
+
+def test_the_reserve_is_quoted_in_terms_and_due_before_any_media():
+    pair = ChannelPair(feerate=Fraction(2))
+    server, client = pair.server, pair.client
+    vbytes = server.exit_vbytes
+    assert server.exit_fee == 2 * vbytes and client.exit_fee == server.exit_fee
+    assert client.quoted == Fraction(2) and server.quoted == Fraction(2)
+    assert server.ready().exit_fee == server.exit_fee
+    # The first chunk of a stream, its initialization segment, is due for the
+    # reserve alone; the free minute then costs nothing more.
+    pair.stream("m", rate_msat=1_000, free_ms=60_000)
+    pair.deliver("m", -1, 0, 1_000, 60_000)
+    assert server.paid == server.exit_fee == pair.released[-1][2]
+    for index in range(30):
+        pair.deliver("m", index, 2_000, 1_000, 60_000)
+    assert server.paid == server.exit_fee  # the free minute was free
+    pair.deliver("m", 30, 2_000, 1_000, 60_000)
+    assert server.paid == server.exit_fee + 2
+    # A gateway asking the reserve twice is overcharging.
+    with pytest.raises(OverchargeError):
+        client.pay_due(Due(total=2 * server.exit_fee + 3, media="m", index=31, duration_ms=2_000))
+    # Settled alone, the reserve pays at least the quoted feerate.
+    batch = settle(server)
+    assert batch is not None and batch.feerate >= 2
+    client.close()
+    client.check_settlement(batch.tx, [pair.value])
+
+
+def test_a_client_refuses_terms_quoting_an_exit_above_its_feerate():
+    client = ClientChannel(CLIENT_KEY, hello(), budget=10**6, max_feerate=Fraction(5))
+    msg = to_server(client.open(expiry=NOW + 7 * DAY, change_script=CHANGE_SCRIPT))
+    expensive = ServerChannel.open(msg, server_privkey=SERVER_KEY, limits=LIMITS,
+                                   network=NETWORK, now=NOW, tip_height=TIP, feerate=Fraction(6))
+    with pytest.raises(ProtocolError, match="exit_fee"):
+        client.accept_terms(to_client(expensive.terms()))
+    assert client.state is ClientState.PROPOSED
+    # exit_vbytes must be the client's own count for its script and change.
+    fair = ServerChannel.open(msg, server_privkey=SERVER_KEY, limits=LIMITS,
+                              network=NETWORK, now=NOW, tip_height=TIP, feerate=Fraction(5))
+    lying = dataclasses.replace(fair.terms(), exit_vbytes=fair.exit_vbytes - 10)
+    with pytest.raises(ProtocolError, match="exit_vbytes"):
+        client.accept_terms(lying)
+    client.accept_terms(to_client(fair.terms()))
+    assert client.exit_fee == fair.exit_fee and client.meter.reserve == fair.exit_fee
+    assert client.reserve_fits(10_000) and not client.reserve_fits(fair.exit_fee + 545)
+
+
+def test_a_reserve_not_paid_whole_is_not_claimed():
+    pair = ChannelPair(feerate=Fraction(3))
+    pair.pay(pair.server.exit_fee - 1)  # short of the reserve
+    pair.server.close()
+    claim = pair.server.claim()
+    assert claim is not None and claim.reserve == 0 and claim.quoted == 0
+    with raises(ErrorCode.BAD_STATE, ServerChannel.restore(
+        ChannelPair().server.snapshot(), server_privkey=SERVER_KEY, limits=LIMITS
+    )):
+        ChannelPair().server.claim()
+

@@ -75,7 +75,8 @@ async def test_dashboard_shows_a_completed_session_plot_and_edits_rates(gateway,
     _, paid, txid = await completed_session(gateway)
     clip = gateway.catalog.items["clip"]
     billed = 300_000 * (clip.duration_ms - 3000) / 1_000_000  # sat, to the msat
-    assert paid == total_due(0, 300_000, clip.duration_ms - 3000) > 0
+    reserve = gateway.store.read("SELECT exit_fee FROM channels")[0]["exit_fee"]
+    assert paid == reserve + total_due(0, 300_000, clip.duration_ms - 3000) > reserve > 0
 
     await browser.get(url(gateway, "/dashboard"))
     await browser.wait_for("!document.getElementById('login').hidden", what="the login form")

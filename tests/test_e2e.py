@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest_gateway import PUBLISHERS
+from conftest_gateway import PUBLISHERS, confirmed_tx
 
 from gateway.chain.kernel import verify_input
 from gateway.chain.rpc import RpcClient
 from gateway.chain.watch import btc_to_sat
-from gateway.protocol.scripts import address_to_script_pubkey
+from gateway.protocol.scripts import ChannelScript, address_to_script_pubkey
 from player.keystore import Keystore
 
 
@@ -90,13 +90,19 @@ class Stack:
         return done
 
     def channel_row(self) -> dict:
+        return self._row("SELECT * FROM channels WHERE channel_id IS NOT NULL "
+                         "ORDER BY id DESC LIMIT 1")
+
+    def settlement_row(self, txid: str) -> dict:
+        return self._row("SELECT * FROM settlements WHERE txid = ?", (txid,))
+
+    def _row(self, sql: str, params: tuple = ()) -> dict:
         import sqlite3
 
         conn = sqlite3.connect(self.datadir / "gateway.db")
         conn.row_factory = sqlite3.Row
         try:
-            return dict(conn.execute("SELECT * FROM channels WHERE channel_id IS NOT NULL "
-                                     "ORDER BY id DESC LIMIT 1").fetchone())
+            return dict(conn.execute(sql, params).fetchone())
         finally:
             conn.close()
 
@@ -128,14 +134,21 @@ async def _wait_for(predicate, timeout: float = 20.0) -> None:
 
 
 async def _confirmed_settlement(stack: Stack, rpc: RpcClient, txid: str) -> dict:
-    """Mine ``txid``; check it is in a block and its channel input verifies in the kernel."""
+    """Mine ``txid``; check it is in a block and every channel input verifies in the kernel."""
     await rpc.call("generatetoaddress", 1, await rpc.call("getnewaddress"))
-    tx = await rpc.call("getrawtransaction", txid, True)
+    tx = await confirmed_tx(rpc, txid)
     assert tx["confirmations"] == 1 and tx["blockhash"]
-    funding = await rpc.call("getrawtransaction", tx["vin"][0]["txid"], True)
-    spent = funding["vout"][tx["vin"][0]["vout"]]
-    verify_input(bytes.fromhex(tx["hex"]), 0,
-                 [(bytes.fromhex(spent["scriptPubKey"]["hex"]), btc_to_sat(spent["value"]))])
+    with Keystore(stack.player_dir) as keys:
+        by_outpoint = {c.channel_id: c for c in keys.channels()}
+        pubkey = keys.pubkey
+    spent = []
+    for txin in tx["vin"]:
+        ch = by_outpoint[f"{txin['txid']}:{txin['vout']}"]
+        script = ChannelScript.make(ch.kind, pubkey, ch.server_pubkey, ch.expiry)
+        assert ch.value is not None
+        spent.append((script.script_pubkey, ch.value))
+    for index in range(len(spent)):
+        verify_input(bytes.fromhex(tx["hex"]), index, spent)
     return tx
 
 
@@ -151,8 +164,9 @@ async def test_player_streams_free_then_paid_and_close_settles(stack_factory, ki
     with Keystore(stack.player_dir) as keys:
         (mine,) = keys.channels()
     assert mine.kind == kind and mine.paid > 0
-    paid_ms = manifest["duration_ms"] - 3000  # 3 s free, then 300 sat/s
-    assert mine.paid == -(-paid_ms * 300_000 // 1_000_000)
+    paid_ms = manifest["duration_ms"] - 3000  # the reserve, 3 s free, then 300 sat/s
+    assert mine.exit_fee > 0
+    assert mine.paid == mine.exit_fee + -(-paid_ms * 300_000 // 1_000_000)
     row = stack.channel_row()
     assert row["settle_txid"] and row["balance"] == mine.balance
     rpc = stack.rpc()
@@ -160,8 +174,9 @@ async def test_player_streams_free_then_paid_and_close_settles(stack_factory, ki
     outputs = {o["scriptPubKey"]["hex"]: btc_to_sat(o["value"]) for o in tx["vout"]}
     assert outputs[mine.change_script.hex()] == mine.balance  # exactly its last balance
     studio = address_to_script_pubkey(PUBLISHERS["studio"], "regtest").hex()
-    fee = row["settle_fee"]
-    assert outputs[studio] == mine.paid - fee  # the only publisher watched gets the share
+    fee = stack.settlement_row(row["settle_txid"])["fee"]
+    assert fee >= mine.exit_fee  # the reserve went to the fee...
+    assert outputs[studio] == mine.paid - fee  # ... the only publisher watched gets the rest
     await rpc.close()
 
 
@@ -271,5 +286,5 @@ async def test_everyday_mistakes_with_the_real_gateway(stack_factory):
     assert f"clip goes on at 0:{at // 1000:02d} (--from 0 starts it over)" in runs[1].stderr
     # Billed once for the first twelve chunks' media beyond the 3 free seconds.
     watched = sum(c["duration_ms"] for c in chunks[:12])
-    assert ch.paid == -(-(watched - 3000) * 300_000 // 1_000_000)
+    assert ch.paid == ch.exit_fee + -(-(watched - 3000) * 300_000 // 1_000_000)
     assert stack.channel_row()["balance"] == ch.balance

@@ -4,7 +4,7 @@ free chunks, paid chunks, close and settlement (protocol.md sections 4-8)."""
 from __future__ import annotations
 
 import pytest
-from conftest_gateway import Viewer, node_rpc, ws_url
+from conftest_gateway import Viewer, confirmed_tx, node_rpc, ws_url
 
 
 @pytest.mark.parametrize("kind", ["cltv", "multisig"])
@@ -19,12 +19,16 @@ async def test_stream_free_then_paid_then_close_settles(gateway, kind):
     chunks = [c for c, _ in viewer.media if c.index >= 0]
     assert len(chunks) == stream.chunks
     paid = viewer.channel.paid
-    # 12 s at 300 sat/s with 3 s free, rounded up once at the end.
-    assert paid == -(-(sum(c.duration_ms for c in chunks) - 3000) * 300_000 // 1_000_000)
+    # The reserve first, then 12 s at 300 sat/s with 3 s free, rounded up once
+    # at the end.
+    reserve = viewer.channel.exit_fee
+    assert 0 < reserve == ready.exit_fee
+    media = -(-(sum(c.duration_ms for c in chunks) - 3000) * 300_000 // 1_000_000)
+    assert paid == reserve + media
     closed = await viewer.close_channel()
-    assert closed.paid == paid and closed.txid is not None
+    assert closed.paid == paid and closed.exit_fee == reserve and closed.txid is not None
     await rpc.call("generatetoaddress", 1, await rpc.call("getnewaddress"))
-    tx = await rpc.call("getrawtransaction", closed.txid, True)
+    tx = await confirmed_tx(rpc, closed.txid)
     assert tx["confirmations"] == 1
     await rpc.close()
 

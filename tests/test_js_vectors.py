@@ -28,6 +28,7 @@ from gateway.protocol.channel import resume_digest
 from gateway.protocol.messages import Chunk, Due, Stream
 from gateway.protocol.metering import ClientMeter, OverchargeError, ServerMeter
 from gateway.protocol.scripts import ChannelScript
+from gateway.protocol.settlement import exit_vbytes
 from gateway.protocol.signatures import sign_digest
 from gateway.protocol.transactions import Outpoint, PaymentTemplate, sign_payment
 
@@ -85,6 +86,8 @@ def _channel_cases() -> list[dict[str, Any]]:
                 "vout": outpoint.vout,
                 "value": value,
                 "change_script": change.hex(),
+                # The exit the gateway quotes in terms (settlement.py exit_vbytes).
+                "exit_vbytes": exit_vbytes(script, change),
                 "payments": [
                     {
                         "balance": b,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from fractions import Fraction
 from pathlib import Path
 
 import coincurve
@@ -22,12 +23,12 @@ from bitcoin.core.script import CScript, CScriptWitness
 from gateway.chain.blocks import Tx, TxOut, assemble_block, block_subsidy, p2wsh_script
 from gateway.chain.kernel import Kernel
 from gateway.protocol.scripts import ChannelScript
+from gateway.protocol.settlement import Batch, ChannelClaim, build_batch
 from gateway.protocol.signatures import verifier_for
 from gateway.protocol.transactions import (
     Outpoint,
     PaymentTemplate,
     build_refund,
-    build_settlement,
     check_payment_signature,
     check_refund_t2,
     finalize_cltv_refund,
@@ -51,6 +52,20 @@ PUBLISHERS = [(b"\x00\x20" + b"\x44" * 32, 2), (b"\x51\x20" + b"\x55" * 32, 1)]
 VALUE = 2_000_000
 NONFINAL = "bad-txns-nonfinal"
 SPENT = "bad-txns-inputs-missingorspent"
+
+
+def _settle(
+    template: PaymentTemplate,
+    balance: int,
+    sig: bytes,
+    payouts: list[tuple[bytes, int]],
+    rate: int | Fraction,
+) -> Batch:
+    """The settlement of one channel (a batch of one), as the gateway builds it."""
+    claim = ChannelClaim(template, balance, sig, SERVER.secret, payouts=tuple(payouts))
+    batch = build_batch([claim], OPERATOR, Fraction(rate)).batch
+    assert batch is not None
+    return batch
 
 
 class Regtest:
@@ -182,16 +197,10 @@ def test_settlement_confirms_and_refund_is_then_a_double_spend(chain: Regtest, k
     # settled into a T3; only the last T3 is mined, and an earlier one then
     # conflicts with it.
     settlements = []
-    for balance in (VALUE, VALUE - 10_000, VALUE - 250_000, VALUE - 900_000):
+    for balance in (VALUE - 10_000, VALUE - 250_000, VALUE - 900_000):
         sig = sign_payment(template, CLIENT.secret, balance)
         check_payment_signature(template, balance, sig, verifier)
-        settlement = build_settlement(
-            template, balance, sig, SERVER.secret, [*PUBLISHERS, (OPERATOR, 1)], OPERATOR, 3
-        )
-        if balance == VALUE:
-            assert settlement is None  # nothing paid: nothing to settle
-            continue
-        assert settlement is not None
+        settlement = _settle(template, balance, sig, [*PUBLISHERS, (OPERATOR, 1)], 3)
         settlements.append(settlement)
     last = settlements[-1]
     assert last.outputs[0] == (CHANGE, VALUE - 900_000)
@@ -216,8 +225,7 @@ def test_settlement_with_zero_balance_and_refunds_share_a_block(chain: Regtest) 
     assert chain.mine((funding,)) is None
     template = PaymentTemplate(settled, out_settled, VALUE, CHANGE)
     sig = sign_payment(template, CLIENT.secret, 0)
-    settlement = build_settlement(template, 0, sig, SERVER.secret, PUBLISHERS, OPERATOR, 1.5)
-    assert settlement is not None
+    settlement = _settle(template, 0, sig, PUBLISHERS, Fraction(3, 2))
     assert CHANGE not in dict(settlement.outputs)
     chain.mine_to(expiry)
     assert chain.mine((settlement.tx, refund_for(refunded, out_refunded))) is None

@@ -78,10 +78,15 @@ SERVER_MESSAGES = [
         funding_address="bcrt1qxyz",
         funding_script=b"\x00\x20" + b"\x01" * 32,
         expiry=800_000,
+        exit_fee=272,
+        exit_vbytes=136,
     ),
     RefundSigned(sig=b"\x30\x01"),
     Funding(txid=TXID, vout=0, confirmations=0, needed=1),
-    Ready(channel_id=f"{TXID}:0", value=100_000, balance=100_000, paid=0, expiry=800_000),
+    Ready(
+        channel_id=f"{TXID}:0", value=100_000, balance=100_000, paid=0, expiry=800_000,
+        exit_fee=272,
+    ),
     Stream(
         media="song-1",
         title="Song",
@@ -95,10 +100,12 @@ SERVER_MESSAGES = [
     Chunk(media="song-1", index=-1, start_ms=0, duration_ms=0, size=900),
     Chunk(media="song-1", index=4, start_ms=8_000, duration_ms=2_000, size=30_000),
     Due(total=3, media="song-1", index=31, duration_ms=2_000),
+    Due(total=272, media="song-1", index=-1, duration_ms=0),  # the reserve
     Paid(seq=3, balance=99_997, paid=3),
     End(media="song-1", reason="finished"),
-    Closed(txid=TXID, paid=3, balance=99_997),
-    Closed(txid=None, paid=0, balance=100_000),
+    Closed(txid=TXID, paid=3, balance=99_997, exit_fee=0),
+    Closed(txid=None, paid=272, balance=99_728, exit_fee=272, settle_by=1_800_000_000),
+    Closed(txid=None, paid=0, balance=100_000, exit_fee=272),
     Error(code=ErrorCode.BAD_STATE, message="no", fatal=False),
 ]
 
@@ -124,7 +131,7 @@ def test_wire_shape_is_protocol_shape():
         "sig": "ab83",
     }
     assert json.loads(encode(Fund())) == {"type": "fund"}
-    assert json.loads(encode(Closed(txid=None, paid=0, balance=5)))["txid"] is None
+    assert json.loads(encode(Closed(txid=None, paid=0, balance=5, exit_fee=0)))["txid"] is None
     hello = json.loads(encode(SERVER_MESSAGES[0]))
     assert hello["nonce"] == "07" * 32 and hello["limits"]["dust_limit"] == 546
 
@@ -245,7 +252,7 @@ def test_unsupported_version_is_fatal(version):
 BAD_SERVER = [
     ('{"type":"pay","seq":1,"balance":1,"sig":""}', "unknown type"),
     ('{"type":"chunk","media":"m","index":-2,"start_ms":0,"duration_ms":1,"size":1}', "index"),
-    ('{"type":"due","total":1,"media":"m","index":-1,"duration_ms":1}', "due.index"),
+    ('{"type":"due","total":1,"media":"m","index":-2,"duration_ms":1}', "due.index"),
     ('{"type":"end","media":"m","reason":"bored"}', "end.reason"),
     ('{"type":"closed","txid":5,"paid":0,"balance":0}', "closed.txid"),
     ('{"type":"error","code":"oops","message":"","fatal":true}', "error.code"),

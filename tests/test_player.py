@@ -20,6 +20,7 @@ import stat
 import sys
 import time
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,8 @@ class FakeGateway:
     rate_msat: int = RATE_MSAT
     answer_close: bool = True  # False: `close` goes unanswered
     drop_pay_at: int | None = None  # chunk index whose `pay` is lost: the fake disconnects
+    #: Prices the reserve; 0 (no reserve) keeps these tests about the media's metering.
+    feerate: Fraction = Fraction(0)
     privkey: bytes = field(default_factory=lambda: coincurve.PrivateKey().secret)
     channels: dict[str, ServerChannel] = field(default_factory=dict)
     meters: dict[str, ServerMeter] = field(default_factory=dict)
@@ -188,6 +191,7 @@ class FakeGateway:
                         network="regtest",
                         now=now,
                         tip_height=self.tip_height,
+                        feerate=self.feerate,
                     )
                     await send(channel.terms())
                 elif isinstance(msg, Refund):
@@ -199,7 +203,7 @@ class FakeGateway:
                     outpoint = Outpoint(txid_of(msg.tx), vout)
                     channel.accept_funding(outpoint, value, channel.script.script_pubkey)
                     self.channels[outpoint.channel_id] = channel
-                    self.meters[outpoint.channel_id] = ServerMeter()
+                    self.meters[outpoint.channel_id] = ServerMeter(reserve=channel.exit_fee)
                     await send(channel.confirm())
                 elif isinstance(msg, Resume):
                     if msg.channel_id not in self.channels:
@@ -214,7 +218,14 @@ class FakeGateway:
                         return
                 elif isinstance(msg, Close) and self.answer_close:
                     assert channel is not None
-                    await send(Closed(txid=None, paid=channel.paid, balance=channel.balance or 0))
+                    await send(
+                        Closed(
+                            txid=None,
+                            paid=channel.paid,
+                            balance=channel.balance or 0,
+                            exit_fee=channel.exit_fee,
+                        )
+                    )
                     return
                 elif not isinstance(msg, Close):
                     raise ProtocolError(ErrorCode.BAD_STATE, f"fake: unexpected {msg.type}")
@@ -270,7 +281,14 @@ class FakeGateway:
                         continue
                     await send(channel.paid_message())
                 elif isinstance(msg, Close) and self.answer_close:
-                    await send(Closed(txid=None, paid=channel.paid, balance=channel.balance or 0))
+                    await send(
+                        Closed(
+                            txid=None,
+                            paid=channel.paid,
+                            balance=channel.balance or 0,
+                            exit_fee=channel.exit_fee,
+                        )
+                    )
                     return False
             data = self.media(index)
             await send(
@@ -383,6 +401,7 @@ def test_keystore_payment_state_survives_reload_and_never_goes_back(tmp_path: Pa
                 balance=48_000,
                 paid=2_000,
                 expiry=rec.expiry,
+                exit_fee=0,
             )
         )
         pay = channel.pay(2_500)

@@ -1,4 +1,5 @@
-"""T2 refunds, the T3 template and settlements (protocol.md sections 2 and 3).
+"""T2 refunds and the T3 template (protocol.md sections 2 and 3; settlements:
+test_settlement.py).
 
 Every transaction built here is checked by libbitcoinkernel
 (``ScriptPubkey.verify`` with all flags and the spent outputs), never by
@@ -9,16 +10,15 @@ serves only as the reference for the T3 digest.
 from __future__ import annotations
 
 import hashlib
-import math
 import struct
 from dataclasses import dataclass
 
 import coincurve
 import pbk
 import pytest
-from bitcoin.core import COutPoint, CTransaction, CTxIn, CTxInWitness, CTxOut, CTxWitness, b2lx
+from bitcoin.core import COutPoint, CTransaction, CTxIn, CTxInWitness, CTxOut, CTxWitness
 from bitcoin.core.script import SIGVERSION_WITNESS_V0, CScript, CScriptWitness, SignatureHash
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from pbk.script import PrecomputedTransactionData
 
@@ -30,9 +30,7 @@ from gateway.protocol.transactions import (
     MAX_MONEY,
     Outpoint,
     PaymentTemplate,
-    Settlement,
     build_refund,
-    build_settlement,
     check_payment_signature,
     check_refund_t2,
     check_refund_t2_signature,
@@ -289,243 +287,6 @@ def test_payment_signature_checks_in_order() -> None:
     assert zero[-1] == 0x82
     check_payment_signature(template, 0, zero, verifier)
     assert code(0, zero[:-1] + b"\x83") is non_canonical
-
-
-# -- settlement ----------------------------------------------------------------------
-
-
-def assert_settlement(
-    channel: Channel, balance: int, settlement: Settlement, feerate: float
-) -> None:
-    """The section 3 invariants, and the kernel's verdict on the signed input."""
-    template = channel.template
-    tx = CTransaction.deserialize(settlement.tx)
-    assert settlement.txid == txid_of(settlement.tx) == str(b2lx(tx.GetTxid()))
-    assert settlement.outputs == tuple((bytes(o.scriptPubKey), o.nValue) for o in tx.vout)
-    assert settlement.vsize == math.ceil(tx.calc_weight() / 4)
-    assert sum(a for _, a in settlement.outputs) + settlement.fee == template.value
-    if balance:
-        assert settlement.outputs[0] == (CHANGE, balance)
-    assert all(spk != CHANGE for spk, _ in settlement.outputs[1 if balance else 0 :])
-    for spk, amount in settlement.outputs:
-        assert amount >= DUST_LIMIT or (spk[0] == 0x6A and amount == 0)
-    assert tx.nVersion == 2 and tx.nLockTime == 0
-    assert [(i.prevout.n, i.nSequence) for i in tx.vin] == [(channel.outpoint.vout, 0xFFFFFFFF)]
-    assert str(b2lx(tx.vin[0].prevout.hash)) == channel.outpoint.txid
-    if len(settlement.outputs) > (1 if balance else 0) and settlement.outputs[-1][0] != b"\x6a":
-        # A payout: the fee is the feerate on the exact size, give or take
-        # one vbyte when the real signature came out shorter than planned.
-        needed = math.ceil(feerate * settlement.vsize)
-        assert needed <= settlement.fee <= math.ceil(feerate * (settlement.vsize + 1))
-    assert kernel_verify(settlement.tx, channel.spent)
-
-
-@KINDS
-@pytest.mark.parametrize("balance", [0, 546, 400_000, VALUE - 50_000])
-def test_settlement_payout_valid_in_kernel(kind: str, balance: int) -> None:
-    channel = CHANNELS[kind]
-    sig = sign_payment(channel.template, CLIENT.secret, balance)
-    payouts = [(PUBLISHER_A, 3), (PUBLISHER_B, 1)]
-    settlement = build_settlement(
-        channel.template, balance, sig, SERVER.secret, payouts, OPERATOR, 2
-    )
-    assert settlement is not None
-    assert_settlement(channel, balance, settlement, 2)
-    server = dict(settlement.outputs[1 if balance else 0 :])
-    total = VALUE - balance - settlement.fee
-    assert sum(server.values()) == total
-    assert server[PUBLISHER_A] >= total * 3 // 4
-    assert server[PUBLISHER_B] == total // 4
-
-
-@KINDS
-def test_settlement_with_a_wrong_client_signature_fails_in_kernel(kind: str) -> None:
-    # The client's SINGLE signature commits to output 0's amount: a server
-    # paying the client one satoshi less produces an invalid transaction.
-    channel = CHANNELS[kind]
-    sig = sign_payment(channel.template, CLIENT.secret, 500_000)
-    forged = build_settlement(channel.template, 499_999, sig, SERVER.secret, [], OPERATOR, 1)
-    assert forged is not None
-    assert not kernel_verify(forged.tx, channel.spent)
-    # And with the right amount, a different value claimed for the funding
-    # output (BIP143 commits to it) fails too.
-    honest = build_settlement(channel.template, 500_000, sig, SERVER.secret, [], OPERATOR, 1)
-    assert honest is not None
-    assert kernel_verify(honest.tx, channel.spent)
-    assert not kernel_verify(honest.tx, [(channel.script.script_pubkey, VALUE + 1)])
-
-
-payout_lists = st.lists(
-    st.tuples(
-        st.binary(min_size=20, max_size=20).map(lambda h: b"\x00\x14" + h),
-        st.integers(1, 1_000),
-    ),
-    max_size=4,
-)
-
-
-@settings(max_examples=40, suppress_health_check=[HealthCheck.too_slow], deadline=None)
-@given(
-    kind=st.sampled_from(["cltv", "multisig"]),
-    balance=balances,
-    payouts=payout_lists,
-    feerate=st.one_of(st.integers(1, 40), st.floats(1, 40).map(lambda f: round(f, 3))),
-)
-def test_settlement_properties(
-    kind: str, balance: int, payouts: list[tuple[bytes, int]], feerate: float
-) -> None:
-    channel = CHANNELS[kind]
-    sig = sign_payment(channel.template, CLIENT.secret, balance)
-    settlement = build_settlement(
-        channel.template, balance, sig, SERVER.secret, payouts, OPERATOR, feerate
-    )
-    if balance == VALUE:
-        assert settlement is None  # nothing paid, nothing to settle
-        return
-    if settlement is None:
-        # Section 3, third case: a share below the minimum relay fee (1 sat/vB
-        # of the settlement, well over 150 vB) is left to the client's refund.
-        assert VALUE - balance < 250
-        return
-    assert_settlement(channel, balance, settlement, feerate)
-
-
-def _scan(
-    channel: Channel, shares: range, feerate: int, min_relay: int = 1
-) -> list[tuple[int, Settlement | None]]:
-    out = []
-    for share in shares:
-        balance = VALUE - share
-        sig = sign_payment(channel.template, CLIENT.secret, balance)
-        settlement = build_settlement(
-            channel.template, balance, sig, SERVER.secret, [], OPERATOR, feerate, min_relay
-        )
-        out.append((share, settlement))
-    return out
-
-
-@KINDS
-def test_three_economic_cases(kind: str) -> None:
-    channel = CHANNELS[kind]
-    # With 1 sat/vB, a settlement of this shape needs about 140-180 sat of fee:
-    # scan shares across "payout affordable" (fee + 546).
-    results = _scan(channel, range(660, 760, 3), feerate=1)
-    kinds = []
-    for share, settlement in results:
-        assert settlement is not None
-        assert_settlement(channel, VALUE - share, settlement, 1)
-        payout = len(settlement.outputs) == 2
-        kinds.append(payout)
-        if payout:
-            assert settlement.outputs[1][0] == OPERATOR
-            assert settlement.outputs[1][1] >= DUST_LIMIT
-            assert settlement.fee == share - settlement.outputs[1][1]
-        else:
-            assert settlement.fee == share  # the whole share is fee
-    # All-fee below the threshold, payout above it: one switch, both seen.
-    assert kinds == sorted(kinds) and False in kinds and True in kinds
-    first_payout = next(s for (_, s), p in zip(results, kinds, strict=True) if p)
-    assert first_payout is not None
-    assert first_payout.outputs[1][1] < DUST_LIMIT + 3
-
-    # A high feerate: payout impossible, all-fee while the share covers the
-    # 1 sat/vB minimum relay fee, else nothing.
-    results = _scan(channel, range(90, 200, 5), feerate=100)
-    for share, settlement in results:
-        if settlement is None:
-            continue
-        assert settlement.fee == share
-        assert settlement.outputs == ((CHANGE, VALUE - share),)
-        assert share >= settlement.vsize
-        assert kernel_verify(settlement.tx, channel.spent)
-    nones = [share for share, s in results if s is None]
-    fees = [share for share, s in results if s is not None]
-    assert nones and fees and max(nones) < min(fees)
-
-
-def test_all_fee_with_zero_balance_keeps_an_output() -> None:
-    channel = make_channel("cltv", value=700)
-    sig = sign_payment(channel.template, CLIENT.secret, 0)
-    settlement = build_settlement(channel.template, 0, sig, SERVER.secret, [], OPERATOR, 5)
-    assert settlement is not None
-    assert settlement.fee == 700
-    assert settlement.outputs == ((b"\x6a\x04\x00\x00\x00\x00", 0),)
-    assert len(CTransaction.deserialize(settlement.tx).serialize({"include_witness": False})) >= 65
-    assert kernel_verify(settlement.tx, channel.spent)
-
-
-def test_payout_split_folding() -> None:
-    channel = CHANNELS["cltv"]
-    balance = VALUE - 20_000
-    sig = sign_payment(channel.template, CLIENT.secret, balance)
-
-    def settle(payouts: list[tuple[bytes, int]]) -> dict[bytes, int]:
-        settlement = build_settlement(
-            channel.template, balance, sig, SERVER.secret, payouts, OPERATOR, 1
-        )
-        assert settlement is not None
-        assert_settlement(channel, balance, settlement, 1)
-        return dict(settlement.outputs[1:])
-
-    # No payouts: all to the operator.
-    assert list(settle([])) == [OPERATOR]
-    # A weight too small for 546 sat is folded into the operator's output...
-    outputs = settle([(PUBLISHER_A, 100), (OPERATOR, 30), (PUBLISHER_B, 1)])
-    assert list(outputs) == [PUBLISHER_A, OPERATOR]
-    total = sum(outputs.values())
-    assert outputs[PUBLISHER_A] == total * 100 // 131
-    # ... and a dust operator share into the largest payout.
-    outputs = settle([(PUBLISHER_A, 1000), (PUBLISHER_B, 1)])
-    assert list(outputs) == [PUBLISHER_A]
-    # The operator may be a payee itself; duplicates merge into one output;
-    # the operator's output comes last.
-    outputs = settle([(OPERATOR, 1), (PUBLISHER_A, 1), (PUBLISHER_A, 2)])
-    assert list(outputs) == [PUBLISHER_A, OPERATOR]
-    assert outputs[PUBLISHER_A] == sum(outputs.values()) * 3 // 4
-    # A dust rounding remainder (no operator payout otherwise) goes to the largest.
-    outputs = settle([(PUBLISHER_A, 2), (PUBLISHER_B, 1)])
-    assert OPERATOR not in outputs
-    assert outputs[PUBLISHER_A] - 2 * outputs[PUBLISHER_B] in (0, 1, 2)
-
-
-@pytest.mark.parametrize(
-    "payouts", [[(PUBLISHER_A, 0)], [(PUBLISHER_A, -1)], [(PUBLISHER_A, True)]]
-)
-def test_settlement_rejects_bad_weights(payouts: list[tuple[bytes, int]]) -> None:
-    channel = CHANNELS["cltv"]
-    sig = sign_payment(channel.template, CLIENT.secret, 600_000)
-    with pytest.raises(ValueError):
-        build_settlement(channel.template, 600_000, sig, SERVER.secret, payouts, OPERATOR, 1)
-
-
-def test_settlement_rejects_bad_arguments() -> None:
-    channel = CHANNELS["cltv"]
-    sig = sign_payment(channel.template, CLIENT.secret, 600_000)
-    with pytest.raises(ValueError):  # a 0x83 signature for balance 0
-        build_settlement(channel.template, 0, sig, SERVER.secret, [], OPERATOR, 1)
-    with pytest.raises(ValueError):
-        build_settlement(channel.template, 600_000, b"", SERVER.secret, [], OPERATOR, 1)
-    with pytest.raises(ValueError):
-        build_settlement(channel.template, 600_000, sig, SERVER.secret, [], OPERATOR, -1)
-    with pytest.raises(ValueError):
-        build_settlement(channel.template, 100, sig, SERVER.secret, [], OPERATOR, 1)
-
-
-def test_settlement_zero_feerate_and_decimal_rates() -> None:
-    from decimal import Decimal
-    from fractions import Fraction
-
-    channel = CHANNELS["multisig"]
-    sig = sign_payment(channel.template, CLIENT.secret, 600_000)
-    free = build_settlement(channel.template, 600_000, sig, SERVER.secret, [], OPERATOR, 0)
-    assert free is not None and free.fee == 0
-    assert kernel_verify(free.tx, channel.spent)
-    for rate in (Decimal("1.1"), Fraction(11, 10), 1.1):
-        settlement = build_settlement(
-            channel.template, 600_000, sig, SERVER.secret, [], OPERATOR, rate
-        )
-        assert settlement is not None
-        assert math.ceil(Fraction(11, 10) * settlement.vsize) == settlement.fee
 
 
 # -- refunds -----------------------------------------------------------------------

@@ -11,10 +11,10 @@ seen from each end::
                                            ▼
                                        FUNDING ──confirm──► READY ◄─┐ pay, resume
                                                               │ └───┘
-                                        settle (a tx to broadcast)
+                                settle (no more payments: a settlement is due)
                                                               ▼
                                                            CLOSING ──closed──► CLOSED
-    OPEN/REFUND_SIGNED/FUNDING/READY ──abandon (nothing to broadcast)──► CLOSED
+    OPEN/REFUND_SIGNED/FUNDING/READY/CLOSING ──abandon (nothing to broadcast)──► CLOSED
     FUNDING/READY/CLOSING/CLOSED ──refunded (the client's refund spent it)──► REFUNDED
     READY ──unconfirm (a reorg took the funding's confirmations)──► FUNDING
     FUNDING/READY ──void (the funding transaction was double-spent)──► VOID
@@ -46,9 +46,9 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from decimal import Decimal
 from fractions import Fraction
 from typing import Final, TypeVar
 
@@ -75,6 +75,7 @@ from gateway.protocol.messages import (
 )
 from gateway.protocol.metering import ClientMeter
 from gateway.protocol.scripts import ChannelScript, is_height_expiry, is_standard_output_script
+from gateway.protocol.settlement import ChannelClaim, check_settlement, exit_vbytes
 from gateway.protocol.signatures import (
     Verifier,
     is_low_s_der,
@@ -85,9 +86,7 @@ from gateway.protocol.transactions import (
     DUST_LIMIT,
     Outpoint,
     PaymentTemplate,
-    Settlement,
     build_refund,
-    build_settlement,
     check_payment_signature,
     check_refund_t2,
     check_refund_t2_signature,
@@ -100,6 +99,7 @@ from gateway.protocol.transactions import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_FEERATE",
     "RESUME_TAG",
     "ChannelRecord",
     "ClientChannel",
@@ -120,6 +120,8 @@ RESUME_TAG: Final = b"paystream/1 resume"
 _BLOCK_S: Final = 600
 #: `change_script` size limit (section 9, `bad_script`).
 _MAX_CHANGE_SCRIPT: Final = 10_000
+#: The highest exit feerate (sat/vB) a client accepts unless told otherwise.
+DEFAULT_MAX_FEERATE: Final = Fraction(20)
 
 
 class ServerState(enum.Enum):
@@ -192,8 +194,9 @@ _SERVER_TRANSITIONS: Final[
     (_S.READY, _E.PAY): (_S.READY, _ANY),
     (_S.READY, _E.SETTLE): (_S.CLOSING, _ANY),
     (_S.FUNDING, _E.SETTLE): (_S.CLOSING, _ANY),  # paid, then a reorg: settle what was paid
-    (_S.CLOSING, _E.SETTLE): (_S.CLOSING, _ANY),  # idempotent: the same tx again
+    (_S.CLOSING, _E.SETTLE): (_S.CLOSING, _ANY),  # idempotent: a close asked twice
     (_S.CLOSING, _E.CLOSED): (_S.CLOSED, _ANY),
+    (_S.CLOSING, _E.ABANDON): (_S.CLOSED, _ANY),  # nothing to broadcast after all
     (_S.OPEN, _E.ABANDON): (_S.CLOSED, _ANY),
     (_S.REFUND_SIGNED, _E.ABANDON): (_S.CLOSED, _ANY),
     (_S.FUNDING, _E.ABANDON): (_S.CLOSED, _ANY),
@@ -342,6 +345,8 @@ class ChannelRecord:
     balance: int | None = None
     sig: bytes | None = None
     settlement_txid: str | None = None
+    #: The reserve quoted in ``terms`` (0: a channel of protocol version 1).
+    exit_fee: int = 0
 
 
 class ServerChannel:
@@ -356,6 +361,8 @@ class ServerChannel:
         "_verifier",
         "balance",
         "change_script",
+        "exit_fee",
+        "exit_vbytes",
         "limits",
         "network",
         "outpoint",
@@ -363,7 +370,6 @@ class ServerChannel:
         "refund_value",
         "script",
         "seq",
-        "settlement",
         "settlement_txid",
         "sig",
         "state",
@@ -379,12 +385,16 @@ class ServerChannel:
         network: str,
         server_privkey: bytes,
         limits: Limits,
+        exit_fee: int = 0,
     ) -> None:
         # Use open() or restore(): they validate; this only assembles.
         self.script = script
         self.change_script = change_script
         self.network = network
         self.limits = limits
+        #: The client's exit (section 3): vbytes, and the reserve that pays them.
+        self.exit_vbytes = exit_vbytes(script, change_script)
+        self.exit_fee = exit_fee
         self._privkey = server_privkey
         self._verifier = Verifier(script.client_pubkey)
         self._template: PaymentTemplate | None = None
@@ -396,7 +406,6 @@ class ServerChannel:
         self.seq: int | None = None
         self.balance: int | None = None
         self.sig: bytes | None = None
-        self.settlement: Settlement | None = None
         self.settlement_txid: str | None = None
 
     # -- creation -------------------------------------------------------------
@@ -411,12 +420,15 @@ class ServerChannel:
         network: str,
         now: int,
         tip_height: int,
+        feerate: Fraction = Fraction(1),
     ) -> ServerChannel:
         """Validate an ``open`` (section 5) and make the channel; then send :meth:`terms`.
 
         ``bad_key`` (K1), ``bad_expiry`` (outside ``min_expiry_s`` …
         ``max_expiry_s`` from now, converting heights at 600 s per block, or
         already inside the settle margin), ``bad_script`` (``change_script``).
+        ``feerate`` (sat/vB) prices the client's exit: the reserve of
+        ``terms.exit_fee`` (section 3).
         """
         if not is_valid_pubkey(msg.client_pubkey):
             raise ProtocolError(ErrorCode.BAD_KEY, "client_pubkey is not a compressed SEC point")
@@ -438,7 +450,9 @@ class ServerChannel:
         if not is_standard_output_script(change):
             raise ProtocolError(ErrorCode.BAD_SCRIPT, "change_script is not a standard output")
         script = ChannelScript.make(msg.kind, msg.client_pubkey, _pubkey_of(server_privkey), expiry)
-        return cls(script, change, network, server_privkey, limits)
+        channel = cls(script, change, network, server_privkey, limits)
+        channel.exit_fee = math.ceil(feerate * channel.exit_vbytes)
+        return channel
 
     @classmethod
     def restore(
@@ -448,7 +462,9 @@ class ServerChannel:
         script = ChannelScript.make(
             record.kind, record.client_pubkey, _pubkey_of(server_privkey), record.expiry
         )
-        channel = cls(script, record.change_script, record.network, server_privkey, limits)
+        channel = cls(
+            script, record.change_script, record.network, server_privkey, limits, record.exit_fee
+        )
         channel.state = record.state
         channel.outpoint = record.outpoint
         channel.value = record.value
@@ -481,6 +497,7 @@ class ServerChannel:
             balance=self.balance,
             sig=self.sig,
             settlement_txid=self.settlement_txid,
+            exit_fee=self.exit_fee,
         )
 
     # -- read-only views --------------------------------------------------------
@@ -525,6 +542,8 @@ class ServerChannel:
             funding_address=self.script.address(self.network),
             funding_script=self.script.script_pubkey,
             expiry=self.expiry,
+            exit_fee=self.exit_fee,
+            exit_vbytes=self.exit_vbytes,
         )
 
     def _check_value(self, value: int, what: str) -> None:
@@ -623,6 +642,7 @@ class ServerChannel:
             balance=self.balance,
             paid=self.paid,
             expiry=self.expiry,
+            exit_fee=self.exit_fee,
         )
 
     def receive_payment(self, pay: Pay, *, now: int, tip_height: int) -> PaymentRecord:
@@ -696,46 +716,57 @@ class ServerChannel:
 
     # -- closing ----------------------------------------------------------------
 
-    def settle(
-        self,
-        payouts: Sequence[tuple[bytes, int]],
-        operator_script: bytes,
-        feerate_sat_vb: float | int | Decimal | Fraction,
-    ) -> Settlement | None:
-        """Settle (section 3, 8): the transaction to broadcast, or None.
+    def close(self) -> None:
+        """No more payments: a settlement is due (sections 3, 8). Idempotent.
 
-        With a settlement the channel is ``closing`` until :meth:`mark_closed`;
-        with None (nothing paid, or a share below the relay fee) it is
-        ``closed`` at once and the client keeps its refund. Idempotent: a
-        closing or closed channel returns the same answer again. A closing
-        channel restored after a restart rebuilds its settlement from the
-        stored increment: RFC 6979 signing makes it byte-identical for the
-        same ``payouts`` and feerate.
+        Then :meth:`claim` what settles it, and :meth:`settled_in` the batch
+        that does, or :meth:`abandon` when there is nothing to broadcast.
         """
-        if self.state in (ServerState.CLOSED, ServerState.REFUNDED) or (
-            self.state is ServerState.CLOSING and self.settlement is not None
-        ):
-            return self.settlement
-        settlement = None
-        if self._template is not None and self.sig is not None and self.balance is not None:
-            settlement = build_settlement(
-                self._template,
-                self.balance,
-                self.sig,
-                self._privkey,
-                payouts,
-                operator_script,
-                feerate_sat_vb,
-            )
-        event = Event.SETTLE
-        if settlement is None and self.state is not ServerState.CLOSING:
-            event = Event.ABANDON
-        new_state = self._next(event)
-        self.settlement = settlement
-        if settlement is not None:
-            self.settlement_txid = settlement.txid
-        self.state = new_state
-        return settlement
+        self.state = self._next(Event.SETTLE)
+
+    @property
+    def quoted(self) -> Fraction:
+        """The feerate (sat/vB) the reserve was quoted at: ``exit_fee / exit_vbytes``."""
+        return Fraction(self.exit_fee, self.exit_vbytes)
+
+    def claim(self, payouts: Sequence[tuple[bytes, int]] = ()) -> ChannelClaim | None:
+        """A closing channel's part in a settlement; None if it has nothing to settle.
+
+        Nothing paid means nothing to settle (section 8): the client keeps its
+        refund. The reserve counts only once the client paid it whole.
+        ``payouts`` are the publishers' (script, weight), by what they billed.
+        """
+        if self.state is not ServerState.CLOSING:
+            raise ProtocolError(ErrorCode.BAD_STATE, "only a closing channel is settled")
+        template, balance, sig = self._template, self.balance, self.sig
+        if template is None or balance is None or sig is None or self.paid <= 0:
+            return None
+        reserved = self.exit_fee if self.paid >= self.exit_fee else 0
+        return ChannelClaim(
+            template=template,
+            balance=balance,
+            client_sig=sig,
+            server_privkey=self._privkey,
+            reserve=reserved,
+            quoted=self.quoted if reserved else Fraction(0),
+            payouts=tuple(payouts),
+        )
+
+    def settled_in(self, txid: str) -> None:
+        """The settlement ``txid`` (a batch) carries this closing channel."""
+        if self.state is not ServerState.CLOSING:
+            raise ProtocolError(ErrorCode.BAD_STATE, "only a closing channel is settled")
+        self.settlement_txid = txid
+
+    def unsettle(self) -> None:
+        """The batch carrying this closing channel will never confirm: settle it again."""
+        if self.state is not ServerState.CLOSING:
+            raise ProtocolError(ErrorCode.BAD_STATE, "only a closing channel is settled")
+        self.settlement_txid = None
+
+    def abandon(self) -> None:
+        """Nothing to broadcast: ``closed``, the client keeps its refund (section 8)."""
+        self.state = self._next(Event.ABANDON)
 
     def mark_closed(self, txid: str | None = None) -> None:
         """The settlement ``txid`` confirmed (default: the one :meth:`settle` built)."""
@@ -748,9 +779,19 @@ class ServerChannel:
         """The funding output was spent by the client's refund (section 8)."""
         self.state = self._next(Event.REFUNDED)
 
-    def closed_message(self) -> Closed:
-        """The ``closed`` message (``txid`` null when nothing was broadcast)."""
-        return Closed(txid=self.settlement_txid, paid=self.paid, balance=self.balance or 0)
+    def closed_message(self, settle_by: int | None = None) -> Closed:
+        """The ``closed`` message: ``txid`` null until broadcast (section 6).
+
+        ``settle_by``: when the batch carrying a pending settlement goes out
+        (None when nothing will be broadcast).
+        """
+        return Closed(
+            txid=self.settlement_txid,
+            paid=self.paid,
+            balance=self.balance or 0,
+            exit_fee=self.exit_fee,
+            settle_by=None if self.settlement_txid else settle_by,
+        )
 
 
 class ClientChannel:
@@ -763,11 +804,23 @@ class ClientChannel:
 
     role: Final = "client"
 
-    def __init__(self, client_privkey: bytes, hello: ServerHello, *, budget: int) -> None:
+    def __init__(
+        self,
+        client_privkey: bytes,
+        hello: ServerHello,
+        *,
+        budget: int,
+        max_feerate: Fraction = DEFAULT_MAX_FEERATE,
+    ) -> None:
         self._privkey = client_privkey
         self.client_pubkey = _pubkey_of(client_privkey)
         self.hello = hello
         self.budget = budget
+        #: The highest feerate (sat/vB) this client's exit may be quoted at.
+        self.max_feerate = max_feerate
+        #: The reserve accepted with ``terms`` (sat): the client's own exit fee.
+        self.exit_fee = 0
+        self.exit_vbytes = 0
         self.meter = ClientMeter()
         self.state = ClientState.NEW
         self.kind = "cltv"
@@ -833,7 +886,18 @@ class ClientChannel:
             raise bad(ErrorCode.BAD_SCRIPT, "funding_script is not P2WSH of the script")
         if terms.funding_address != script.address(self.hello.network):
             raise bad(ErrorCode.BAD_SCRIPT, "funding_address does not pay the script")
+        vbytes = exit_vbytes(script, self.change_script)
+        if terms.exit_vbytes != vbytes:
+            raise bad(ErrorCode.BAD_STATE, f"exit_vbytes is not this channel's {vbytes}")
+        if Fraction(terms.exit_fee, vbytes) > self.max_feerate:
+            raise bad(
+                ErrorCode.BAD_STATE,
+                f"exit_fee {terms.exit_fee} sat is above {float(self.max_feerate):g} sat/vB "
+                f"for {vbytes} vB",
+            )
         self.script = script
+        self.exit_fee, self.exit_vbytes = terms.exit_fee, vbytes
+        self.meter.reserve = terms.exit_fee
         self.state = new_state
 
     def _script(self) -> ChannelScript:
@@ -909,9 +973,13 @@ class ClientChannel:
         # ours, so we never sign the same chunk twice.
         own_balance = self.value if self.balance is None else self.balance
         assert own_balance is not None
-        if (ready.value, ready.expiry) != (self.value, self.expiry) or ready.balance < own_balance:
+        if (
+            (ready.value, ready.expiry, ready.exit_fee) != (self.value, self.expiry, self.exit_fee)
+            or ready.balance < own_balance
+        ):
             raise ProtocolError(
-                ErrorCode.BAD_STATE, "ready: value, expiry or balance differ", fatal=True
+                ErrorCode.BAD_STATE, "ready: value, expiry, exit_fee or balance differ",
+                fatal=True,
             )
         if ready.balance > own_balance:
             # It never got our last increment, so it never sent the chunk
@@ -1006,8 +1074,40 @@ class ClientChannel:
         return Close()
 
     def on_closed(self, closed: Closed) -> None:
-        """``closed``: the gateway settled (or left the channel to our refund)."""
+        """``closed``: the gateway settles (or left the channel to our refund)."""
         self.state = self._next(Event.CLOSED, local=False)
+
+    @property
+    def quoted(self) -> Fraction:
+        """The feerate the reserve was quoted at: ``exit_fee / exit_vbytes``."""
+        return Fraction(self.exit_fee, self.exit_vbytes) if self.exit_vbytes else Fraction(0)
+
+    def reserve_fits(self, value: int) -> bool:
+        """Can a channel of ``value`` pay its reserve and keep a change output?
+
+        If not (the reserve would leave dust), its change comes back only by
+        the refund after expiry: say so before funding (section 3).
+        """
+        return value - self.exit_fee >= DUST_LIMIT
+
+    def check_settlement(self, tx: bytes, spent_values: Sequence[int] | None = None) -> None:
+        """Check a settlement of this channel as section 8 promises (``ValueError``).
+
+        It spends our funding output and pays our last signed balance at our
+        input's index; with every input's value, its feerate is at least the
+        one our reserve was quoted at.
+        """
+        if self.outpoint is None or self.value is None:
+            raise LocalProtocolError("the channel is not funded")
+        check_settlement(
+            tx,
+            outpoint=self.outpoint,
+            value=self.value,
+            change_script=self.change_script,
+            balance=self.value if self.balance is None else self.balance,
+            quoted=self.quoted,
+            spent_values=spent_values,
+        )
 
     def mark_refunded(self) -> None:
         """Our refund spent the funding output."""

@@ -507,6 +507,10 @@ class Terms(Message):
     funding_address: str = field(metadata=_wired(_NonEmptyStr(200)))
     funding_script: bytes = field(metadata=_wired(_Hex(_MAX_SCRIPT)))
     expiry: int = field(metadata=_wired(_UINT))
+    #: The reserve: what the client pays first, for its own exit (section 3).
+    exit_fee: int = field(metadata=_wired(_AMOUNT))
+    #: The vbytes that reserve pays for; exit_fee / exit_vbytes is the quoted feerate.
+    exit_vbytes: int = field(metadata=_wired(_UINT))
 
 
 @_message("refund_signed")
@@ -538,6 +542,7 @@ class Ready(Message):
     balance: int = field(metadata=_wired(_AMOUNT))
     paid: int = field(metadata=_wired(_AMOUNT))
     expiry: int = field(metadata=_wired(_UINT))
+    exit_fee: int = field(metadata=_wired(_AMOUNT))
 
 
 @_message("stream")
@@ -574,11 +579,15 @@ class Chunk(Message):
 @_message("due")
 @dataclass(frozen=True, slots=True)
 class Due(Message):
-    """Chunk ``index`` goes out once the channel has paid ``total`` sat."""
+    """Chunk ``index`` goes out once the channel has paid ``total`` sat.
+
+    ``index`` -1, the initialization segment, is due for the channel's
+    reserve (section 7).
+    """
 
     total: int = field(metadata=_wired(_AMOUNT))
     media: str = field(metadata=_wired(_MEDIA))
-    index: int = field(metadata=_wired(_UINT))
+    index: int = field(metadata=_wired(_Int(-1, MAX_INT)))
     duration_ms: int = field(metadata=_wired(_UINT))
 
 
@@ -604,11 +613,19 @@ class End(Message):
 @_message("closed")
 @dataclass(frozen=True, slots=True)
 class Closed(Message):
-    """The channel is settled; ``txid`` is None when nothing was broadcast."""
+    """The channel takes nothing more (section 8).
+
+    ``txid``: its settlement once broadcast; None while it waits for its
+    batch (then ``settle_by`` says until when, unix time) or when nothing will
+    be broadcast (``settle_by`` None too: the client refunds at expiry).
+    ``paid`` includes ``exit_fee``, the reserve.
+    """
 
     txid: str | None = field(metadata=_wired(_Nullable(_TXID_CODEC)))
     paid: int = field(metadata=_wired(_AMOUNT))
     balance: int = field(metadata=_wired(_AMOUNT))
+    exit_fee: int = field(metadata=_wired(_AMOUNT))
+    settle_by: int | None = field(default=None, metadata=_wired(_Nullable(_UINT)))
 
 
 @_message("error")

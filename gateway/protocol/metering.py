@@ -14,6 +14,11 @@ no rounding ever accumulates), and the total (sat) the channel must have paid
 before the chunk goes out is ``ceil((bill + rate_msat * c) / 1 000 000)``.
 Initialization segments (``index`` -1) are free and count as no media time.
 
+Every total also includes the channel's *reserve* (``terms.exit_fee``,
+section 3): the client's own exit fee, paid before any media — so the first
+``due`` of a channel, for its first initialization segment, asks for just
+the reserve, and the free minute stays free of media charges.
+
 Both ends run the same arithmetic:
 
 - :class:`ServerMeter` (the gateway): :meth:`ServerMeter.quote` answers
@@ -109,13 +114,17 @@ class ServerMeter:
     restore a meter (resume, restart).
     """
 
-    __slots__ = ("_delivered", "bill")
+    __slots__ = ("_delivered", "bill", "reserve")
 
-    def __init__(self, bill: int = 0, delivered_ms: Mapping[str, int] | None = None) -> None:
-        if bill < 0 or any(v < 0 for v in (delivered_ms or {}).values()):
+    def __init__(
+        self, bill: int = 0, delivered_ms: Mapping[str, int] | None = None, *, reserve: int = 0
+    ) -> None:
+        if bill < 0 or reserve < 0 or any(v < 0 for v in (delivered_ms or {}).values()):
             raise ValueError("meter state must be non-negative")
         #: Σ rate_msat * c over every chunk sent (msat·ms/s, exact).
         self.bill = bill
+        #: The channel's reserve (sat): part of every total (``terms.exit_fee``).
+        self.reserve = reserve
         self._delivered: dict[str, int] = dict(delivered_ms or {})
 
     @property
@@ -149,7 +158,7 @@ class ServerMeter:
             duration_ms=duration_ms,
             rate_msat=rate_msat,
             charged_ms=c,
-            total=total_due(self.bill, rate_msat, c),
+            total=self.reserve + total_due(self.bill, rate_msat, c),
             basis=(self.bill, u),
         )
 
@@ -201,11 +210,14 @@ class ClientMeter:
         "_rates",
         "_used",
         "bill",
+        "reserve",
     )
 
-    def __init__(self, bill: int = 0) -> None:
+    def __init__(self, bill: int = 0, *, reserve: int = 0) -> None:
         #: Σ rate_msat * c over every chunk paid for or received (msat·ms/s).
         self.bill = bill
+        #: The reserve accepted with ``terms`` (sat): part of every total.
+        self.reserve = reserve
         self._rates: dict[str, int] = {}
         self._free: dict[str, int] = {}
         self._used: dict[str, int] = {}
@@ -219,8 +231,8 @@ class ClientMeter:
 
     @property
     def figure(self) -> int:
-        """Sat owed for everything metered so far (rounded up)."""
-        return total_due(self.bill, 0, 0)
+        """Sat owed for everything metered so far (rounded up), reserve included."""
+        return self.reserve + total_due(self.bill, 0, 0)
 
     def on_stream(self, stream: Stream) -> None:
         """A ``stream`` message: this media's price and used allowance.
@@ -243,11 +255,11 @@ class ClientMeter:
 
     def on_chunk(self, chunk: Chunk) -> None:
         """A ``chunk`` message: meter it unless a paid ``due`` already did."""
-        if chunk.index == INIT_SEGMENT:
-            return
         key = (chunk.media, chunk.index)
         if key == self._outstanding:
             self._outstanding = None
+            return
+        if chunk.index == INIT_SEGMENT:
             return
         # A chunk sent without a `due`: the channel had already paid enough
         # (rounding, overpayment) or it is free. It is still billed.
@@ -274,8 +286,12 @@ class ClientMeter:
                     f"{self._outstanding[0]}#{self._outstanding[1]} arrived",
                     fatal=True,
                 )
-            charged = self._charge(due.media, due.duration_ms)
-            figure = total_due(self.bill, self._rates[due.media], charged)
+            charged = 0
+            if due.index != INIT_SEGMENT:  # the init segment is due for the reserve only
+                charged = self._charge(due.media, due.duration_ms)
+            elif due.media not in self._rates:
+                self._charge(due.media, 0)  # bad_state: no stream announced
+            figure = self.reserve + total_due(self.bill, self._rates[due.media], charged)
         if due.total > figure:
             raise OverchargeError(due, figure)
         self._pending = (due, charged)

@@ -1,4 +1,4 @@
-"""Channel transactions: T2 refund, T3 payment template, settlement.
+"""Channel transactions: T2 refund, T3 payment template (settlements: settlement.py).
 
 protocol.md sections 2 and 3. Serialisation goes through python-bitcoinlib
 (``CTransaction`` and friends); signatures through coincurve
@@ -17,12 +17,9 @@ each digest costs three short SHA-256 runs.
 from __future__ import annotations
 
 import hashlib
-import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from decimal import Decimal
-from fractions import Fraction
 
 from bitcoin.core import (
     COutPoint,
@@ -56,15 +53,15 @@ from gateway.protocol.signatures import (
 
 __all__ = [
     "DUST_LIMIT",
+    "FINAL_SEQUENCE",
     "MAX_MONEY",
     "PAYMENT_SIGHASH",
     "PAYMENT_SIGHASH_ZERO",
     "REFUND_SEQUENCE",
+    "TX_VERSION",
     "Outpoint",
     "PaymentTemplate",
-    "Settlement",
     "build_refund",
-    "build_settlement",
     "check_payment_signature",
     "check_refund_t2",
     "check_refund_t2_signature",
@@ -72,6 +69,7 @@ __all__ = [
     "finalize_multisig_refund",
     "find_funding_output",
     "parse_tx",
+    "sighash_all",
     "sign_payment",
     "sign_refund_t2",
     "txid_of",
@@ -87,14 +85,10 @@ PAYMENT_SIGHASH = SIGHASH_SINGLE | SIGHASH_ANYONECANPAY  # 0x83
 PAYMENT_SIGHASH_ZERO = SIGHASH_NONE | SIGHASH_ANYONECANPAY  # 0x82
 #: nSequence of every refund: not final, so nLockTime applies (BIP65).
 REFUND_SEQUENCE = 0xFFFFFFFE
-_FINAL_SEQUENCE = 0xFFFFFFFF
-_TX_VERSION = 2
-#: A placeholder for a signature of the largest size: 72-byte DER + type.
-_MAX_SIG = b"\x00" * 73
-#: The output of a settlement that pays neither client nor server: an empty
-#: OP_RETURN carrying 4 bytes, so the transaction keeps the 65-byte minimum
-#: non-witness size of relay policy and is never output-less (consensus).
-_NULL_OUTPUT_SCRIPT = b"\x6a\x04" + b"\x00" * 4
+#: nSequence of T3's input: final, so nLockTime 0 and no relative lock apply.
+FINAL_SEQUENCE = 0xFFFFFFFF
+#: T2, T3 and every settlement are version 2 transactions (BIP68).
+TX_VERSION = 2
 
 
 def _sha256d(data: bytes) -> bytes:
@@ -105,13 +99,13 @@ def _var_bytes(data: bytes) -> bytes:
     return bytes(VarIntSerializer.serialize(len(data))) + data
 
 
-def _sighash_all(tx: CTransaction, script: ChannelScript, value: int) -> bytes:
-    """BIP143 SIGHASH_ALL digest of input 0 spending the channel output.
+def sighash_all(tx: CTransaction, index: int, script: ChannelScript, value: int) -> bytes:
+    """BIP143 SIGHASH_ALL digest of input ``index`` spending a channel output of ``value``.
 
     Written out rather than python-bitcoinlib's ``SignatureHash``, which packs
     nLockTime as a signed 32-bit integer and fails for expiries >= 2**31.
     """
-    txin = tx.vin[0]
+    txin = tx.vin[index]
     preimage = b"".join(
         [
             struct.pack("<i", tx.nVersion),
@@ -226,12 +220,12 @@ class PaymentTemplate:
         # a P2WSH input is its witness script.
         prefix = b"".join(
             [
-                struct.pack("<i", _TX_VERSION),
+                struct.pack("<i", TX_VERSION),
                 b"\x00" * 64,
                 outpoint.serialize(),
                 _var_bytes(script.witness_script),
                 struct.pack("<q", value),
-                struct.pack("<I", _FINAL_SEQUENCE),
+                struct.pack("<I", FINAL_SEQUENCE),
             ]
         )
         self._prefix = hashlib.sha256(prefix)
@@ -282,10 +276,10 @@ class PaymentTemplate:
     ) -> CTransaction:
         wit = CTxWitness([CTxInWitness(CScriptWitness(witness))]) if witness else CTxWitness()
         return CTransaction(
-            [CTxIn(self.outpoint.to_coutpoint(), nSequence=_FINAL_SEQUENCE)],
+            [CTxIn(self.outpoint.to_coutpoint(), nSequence=FINAL_SEQUENCE)],
             [CTxOut(amount, CScript(spk)) for spk, amount in outputs],
             nLockTime=0,
-            nVersion=_TX_VERSION,
+            nVersion=TX_VERSION,
             witness=wit,
         )
 
@@ -318,167 +312,6 @@ def check_payment_signature(
         raise ProtocolError(ErrorCode.BAD_SIGNATURE, "signature does not verify")
 
 
-# -- settlement (section 3) ----------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Settlement:
-    """A fully signed settlement of T3, ready to broadcast.
-
-    ``outputs`` are ``(script_pubkey, amount)`` in transaction order: the
-    client's output first when ``balance > 0``, then the server's.
-    """
-
-    tx: bytes
-    txid: str
-    fee: int
-    outputs: tuple[tuple[bytes, int], ...]
-    vsize: int
-
-
-def _rate(feerate: float | int | Decimal | Fraction) -> Fraction:
-    # Through str for floats: 1.1 sat/vB means 11/10, not the binary double.
-    rate = Fraction(str(feerate)) if isinstance(feerate, float) else Fraction(feerate)
-    if rate < 0:
-        raise ValueError("feerate must not be negative")
-    return rate
-
-
-def _fee(rate: Fraction, vsize: int) -> int:
-    return math.ceil(rate * vsize)
-
-
-def _vsize(tx: CTransaction) -> int:
-    # BIP141: weight = 3 * stripped size + total size; vsize = ceil(weight / 4).
-    stripped = CTransaction(tx.vin, tx.vout, tx.nLockTime, tx.nVersion)
-    weight = 3 * len(stripped.serialize()) + len(tx.serialize())
-    return (weight + 3) // 4
-
-
-def _cooperative_witness(
-    script: ChannelScript, client_sig: bytes, server_sig: bytes
-) -> list[bytes]:
-    # protocol.md section 2: cltv `<sig_K1> <sig_K2> 01 <script>` (OP_IF takes
-    # the true branch); multisig `<> <sig_K1> <sig_K2> <script>` (the empty
-    # element is CHECKMULTISIG's dummy, BIP147 NULLDUMMY).
-    if script.kind == "cltv":
-        return [client_sig, server_sig, b"\x01", script.witness_script]
-    return [b"", client_sig, server_sig, script.witness_script]
-
-
-def _split_payout(
-    total: int, payouts: Sequence[tuple[bytes, int]], operator_script: bytes
-) -> list[tuple[bytes, int]]:
-    """Split ``total`` by weight; floor each, the remainder and dust to the operator.
-
-    Outputs keep the order of ``payouts`` (one per distinct script); the
-    operator's output comes last.
-    """
-    weight_sum = sum(weight for _, weight in payouts)
-    amounts: dict[bytes, int] = {}
-    for spk, weight in payouts:
-        amounts[spk] = amounts.get(spk, 0) + total * weight // weight_sum
-    amounts[operator_script] = amounts.get(operator_script, 0) + total - sum(amounts.values())
-    for spk in list(amounts):
-        if spk != operator_script and amounts[spk] < DUST_LIMIT:
-            amounts[operator_script] += amounts.pop(spk)
-    operator = amounts.pop(operator_script)
-    if operator >= DUST_LIMIT:
-        amounts[operator_script] = operator
-    elif operator:
-        # A dust operator share (a rounding remainder) goes to the largest
-        # payout instead: no output may be dust, and the sum must hold.
-        largest = max(amounts, key=lambda spk: amounts[spk])
-        amounts[largest] += operator
-    return list(amounts.items())
-
-
-def build_settlement(
-    template: PaymentTemplate,
-    balance: int,
-    client_sig: bytes,
-    server_privkey: bytes,
-    payouts: Sequence[tuple[bytes, int]],
-    operator_script: bytes,
-    feerate_sat_vb: float | int | Decimal | Fraction,
-    min_relay_sat_vb: float | int | Decimal | Fraction = 1,
-) -> Settlement | None:
-    """The settlement of protocol.md section 3, or None to broadcast nothing.
-
-    The client is paid exactly ``balance`` in output 0 (absent at 0). The
-    server's share ``value - balance`` pays the fee at ``feerate_sat_vb`` on
-    the exact vsize of the signed transaction and the rest is split among
-    ``payouts`` (script, weight) proportionally, by floor division, with the
-    remainder and any output below 546 sat going to ``operator_script``.
-    If the share cannot pay that fee plus 546 sat, the settlement has no
-    server output and the whole share is fee, provided it covers
-    ``min_relay_sat_vb``; otherwise the result is None (the client refunds at
-    expiry). ``client_sig`` is the last checked ``pay.sig`` for ``balance``.
-    """
-    template.outputs(balance)  # range check
-    if not client_sig or client_sig[-1] != template.sighash_type(balance):
-        raise ValueError("client signature does not carry the sighash type for this balance")
-    if any(isinstance(w, bool) or not isinstance(w, int) or w <= 0 for _, w in payouts):
-        raise ValueError("payout weights must be positive integers")
-    rate = _rate(feerate_sat_vb)
-    relay_rate = _rate(min_relay_sat_vb)
-    script = template.script
-    share = template.value - balance
-    client_outputs = template.outputs(balance)
-
-    def sign(outputs: list[tuple[bytes, int]]) -> tuple[CTransaction, int]:
-        digest = _sighash_all(template._tx(outputs), script, template.value)
-        server_sig = sign_digest(server_privkey, digest) + bytes([SIGHASH_ALL])
-        tx = template._tx(outputs, _cooperative_witness(script, client_sig, server_sig))
-        return tx, _vsize(tx)
-
-    def settlement(tx: CTransaction, vsize: int, fee: int) -> Settlement:
-        return Settlement(
-            tx=bytes(tx.serialize()),
-            txid=str(b2lx(tx.GetTxid())),
-            fee=fee,
-            outputs=tuple((bytes(out.scriptPubKey), out.nValue) for out in tx.vout),
-            vsize=vsize,
-        )
-
-    def max_vsize(outputs: list[tuple[bytes, int]]) -> int:
-        # The largest possible server signature, so the fee found is enough
-        # whatever signature length signing produces.
-        witness = _cooperative_witness(script, client_sig, _MAX_SIG)
-        return _vsize(template._tx(outputs, witness))
-
-    # Case 1: a payout. The fee depends on the number of outputs, which
-    # depends on the fee (dust folding); raise the fee until it covers the
-    # transaction it leaves. It only grows and is bounded, so this ends.
-    fee = 0
-    while share - fee >= DUST_LIMIT:
-        outputs = client_outputs + _split_payout(share - fee, payouts, operator_script)
-        needed = _fee(rate, max_vsize(outputs))
-        if needed <= fee:
-            tx, vsize = sign(outputs)
-            best = settlement(tx, vsize, fee)
-            # The real signature may be shorter than the placeholder: try the
-            # exact fee once, keep it if it still covers its own size.
-            exact = _fee(rate, vsize)
-            if exact < fee:
-                outputs = client_outputs + _split_payout(share - exact, payouts, operator_script)
-                tx, vsize = sign(outputs)
-                if _fee(rate, vsize) <= exact:
-                    best = settlement(tx, vsize, exact)
-            return best
-        fee = needed
-
-    # Case 2: no server output, the whole share is fee. Nothing was paid
-    # (share 0) means nothing to settle (protocol.md section 8).
-    if share <= 0:
-        return None
-    outputs = client_outputs or [(_NULL_OUTPUT_SCRIPT, 0)]
-    tx, vsize = sign(outputs)
-    if share < _fee(relay_rate, vsize):
-        return None  # Case 3: broadcast nothing.
-    return settlement(tx, vsize, share)
-
-
 # -- refunds (section 2) ---------------------------------------------------------
 
 
@@ -502,7 +335,7 @@ def check_refund_t2(tx: bytes, script: ChannelScript, value: int) -> Outpoint:
         parsed = parse_tx(tx)
     except ValueError:
         raise bad("refund tx is not a transaction") from None
-    if parsed.nVersion != _TX_VERSION:
+    if parsed.nVersion != TX_VERSION:
         raise bad("refund tx must have version 2")
     if len(parsed.vin) != 1:
         raise bad("refund tx must have exactly one input")
@@ -531,7 +364,7 @@ def sign_refund_t2(tx: bytes, script: ChannelScript, value: int, server_privkey:
     valid if the client told the truth about the funding output.
     """
     check_refund_t2(tx, script, value)
-    digest = _sighash_all(parse_tx(tx), script, value)
+    digest = sighash_all(parse_tx(tx), 0, script, value)
     return sign_digest(server_privkey, digest) + bytes([SIGHASH_ALL])
 
 
@@ -547,7 +380,7 @@ def check_refund_t2_signature(
     check_der_low_s(der)
     if sighash != SIGHASH_ALL:
         raise ProtocolError(ErrorCode.NON_CANONICAL_SIGNATURE, "refund signature must be 0x01")
-    digest = _sighash_all(parse_tx(tx), script, value)
+    digest = sighash_all(parse_tx(tx), 0, script, value)
     if not verifier_for(script.server_pubkey).verify(digest, der):
         raise ProtocolError(ErrorCode.BAD_SIGNATURE, "refund signature does not verify")
 
@@ -567,7 +400,7 @@ def build_refund(
         [CTxIn(outpoint.to_coutpoint(), nSequence=REFUND_SEQUENCE)],
         [CTxOut(value - fee, CScript(dest_script))],
         nLockTime=script.expiry,
-        nVersion=_TX_VERSION,
+        nVersion=TX_VERSION,
     )
     return bytes(tx.serialize())
 
@@ -588,7 +421,7 @@ def finalize_cltv_refund(
 ) -> bytes:
     """Client side: sign a cltv refund; witness ``<sig_K1> <> <script>`` (section 2)."""
     parsed = parse_tx(tx)
-    sig = sign_digest(client_privkey, _sighash_all(parsed, script, value))
+    sig = sign_digest(client_privkey, sighash_all(parsed, 0, script, value))
     return _with_witness(parsed, [sig + bytes([SIGHASH_ALL]), b"", script.witness_script])
 
 
@@ -597,7 +430,7 @@ def finalize_multisig_refund(
 ) -> bytes:
     """Client side: sign T2; witness ``<> <sig_K1> <sig_K2> <script>`` (section 2)."""
     parsed = parse_tx(tx)
-    sig = sign_digest(client_privkey, _sighash_all(parsed, script, value))
+    sig = sign_digest(client_privkey, sighash_all(parsed, 0, script, value))
     witness = [b"", sig + bytes([SIGHASH_ALL]), server_sig, script.witness_script]
     return _with_witness(parsed, witness)
 

@@ -163,11 +163,33 @@ export function resumeDigest(channelId, nonce) {
 export const resumeProof = (secret, channelId, nonce) =>
   signDigest(secret, resumeDigest(channelId, nonce));
 
+const varLen = (n) => (n < 0xfd ? 1 : n <= 0xffff ? 3 : 5);
+
+/**
+ * The vbytes a channel's exit costs at most (protocol.md section 3): its
+ * input with the largest signatures, its change output and a transaction's
+ * fixed overhead (gateway/protocol/settlement.py exit_vbytes).
+ */
+export function exitVbytes(kind, witnessScript, changeScript) {
+  const fixed = 4 * (4 + 4 + 1 + 1) + 2;
+  const input = 4 * (36 + 1 + 4);
+  const ws = witnessScript.length;
+  const witness = 1 + 2 * (1 + 73) + varLen(ws) + ws + (kind === 'cltv' ? 2 : 1);
+  const output = 4 * (8 + varLen(changeScript.length) + changeScript.length);
+  return Math.ceil((fixed + input + witness + output) / 4);
+}
+
+/** The highest exit feerate (sat/vB) the page accepts in `terms`. */
+export const MAX_EXIT_FEERATE = 20;
+
 /**
  * Check `terms` against what was proposed and recompute every script
  * (never trust the server's script or address); return the witness script.
+ * The exit (its vbytes and the reserve that pays them) must be this
+ * channel's, at no more than `maxFeerate` sat/vB.
  */
-export function checkTerms(terms, { kind, clientPub, expiry, network }) {
+export function checkTerms(terms, { kind, clientPub, expiry, network, changeScript,
+  maxFeerate = MAX_EXIT_FEERATE }) {
   if (terms.kind !== kind) throw new Error('terms: kind differs from the one proposed');
   if (terms.expiry !== expiry) throw new Error('terms: expiry differs from the one proposed');
   const serverPub = hexToBytes(terms.server_pubkey);
@@ -179,6 +201,11 @@ export function checkTerms(terms, { kind, clientPub, expiry, network }) {
   if (bytesToHex(spk) !== terms.funding_script) throw new Error('terms: funding_script is wrong');
   if (segwitAddress(network, spk.subarray(2)) !== terms.funding_address) {
     throw new Error('terms: funding_address does not pay the script');
+  }
+  const vbytes = exitVbytes(kind, ws, changeScript);
+  if (terms.exit_vbytes !== vbytes) throw new Error(`terms: exit_vbytes is not ${vbytes}`);
+  if (terms.exit_fee > maxFeerate * vbytes) {
+    throw new Error(`terms: exit_fee ${terms.exit_fee} sat is above ${maxFeerate} sat/vB`);
   }
   return ws;
 }
@@ -213,6 +240,8 @@ export class OverchargeError extends Error {
 export class ClientMeter {
   constructor(state = {}) {
     this.bill = BigInt(state.bill ?? 0);
+    /** The reserve (terms.exit_fee): part of every total, paid first. */
+    this.reserve = state.reserve ?? 0;
     this.rates = { ...(state.rates ?? {}) };
     this.free = { ...(state.free ?? {}) };
     this.used = { ...(state.used ?? {}) };
@@ -221,11 +250,12 @@ export class ClientMeter {
   }
 
   toJSON() {
-    return { bill: this.bill.toString(), rates: this.rates, free: this.free, used: this.used };
+    return { bill: this.bill.toString(), reserve: this.reserve, rates: this.rates,
+      free: this.free, used: this.used };
   }
 
   get figure() {
-    return totalDue(this.bill, 0, 0);
+    return this.reserve + totalDue(this.bill, 0, 0);
   }
 
   onStream(stream) {
@@ -242,12 +272,12 @@ export class ClientMeter {
   }
 
   onChunk(chunk) {
-    if (chunk.index === -1) return;
     const key = `${chunk.media}#${chunk.index}`;
     if (key === this.outstanding) {
       this.outstanding = null;
       return;
     }
+    if (chunk.index === -1) return;
     // Sent without a due (already paid enough, or free): still billed.
     const c = this.charge(chunk.media, chunk.duration_ms);
     this.bill += BigInt(this.rates[chunk.media]) * BigInt(c);
@@ -266,8 +296,10 @@ export class ClientMeter {
       if (this.outstanding !== null) {
         throw new Error(`due for ${key} before paid chunk ${this.outstanding} arrived`);
       }
-      charged = this.charge(due.media, due.duration_ms);
-      figure = totalDue(this.bill, this.rates[due.media], charged);
+      // The initialization segment is due for the reserve alone.
+      charged = due.index === -1 ? 0 : this.charge(due.media, due.duration_ms);
+      if (!(due.media in this.rates)) throw new Error(`no stream announced for ${due.media}`);
+      figure = this.reserve + totalDue(this.bill, this.rates[due.media], charged);
     }
     if (due.total > figure) throw new OverchargeError(due, figure);
     this.pending = [due, charged];

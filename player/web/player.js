@@ -159,7 +159,9 @@ const HANDLERS = {
 
   async terms(msg) {
     app.witnessScript = ps.bytesToHex(ps.checkTerms(msg, { kind: 'cltv', clientPub,
-      expiry: app.expiry, network: app.network }));
+      expiry: app.expiry, network: app.network, changeScript: ps.p2wpkhScript(clientPub) }));
+    app.exitFee = msg.exit_fee;
+    meter.reserve = msg.exit_fee;
     app.state = 'funding';
     app.funding = { address: msg.funding_address, amount: app.budget };
     // Fund without txid: the gateway watches the address (protocol.md section 5),
@@ -177,7 +179,8 @@ const HANDLERS = {
       // The gateway may lack our last increment (lost in flight): its balance
       // may be higher than ours, never lower; we keep ours.
       if (msg.channel_id !== app.channelId || msg.value !== app.value
-          || msg.expiry !== app.expiry || msg.balance < app.balance) {
+          || msg.expiry !== app.expiry || msg.exit_fee !== meter.reserve
+          || msg.balance < app.balance) {
         throw new Error('ready: the gateway does not agree on the channel');
       }
       app.resumed = true;

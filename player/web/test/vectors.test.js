@@ -29,13 +29,18 @@ for (const [i, c] of vectors.channels.entries()) {
     for (const [net, addr] of Object.entries(c.addresses)) {
       assert.equal(ps.segwitAddress(net, spk.subarray(2)), addr);
     }
+    const changeScript = bytes(c.change_script);
+    assert.equal(ps.exitVbytes(c.kind, ws, changeScript), c.exit_vbytes);
     const terms = {
       kind: c.kind, expiry: c.expiry, server_pubkey: c.server_pubkey, witness_script: c.witness_script,
       funding_script: c.funding_script, funding_address: c.addresses.regtest,
+      exit_vbytes: c.exit_vbytes, exit_fee: 2 * c.exit_vbytes,
     };
-    ps.checkTerms(terms, { kind: c.kind, clientPub, expiry: c.expiry, network: 'regtest' });
-    assert.throws(() => ps.checkTerms({ ...terms, expiry: c.expiry + 1 },
-      { kind: c.kind, clientPub, expiry: c.expiry, network: 'regtest' }));
+    const proposed = { kind: c.kind, clientPub, expiry: c.expiry, network: 'regtest', changeScript };
+    ps.checkTerms(terms, proposed);
+    assert.throws(() => ps.checkTerms({ ...terms, expiry: c.expiry + 1 }, proposed));
+    assert.throws(() => ps.checkTerms({ ...terms, exit_vbytes: c.exit_vbytes - 1 }, proposed));
+    assert.throws(() => ps.checkTerms({ ...terms, exit_fee: 21 * c.exit_vbytes }, proposed));
     if (i % 3 === 0) { // the P2WPKH-of-K1 change script the browser uses
       assert.equal(hex(ps.p2wpkhScript(clientPub)), c.change_script);
     }
