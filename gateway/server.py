@@ -132,6 +132,10 @@ class Gateway:
                 self.datadir / "node",
                 rpc_port=self.config.rpc_port,
                 block_interval=self.config.block_interval,
+                # The gateway still asks for confirmed transactions by txid
+                # alone (chain/watch.py, session.py, web.py): -txindex until
+                # those look them up by block like a stock node's clients.
+                txindex=True,
             )
             await self.node.start()
             self.rpc = RpcClient(self.node.rpc_url, cookie_path=self.node.cookie_path)

@@ -235,6 +235,10 @@ class Supervisor:
                 self.datadir / "node",
                 rpc_port=config.rpc_port,
                 block_interval=config.block_interval,
+                # The gateway still asks for confirmed transactions by txid
+                # alone (chain/watch.py, session.py, web.py): -txindex until
+                # those look them up by block like a stock node's clients.
+                txindex=True,
             )
             await self.node.start()
             rpc_url, cookie = self.node.rpc_url, self.node.cookie_path

@@ -21,6 +21,7 @@ from typing import Any
 import coincurve
 import pytest
 import websockets
+from helpers_chain import get_transaction
 
 from gateway.chain.rpc import RpcClient
 from gateway.chain.watch import btc_to_sat
@@ -199,7 +200,7 @@ class Viewer:
     async def pay_funding_address(self, terms: Terms, value: int) -> tuple[Outpoint, int]:
         """cltv: the faucet wallet pays ``funding_address`` (unconfirmed); the output."""
         txid = await self.rpc.call("sendtoaddress", terms.funding_address, f"{value / 1e8:.8f}")
-        raw = await self.rpc.call("getrawtransaction", txid, True)
+        raw = await get_transaction(self.rpc, txid)
         vout = next(o["n"] for o in raw["vout"]
                     if o["scriptPubKey"]["hex"] == terms.funding_script.hex())
         return Outpoint(txid, vout), btc_to_sat(raw["vout"][vout]["value"])
