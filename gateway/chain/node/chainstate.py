@@ -272,13 +272,24 @@ class ChainState:
 
     def is_invalid(self, block_hash: bytes) -> bool:
         """True when the block or one of its ancestors was marked by ``invalidateblock``."""
-        cursor: bytes | None = block_hash
-        while cursor is not None and not self.is_active(cursor):
-            if cursor in self.invalid:
-                return True
+        if not self.invalid:
+            return False
+        floor = min(self.headers[h].height for h in self.invalid)
+        cursor = block_hash
+        while cursor not in self.invalid:
             info = self.headers.get(cursor)
-            cursor = info.prev if info is not None and info.height > 0 else None
-        return False
+            if info is None or info.height <= floor:
+                return False
+            cursor = info.prev
+        return True
+
+    def invalid_closure(self) -> set[bytes]:
+        """The marked blocks and all their descendants."""
+        out: set[bytes] = set()
+        for block_hash in self.invalid:
+            out.add(block_hash)
+            out.update(self.descendants(block_hash))
+        return out
 
     def confirmations(self, info: BlockInfo) -> int:
         """Core's depth of a block: from 1 at the tip, -1 off the active chain."""
@@ -406,9 +417,10 @@ class ChainState:
 
     def _side_blocks(self, exclude: set[bytes]) -> list[bytes]:
         """Stored valid blocks off ``exclude``, parents first."""
+        skip = exclude | self.invalid_closure()
         return [
             h for h, info in sorted(self.headers.items(), key=lambda item: item[1].height)
-            if h not in exclude and info.height > 0 and not self.is_invalid(h)
+            if h not in skip and info.height > 0
         ]
 
     def unknown_ancestors(self, block_hash: bytes) -> list[bytes]:
