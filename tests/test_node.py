@@ -443,3 +443,125 @@ async def test_a_full_mempool_is_mined_over_several_blocks_within_the_weight_lim
         assert len(mined) >= 4  # seven transactions, at most two per block
         for t in txids:
             assert (await get_transaction(rpc, t))["confirmations"] >= 1
+
+
+async def test_txindex_opt_in_and_its_messages(node_factory: Any) -> None:
+    """With txindex=True (bitcoind -txindex) confirmed transactions are found by txid."""
+    started = node_factory("txindex", premine=101, txindex=True)
+    async with started.client() as rpc:
+        address = await rpc.call("getnewaddress")
+        txid = await rpc.call("sendtoaddress", address, 1)
+        [block_hash] = await rpc.call("generatetoaddress", 1, address)
+        found = await rpc.call("getrawtransaction", txid, True)
+        assert found["blockhash"] == block_hash and found["confirmations"] == 1
+        assert "in_active_chain" not in found  # only when a block hash is given, as in Core
+        coinbase = (await rpc.call("getblock", block_hash))["tx"][0]
+        assert (await rpc.call("getrawtransaction", coinbase, 1))["blockhash"] == block_hash
+        with pytest.raises(RpcError) as info:
+            await rpc.call("getrawtransaction", "00" * 32)
+        assert info.value.code == -5 and info.value.message == (
+            "No such mempool or blockchain transaction. Use gettransaction for wallet "
+            "transactions."
+        )
+        with pytest.raises(RpcError) as info:
+            await rpc.call("getrawtransaction", txid, True, "11" * 32)
+        assert info.value.code == -5 and info.value.message == "Block hash not found"
+    # Started again without it: a stock node, whose index is dropped, not left stale.
+    started.stop()
+    started.options["txindex"] = False
+    started.start()
+    async with started.client() as rpc:
+        with pytest.raises(RpcError) as info:
+            await rpc.call("getrawtransaction", txid, True)
+        assert info.value.message.startswith("No such mempool transaction. Use -txindex")
+        await rpc.call("generatetoaddress", 1, address)
+    # And with it again: the index is rebuilt over the whole active chain.
+    started.stop()
+    started.options["txindex"] = True
+    started.start()
+    async with started.client() as rpc:
+        assert (await rpc.call("getrawtransaction", txid, True))["confirmations"] == 2
+
+
+async def test_estimatesmartfee_learns_from_confirmed_mempool_transactions(
+    node_factory: Any,
+) -> None:
+    started = node_factory("fees", premine=101)
+    insufficient = {"errors": ["Insufficient data or no feerate found"], "blocks": 0}
+    async with started.client() as rpc:
+        assert await rpc.call("estimatesmartfee", 2) == insufficient
+        address = await rpc.call("getnewaddress")
+        for rate in (2, 5):  # sat/vB; two transactions are not enough yet
+            await rpc.call("sendtoaddress", address, 1, "", "", False, True, None, "unset",
+                           True, rate)
+        await rpc.call("generatetoaddress", 1, address)
+        assert await rpc.call("estimatesmartfee", 2) == insufficient
+        # A block of outside transactions (generateblock with raw hex) adds nothing.
+        tx = await fund_and_sign(rpc, [TxOut(10_000, address_to_script(address))])
+        await rpc.call("generateblock", address, [tx.serialize().hex()])
+        assert await rpc.call("estimatesmartfee", 2) == insufficient
+        await rpc.call("sendtoaddress", address, 1, "", "", False, True, None, "unset",
+                       True, 20)
+        await rpc.call("generatetoaddress", 1, address)
+        answer = await rpc.call("estimatesmartfee", 1)
+        # Nearest-rank 90th percentile of {2, 5, 20} sat/vB, never below 1 sat/vB.
+        assert answer["blocks"] == 2
+        assert Decimal("0.00019") <= answer["feerate"] <= Decimal("0.00021")
+        assert (await rpc.call("estimatesmartfee", 6, "conservative"))["blocks"] == 6
+        for bad in ((0,), (1009,), (2, "fast")):
+            with pytest.raises(RpcError) as info:
+                await rpc.call("estimatesmartfee", *bad)
+            assert info.value.code == -8
+        with pytest.raises(RpcError) as info:
+            await rpc.call("estimatesmartfee", "2")
+        assert info.value.code == -3
+    # Nothing is persisted: like Core without fee_estimates.dat.
+    started.restart()
+    async with started.client() as rpc:
+        assert await rpc.call("estimatesmartfee", 2) == insufficient
+
+
+def test_node_sqlite_is_private_and_tightened(tmp_path: Path, caplog: Any) -> None:
+    """node.sqlite holds the wallet's keys: 0600 in a 0700 directory, tightened if looser."""
+    import logging
+    import stat as stat_module
+
+    from gateway.chain.node.store import open_db
+
+    netdir = tmp_path / "regtest"
+    open_db(netdir).close()
+    mode = lambda p: stat_module.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(netdir) == 0o700 and mode(netdir / "node.sqlite") == 0o600
+    for path in netdir.glob("node.sqlite*"):
+        assert mode(path) & 0o077 == 0
+    os.chmod(netdir, 0o755)
+    os.chmod(netdir / "node.sqlite", 0o644)
+    with caplog.at_level(logging.WARNING, logger="gateway.chain.node.store"):
+        open_db(netdir).close()
+    assert mode(netdir) == 0o700 and mode(netdir / "node.sqlite") == 0o600
+    assert sum("tightened permissions" in r.getMessage() for r in caplog.records) == 2
+
+
+async def test_taproot_addresses_are_bech32m(rpc: RpcClient) -> None:
+    """BIP350: v1+ witness addresses use bech32m; a v1 program with a bech32
+    checksum, or v0 with bech32m, is not an address. Before, the node decoded
+    with a bech32-only decoder: it refused bcrt1p... and took the wrong ones."""
+    from helpers_bech32 import encode_with_checksum
+
+    from gateway.protocol.scripts import _segwit_encode
+
+    program = bytes(range(32))
+    taproot = _segwit_encode("bcrt", 1, program)
+    assert taproot.startswith("bcrt1p")
+    txid = await rpc.call("sendtoaddress", taproot, Decimal("0.001"))
+    tx = await rpc.call("getrawtransaction", txid, True)
+    [out] = [o for o in tx["vout"] if o["scriptPubKey"]["type"] == "witness_v1_taproot"]
+    assert out["scriptPubKey"]["address"] == taproot
+    assert out["scriptPubKey"]["hex"] == "5120" + program.hex()
+    for wrong in (
+        encode_with_checksum("bcrt", 1, program, bech32m=False),  # v1 with bech32
+        encode_with_checksum("bcrt", 0, bytes(20), bech32m=True),  # v0 with bech32m
+    ):
+        with pytest.raises(RpcError) as info:
+            await rpc.call("sendtoaddress", wrong, Decimal("0.001"))
+        assert info.value.code == -5
