@@ -16,7 +16,8 @@ RPCs it has, survives kill -9 at any moment, and follows real reorgs
 One module per job:
 
 - ``store``: node.sqlite's tables, permissions and upgrades;
-- ``chainstate``: the active chain, the UTXO index, the kernel's replay/flush;
+- ``chainstate``: stored blocks, the active chain, the kernel's replay/flush;
+- ``index``: the UTXO index with undo records, and the optional txid index;
 - ``validation``: new blocks, ``invalidateblock``, ``reconsiderblock``;
 - ``mempool`` and ``policy``: acceptance (Core's order and reasons), persistence;
 - ``fees``: ``estimatesmartfee``'s estimator;

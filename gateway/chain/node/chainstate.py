@@ -35,7 +35,6 @@ import asyncio
 import logging
 import shutil
 import sqlite3
-import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ from gateway.chain.blocks import Block
 from gateway.chain.kernel import Kernel, KernelError
 from gateway.chain.node import store
 from gateway.chain.node.common import Coin, Outpoint, block_work
+from gateway.chain.node.index import UtxoIndex
 from gateway.chain.node.store import INVALID, PENDING, VALID, BlockInfo
 
 log = logging.getLogger(__name__)
@@ -70,25 +70,6 @@ class ChainUpdate:
 OnUpdate = Callable[[ChainUpdate], None]
 
 
-def _parse_undo(data: bytes) -> list[Coin]:
-    coins: list[Coin] = []
-    pos = 0
-    while pos < len(data):
-        value, height, coinbase = struct.unpack_from("<QIB", data, pos)
-        pos += 13
-        size = data[pos]
-        pos += 1
-        if size == 0xFD:
-            size = int.from_bytes(data[pos : pos + 2], "little")
-            pos += 2
-        elif size == 0xFE:
-            size = int.from_bytes(data[pos : pos + 4], "little")
-            pos += 4
-        coins.append(Coin(value, data[pos : pos + size], height, bool(coinbase)))
-        pos += size
-    return coins
-
-
 class ChainState:
     """Stored blocks, active chain and UTXO index of ``netdir``, kept in step with the kernel.
 
@@ -107,12 +88,11 @@ class ChainState:
         self.children: dict[bytes, list[bytes]] = {}
         self.invalid: set[bytes] = set()
         self.active: list[bytes] = []
-        self.utxos: dict[Outpoint, Coin] = {}
-        self.wallet_utxos: set[Outpoint] = set()
-        #: txid -> hash of the block it was last connected in (``-txindex`` only).
-        self.txindex: dict[bytes, bytes] | None = None
-        #: Whether a script belongs to the wallet (set by the node).
-        self.owns: Callable[[bytes], bool] = lambda script: False
+        self.index = UtxoIndex()
+        #: The index's coins (shared, not copied): outpoint -> coin.
+        self.utxos = self.index.utxos
+        #: Outpoints of ``utxos`` paying the wallet.
+        self.wallet_utxos = self.index.wallet_utxos
         self.blocks_since_flush = 0
         self._mtp: dict[bytes, int] = {}
 
@@ -197,36 +177,24 @@ class ChainState:
             info = self.headers[cursor]
             cursor = info.prev if info.height > 0 else None
         self.active = active[::-1]
-        self.utxos.clear()
-        self.wallet_utxos.clear()
-        for txid, vout, value, script, height, coinbase in db.execute("SELECT * FROM utxos"):
-            self._add_coin((bytes(txid), vout), Coin(value, bytes(script), height, bool(coinbase)))
-        self._load_txindex()
+        self.index.load(
+            db, txindex=self.txindex_enabled,
+            active_blocks=lambda: (self.block(h) for h in self.active[1:]),
+        )
 
-    def _load_txindex(self) -> None:
-        db = self.db
-        exists = db.execute(
-            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='txindex'"
-        ).fetchone()
-        if not self.txindex_enabled:
-            self.txindex = None
-            if exists:
-                # Like a stock node started without -txindex: no index is kept
-                # (and a stale one is not left to be trusted later).
-                with db:
-                    db.execute("DROP TABLE txindex")
-            return
-        if exists:
-            self.txindex = {bytes(t): bytes(b) for t, b in db.execute("SELECT * FROM txindex")}
-            return
-        # -txindex on a chain that had none: index the active chain now.
-        with db:
-            db.execute("CREATE TABLE txindex (txid BLOB PRIMARY KEY, block BLOB NOT NULL)")
-            self.txindex = {}
-            for block_hash in self.active[1:]:
-                rows = [(tx.txid, block_hash) for tx in self.block(block_hash).txs]
-                db.executemany("INSERT OR REPLACE INTO txindex VALUES (?, ?)", rows)
-                self.txindex.update(rows)
+    @property
+    def txindex(self) -> dict[bytes, bytes] | None:
+        """txid -> block hash with ``-txindex``, else None."""
+        return self.index.txindex
+
+    @property
+    def owns(self) -> Callable[[bytes], bool]:
+        """Whether a script pays the wallet (the node sets it before ``open``)."""
+        return self.index.owns
+
+    @owns.setter
+    def owns(self, value: Callable[[bytes], bool]) -> None:
+        self.index.owns = value
 
     def _add_header(self, info: BlockInfo) -> None:
         self.headers[info.hash] = info
@@ -461,13 +429,13 @@ class ChainState:
             with db:
                 for block_hash in reversed(self.active[fork + 1 :]):
                     block = self.block(block_hash)
-                    self._disconnect(block, block_hash, changes)
+                    self.index.disconnect(db, block, changes)
                     update.disconnected.append(block)
                 del self.active[fork + 1 :]
                 for block_hash in reversed(branch):
                     block = self.block(block_hash)
                     info = self.headers[block_hash]
-                    undo = self._connect(block, info, changes)
+                    undo = self.index.connect(db, block, info.height, changes)
                     info.status = VALID
                     db.execute(
                         "UPDATE blocks SET undo=?, status=? WHERE hash=?",
@@ -475,17 +443,7 @@ class ChainState:
                     )
                     self.active.append(block_hash)
                     update.connected.append(block)
-                db.executemany(
-                    "DELETE FROM utxos WHERE txid=? AND vout=?",
-                    [o for o, c in changes.items() if c is None],
-                )
-                db.executemany(
-                    "INSERT OR REPLACE INTO utxos VALUES (?,?,?,?,?,?)",
-                    [
-                        (o[0], o[1], c.value, c.script, c.height, int(c.coinbase))
-                        for o, c in changes.items() if c is not None
-                    ],
-                )
+                self.index.write(db, changes)
                 store.set_meta(db, "tip", self.tip_hash)
                 on_update(update)
         except BaseException:
@@ -494,63 +452,3 @@ class ChainState:
         self.blocks_since_flush += len(branch)
         return update
 
-    def _add_coin(self, outpoint: Outpoint, coin: Coin) -> None:
-        self.utxos[outpoint] = coin
-        if self.owns(coin.script):
-            self.wallet_utxos.add(outpoint)
-
-    def _connect(
-        self, block: Block, info: BlockInfo, changes: dict[Outpoint, Coin | None]
-    ) -> bytes:
-        """Apply ``block`` to the index; return its undo record (the coins it spent)."""
-        undo = bytearray()
-        for tx in block.txs:
-            txid = tx.txid
-            if not tx.is_coinbase:
-                for txin in tx.inputs:
-                    outpoint = (txin.prev_txid, txin.prev_index)
-                    coin = self.utxos.pop(outpoint, None)
-                    if coin is None:
-                        raise ChainError(f"connected block spends unknown {outpoint}")
-                    self.wallet_utxos.discard(outpoint)
-                    changes[outpoint] = None
-                    undo += coin.serialize()
-            for n, out in enumerate(tx.outputs):
-                if out.script_pubkey[:1] == b"\x6a":
-                    continue  # provably unspendable: never enters the UTXO set
-                coin = Coin(out.value, out.script_pubkey, info.height, tx.is_coinbase)
-                self._add_coin((txid, n), coin)
-                changes[(txid, n)] = coin
-        if self.txindex is not None:
-            rows = [(tx.txid, info.hash) for tx in block.txs]
-            self.db.executemany("INSERT OR REPLACE INTO txindex VALUES (?, ?)", rows)
-            self.txindex.update(rows)
-        return bytes(undo)
-
-    def _disconnect(
-        self, block: Block, block_hash: bytes, changes: dict[Outpoint, Coin | None]
-    ) -> None:
-        """Undo ``block`` (Core's ``DisconnectBlock``): transactions last to first.
-
-        The txindex keeps its entries, as Core's does: a transaction of a
-        stale block stays findable there until a new block replaces it.
-        """
-        record = store.undo_record(self.db, block_hash)
-        if record is None:
-            raise ChainError(f"no undo record for block {block_hash[::-1].hex()}")
-        coins = _parse_undo(record)
-        spent_per_tx: list[list[Coin]] = []
-        for tx in block.txs:
-            count = 0 if tx.is_coinbase else len(tx.inputs)
-            spent_per_tx.append(coins[:count])
-            coins = coins[count:]
-        for tx, spent in zip(reversed(block.txs), reversed(spent_per_tx), strict=True):
-            txid = tx.txid
-            for n in range(len(tx.outputs)):
-                if self.utxos.pop((txid, n), None) is not None:
-                    changes[(txid, n)] = None
-                self.wallet_utxos.discard((txid, n))
-            for txin, coin in zip(tx.inputs if not tx.is_coinbase else (), spent, strict=True):
-                outpoint = (txin.prev_txid, txin.prev_index)
-                self._add_coin(outpoint, coin)
-                changes[outpoint] = coin
