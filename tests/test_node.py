@@ -343,7 +343,7 @@ async def test_block_interval_mines_mempool_and_stop_rpc(node_factory: Any) -> N
 def test_cli_prints_url_and_stops_on_sigterm(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [GATEWAY, "node", "--datadir", str(tmp_path),
-         "--rpc-port", "0"],
+         "--rpc-port", "0", "--txindex"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -355,6 +355,9 @@ def test_cli_prints_url_and_stops_on_sigterm(tmp_path: Path) -> None:
 
         async def height() -> int:
             async with RpcClient(url, cookie_path=cookie) as rpc:
+                # --txindex: a confirmed transaction is found by its txid alone.
+                coinbase = (await rpc.call("getblock", await rpc.call("getblockhash", 7)))["tx"][0]
+                assert (await rpc.call("getrawtransaction", coinbase, True))["confirmations"] == 114
                 return int(await rpc.call("getblockcount"))
 
         assert asyncio.run(height()) == 120
@@ -565,3 +568,78 @@ async def test_taproot_addresses_are_bech32m(rpc: RpcClient) -> None:
         with pytest.raises(RpcError) as info:
             await rpc.call("sendtoaddress", wrong, Decimal("0.001"))
         assert info.value.code == -5
+
+
+async def test_node_sqlite_from_before_the_blocks_table_is_upgraded(node_factory: Any) -> None:
+    """Earlier nodes kept no blocks in node.sqlite and wrote the mempool at shutdown
+    only: their data dirs start with the chain imported from the kernel."""
+    import sqlite3
+
+    started = node_factory("old", premine=101)
+    async with started.client() as rpc:
+        address = await rpc.call("getnewaddress")
+        await rpc.call("generatetoaddress", 2, address)
+        pending = await rpc.call("sendtoaddress", address, 1)
+        before = (await rpc.call("getbestblockhash"), await rpc.call("getbalance"))
+    started.stop()
+    db = sqlite3.connect(started.datadir / "regtest" / "node.sqlite")
+    with db:  # the earlier schema
+        rows = db.execute("SELECT seq, raw, time FROM mempool").fetchall()
+        db.execute("DROP TABLE blocks")
+        db.execute("DROP TABLE mempool")
+        db.execute("CREATE TABLE mempool (seq INTEGER PRIMARY KEY, raw BLOB, time INTEGER)")
+        db.executemany("INSERT INTO mempool VALUES (?, ?, ?)", rows)
+        db.execute("CREATE TABLE txindex (txid BLOB PRIMARY KEY, height INTEGER)")
+    db.close()
+    started.start()
+    async with started.client() as rpc:
+        assert (await rpc.call("getbestblockhash"), await rpc.call("getbalance")) == before
+        assert await rpc.call("getrawmempool") == [pending]
+        assert (await rpc.call("getblock", await rpc.call("getblockhash", 50)))["height"] == 50
+        [mined] = await rpc.call("generatetoaddress", 1, address)
+        assert pending in (await rpc.call("getblock", mined))["tx"]
+
+
+async def test_bad_input_never_breaks_an_rpc(rpc: RpcClient) -> None:
+    """Garbage parameters get a JSON-RPC error (Core's code), never a dropped connection."""
+    methods = [
+        "getblockchaininfo", "getblockcount", "getbestblockhash", "getblockhash",
+        "getblockheader", "getblock", "getchaintips", "getrawtransaction",
+        "decoderawtransaction", "gettxout", "invalidateblock", "reconsiderblock",
+        "sendrawtransaction", "testmempoolaccept", "getrawmempool", "getmempoolentry",
+        "getmempoolinfo", "gettxspendingprevout", "estimatesmartfee", "generateblock",
+        "submitblock", "setmocktime", "getnewaddress", "getrawchangeaddress", "getbalance",
+        "listunspent", "sendtoaddress", "fundrawtransaction", "signrawtransactionwithwallet",
+    ]
+    garbage: list[list[Any]] = [
+        [None], ["x"], [-1], [1.5], [{"a": 1}], [[{"txid": 5}]], ["00" * 32, "y", "z"],
+        [10**30], [list(range(20))], ["zz" * 32, {"b": []}],
+    ]
+    for method in methods:
+        for params in garbage:
+            try:
+                await rpc.call(method, *params)
+            except RpcError as exc:
+                assert isinstance(exc.code, int) and exc.message, (method, params)
+    with pytest.raises(RpcError) as info:
+        await rpc.call("setmocktime", 10**12)
+    assert info.value.code == -8
+    assert await rpc.call("getblockcount") >= 120  # still serving
+
+
+def test_gateway_node_does_not_import_gateway_cli() -> None:
+    """``gateway node``'s module raises gateway.errors.CliError: no import cycle through
+    gateway.cli (which imports every subcommand)."""
+    code = (
+        "import sys, gateway.chain.node.cli as c; "
+        "from gateway.errors import CliError; import gateway.cli as g; "
+        "assert g.CliError is CliError; "
+        "print('gateway.cli' in sys.modules)"
+    )
+    before = subprocess.run(
+        [sys.executable, "-c", code.replace("import gateway.cli as g; ", "").replace(
+            "assert g.CliError is CliError; ", "")],
+        capture_output=True, text=True, check=True,
+    )
+    assert before.stdout.strip() == "False"
+    subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

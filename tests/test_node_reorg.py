@@ -157,3 +157,57 @@ async def test_invalidate_errors_and_side_branches(node_factory: Any) -> None:
         assert await rpc.call("submitblock", proposal["hex"]) is None
         assert await tip(rpc) == (height + 1, proposal["hash"])
         assert await rpc.call("submitblock", proposal["hex"]) == "duplicate"
+
+
+async def test_a_longer_competing_branch_from_submitblock_wins(node_factory: Any) -> None:
+    """Blocks built elsewhere on an older block: side branch first, reorg once longer."""
+    from gateway.chain.blocks import assemble_block, block_subsidy
+
+    started = node_factory("compete", premine=101)
+    async with started.client() as rpc:
+        address = await rpc.call("getnewaddress")
+        script = address_to_script_pubkey(address, "regtest")
+        txid = await rpc.call("sendtoaddress", address, 1)
+        [mined] = await rpc.call("generatetoaddress", 1, address)
+        height, top = await tip(rpc)
+        header = await rpc.call("getblockheader", top)
+        fork = header["previousblockhash"]
+        when = header["time"]
+        branch = []
+        prev = bytes.fromhex(fork)[::-1]
+        for offset in range(2):  # two empty blocks on the parent of the tip
+            block = assemble_block(
+                prev, height + offset, when + 1 + offset, [],
+                [TxOut(block_subsidy(height + offset), script)], extra_nonce=b"other",
+            )
+            branch.append(block)
+            prev = block.hash
+        assert await rpc.call("submitblock", branch[0].serialize().hex()) == "inconclusive"
+        assert await tip(rpc) == (height, top)  # equal work: first seen stays
+        assert (await rpc.call("getblockheader", branch[0].hash_hex))["confirmations"] == -1
+        assert await rpc.call("submitblock", branch[1].serialize().hex()) is None
+        assert await tip(rpc) == (height + 1, branch[1].hash_hex)
+        assert (await rpc.call("getblockheader", mined))["confirmations"] == -1
+        # The transaction of the block that lost is back in the mempool.
+        assert await rpc.call("getrawmempool") == [txid]
+        tips = {t["hash"]: t["status"] for t in await rpc.call("getchaintips")}
+        assert tips == {branch[1].hash_hex: "active", mined: "valid-fork"}
+        assert await rpc.call("submitblock", branch[0].serialize().hex()) == "duplicate"
+        with pytest.raises(RpcError) as info:
+            await rpc.call("submitblock", "00")
+        assert info.value.code == -22 and info.value.message == "Block decode failed"
+
+
+async def test_mining_again_on_the_same_parent_makes_a_new_block(node_factory: Any) -> None:
+    """Invalidate the tip and mine at once, in the same second, to the same address:
+    the node's block must still differ from the invalid one (an extra nonce)."""
+    started = node_factory("again", premine=101)
+    async with started.client() as rpc:
+        address = await rpc.call("getnewaddress")
+        await rpc.call("setmocktime", (await rpc.call("getblockchaininfo"))["time"] + 60)
+        for _ in range(3):
+            [first] = await rpc.call("generatetoaddress", 1, address)
+            await rpc.call("invalidateblock", first)
+            [second] = await rpc.call("generatetoaddress", 1, address)
+            assert second != first
+            assert await rpc.call("getbestblockhash") == second

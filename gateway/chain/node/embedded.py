@@ -263,6 +263,12 @@ class EmbeddedNode:
             # A parameter of the wrong JSON type surfaces here: never a crash.
             return {"result": None, "error": {"code": RPC_TYPE_ERROR, "message": str(exc)},
                     "id": request_id}
+        except Exception as exc:
+            # Core answers an unexpected std::exception as RPC_MISC_ERROR with its
+            # text; the connection and the node carry on.
+            log.exception("RPC %s failed", request.get("method"))
+            return {"result": None, "error": {"code": RPC_MISC_ERROR, "message": str(exc)},
+                    "id": request_id}
         return {"result": result, "error": None, "id": request_id}
 
     async def _handle_http(self, body: bytes) -> tuple[int, bytes]:

@@ -73,9 +73,19 @@ class Miner:
         chain = self.chain
         height = chain.tip_height + 1
         when = max(chain.median_time_past() + 1, block_time or self.clock())
-        return assemble_block(
-            chain.tip_hash, height, when, txs, [TxOut(block_subsidy(height) + fees, script)]
-        )
+        outputs = [TxOut(block_subsidy(height) + fees, script)]
+        block = assemble_block(chain.tip_hash, height, when, txs, outputs)
+        extra = 0
+        while block.hash in chain.headers:
+            # The same parent, time, payee and transactions as a block already
+            # stored (mined again after an invalidateblock within one second):
+            # an extra nonce in the coinbase makes it a new block, as Core's
+            # IncrementExtraNonce does.
+            extra += 1
+            block = assemble_block(
+                chain.tip_hash, height, when, txs, outputs, extra_nonce=extra.to_bytes(4, "little")
+            )
+        return block
 
     async def mine(
         self, script: bytes, txs: list[Tx], *, block_time: int | None = None,

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     from gateway.chain.node.embedded import EmbeddedNode
 
 _ESTIMATE_MODES = ("unset", "economical", "conservative")
+#: Core's setmocktime bound: the seconds in std::chrono::nanoseconds::max().
+_MAX_MOCKTIME = 9_223_372_036
 
 
 class NodeRpc:
@@ -284,8 +286,11 @@ class NodeRpc:
     async def rpc_setmocktime(self, timestamp: Any) -> None:
         """Set the node clock (0 = system clock); block times follow it."""
         expect_int(timestamp, "timestamp")
-        if timestamp < 0:
-            raise NodeRpcError(RPC_INVALID_PARAMETER, f"Mocktime cannot be negative: {timestamp}.")
+        if not 0 <= timestamp <= _MAX_MOCKTIME:
+            raise NodeRpcError(
+                RPC_INVALID_PARAMETER,
+                f"Mocktime must be in the range [0, {_MAX_MOCKTIME}], not {timestamp}.",
+            )
         db = self.node.chain.db
         with db:
             store.set_meta(db, "mocktime", timestamp)
