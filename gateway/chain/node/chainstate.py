@@ -127,7 +127,7 @@ class ChainState:
                 log.warning("the kernel's chainstate cannot open (%s): rebuilding it", exc)
                 wipe = True
         if wipe:
-            await self._wipe_kernel()
+            await self.wipe_kernel()
         with db:
             db.execute("DELETE FROM blocks WHERE status=?", (PENDING,))
         if db.execute("SELECT 1 FROM blocks LIMIT 1").fetchone() is None:
@@ -168,7 +168,7 @@ class ChainState:
             parent = self.headers.get(prev)
             work = block_work(int.from_bytes(header[72:76], "little"))
             chainwork = work + (parent.chainwork if parent else 0)
-            self._add_header(BlockInfo(block_hash, height, prev, header, ntx, chainwork, status))
+            self.add_header(BlockInfo(block_hash, height, prev, header, ntx, chainwork, status))
         tip = store.meta(db, "tip")
         active: list[bytes] = []
         cursor = bytes(tip) if tip is not None else None
@@ -196,7 +196,8 @@ class ChainState:
     def owns(self, value: Callable[[bytes], bool]) -> None:
         self.index.owns = value
 
-    def _add_header(self, info: BlockInfo) -> None:
+    def add_header(self, info: BlockInfo) -> None:
+        """Remember a judged block (and its place among its parent's children)."""
         self.headers[info.hash] = info
         if info.height > 0:
             self.children.setdefault(info.prev, []).append(info.hash)
@@ -303,7 +304,7 @@ class ChainState:
 
     # -- the kernel ----------------------------------------------------------
 
-    async def _wipe_kernel(self) -> None:
+    async def wipe_kernel(self) -> None:
         """Delete the kernel's directories and open an empty one (genesis only).
 
         A mark in node.sqlite makes a crash in the middle finish the job on
@@ -370,20 +371,20 @@ class ChainState:
         else:
             if not wiped:
                 log.warning("the kernel is on another branch than node.sqlite: rebuilding it")
-                await self._wipe_kernel()
+                await self.wipe_kernel()
             todo = target[1:]
             wiped = True
         if todo:
             log.info("replaying %d stored blocks into the kernel", len(todo))
             await self.feed(todo)
         if wiped:
-            await self.feed(self._side_blocks(set(target)))
+            await self.feed(self.side_blocks(set(target)))
         if self.kernel.tip_hash != self.tip_hash:
             self._follow(self.kernel.tip_hash, lambda update: None)
         if wiped or len(todo) >= FLUSH_INTERVAL:
             await self.flush()
 
-    def _side_blocks(self, exclude: set[bytes]) -> list[bytes]:
+    def side_blocks(self, exclude: set[bytes]) -> list[bytes]:
         """Stored valid blocks off ``exclude``, parents first."""
         skip = exclude | self.invalid_closure()
         return [

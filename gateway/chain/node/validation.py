@@ -60,7 +60,7 @@ class BlockValidator:
         connected = kernel.height_of(block_hash) is not None
         side = not connected and reason is not None and reason.startswith("inconclusive")
         if connected or side:
-            chain._add_header(
+            chain.add_header(
                 BlockInfo(
                     block_hash, parent.height + 1, block.prev_hash, block.header,
                     len(block.txs), parent.chainwork + block_work(_bits(block)), VALID,
@@ -96,9 +96,9 @@ class BlockValidator:
         if not was_active:
             return  # the kernel never gets a block built on it, so never switches to it
         keep = chain.active[: info.height]
-        await chain._wipe_kernel()
+        await chain.wipe_kernel()
         await chain.feed(keep[1:])
-        await chain.feed(chain._side_blocks(set(keep)))
+        await chain.feed(chain.side_blocks(set(keep)))
         chain.follow_kernel(self.on_update)
         await chain.flush()
 
