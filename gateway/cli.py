@@ -14,17 +14,16 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+# Re-exported: subcommands and tests import it from here too.
+from gateway.errors import CliError
+
 #: Modules that contribute subcommands, in the order ``--help`` lists them.
 _COMMAND_MODULES = (
-    "gateway.chain.node",
+    "gateway.chain.node.cli",
     "gateway.media.cli",
     "gateway.server_cli",
     "gateway.bench",
 )
-
-
-class CliError(Exception):
-    """A user-facing failure: printed as one line, exit status 1."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,9 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run as ``python -m gateway.cli`` this file is ``__main__``, and the
-    # subcommands raise ``gateway.cli.CliError`` — another class than this
-    # copy's. The canonical module's main() catches the right one.
+    # Run as ``python -m gateway.cli`` this file is ``__main__``: a second copy
+    # of the module. The canonical module's main() is the one to run.
     from gateway.cli import main as _main
 
     sys.exit(_main())

@@ -134,7 +134,17 @@ class Gateway:
     # -- lifecycle ------------------------------------------------------------
 
     async def start(self, *, serve_sockets: bool = True, sock: socket.socket | None = None) -> None:
-        """Start every part (see the module docstring); serve on ``sock`` if given."""
+        """Start every part (see the module docstring); serve on ``sock`` if given.
+
+        A start that fails stops what it had started, so nothing is left open.
+        """
+        try:
+            await self._start(serve_sockets, sock)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self, serve_sockets: bool, sock: socket.socket | None) -> None:
         await self.store.start()
         if self.config.rpc_url is None:
             from gateway.chain.node import EmbeddedNode
@@ -204,13 +214,15 @@ class Gateway:
             self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
-        """Stop serving, then stop every part in reverse order."""
+        """Stop serving, then stop every part in reverse order (those that started)."""
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
         await self.settler.stop()
-        await self.watcher.stop()
-        await self.rpc.close()
+        if hasattr(self, "watcher"):
+            await self.watcher.stop()
+        if hasattr(self, "rpc"):
+            await self.rpc.close()
         if self.node is not None:
             await self.node.stop()
         await self.store.close()

@@ -21,6 +21,7 @@ from typing import Any
 import coincurve
 import pytest
 import websockets
+from helpers_chain import get_transaction
 
 from gateway.chain.rpc import RpcClient
 from gateway.chain.watch import btc_to_sat
@@ -126,24 +127,6 @@ def ws_url(gw: Gateway) -> str:
     return f"ws://127.0.0.1:{gw.port}/paystream/2"
 
 
-async def confirmed_tx(rpc: RpcClient, txid: str, depth: int = 20) -> dict[str, Any]:
-    """A confirmed transaction, found in the last ``depth`` blocks as a stock node allows.
-
-    Without ``-txindex`` Bitcoin Core answers ``getrawtransaction`` only for
-    the mempool or with the block's hash: walk the blocks, as a client would.
-    """
-    block_hash = await rpc.call("getbestblockhash")
-    for _ in range(depth):
-        block = await rpc.call("getblock", block_hash, 2)
-        for tx in block["tx"]:
-            if tx["txid"] == txid:
-                return {**tx, "blockhash": block_hash, "confirmations": block["confirmations"]}
-        if "previousblockhash" not in block:
-            break
-        block_hash = block["previousblockhash"]
-    raise AssertionError(f"{txid} is not in the last {depth} blocks")
-
-
 def node_rpc(gw: Gateway) -> RpcClient:
     """A wallet RPC client to the gateway's embedded node (the demo faucet)."""
     return RpcClient(gw.node.rpc_url, cookie_path=gw.node.cookie_path)
@@ -217,7 +200,7 @@ class Viewer:
     async def pay_funding_address(self, terms: Terms, value: int) -> tuple[Outpoint, int]:
         """cltv: the faucet wallet pays ``funding_address`` (unconfirmed); the output."""
         txid = await self.rpc.call("sendtoaddress", terms.funding_address, f"{value / 1e8:.8f}")
-        raw = await self.rpc.call("getrawtransaction", txid, True)
+        raw = await get_transaction(self.rpc, txid)
         vout = next(o["n"] for o in raw["vout"]
                     if o["scriptPubKey"]["hex"] == terms.funding_script.hex())
         return Outpoint(txid, vout), btc_to_sat(raw["vout"][vout]["value"])

@@ -14,7 +14,8 @@ import time
 from typing import Any
 
 from conftest_browser import Browser
-from conftest_gateway import confirmed_tx, node_rpc
+from conftest_gateway import node_rpc
+from helpers_chain import get_transaction
 
 from gateway.chain.watch import btc_to_sat
 from gateway.protocol.metering import total_due
@@ -110,7 +111,7 @@ async def test_watch_fund_play_into_paid_time_leave_and_settle(gateway, browser)
         await browser.call(time.sleep, 0.1)
     assert row is not None, "leaving the page did not settle the channel"
     block = await rpc.call("generatetoaddress", 1, await rpc.call("getnewaddress"))
-    tx = await confirmed_tx(rpc, row["settle_txid"])
+    tx = await get_transaction(rpc, row["settle_txid"])
     assert tx["confirmations"] == 1 and tx["blockhash"] == block[0]
 
     # The settlement spends the channel; the viewer's output is value - paid and

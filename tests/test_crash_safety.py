@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 import websockets
 from conftest_gateway import Viewer
+from helpers_chain import get_transaction
 
 from gateway.chain.rpc import RpcClient
 from gateway.protocol.messages import Chunk, Closed, Due, Paid, Play, Ready, Stream
@@ -202,7 +203,7 @@ async def test_sigkill_mid_stream_loses_no_paid_increment(
         closed = await viewer.expect(Closed)
         assert closed.paid == stored >= acked_paid
         await rpc.call("generatetoaddress", 1, await rpc.call("getnewaddress"))
-        tx = await rpc.call("getrawtransaction", closed.txid, True)
+        tx = await get_transaction(rpc, closed.txid)
         assert tx["confirmations"] == 1
         change = viewer.channel.change_script.hex()
         client_out = [o for o in tx["vout"] if o["scriptPubKey"]["hex"] == change]

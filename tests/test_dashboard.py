@@ -18,6 +18,7 @@ import urllib.request
 from typing import Any
 
 from conftest_gateway import Viewer, node_rpc, ws_url
+from helpers_chain import get_transaction
 
 from gateway.protocol.messages import Play, Stream
 from gateway.protocol.metering import total_due
@@ -190,7 +191,7 @@ async def test_faucet_pays_only_an_unfunded_channel_within_limits(gateway):
                                  method="POST")
     assert status == 200, body
     paid = json.loads(body)
-    tx = await viewer.rpc.call("getrawtransaction", paid["txid"], True)
+    tx = await get_transaction(viewer.rpc, paid["txid"])
     out = tx["vout"][paid["vout"]]
     assert out["scriptPubKey"]["hex"] == terms.funding_script.hex()
     assert round(out["value"] * 100_000_000) == 20_000

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest_gateway import PUBLISHERS, confirmed_tx
+from conftest_gateway import PUBLISHERS
+from helpers_chain import get_transaction
 
 from gateway.chain.kernel import verify_input
 from gateway.chain.rpc import RpcClient
@@ -136,7 +137,7 @@ async def _wait_for(predicate, timeout: float = 20.0) -> None:
 async def _confirmed_settlement(stack: Stack, rpc: RpcClient, txid: str) -> dict:
     """Mine ``txid``; check it is in a block and every channel input verifies in the kernel."""
     await rpc.call("generatetoaddress", 1, await rpc.call("getnewaddress"))
-    tx = await confirmed_tx(rpc, txid)
+    tx = await get_transaction(rpc, txid)
     assert tx["confirmations"] == 1 and tx["blockhash"]
     with Keystore(stack.player_dir) as keys:
         by_outpoint = {c.channel_id: c for c in keys.channels()}
@@ -239,7 +240,7 @@ async def test_expiry_without_the_gateway_player_refunds(stack_factory):
             (ch,) = keys.channels()
         assert ch.refund_txid
         await rpc.call("generatetoaddress", 1, await rpc.call("getnewaddress"))
-        refund = await rpc.call("getrawtransaction", ch.refund_txid, True)
+        refund = await get_transaction(rpc, ch.refund_txid)
         assert refund["confirmations"] == 1
         back = sum(btc_to_sat(o["value"]) for o in refund["vout"])
         assert back == ch.value - ch.refund_fee  # the whole value, less the refund's fee

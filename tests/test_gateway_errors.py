@@ -12,6 +12,7 @@ import coincurve
 import pytest
 import websockets
 from conftest_gateway import Viewer, node_rpc, ws_url
+from helpers_chain import get_transaction
 
 from gateway.protocol.channel import resume_digest
 from gateway.protocol.messages import (
@@ -155,13 +156,13 @@ async def test_refund_and_funding_errors(gateway):
     await viewer.send_raw({"type": "fund", "txid": other, "vout": 0})
     await _error(viewer, "funding_mismatch")
     small = await rpc.call("sendtoaddress", terms.funding_address, "0.00005")
-    raw = await rpc.call("getrawtransaction", small, True)
+    raw = await get_transaction(rpc, small)
     vout = next(o["n"] for o in raw["vout"] if o["scriptPubKey"]["address"] ==
                 terms.funding_address)
     await viewer.send_raw({"type": "fund", "txid": small, "vout": vout})
     await _error(viewer, "value_out_of_range")
     # A spent output: the faucet's own earlier transaction output, now spent.
-    spent_tx = await rpc.call("getrawtransaction", other, True)
+    spent_tx = await get_transaction(rpc, other)
     spent = spent_tx["vin"][0]
     await viewer.send_raw({"type": "fund", "txid": spent["txid"], "vout": spent["vout"]})
     await _error(viewer, "funding_spent")
@@ -300,7 +301,7 @@ async def test_channel_expiring_refuses_pay_and_play(gateway_factory):
     terms = await viewer.expect(Terms)
     viewer.channel.accept_terms(terms)
     txid = await rpc.call("sendtoaddress", terms.funding_address, "0.0002")
-    raw = await rpc.call("getrawtransaction", txid, True)
+    raw = await get_transaction(rpc, txid)
     vout = next(o["n"] for o in raw["vout"] if o["scriptPubKey"]["address"] ==
                 terms.funding_address)
     await viewer.send(viewer.channel.fund(__import__("gateway.protocol.transactions",

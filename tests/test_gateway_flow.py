@@ -4,7 +4,8 @@ free chunks, paid chunks, close and settlement (protocol.md sections 4-8)."""
 from __future__ import annotations
 
 import pytest
-from conftest_gateway import Viewer, confirmed_tx, node_rpc, ws_url
+from conftest_gateway import Viewer, node_rpc, ws_url
+from helpers_chain import get_transaction
 
 
 @pytest.mark.parametrize("kind", ["cltv", "multisig"])
@@ -28,7 +29,7 @@ async def test_stream_free_then_paid_then_close_settles(gateway, kind):
     closed = await viewer.close_channel()
     assert closed.paid == paid and closed.exit_fee == reserve and closed.txid is not None
     await rpc.call("generatetoaddress", 1, await rpc.call("getnewaddress"))
-    tx = await confirmed_tx(rpc, closed.txid)
+    tx = await get_transaction(rpc, closed.txid)
     assert tx["confirmations"] == 1
     await rpc.close()
 

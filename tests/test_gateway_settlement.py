@@ -9,6 +9,7 @@ import asyncio
 import time
 
 from conftest_gateway import PUBLISHERS, Viewer, node_rpc, ws_url
+from helpers_chain import get_transaction
 
 from gateway.chain.watch import btc_to_sat
 from gateway.protocol.channel import ClientChannel, ServerState
@@ -38,7 +39,7 @@ async def _height_channel(gw, rpc, change: bytes, *, paid: int) -> Viewer:
     terms = await viewer.expect(Terms)
     viewer.channel.accept_terms(terms)
     txid = await rpc.call("sendtoaddress", terms.funding_address, "0.0003")
-    raw = await rpc.call("getrawtransaction", txid, True)
+    raw = await get_transaction(rpc, txid)
     vout = next(o["n"] for o in raw["vout"]
                 if o["scriptPubKey"]["address"] == terms.funding_address)
     await viewer.send(viewer.channel.fund(Outpoint(txid, vout), 30_000))
@@ -59,7 +60,7 @@ async def _settled_outputs(gw, rpc, cid: str) -> tuple[dict, dict[str, int]]:
     await _wait_for(lambda: stored_txid() is not None)
     txid = stored_txid()
     await _mine(rpc)
-    tx = await rpc.call("getrawtransaction", txid, True)
+    tx = await get_transaction(rpc, txid)
     assert tx["confirmations"] >= 1  # in a block the kernel accepted
     assert tx["vin"][0]["txid"] + ":" + str(tx["vin"][0]["vout"]) == cid
     return tx, {o["scriptPubKey"]["hex"]: btc_to_sat(o["value"]) for o in tx["vout"]}
@@ -98,7 +99,7 @@ async def test_disconnect_settles_after_grace_and_splits_publishers(gateway):
         "SELECT state, settle_txid, confirmed_height FROM channels WHERE channel_id = ?", (cid,)
     )[0]
     assert row["state"] == "closed"
-    mined = await rpc.call("getrawtransaction", row["settle_txid"], True)
+    mined = await get_transaction(rpc, row["settle_txid"])
     header = await rpc.call("getblockheader", mined["blockhash"])
     assert row["confirmed_height"] == header["height"]
     await rpc.close()

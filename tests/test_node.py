@@ -13,6 +13,7 @@ from typing import Any
 
 import coincurve
 import pytest
+from helpers_chain import get_transaction
 
 from gateway.chain.blocks import (
     Tx,
@@ -31,7 +32,7 @@ from gateway.chain.rpc import (
     RpcMethodNotFound,
     RpcTransportError,
 )
-from gateway.chain.wallet import address_to_script, script_to_address
+from gateway.protocol.scripts import address_to_script_pubkey, script_pubkey_to_address
 
 OP_IF, OP_ELSE, OP_ENDIF = b"\x63", b"\x67", b"\x68"
 OP_CHECKSIG, OP_CHECKSIGVERIFY = b"\xac", b"\xad"
@@ -40,6 +41,16 @@ SAT = Decimal("0.00000001")
 #: The installed console script (``python -m gateway.cli`` would load a second
 #: copy of gateway.cli, whose CliError main() would not catch).
 GATEWAY = str(Path(sys.executable).with_name("gateway"))
+
+
+def address_to_script(address: str) -> bytes:
+    return address_to_script_pubkey(address, "regtest")
+
+
+def script_to_address(script: bytes) -> str:
+    address = script_pubkey_to_address(script, "regtest")
+    assert address is not None
+    return address
 
 
 def sats(amount: Any) -> int:
@@ -89,14 +100,29 @@ async def test_send_confirm_and_lookups(rpc: RpcClient) -> None:
     [block_hash] = await rpc.call("generatetoaddress", 1, address)
     assert txid in (await rpc.call("getblock", block_hash))["tx"]
     assert await rpc.call("getrawmempool") == []
-    confirmed = await rpc.call("getrawtransaction", txid, True)
+    # A stock node (no -txindex) finds a confirmed transaction only with its block.
+    with pytest.raises(RpcError) as info:
+        await rpc.call("getrawtransaction", txid, True)
+    assert info.value.code == -5 and info.value.message == (
+        "No such mempool transaction. Use -txindex or provide a block hash to enable "
+        "blockchain transaction queries. Use gettransaction for wallet transactions."
+    )
+    confirmed = await rpc.call("getrawtransaction", txid, True, block_hash)
+    assert confirmed["in_active_chain"] is True
     assert confirmed["blockhash"] == block_hash and confirmed["confirmations"] == 1
+    assert await rpc.call("getrawtransaction", txid, False, block_hash) == confirmed["hex"]
+    assert (await get_transaction(rpc, txid))["blockhash"] == block_hash
+    parent = (await rpc.call("getblockheader", block_hash))["previousblockhash"]
+    with pytest.raises(RpcError) as info:
+        await rpc.call("getrawtransaction", txid, True, parent)
+    assert info.value.code == -5 and info.value.message == (
+        "No such transaction found in the provided block. Use gettransaction for wallet "
+        "transactions."
+    )
     out = await rpc.call("gettxout", txid, vout)
     assert out["value"] == Decimal("1.25") and out["scriptPubKey"]["address"] == address
     listed = await rpc.call("listunspent", 1, 9999999, [address])
     assert [(c["txid"], c["amount"]) for c in listed] == [(txid, Decimal("1.25"))]
-    fee = await rpc.call("estimatesmartfee", 6)
-    assert fee["feerate"] >= Decimal("0.00001")
 
 
 async def test_double_spend_rejected(rpc: RpcClient) -> None:
@@ -307,7 +333,7 @@ async def test_block_interval_mines_mempool_and_stop_rpc(node_factory: Any) -> N
             if not await rpc.call("getrawmempool"):
                 break
             await asyncio.sleep(0.05)
-        assert (await rpc.call("getrawtransaction", txid, True))["confirmations"] >= 1
+        assert (await get_transaction(rpc, txid))["confirmations"] >= 1
         assert await rpc.call("stop") == "Bitcoin Core stopping"
         await asyncio.sleep(0.3)
         with pytest.raises(RpcTransportError):
@@ -317,7 +343,7 @@ async def test_block_interval_mines_mempool_and_stop_rpc(node_factory: Any) -> N
 def test_cli_prints_url_and_stops_on_sigterm(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [GATEWAY, "node", "--datadir", str(tmp_path),
-         "--rpc-port", "0"],
+         "--rpc-port", "0", "--txindex"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -329,6 +355,9 @@ def test_cli_prints_url_and_stops_on_sigterm(tmp_path: Path) -> None:
 
         async def height() -> int:
             async with RpcClient(url, cookie_path=cookie) as rpc:
+                # --txindex: a confirmed transaction is found by its txid alone.
+                coinbase = (await rpc.call("getblock", await rpc.call("getblockhash", 7)))["tx"][0]
+                assert (await rpc.call("getrawtransaction", coinbase, True))["confirmations"] == 114
                 return int(await rpc.call("getblockcount"))
 
         assert asyncio.run(height()) == 120
@@ -416,4 +445,201 @@ async def test_a_full_mempool_is_mined_over_several_blocks_within_the_weight_lim
         assert sorted(t for body in mined for t in body) == sorted(txids)
         assert len(mined) >= 4  # seven transactions, at most two per block
         for t in txids:
-            assert (await rpc.call("getrawtransaction", t, True))["confirmations"] >= 1
+            assert (await get_transaction(rpc, t))["confirmations"] >= 1
+
+
+async def test_txindex_opt_in_and_its_messages(node_factory: Any) -> None:
+    """With txindex=True (bitcoind -txindex) confirmed transactions are found by txid."""
+    started = node_factory("txindex", premine=101, txindex=True)
+    async with started.client() as rpc:
+        address = await rpc.call("getnewaddress")
+        txid = await rpc.call("sendtoaddress", address, 1)
+        [block_hash] = await rpc.call("generatetoaddress", 1, address)
+        found = await rpc.call("getrawtransaction", txid, True)
+        assert found["blockhash"] == block_hash and found["confirmations"] == 1
+        assert "in_active_chain" not in found  # only when a block hash is given, as in Core
+        coinbase = (await rpc.call("getblock", block_hash))["tx"][0]
+        assert (await rpc.call("getrawtransaction", coinbase, 1))["blockhash"] == block_hash
+        with pytest.raises(RpcError) as info:
+            await rpc.call("getrawtransaction", "00" * 32)
+        assert info.value.code == -5 and info.value.message == (
+            "No such mempool or blockchain transaction. Use gettransaction for wallet "
+            "transactions."
+        )
+        with pytest.raises(RpcError) as info:
+            await rpc.call("getrawtransaction", txid, True, "11" * 32)
+        assert info.value.code == -5 and info.value.message == "Block hash not found"
+    # Started again without it: a stock node, whose index is dropped, not left stale.
+    started.stop()
+    started.options["txindex"] = False
+    started.start()
+    async with started.client() as rpc:
+        with pytest.raises(RpcError) as info:
+            await rpc.call("getrawtransaction", txid, True)
+        assert info.value.message.startswith("No such mempool transaction. Use -txindex")
+        await rpc.call("generatetoaddress", 1, address)
+    # And with it again: the index is rebuilt over the whole active chain.
+    started.stop()
+    started.options["txindex"] = True
+    started.start()
+    async with started.client() as rpc:
+        assert (await rpc.call("getrawtransaction", txid, True))["confirmations"] == 2
+
+
+async def test_estimatesmartfee_learns_from_confirmed_mempool_transactions(
+    node_factory: Any,
+) -> None:
+    started = node_factory("fees", premine=101)
+    insufficient = {"errors": ["Insufficient data or no feerate found"], "blocks": 0}
+    async with started.client() as rpc:
+        assert await rpc.call("estimatesmartfee", 2) == insufficient
+        address = await rpc.call("getnewaddress")
+        for rate in (2, 5):  # sat/vB; two transactions are not enough yet
+            await rpc.call("sendtoaddress", address, 1, "", "", False, True, None, "unset",
+                           True, rate)
+        await rpc.call("generatetoaddress", 1, address)
+        assert await rpc.call("estimatesmartfee", 2) == insufficient
+        # A block of outside transactions (generateblock with raw hex) adds nothing.
+        tx = await fund_and_sign(rpc, [TxOut(10_000, address_to_script(address))])
+        await rpc.call("generateblock", address, [tx.serialize().hex()])
+        assert await rpc.call("estimatesmartfee", 2) == insufficient
+        await rpc.call("sendtoaddress", address, 1, "", "", False, True, None, "unset",
+                       True, 20)
+        await rpc.call("generatetoaddress", 1, address)
+        answer = await rpc.call("estimatesmartfee", 1)
+        # Nearest-rank 90th percentile of {2, 5, 20} sat/vB, never below 1 sat/vB.
+        assert answer["blocks"] == 2
+        assert Decimal("0.00019") <= answer["feerate"] <= Decimal("0.00021")
+        assert (await rpc.call("estimatesmartfee", 6, "conservative"))["blocks"] == 6
+        for bad in ((0,), (1009,), (2, "fast")):
+            with pytest.raises(RpcError) as info:
+                await rpc.call("estimatesmartfee", *bad)
+            assert info.value.code == -8
+        with pytest.raises(RpcError) as info:
+            await rpc.call("estimatesmartfee", "2")
+        assert info.value.code == -3
+    # Nothing is persisted: like Core without fee_estimates.dat.
+    started.restart()
+    async with started.client() as rpc:
+        assert await rpc.call("estimatesmartfee", 2) == insufficient
+
+
+def test_node_sqlite_is_private_and_tightened(tmp_path: Path, caplog: Any) -> None:
+    """node.sqlite holds the wallet's keys: 0600 in a 0700 directory, tightened if looser."""
+    import logging
+    import stat as stat_module
+
+    from gateway.chain.node.store import open_db
+
+    netdir = tmp_path / "regtest"
+    open_db(netdir).close()
+    mode = lambda p: stat_module.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(netdir) == 0o700 and mode(netdir / "node.sqlite") == 0o600
+    for path in netdir.glob("node.sqlite*"):
+        assert mode(path) & 0o077 == 0
+    os.chmod(netdir, 0o755)
+    os.chmod(netdir / "node.sqlite", 0o644)
+    with caplog.at_level(logging.WARNING, logger="gateway.chain.node.store"):
+        open_db(netdir).close()
+    assert mode(netdir) == 0o700 and mode(netdir / "node.sqlite") == 0o600
+    assert sum("tightened permissions" in r.getMessage() for r in caplog.records) == 2
+
+
+async def test_taproot_addresses_are_bech32m(rpc: RpcClient) -> None:
+    """BIP350: v1+ witness addresses use bech32m; a v1 program with a bech32
+    checksum, or v0 with bech32m, is not an address. Before, the node decoded
+    with a bech32-only decoder: it refused bcrt1p... and took the wrong ones."""
+    from helpers_bech32 import encode_with_checksum
+
+    from gateway.protocol.scripts import _segwit_encode
+
+    program = bytes(range(32))
+    taproot = _segwit_encode("bcrt", 1, program)
+    assert taproot.startswith("bcrt1p")
+    txid = await rpc.call("sendtoaddress", taproot, Decimal("0.001"))
+    tx = await rpc.call("getrawtransaction", txid, True)
+    [out] = [o for o in tx["vout"] if o["scriptPubKey"]["type"] == "witness_v1_taproot"]
+    assert out["scriptPubKey"]["address"] == taproot
+    assert out["scriptPubKey"]["hex"] == "5120" + program.hex()
+    for wrong in (
+        encode_with_checksum("bcrt", 1, program, bech32m=False),  # v1 with bech32
+        encode_with_checksum("bcrt", 0, bytes(20), bech32m=True),  # v0 with bech32m
+    ):
+        with pytest.raises(RpcError) as info:
+            await rpc.call("sendtoaddress", wrong, Decimal("0.001"))
+        assert info.value.code == -5
+
+
+async def test_node_sqlite_from_before_the_blocks_table_is_upgraded(node_factory: Any) -> None:
+    """Earlier nodes kept no blocks in node.sqlite and wrote the mempool at shutdown
+    only: their data dirs start with the chain imported from the kernel."""
+    import sqlite3
+
+    started = node_factory("old", premine=101)
+    async with started.client() as rpc:
+        address = await rpc.call("getnewaddress")
+        await rpc.call("generatetoaddress", 2, address)
+        pending = await rpc.call("sendtoaddress", address, 1)
+        before = (await rpc.call("getbestblockhash"), await rpc.call("getbalance"))
+    started.stop()
+    db = sqlite3.connect(started.datadir / "regtest" / "node.sqlite")
+    with db:  # the earlier schema
+        rows = db.execute("SELECT seq, raw, time FROM mempool").fetchall()
+        db.execute("DROP TABLE blocks")
+        db.execute("DROP TABLE mempool")
+        db.execute("CREATE TABLE mempool (seq INTEGER PRIMARY KEY, raw BLOB, time INTEGER)")
+        db.executemany("INSERT INTO mempool VALUES (?, ?, ?)", rows)
+        db.execute("CREATE TABLE txindex (txid BLOB PRIMARY KEY, height INTEGER)")
+    db.close()
+    started.start()
+    async with started.client() as rpc:
+        assert (await rpc.call("getbestblockhash"), await rpc.call("getbalance")) == before
+        assert await rpc.call("getrawmempool") == [pending]
+        assert (await rpc.call("getblock", await rpc.call("getblockhash", 50)))["height"] == 50
+        [mined] = await rpc.call("generatetoaddress", 1, address)
+        assert pending in (await rpc.call("getblock", mined))["tx"]
+
+
+async def test_bad_input_never_breaks_an_rpc(rpc: RpcClient) -> None:
+    """Garbage parameters get a JSON-RPC error (Core's code), never a dropped connection."""
+    methods = [
+        "getblockchaininfo", "getblockcount", "getbestblockhash", "getblockhash",
+        "getblockheader", "getblock", "getchaintips", "getrawtransaction",
+        "decoderawtransaction", "gettxout", "invalidateblock", "reconsiderblock",
+        "sendrawtransaction", "testmempoolaccept", "getrawmempool", "getmempoolentry",
+        "getmempoolinfo", "gettxspendingprevout", "estimatesmartfee", "generateblock",
+        "submitblock", "setmocktime", "getnewaddress", "getrawchangeaddress", "getbalance",
+        "listunspent", "sendtoaddress", "fundrawtransaction", "signrawtransactionwithwallet",
+    ]
+    garbage: list[list[Any]] = [
+        [None], ["x"], [-1], [1.5], [{"a": 1}], [[{"txid": 5}]], ["00" * 32, "y", "z"],
+        [10**30], [list(range(20))], ["zz" * 32, {"b": []}],
+    ]
+    for method in methods:
+        for params in garbage:
+            try:
+                await rpc.call(method, *params)
+            except RpcError as exc:
+                assert isinstance(exc.code, int) and exc.message, (method, params)
+    with pytest.raises(RpcError) as info:
+        await rpc.call("setmocktime", 10**12)
+    assert info.value.code == -8
+    assert await rpc.call("getblockcount") >= 120  # still serving
+
+
+def test_gateway_node_does_not_import_gateway_cli() -> None:
+    """``gateway node``'s module raises gateway.errors.CliError: no import cycle through
+    gateway.cli (which imports every subcommand)."""
+    code = (
+        "import sys, gateway.chain.node.cli as c; "
+        "from gateway.errors import CliError; import gateway.cli as g; "
+        "assert g.CliError is CliError; "
+        "print('gateway.cli' in sys.modules)"
+    )
+    before = subprocess.run(
+        [sys.executable, "-c", code.replace("import gateway.cli as g; ", "").replace(
+            "assert g.CliError is CliError; ", "")],
+        capture_output=True, text=True, check=True,
+    )
+    assert before.stdout.strip() == "False"
+    subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

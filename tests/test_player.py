@@ -27,6 +27,7 @@ from typing import Any
 import coincurve
 import pytest
 import websockets
+from helpers_chain import get_transaction
 from websockets.asyncio.server import ServerConnection, serve
 
 from gateway.chain.rpc import RpcClient
@@ -538,7 +539,7 @@ async def test_cltv_refund_rejected_before_expiry_accepted_after(
         await _mine(rpc, 1)
         await wallet.close()
     assert await rpc.call("gettxout", rec.txid, rec.vout, True) is None
-    refund = await rpc.call("getrawtransaction", txid, True)
+    refund = await get_transaction(rpc, txid)
     assert refund["confirmations"] == 1 and refund["locktime"] == expiry
     assert player.store.get(rec.id).state == ChannelState.REFUNDED
     with pytest.raises(PlayerError, match="already refunded"):
@@ -566,7 +567,7 @@ async def test_multisig_t2_signed_before_t1_broadcast_and_refund_cli(
     t1 = parse_tx(rec.funding_tx or b"")
     assert len(t1.wit.vtxinwit) == len(t1.vin) > 0
     for txin in t1.vin:
-        prev = await rpc.call("getrawtransaction", txin.prevout.hash[::-1].hex(), True)
+        prev = await get_transaction(rpc, txin.prevout.hash[::-1].hex())
         spk = bytes.fromhex(prev["vout"][txin.prevout.n]["scriptPubKey"]["hex"])
         assert is_segwit_script(spk)
     script = ChannelScript.make("multisig", player.store.pubkey, rec.server_pubkey, expiry)

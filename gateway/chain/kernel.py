@@ -12,7 +12,9 @@ Two jobs, both delegated to Bitcoin Core's own consensus code:
   consensus flags and the spent outputs (``PrecomputedTransactionData``),
   raising ``ScriptVerifyError`` with a Bitcoin Core-like reason.
 
-The kernel checks consensus only, not relay policy; policy lives in node.py.
+The kernel checks consensus only, not relay policy; policy lives in the node
+(``gateway.chain.node``). The kernel keeps its chainstate in memory and writes
+it only when closed: ``close`` is the flush.
 """
 
 from __future__ import annotations
@@ -168,6 +170,10 @@ class Kernel:
         if entry.height > chain.height or entry not in chain.block_tree_entries:
             return None
         return int(entry.height)
+
+    def knows(self, block_hash: bytes) -> bool:
+        """True when the kernel's block index has ``block_hash`` (on any branch)."""
+        return pbk.BlockHash(block_hash) in self.chainman.block_tree_entries
 
     def block_time_at(self, height: int) -> int:
         """Header timestamp of the active-chain block at ``height``."""

@@ -1,10 +1,11 @@
 """Async JSON-RPC client for Bitcoin Core (``bitcoind``) and the embedded node.
 
-A tiny HTTP/1.1 client on asyncio streams (no extra dependency): keep-alive
-connections in a small idle pool, ``Content-Length`` and chunked bodies, basic
-auth from a cookie file (re-read when the node restarts and answers 401) or
-``user``/``password``. Amounts are parsed as ``Decimal`` like python-bitcoinrpc's
-AuthServiceProxy, so BTC values never pick up float error.
+HTTP is aiohttp's: one ``ClientSession`` per client, whose connector keeps a
+pool of keep-alive connections. On top of it: basic auth from a cookie file
+(re-read when the node restarts and answers 401) or ``user``/``password``, a
+cap on the response size, one overall timeout per call, and typed errors.
+Amounts are parsed as ``Decimal`` like python-bitcoinrpc's AuthServiceProxy,
+so BTC values never pick up float error.
 
 Exceptions::
 
@@ -30,20 +31,25 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import itertools
 import json
 from collections.abc import Iterable, Sequence
 from decimal import Decimal
 from pathlib import Path
-from types import TracebackType
+from types import SimpleNamespace, TracebackType
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import aiohttp
+from yarl import URL
+
 #: Cap on a response body, far above any answer this project asks for.
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
-#: Idle keep-alive connections kept per client.
-MAX_IDLE_CONNECTIONS = 4
+#: Connections one client opens at most (more concurrent calls wait for one).
+MAX_CONNECTIONS = 32
+#: Seconds an idle pooled connection is kept: below bitcoind's 30 s
+#: ``-rpcservertimeout``, so the client, not the server, closes it first.
+KEEPALIVE_SECONDS = 15.0
 
 
 class RpcException(Exception):
@@ -153,98 +159,14 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot serialize {type(value).__name__} to JSON")
 
 
-class _Connection:
-    """One HTTP/1.1 keep-alive connection."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.reused = False
-
-    def close(self) -> None:
-        self.writer.close()
-
-    async def request(self, host: str, path: str, auth: str | None, body: bytes) -> tuple[
-        int, bytes, bool
-    ]:
-        """Send one POST; return (status, body, keep_alive)."""
-        head = [
-            f"POST {path} HTTP/1.1",
-            f"Host: {host}",
-            "Content-Type: application/json",
-            f"Content-Length: {len(body)}",
-            "Connection: keep-alive",
-        ]
-        if auth:
-            head.append(f"Authorization: Basic {auth}")
-        self.writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
-        await self.writer.drain()
-        status_line = await self.reader.readline()
-        if not status_line:
-            raise ConnectionResetError("connection closed before response")
-        parts = status_line.decode("latin-1").split(None, 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-            raise RpcTransportError(f"malformed HTTP status line {status_line[:80]!r}")
-        status = int(parts[1])
-        keep_alive = parts[0] == "HTTP/1.1"
-        headers: dict[str, str] = {}
-        while True:
-            line = await self.reader.readline()
-            if not line:
-                raise RpcTransportError("connection closed inside HTTP headers")
-            if line in (b"\r\n", b"\n"):
-                break
-            name, sep, value = line.decode("latin-1").partition(":")
-            if not sep:
-                raise RpcTransportError(f"malformed HTTP header {line[:80]!r}")
-            headers[name.strip().lower()] = value.strip()
-        connection = headers.get("connection", "").lower()
-        if connection == "close":
-            keep_alive = False
-        elif connection == "keep-alive":
-            keep_alive = True
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            data = await self._read_chunked()
-        elif "content-length" in headers:
-            try:
-                length = int(headers["content-length"])
-            except ValueError as exc:
-                raise RpcTransportError("malformed Content-Length") from exc
-            if not 0 <= length <= MAX_RESPONSE_BYTES:
-                raise RpcTransportError(f"response body of {length} bytes refused")
-            data = await self.reader.readexactly(length)
-        else:
-            data = await self.reader.read(MAX_RESPONSE_BYTES)
-            keep_alive = False
-        return status, data, keep_alive
-
-    async def _read_chunked(self) -> bytes:
-        chunks: list[bytes] = []
-        total = 0
-        while True:
-            size_line = await self.reader.readline()
-            try:
-                size = int(size_line.split(b";")[0].strip(), 16)
-            except ValueError as exc:
-                raise RpcTransportError("malformed chunked body") from exc
-            if size == 0:
-                while (await self.reader.readline()) not in (b"\r\n", b"\n", b""):
-                    pass
-                return b"".join(chunks)
-            total += size
-            if total > MAX_RESPONSE_BYTES:
-                raise RpcTransportError("response body too large")
-            chunks.append(await self.reader.readexactly(size))
-            await self.reader.readexactly(2)
-
-
 class RpcClient:
     """Bitcoin Core JSON-RPC client.
 
     ``url`` is ``http://host:port[/wallet/NAME]``; credentials come from
     ``cookie_path`` (``__cookie__:<hex>``, as bitcoind writes it), from
     ``user``/``password``, or from the URL. Safe for concurrent calls: each
-    in-flight request uses its own connection; idle ones are reused.
+    in-flight request uses its own pooled connection (at most
+    ``MAX_CONNECTIONS``); idle ones are reused.
     """
 
     def __init__(
@@ -260,10 +182,10 @@ class RpcClient:
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"unsupported RPC URL {url!r}: expected http://host:port")
         self.url = url
-        self._host = parts.hostname
-        self._port = parts.port or 8332
-        self._host_header = f"{self._host}:{self._port}"
-        self._path = parts.path or "/"
+        # Credentials travel in our Authorization header only, never from the URL.
+        self._post_url = URL.build(
+            scheme="http", host=parts.hostname, port=parts.port or 8332, path=parts.path or "/"
+        )
         if user is None and parts.username is not None:
             user, password = unquote(parts.username), unquote(parts.password or "")
         self._user = user
@@ -271,7 +193,8 @@ class RpcClient:
         self._cookie_path = Path(cookie_path) if cookie_path is not None else None
         self._auth: str | None = None
         self.timeout = timeout
-        self._idle: list[_Connection] = []
+        self._session: aiohttp.ClientSession | None = None
+        self._session_loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count(1)
         self._closed = False
 
@@ -287,14 +210,29 @@ class RpcClient:
         await self.close()
 
     async def close(self) -> None:
-        """Close idle connections; the client must not be used afterwards."""
+        """Close the pooled connections; the client must not be used afterwards."""
         self._closed = True
-        idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
-        for conn in idle:
-            with contextlib.suppress(OSError, ConnectionError):
-                await conn.writer.wait_closed()
+        session, self._session = self._session, None
+        if session is not None and self._session_loop is asyncio.get_running_loop():
+            await session.close()
+
+    def _http(self) -> aiohttp.ClientSession:
+        """The session, made on first use inside the running loop (it belongs to that loop)."""
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._session.closed or self._session_loop is not loop:
+            trace = aiohttp.TraceConfig()
+            trace.on_connection_reuseconn.append(_note_reused)
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    limit=MAX_CONNECTIONS, keepalive_timeout=KEEPALIVE_SECONDS
+                ),
+                # One deadline per call is ours (``timeout``), not aiohttp's.
+                timeout=aiohttp.ClientTimeout(total=None),
+                trace_configs=[trace],
+                trust_env=False,
+            )
+            self._session_loop = loop
+        return self._session
 
     def _credentials(self, *, reload: bool = False) -> str | None:
         if self._auth is not None and not reload:
@@ -381,26 +319,7 @@ class RpcClient:
     async def _post_with_retry(self, body: bytes) -> Any:
         auth = self._credentials()
         for attempt in range(3):
-            conn = await self._connection()
-            try:
-                status, data, keep_alive = await conn.request(
-                    self._host_header, self._path, auth, body
-                )
-            except (ConnectionError, asyncio.IncompleteReadError, OSError) as exc:
-                conn.close()
-                # A pooled keep-alive connection may have been closed by the server
-                # while idle: retry once on a fresh one.
-                if conn.reused and attempt == 0:
-                    continue
-                raise RpcTransportError(f"connection to {self.url} failed: {exc}") from exc
-            except BaseException:
-                conn.close()
-                raise
-            if keep_alive and len(self._idle) < MAX_IDLE_CONNECTIONS and not self._closed:
-                conn.reused = True
-                self._idle.append(conn)
-            else:
-                conn.close()
+            status, data = await self._request(body, auth)
             if status in (401, 403):
                 # bitcoind writes a fresh cookie at each start: re-read it once.
                 if self._cookie_path is not None and attempt < 2:
@@ -412,17 +331,34 @@ class RpcClient:
             return self._decode(status, data)
         raise RpcTransportError(f"no answer from {self.url}")
 
-    async def _connection(self) -> _Connection:
-        while self._idle:
-            conn = self._idle.pop()
-            if not conn.reader.at_eof() and not conn.writer.is_closing():
-                return conn
-            conn.close()
-        try:
-            reader, writer = await asyncio.open_connection(self._host, self._port)
-        except OSError as exc:
-            raise RpcTransportError(f"cannot connect to {self.url}: {exc}") from exc
-        return _Connection(reader, writer)
+    async def _request(self, body: bytes, auth: str | None) -> tuple[int, bytes]:
+        """One POST; (status, body). Retried once when a pooled connection turns out stale."""
+        headers = {"Content-Type": "application/json"}
+        if auth:
+            headers["Authorization"] = f"Basic {auth}"
+        for retry in (True, False):
+            note = SimpleNamespace(reused=False)
+            try:
+                async with self._http().post(
+                    self._post_url, data=body, headers=headers, allow_redirects=False,
+                    trace_request_ctx=note,
+                ) as response:
+                    return response.status, await _read_capped(response)
+            except aiohttp.ClientConnectorError as exc:
+                raise RpcTransportError(f"cannot connect to {self.url}: {exc}") from exc
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                # A pooled keep-alive connection may have been closed by the
+                # server while idle: retry once on a fresh one.
+                if retry and note.reused:
+                    continue
+                raise RpcTransportError(f"connection to {self.url} failed: {exc}") from exc
+            except aiohttp.ClientResponseError as exc:
+                raise RpcTransportError(
+                    f"malformed HTTP status line or headers from {self.url}: {exc.message}"
+                ) from exc
+            except aiohttp.ClientError as exc:
+                raise RpcTransportError(f"HTTP exchange with {self.url} failed: {exc}") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
 
     @staticmethod
     def _decode(status: int, data: bytes) -> Any:
@@ -438,3 +374,22 @@ class RpcClient:
         ) and not isinstance(answer, list):
             raise RpcTransportError(f"HTTP {status} without a JSON-RPC error")
         return answer
+
+
+async def _note_reused(
+    session: aiohttp.ClientSession, context: SimpleNamespace, params: object
+) -> None:
+    context.trace_request_ctx.reused = True
+
+
+async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
+    """The response body, refused past ``MAX_RESPONSE_BYTES`` (before reading it if declared)."""
+    length = response.content_length
+    if length is not None and length > MAX_RESPONSE_BYTES:
+        raise RpcTransportError(f"response body of {length} bytes refused")
+    data = bytearray()
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        data += chunk
+        if len(data) > MAX_RESPONSE_BYTES:
+            raise RpcTransportError("response body too large")
+    return bytes(data)

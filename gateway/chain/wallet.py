@@ -1,20 +1,17 @@
-"""Addresses and the embedded node's faucet wallet (P2WPKH keys, coincurve signing).
+"""The embedded node's faucet wallet keys (P2WPKH, coincurve signing) and script types.
 
-Regtest addresses only: bech32/bech32m with HRP ``bcrt`` (BIP173/BIP350) and
-base58check with version bytes 0x6f (P2PKH) and 0xc4 (P2SH). Keys are random
-32-byte secrets kept in the node's SQLite file; signatures are RFC 6979 ECDSA
-from libsecp256k1 (always low-S, strict DER, BIP62/BIP66) over the BIP143
-digest.
+Keys are random 32-byte secrets kept in the node's SQLite file; signatures
+are RFC 6979 ECDSA from libsecp256k1 (always low-S, strict DER, BIP62/BIP66)
+over the BIP143 digest. Addresses are not made here: the project has one
+codec, ``gateway.protocol.scripts`` (BIP173/BIP350, Base58Check).
 """
 
 from __future__ import annotations
 
 import os
 import sqlite3
-from functools import lru_cache
 
 import coincurve
-from bitcoin import base58, segwit_addr
 
 from gateway.chain.blocks import (
     SIGHASH_ALL,
@@ -24,34 +21,6 @@ from gateway.chain.blocks import (
     p2wpkh_script,
     p2wpkh_script_code,
 )
-
-HRP = "bcrt"
-P2PKH_VERSION = 0x6F
-P2SH_VERSION = 0xC4
-
-
-class AddressError(ValueError):
-    """Not a valid regtest address."""
-
-
-@lru_cache(maxsize=4096)
-def address_to_script(address: str) -> bytes:
-    """scriptPubKey for a regtest address; raises ``AddressError``."""
-    if address.lower().startswith(HRP + "1"):
-        version, program = segwit_addr.decode(HRP, address)
-        if version is None or program is None:
-            raise AddressError(f"Invalid address: {address}")
-        op = 0 if version == 0 else 0x50 + version
-        return bytes((op, len(program))) + bytes(program)
-    try:
-        data = base58.CBase58Data(address)
-    except (base58.Base58Error, ValueError) as exc:
-        raise AddressError(f"Invalid address: {address}") from exc
-    if data.nVersion == P2PKH_VERSION and len(data) == 20:
-        return b"\x76\xa9\x14" + bytes(data) + b"\x88\xac"
-    if data.nVersion == P2SH_VERSION and len(data) == 20:
-        return b"\xa9\x14" + bytes(data) + b"\x87"
-    raise AddressError(f"Invalid address: {address}")
 
 
 def script_type(script: bytes) -> str:
@@ -83,20 +52,6 @@ def script_type(script: bytes) -> str:
     if n >= 37 and script[-1] == 0xAE and 0x51 <= script[0] <= 0x60:
         return "multisig"
     return "nonstandard"
-
-
-@lru_cache(maxsize=65536)
-def script_to_address(script: bytes) -> str | None:
-    """The regtest address of ``script``, or None when it has none."""
-    kind = script_type(script)
-    if kind.startswith("witness") or kind == "anchor":
-        version = 0 if script[0] == 0 else script[0] - 0x50
-        return str(segwit_addr.encode(HRP, version, script[2:]))
-    if kind == "pubkeyhash":
-        return str(base58.CBase58Data.from_bytes(script[3:23], P2PKH_VERSION))
-    if kind == "scripthash":
-        return str(base58.CBase58Data.from_bytes(script[2:22], P2SH_VERSION))
-    return None
 
 
 class Wallet:

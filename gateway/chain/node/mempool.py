@@ -1,0 +1,345 @@
+"""The mempool: acceptance policy, persistence, and how it follows the chain.
+
+Acceptance checks run in Bitcoin Core's order and with its reject reasons
+(validation.cpp ``PreChecks``/``PolicyScriptChecks``, policy.cpp): decode
+(-22), context-free checks, standardness (version, size, output types, dust,
+one OP_RETURN), finality for the next block (BIP113 median-time-past), BIP68
+sequence locks, inputs present and unspent in chain or mempool (-25; -26
+``txn-mempool-conflict`` for a mempool double spend: no replacement), coinbase
+maturity, value balance, min relay fee 1 sat/vB, relay policy on signatures
+and finally every input through ``pbk.ScriptPubkey.verify`` with all
+consensus flags.
+
+Each accepted transaction is committed to node.sqlite before the RPC that
+sent it answers, and removed in the same transaction as the block that mines
+or conflicts it: a kill -9 keeps exactly the mempool that RPCs reported. On
+start the saved transactions are re-validated in their order, as Core's
+``LoadMempool`` does with ``mempool.dat``.
+
+After a reorg the transactions of the disconnected blocks go back in first,
+then the previous mempool, each re-validated against the new tip (Core's
+``MaybeUpdateMempoolForReorg``, disconnected ones bypassing the fee floor as
+Core's ``bypass_limits`` does); what no longer fits is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from gateway.chain.blocks import COIN, DecodeError, Tx
+from gateway.chain.kernel import ScriptVerifyError, prepare_transaction
+from gateway.chain.kernel import verify_input as kernel_verify_input
+from gateway.chain.node.chainstate import ChainState, ChainUpdate
+from gateway.chain.node.common import (
+    COINBASE_MATURITY,
+    MAX_MONEY,
+    MIN_RELAY_FEE_PER_KVB,
+    RPC_DESERIALIZATION_ERROR,
+    RPC_VERIFY_ALREADY_IN_CHAIN,
+    RPC_VERIFY_ERROR,
+    RPC_VERIFY_REJECTED,
+    Coin,
+    NodeRpcError,
+    Outpoint,
+    TxRejected,
+    btc,
+)
+from gateway.chain.node.fees import FeeEstimator
+from gateway.chain.node.policy import check_input_policy, dust_threshold
+from gateway.chain.wallet import script_type
+
+log = logging.getLogger(__name__)
+
+MAX_STANDARD_TX_WEIGHT = 400_000
+MIN_STANDARD_TX_NONWITNESS_SIZE = 65
+MAX_OP_RETURN_RELAY = 83
+LOCKTIME_THRESHOLD = 500_000_000
+SEQUENCE_FINAL = 0xFFFFFFFF
+SEQUENCE_DISABLE_FLAG = 1 << 31
+SEQUENCE_TYPE_FLAG = 1 << 22
+SEQUENCE_MASK = 0xFFFF
+
+
+@dataclass(slots=True)
+class MempoolEntry:
+    """An accepted unconfirmed transaction."""
+
+    tx: Tx
+    fee: int
+    time: int
+    height: int
+    parents: set[bytes] = field(default_factory=set)
+
+
+class Mempool:
+    """Unconfirmed transactions in acceptance order (a valid topological order)."""
+
+    def __init__(self, chain: ChainState, clock: Callable[[], int], fees: FeeEstimator) -> None:
+        self.chain = chain
+        self.clock = clock
+        self.fees = fees
+        self.entries: dict[bytes, MempoolEntry] = {}
+        #: outpoint -> txid of the mempool transaction spending it.
+        self.spent: dict[Outpoint, bytes] = {}
+        self._seq = 0
+
+    # -- queries -------------------------------------------------------------
+
+    def lookup_coin(self, outpoint: Outpoint) -> Coin | None:
+        """An unspent output of the chain or of a mempool transaction."""
+        coin = self.chain.utxos.get(outpoint)
+        if coin is not None:
+            return coin
+        entry = self.entries.get(outpoint[0])
+        if entry is not None and outpoint[1] < len(entry.tx.outputs):
+            out = entry.tx.outputs[outpoint[1]]
+            return Coin(out.value, out.script_pubkey, self.chain.tip_height + 1, False)
+        return None
+
+    def children(self, txid: bytes) -> list[bytes]:
+        """Mempool transactions spending an output of ``txid``."""
+        return sorted({c for o, c in self.spent.items() if o[0] == txid})
+
+    # -- acceptance ----------------------------------------------------------
+
+    def check(
+        self, tx: Tx, max_fee_rate: Decimal | None, *, bypass_limits: bool = False
+    ) -> MempoolEntry:
+        """Run every mempool check on ``tx``; return the entry it would get.
+
+        Raises ``TxRejected`` with Bitcoin Core's code and reason.
+        """
+        chain = self.chain
+        txid = tx.txid
+        # CheckTransaction (consensus, context-free)
+        if not tx.inputs:
+            raise TxRejected(RPC_VERIFY_REJECTED, "bad-txns-vin-empty")
+        if not tx.outputs:
+            raise TxRejected(RPC_VERIFY_REJECTED, "bad-txns-vout-empty")
+        if tx.is_coinbase:
+            raise TxRejected(RPC_VERIFY_REJECTED, "coinbase")
+        total_out = 0
+        for out in tx.outputs:
+            if out.value < 0:
+                raise TxRejected(RPC_VERIFY_REJECTED, "bad-txns-vout-negative")
+            if out.value > MAX_MONEY:
+                raise TxRejected(RPC_VERIFY_REJECTED, "bad-txns-vout-toolarge")
+            total_out += out.value
+            if total_out > MAX_MONEY:
+                raise TxRejected(RPC_VERIFY_REJECTED, "bad-txns-txouttotal-toolarge")
+        outpoints = [(i.prev_txid, i.prev_index) for i in tx.inputs]
+        if len(set(outpoints)) != len(outpoints):
+            raise TxRejected(RPC_VERIFY_REJECTED, "bad-txns-inputs-duplicate")
+        # IsStandardTx (policy)
+        if not 1 <= tx.version <= 3:
+            raise TxRejected(RPC_VERIFY_REJECTED, "version")
+        if tx.weight > MAX_STANDARD_TX_WEIGHT:
+            raise TxRejected(RPC_VERIFY_REJECTED, "tx-size")
+        if len(tx.serialize(with_witness=False)) < MIN_STANDARD_TX_NONWITNESS_SIZE:
+            raise TxRejected(RPC_VERIFY_REJECTED, "tx-size-small")
+        data_outputs = 0
+        for out in tx.outputs:
+            kind = script_type(out.script_pubkey)
+            if kind == "nulldata":
+                data_outputs += 1
+                if len(out.script_pubkey) > MAX_OP_RETURN_RELAY:
+                    raise TxRejected(RPC_VERIFY_REJECTED, "scriptpubkey")
+            elif kind in ("nonstandard", "witness_unknown", "multisig", "pubkey"):
+                raise TxRejected(RPC_VERIFY_REJECTED, "scriptpubkey")
+            elif out.value < dust_threshold(out.script_pubkey):
+                raise TxRejected(RPC_VERIFY_REJECTED, "dust")
+        if data_outputs > 1:
+            raise TxRejected(RPC_VERIFY_REJECTED, "multi-op-return")
+        # IsFinalTx for the next block, with BIP113 median-time-past.
+        next_height = chain.tip_height + 1
+        mtp = chain.median_time_past()
+        if tx.locktime != 0:
+            limit = next_height if tx.locktime < LOCKTIME_THRESHOLD else mtp
+            if tx.locktime >= limit and any(i.sequence != SEQUENCE_FINAL for i in tx.inputs):
+                raise TxRejected(RPC_VERIFY_REJECTED, "non-final")
+        if txid in self.entries:
+            raise TxRejected(RPC_VERIFY_ALREADY_IN_CHAIN, "txn-already-in-mempool")
+        # Inputs: in the chain or in the mempool, and not spent by the mempool.
+        spent: list[Coin] = []
+        parents: set[bytes] = set()
+        for outpoint in outpoints:
+            if outpoint in self.spent:
+                raise TxRejected(RPC_VERIFY_REJECTED, "txn-mempool-conflict")
+            coin = self.lookup_coin(outpoint)
+            if coin is None:
+                if any((txid, n) in chain.utxos for n in range(len(tx.outputs))):
+                    raise TxRejected(RPC_VERIFY_ALREADY_IN_CHAIN, "txn-already-known")
+                raise TxRejected(RPC_VERIFY_ERROR, "bad-txns-inputs-missingorspent")
+            if outpoint[0] in self.entries:
+                parents.add(outpoint[0])
+            if coin.coinbase and next_height - coin.height < COINBASE_MATURITY:
+                raise TxRejected(
+                    RPC_VERIFY_REJECTED,
+                    "bad-txns-premature-spend-of-coinbase",
+                    f"tried to spend coinbase at depth {next_height - coin.height}",
+                )
+            spent.append(coin)
+        # BIP68 relative lock-times (CheckSequenceLocksAtTip).
+        if tx.version >= 2:
+            self._check_sequence_locks(tx, spent, next_height, mtp)
+        total_in = sum(c.value for c in spent)
+        if total_in < total_out:
+            raise TxRejected(
+                RPC_VERIFY_REJECTED,
+                "bad-txns-in-belowout",
+                f"value in ({btc(total_in):.8f}) < value out ({btc(total_out):.8f})",
+            )
+        fee = total_in - total_out
+        vsize = tx.vsize
+        min_fee = vsize * MIN_RELAY_FEE_PER_KVB // 1000
+        if fee < min_fee and not bypass_limits:
+            raise TxRejected(RPC_VERIFY_REJECTED, "min relay fee not met", f"{fee} < {min_fee}")
+        if max_fee_rate is not None and max_fee_rate > 0:
+            max_fee = int(max_fee_rate * COIN) * vsize // 1000
+            if fee > max_fee:
+                raise TxRejected(RPC_VERIFY_ERROR, "max-fee-exceeded")
+        # Relay policy on signatures, then consensus scripts through the kernel.
+        witnesses = tx.witnesses or tuple(() for _ in tx.inputs)
+        for txin, coin, witness in zip(tx.inputs, spent, witnesses, strict=True):
+            check_input_policy(coin.script, txin.script_sig, witness)
+        spent_outputs = [(c.script, c.value) for c in spent]
+        try:
+            ktx, txdata, _ = prepare_transaction(tx.serialize(), spent_outputs)
+            for index in range(len(spent_outputs)):
+                kernel_verify_input(ktx, index, spent_outputs, txdata=txdata)
+        except ScriptVerifyError as exc:
+            raise TxRejected(RPC_VERIFY_REJECTED, exc.reason) from exc
+        except ValueError as exc:
+            raise TxRejected(RPC_DESERIALIZATION_ERROR, "TX decode failed", str(exc)) from exc
+        return MempoolEntry(tx, fee, self.clock(), chain.tip_height, parents)
+
+    def _check_sequence_locks(
+        self, tx: Tx, spent: list[Coin], next_height: int, mtp: int
+    ) -> None:
+        chain = self.chain
+        min_height = -1
+        min_time = -1
+        for txin, coin in zip(tx.inputs, spent, strict=True):
+            if txin.sequence & SEQUENCE_DISABLE_FLAG:
+                continue
+            value = txin.sequence & SEQUENCE_MASK
+            if txin.sequence & SEQUENCE_TYPE_FLAG:
+                base_height = max(0, min(coin.height, next_height) - 1)
+                base = chain.median_time_past(chain.active[base_height])
+                min_time = max(min_time, base + (value << 9) - 1)
+            else:
+                min_height = max(min_height, coin.height + value - 1)
+        if min_height >= next_height or min_time >= mtp:
+            raise TxRejected(RPC_VERIFY_REJECTED, "non-BIP68-final")
+
+    def _insert(self, entry: MempoolEntry) -> None:
+        txid = entry.tx.txid
+        self.entries[txid] = entry
+        for txin in entry.tx.inputs:
+            self.spent[(txin.prev_txid, txin.prev_index)] = txid
+
+    def _persist(self, entry: MempoolEntry) -> None:
+        self._seq += 1
+        self.chain.db.execute(
+            "INSERT OR REPLACE INTO mempool VALUES (?, ?, ?, ?)",
+            (entry.tx.txid, self._seq, entry.tx.serialize(), entry.time),
+        )
+
+    def add(self, entry: MempoolEntry) -> None:
+        """Add a checked entry; it is on disk when this returns."""
+        with self.chain.db:
+            self._persist(entry)
+        self._insert(entry)
+
+    def accept(self, tx: Tx, max_fee_rate: Decimal | None = None) -> MempoolEntry:
+        """Check and add ``tx`` (the caller holds the node's lock)."""
+        entry = self.check(tx, max_fee_rate)
+        self.add(entry)
+        return entry
+
+    def load(self) -> None:
+        """Re-validate the saved transactions in their order (Core's ``LoadMempool``)."""
+        db = self.chain.db
+        rows = db.execute("SELECT txid, raw, time FROM mempool ORDER BY seq").fetchall()
+        dropped: list[tuple[bytes]] = []
+        for txid, raw, when in rows:
+            try:
+                entry = self.check(Tx.parse(bytes(raw)), None)
+            except (NodeRpcError, DecodeError) as exc:
+                log.info("dropping saved mempool transaction: %s", exc)
+                dropped.append((bytes(txid),))
+                continue
+            entry.time = when
+            self._insert(entry)
+        self._seq = max((s for (s,) in db.execute("SELECT seq FROM mempool")), default=0)
+        if dropped:
+            with db:
+                db.executemany("DELETE FROM mempool WHERE txid=?", dropped)
+
+    # -- following the chain -------------------------------------------------
+
+    def _evict(self, txid: bytes, removed: list[bytes]) -> None:
+        entry = self.entries.pop(txid, None)
+        if entry is None:
+            return
+        removed.append(txid)
+        for child, other in list(self.entries.items()):
+            if txid in other.parents:
+                self._evict(child, removed)
+
+    def _rebuild_spent(self) -> None:
+        self.spent = {
+            (txin.prev_txid, txin.prev_index): txid
+            for txid, entry in self.entries.items()
+            for txin in entry.tx.inputs
+        }
+        for entry in self.entries.values():
+            entry.parents &= self.entries.keys()
+
+    def on_chain_update(self, update: ChainUpdate) -> None:
+        """Follow a move of the chain (runs inside the chain's transaction)."""
+        if update.disconnected:
+            self._after_reorg(update)
+            return
+        removed: list[bytes] = []
+        for block in update.connected:
+            rates: list[int] = []
+            spent: set[Outpoint] = set()
+            for tx in block.txs[1:]:
+                entry = self.entries.pop(tx.txid, None)
+                if entry is not None:
+                    removed.append(tx.txid)
+                    rates.append(entry.fee * 1000 // tx.vsize)
+                spent.update((i.prev_txid, i.prev_index) for i in tx.inputs)
+            self.fees.record(block.hash, rates)
+            for outpoint in spent:
+                other = self.spent.get(outpoint)
+                if other is not None and other in self.entries:
+                    self._evict(other, removed)  # a conflict, and what spends it
+            self._rebuild_spent()
+        self.chain.db.executemany("DELETE FROM mempool WHERE txid=?", [(t,) for t in removed])
+
+    def _after_reorg(self, update: ChainUpdate) -> None:
+        for block in update.disconnected:
+            self.fees.forget(block.hash)
+        candidates = [
+            (tx, True) for block in reversed(update.disconnected) for tx in block.txs[1:]
+        ] + [(entry.tx, False) for entry in self.entries.values()]
+        times = {txid: entry.time for txid, entry in self.entries.items()}
+        self.entries = {}
+        self.spent = {}
+        db = self.chain.db
+        db.execute("DELETE FROM mempool")
+        for tx, from_block in candidates:
+            if tx.txid in self.entries:
+                continue
+            try:
+                entry = self.check(tx, None, bypass_limits=from_block)
+            except NodeRpcError:
+                continue
+            entry.time = times.get(tx.txid, entry.time)
+            self._insert(entry)
+            self._persist(entry)

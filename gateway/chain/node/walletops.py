@@ -1,0 +1,112 @@
+"""The faucet wallet's coin selection, funding and signing over the node's state.
+
+The keys are ``gateway.chain.wallet.Wallet``'s (in node.sqlite, committed
+before an address is handed out); the coins are not stored at all: they are
+the UTXO index's and the mempool's outputs paying those keys, so a crash, a
+restart or a reorg can never leave a wallet balance that disagrees with the
+chain.
+"""
+
+from __future__ import annotations
+
+from gateway.chain.blocks import Tx, TxIn, TxOut
+from gateway.chain.node.common import (
+    COINBASE_MATURITY,
+    RPC_INVALID_ADDRESS_OR_KEY,
+    RPC_INVALID_PARAMETER,
+    RPC_WALLET_INSUFFICIENT_FUNDS,
+    Coin,
+    NodeRpcError,
+    Outpoint,
+)
+from gateway.chain.node.mempool import Mempool
+from gateway.chain.node.policy import dust_threshold
+from gateway.chain.wallet import Wallet
+
+#: sat/vB for the faucet wallet's own transactions.
+WALLET_FEE_RATE = 2
+
+
+class NodeWallet:
+    """Wallet views and transactions built from the chain index and the mempool."""
+
+    def __init__(self, keys: Wallet, mempool: Mempool) -> None:
+        self.keys = keys
+        self.mempool = mempool
+
+    def spendable(self) -> list[tuple[Outpoint, Coin]]:
+        """Mature wallet coins not spent by the mempool, plus unconfirmed wallet change."""
+        chain = self.mempool.chain
+        utxos = chain.utxos
+        spent = self.mempool.spent
+        next_height = chain.tip_height + 1
+        coins = [
+            (o, utxos[o])
+            for o in chain.wallet_utxos
+            if o not in spent
+            and not (utxos[o].coinbase and next_height - utxos[o].height < COINBASE_MATURITY)
+        ]
+        entries = self.mempool.entries
+        for txid, entry in entries.items():
+            # Only outputs of transactions the wallet itself funded are trusted.
+            if not all(
+                (i.prev_txid, i.prev_index) in chain.wallet_utxos or i.prev_txid in entries
+                for i in entry.tx.inputs
+            ):
+                continue
+            for n, out in enumerate(entry.tx.outputs):
+                if self.keys.owns(out.script_pubkey) and (txid, n) not in spent:
+                    coin = Coin(out.value, out.script_pubkey, next_height, False)
+                    coins.append(((txid, n), coin))
+        return coins
+
+    def fund(
+        self, tx: Tx, fee_rate: int, change_position: int | None = None
+    ) -> tuple[Tx, int, int]:
+        """Add wallet inputs and a change output to cover outputs + fee at ``fee_rate`` sat/vB."""
+        preset: list[Coin] = []
+        for txin in tx.inputs:
+            coin = self.mempool.lookup_coin((txin.prev_txid, txin.prev_index))
+            if coin is None:
+                raise NodeRpcError(RPC_INVALID_ADDRESS_OR_KEY, "Unable to find UTXO for input")
+            preset.append(coin)
+        target = sum(o.value for o in tx.outputs)
+        have = sum(c.value for c in preset)
+        used = {(i.prev_txid, i.prev_index) for i in tx.inputs}
+        candidates = sorted(
+            (c for c in self.spendable() if c[0] not in used), key=lambda item: -item[1].value
+        )
+        inputs = list(tx.inputs)
+        change_script = self.keys.default_script()
+        out_vbytes = sum(9 + len(o.script_pubkey) for o in tx.outputs)
+        while True:
+            # P2WPKH input <= 68 vB with a 72-byte signature; change output 31 vB.
+            vsize = 11 + 68 * len(inputs) + out_vbytes + 31
+            fee = vsize * fee_rate
+            if have >= target + fee:
+                break
+            if not candidates:
+                raise NodeRpcError(RPC_WALLET_INSUFFICIENT_FUNDS, "Insufficient funds")
+            outpoint, coin = candidates.pop(0)
+            inputs.append(TxIn(outpoint[0], outpoint[1], b"", 0xFFFFFFFD))
+            have += coin.value
+        outputs = list(tx.outputs)
+        change = have - target - fee
+        position = -1
+        if change >= dust_threshold(change_script):
+            position = len(outputs) if change_position is None else change_position
+            if not 0 <= position <= len(outputs):
+                raise NodeRpcError(RPC_INVALID_PARAMETER, "changePosition out of bounds")
+            outputs.insert(position, TxOut(change, change_script))
+        else:
+            fee += change
+        funded = Tx(tx.version, tuple(inputs), tuple(outputs), tx.locktime, ())
+        return funded, fee, position
+
+    def sign(self, tx: Tx) -> tuple[Tx, list[int]]:
+        """Sign the inputs spending wallet coins; return the tx and the unsigned indexes."""
+        spent: list[tuple[bytes, int] | None] = []
+        for txin in tx.inputs:
+            coin = self.mempool.lookup_coin((txin.prev_txid, txin.prev_index))
+            spent.append(None if coin is None else (coin.script, coin.value))
+        return self.keys.sign(tx, spent)
