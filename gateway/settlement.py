@@ -211,6 +211,11 @@ class Settler:
         queued.settle_by = min(queued.settle_by, settle_by)
         return queued.settle_by
 
+    def settle_by(self, live: LiveChannel) -> int | None:
+        """Unix time by which a queued channel's batch goes out; None if not queued."""
+        queued = self._queue.get(live.channel_id)
+        return None if queued is None else int(queued.settle_by) + 1
+
     def _due(self) -> bool:
         now = time.time()
         return any(q.settle_by <= now for q in self._queue.values()) or (

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote
 
-from bitcoin.core import CTransaction, CTxOut
+from bitcoin.core import CTransaction, CTxOut, b2lx
 from bitcoin.core.script import CScript
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
@@ -58,7 +58,7 @@ from gateway.media.catalog import (
 )
 from gateway.media.segment import MediaError
 from gateway.protocol.scripts import ChannelScript, address_to_script_pubkey
-from gateway.protocol.transactions import find_funding_output
+from gateway.protocol.transactions import find_funding_output, parse_tx
 
 if TYPE_CHECKING:
     from gateway.server import Gateway
@@ -134,6 +134,8 @@ def _route(path: str) -> tuple[Any, str] | None:
         return _static, path[len("/web/") :]
     if path == "/api/faucet":
         return _faucet, ""
+    if path.startswith("/api/channel/"):
+        return _channel_api, unquote(path[len("/api/channel/") :])
     if path.startswith("/api/dashboard/"):
         name = path[len("/api/dashboard/") :]
         if name in _DASHBOARD:
@@ -437,6 +439,69 @@ async def _faucet(gateway: Gateway, request: Request, _: str, q: dict[str, str])
         raise HttpError(HTTPStatus.BAD_GATEWAY, "the node's wallet could not pay") from None
     vout = find_funding_output(bytes.fromhex(signed["hex"]), script)[0]
     return json_response(HTTPStatus.OK, {"txid": txid, "vout": vout, "amount": amount})
+
+
+# -- a channel's settlement, for its client ----------------------------------------------
+
+
+async def _channel_api(
+    gateway: Gateway, request: Request, channel_id: str, q: dict[str, str]
+) -> Response:
+    """``GET /api/channel/<txid:vout>``: where a channel's money went (protocol.md section 8).
+
+    For the client that funded it, to follow and check its settlement: the
+    state, what was paid (the reserve included), ``settle_by`` while its batch
+    is pending, then the settlement transaction, the value of each input in
+    order (so the client can compute the fee and feerate it pays) and its
+    confirmations. Public: the channel id is an outpoint and the settlement
+    is on chain for anyone to read.
+    """
+    _method(request, "GET", "HEAD")
+    rows = gateway.store.read(
+        "SELECT id, channel_id, state, value, balance, exit_fee, closing_at, settle_txid, "
+        "confirmed_height FROM channels WHERE channel_id = ?",
+        (channel_id,),
+    )
+    if not rows:
+        raise HttpError(HTTPStatus.NOT_FOUND, f"no channel {channel_id}")
+    row = rows[0]
+    value, balance = row["value"] or 0, row["balance"] if row["balance"] is not None else 0
+    live = gateway.channels.get(channel_id)
+    answer: dict[str, Any] = {
+        "channel_id": channel_id,
+        "state": live.core.state.value if live is not None else row["state"],
+        "value": value,
+        "paid": value - balance,
+        "balance": balance,
+        "exit_fee": row["exit_fee"] or 0,
+        "settle_by": gateway.settler.settle_by(live) if live is not None else None,
+        "settlement": None,
+    }
+    txid = live.core.settlement_txid if live is not None else row["settle_txid"]
+    if txid:
+        batch = gateway.store.read(
+            "SELECT tx, fee, vsize, state, confirmed_height FROM settlements WHERE txid = ?",
+            (txid,),
+        )
+        members = gateway.store.read(
+            "SELECT channel_id, value FROM channels WHERE settle_txid = ?", (txid,)
+        )
+        values = {m["channel_id"]: m["value"] for m in members}
+        if batch:
+            tx = parse_tx(bytes.fromhex(batch[0]["tx"]))
+            inputs = [f"{b2lx(i.prevout.hash)}:{i.prevout.n}" for i in tx.vin]
+            seen = gateway.watcher.confirmed(txid)
+            height = batch[0]["confirmed_height"] or (seen.height if seen else None)
+            answer["settlement"] = {
+                "txid": txid,
+                "tx": batch[0]["tx"],
+                "fee": batch[0]["fee"],
+                "vsize": batch[0]["vsize"],
+                "input_values": [values.get(i) for i in inputs],
+                "state": batch[0]["state"],
+                "confirmations": None if height is None else gateway.watcher.height - height + 1,
+            }
+    return json_response(HTTPStatus.OK, answer)
 
 
 # -- dashboard API -------------------------------------------------------------------
