@@ -58,9 +58,11 @@ class LiveChannel:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     #: Handed to another worker: this copy must not be settled or paid into.
     released: bool = False
-    #: The funding's confirmations when last asked (None: not unspent), and the
-    #: tip height since which it has been gone (gateway/funding.py).
+    #: The funding's confirmations when last asked (None: not unspent), the tip
+    #: height when it was last seen, and since when it has been gone
+    #: (gateway/funding.py).
     funding_conf: int | None = None
+    funding_seen: int | None = None
     gone_since: int | None = None
     #: Set whenever the funding duty moved the channel or its confirmations.
     funding_changed: asyncio.Event = field(default_factory=asyncio.Event)

@@ -183,8 +183,10 @@ class FundingDuty:
             if live.released or core.state not in (ServerState.FUNDING, ServerState.READY):
                 return
             conf = status.confirmations
+            height = self.follower.height
             if conf is not None:
                 live.gone_since = None
+                live.funding_seen = height
                 changed = conf != live.funding_conf
                 live.funding_conf = conf
                 if core.state is ServerState.FUNDING and conf >= self.min_conf:
@@ -198,13 +200,16 @@ class FundingDuty:
                 if changed:
                     live.funding_changed.set()
                 return
+            shallow = live.funding_conf is not None and live.funding_conf < self.settle_depth
             live.funding_conf = None
             if status.spent_in_mempool or self.follower.spent(outpoint.txid, outpoint.vout):
                 return  # a settlement or the client's refund: settlement.py follows it
-            height = self.follower.height
             if live.gone_since is None:
-                live.gone_since = height
-            if height - live.gone_since >= self.settle_depth:
+                # Gone since the block after it was last seen, when it was
+                # looked at every block (shallow); else from now (a reorg).
+                seen = live.funding_seen
+                live.gone_since = seen + 1 if shallow and seen is not None else height
+            if height - live.gone_since + 1 >= self.settle_depth:
                 core.void()
                 await self.store.write([state_op(live.row_id, core, closed_at=time.time())])
                 log.warning("channel %s void: its funding was double-spent", live.channel_id)

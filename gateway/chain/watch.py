@@ -220,19 +220,21 @@ class ChainFollower:
         """Disconnect what the new best chain does not contain, then connect its blocks."""
         headers: list[dict[str, Any]] = []
         block_hash: str | None = best
+        fork = -1  # the height of the last block both chains share
         while block_hash is not None:
             header = await self.rpc.call("getblockheader", block_hash)
             height = int(header["height"])
             if self._followed.get(height) == block_hash:
-                break  # the fork point (or the old tip)
+                fork = height  # the old tip (blocks came), or below it (a reorg)
+                break
             headers.append(header)
             if height <= min(self._followed, default=0):
                 # Deeper than the window: read everything from there again.
                 log.warning("reorg deeper than %d blocks: rescanning", REORG_WINDOW)
                 self._followed.clear()
+                fork = height - 1
                 break
             block_hash = header.get("previousblockhash")
-        fork = min((int(h["height"]) for h in headers), default=self.height + 1) - 1
         if self.height > fork:
             self._disconnect_above(fork)
         for header in reversed(headers):

@@ -42,6 +42,11 @@ def register_cli(subparsers: Any) -> None:
         help="keep a transaction index: getrawtransaction finds confirmed transactions "
         "without a block hash (bitcoind's -txindex)",
     )
+    parser.add_argument(
+        "--no-persistmempool", dest="persist_mempool", action="store_false",
+        help="start with an empty mempool, forgetting the saved one (bitcoind's "
+        "-persistmempool=0)",
+    )
     parser.set_defaults(func=run_cli)
 
 
@@ -58,6 +63,7 @@ def run_cli(args: argparse.Namespace) -> int:
         node = EmbeddedNode(
             args.datadir, rpc_bind=args.rpc_bind, rpc_port=args.rpc_port,
             block_interval=args.block_interval, txindex=args.txindex,
+            persist_mempool=args.persist_mempool,
             rpc_timeout=args.rpc_timeout,
         )
         try:

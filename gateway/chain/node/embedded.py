@@ -64,6 +64,7 @@ class EmbeddedNode:
         premine: int = DEFAULT_PREMINE,
         txindex: bool = False,
         rpc_timeout: float = DEFAULT_TIMEOUT,
+        persist_mempool: bool = True,
     ) -> None:
         self.datadir = Path(datadir)
         self.netdir = self.datadir / "regtest"
@@ -73,6 +74,8 @@ class EmbeddedNode:
         self.block_interval = block_interval
         self.premine = premine
         self.txindex = txindex
+        #: bitcoind's -persistmempool: False starts with an empty mempool.
+        self.persist_mempool = persist_mempool
         self.mocktime = 0
         self.chain = ChainState(self.netdir, txindex=txindex)
         self.fees = FeeEstimator()
@@ -139,7 +142,10 @@ class EmbeddedNode:
                 await chain.flush()
                 with chain.db:
                     store.set_meta(chain.db, "premined", 1)
-            self.mempool.load()
+            if self.persist_mempool:
+                self.mempool.load()
+            else:
+                self.mempool.forget_saved()
             self.rpc_port = await self._server.start(self.rpc_bind, self.rpc_port)
         except BaseException:
             self._open = False

@@ -279,6 +279,11 @@ class Mempool:
             with db:
                 db.executemany("DELETE FROM mempool WHERE txid=?", dropped)
 
+    def forget_saved(self) -> None:
+        """Start empty, as bitcoind with ``-persistmempool=0`` does."""
+        with self.chain.db as db:
+            db.execute("DELETE FROM mempool")
+
     # -- following the chain -------------------------------------------------
 
     def _evict(self, txid: bytes, removed: list[bytes]) -> None:
