@@ -59,7 +59,15 @@ from gateway.channels import (
 from gateway.protocol.channel import ServerState
 from gateway.protocol.messages import Closed
 from gateway.protocol.scripts import address_to_script_pubkey
-from gateway.protocol.settlement import Batch, ChannelClaim, build_batch, feerate
+from gateway.protocol.settlement import (
+    MAX_BATCH_CHANNELS as MAX_BATCH,
+)
+from gateway.protocol.settlement import (
+    Batch,
+    ChannelClaim,
+    build_batch,
+    feerate,
+)
 
 if TYPE_CHECKING:
     from gateway.server import Gateway
@@ -72,9 +80,6 @@ TICK_SLICE = 256
 FEERATE_TTL_S = 30.0
 #: Longest a closing channel goes unfollowed within one block (seconds).
 REFOLLOW_S = 60.0
-#: Channels per settlement: a standard transaction weighs at most 400,000 WU
-#: (100,000 vB) and a channel's exit at most ~150 vB.
-MAX_BATCH = 500
 
 
 @dataclass

@@ -118,3 +118,21 @@ def test_percentiles_nearest_rank() -> None:
     assert percentiles(samples) == {"p50_ms": 50.0, "p99_ms": 99.0, "max_ms": 100.0,
                                     "samples": 100}
     assert percentiles([])["samples"] == 0
+
+
+def test_economics_table_comes_from_kernel_checked_batches(capsys: pytest.CaptureFixture[str]):
+    """``gateway bench --economics``: docs/economics.md's figures, every input kernel-checked."""
+    result = _run(capsys, "--economics")
+    rows = {(r["rate"], r["channels"]): r for r in result["per_channel"]}
+    for rate in (1.0, 5.0, 20.0):
+        alone, hundred, thousand = rows[rate, 1], rows[rate, 100], rows[rate, 1000]
+        assert (hundred["transactions"], thousand["transactions"]) == (1, 2)
+        # A batch shares the fixed overhead and the publisher's output.
+        assert thousand["vbytes_per_channel"] < hundred["vbytes_per_channel"]
+        assert hundred["vbytes_per_channel"] < alone["v1_vbytes"]
+        # Each channel's part of a batch's fee is its reserve (its own exit),
+        # never less: the feerate reaches every quote.
+        assert hundred["fee_per_channel"] == hundred["exit_fee"]
+        assert hundred["fee_per_channel"] / hundred["vbytes_per_channel"] >= rate
+    for even in result["break_even"]:
+        assert even["v2_batch_of_100"] < even["v2_alone"] < even["v1_one_tx_per_channel"]

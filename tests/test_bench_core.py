@@ -1,7 +1,7 @@
 """Smoke test of the core micro-benchmark: it runs and reports every figure
 (no timing assertions: speed is reported by benchmarks, not tested)."""
 
-from gateway.bench_core import main, measure
+from gateway.bench.core import main, measure
 
 
 def test_core_benchmark_reports_every_figure(capsys):

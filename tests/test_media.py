@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import shutil
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -43,6 +44,7 @@ from gateway.media.segment import (
     segment,
 )
 from gateway.protocol.scripts import script_pubkey_to_address
+from gateway.protocol.settlement import lone_payout_share
 
 CLIP_SECONDS = 6
 
@@ -289,6 +291,29 @@ def test_publish_cli_prints_summary(
     assert (item.title, item.rate_msat, item.free_ms, item.rate) == ("Tune", 250, 1500, 0.25)
 
 
+def test_publish_warns_when_one_viewer_cannot_pay_the_publisher(
+    sources: dict[str, Path], media_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A 6-second tune at 0.25 sat/s: 2 sat for the whole of it, far below the
+    # ~580 sat a channel settled alone needs to pay a publisher at 2 sat/vB.
+    args = _publish_args(media_dir, sources["music"], "--publisher", "alice", "--free", "0")
+    assert main([*args, "--rate", "0.25"]) == 0
+    err = capsys.readouterr().err
+    item = Catalog.load(media_dir).items["clip"]
+    needed = lone_payout_share(Fraction(2))
+    assert f"all of clip costs 2 sat beyond its free time, below the {needed} sat" in err
+    even = -(-needed * 1_000_000 // item.duration_ms) / 1000  # sat/s to reach it alone
+    assert f"--rate {even:g} or more breaks even alone" in err
+    # At that rate one viewer's whole watch pays the publisher: no warning.
+    assert main([*args, "--rate", f"{even:g}"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    # A higher feerate needs more; a feerate below the relay minimum is refused.
+    assert main([*args, "--rate", f"{even:g}", "--feerate", "50"]) == 0
+    assert "warning: all of clip" in capsys.readouterr().err
+    assert main([*args, "--rate", "1", "--feerate", "0.5"]) == 1
+    assert "--feerate must be at least 1" in capsys.readouterr().err
+
+
 def test_publisher_add_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     media = tmp_path / "m"
     args = ["publisher", "add", "carol", "--name", "Carol", "--media", str(media)]
@@ -318,17 +343,19 @@ def test_media_sample_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert catalog.publishers["demo"] == DEMO_PUBLISHER
     assert catalog.items[VIDEO_ID].mime.startswith("video/mp4")
     assert catalog.items[MUSIC_ID].mime.startswith("audio/mp4")
-    assert catalog.items[MUSIC_ID].rate_msat == 500  # fractional: 0.5 sat/s
+    # The demo's prices (docs/economics.md): the video pays its publisher
+    # from one viewer's whole watch, the music only in a batch.
+    assert (catalog.items[VIDEO_ID].rate_msat, catalog.items[MUSIC_ID].rate_msat) == (5000, 2000)
     for item in catalog.items.values():
         assert abs(item.duration_ms - 6000) < 100
-        assert item.free_ms == 60_000
+        assert item.free_ms == 30_000
     capsys.readouterr()
     before = (media / "catalog.toml").read_bytes()
     assert main(["media", "sample", "--media", str(media), "--seconds", "6"]) == 0
     assert "already" in capsys.readouterr().out
     assert (media / "catalog.toml").read_bytes() == before
     assert main(["media", "list", "--media", str(media)]) == 0
-    assert "sample-music\t0.5 sat/s" in capsys.readouterr().out
+    assert "sample-music\t2 sat/s" in capsys.readouterr().out
 
 
 def test_demo_address_derives_from_documented_key() -> None:

@@ -28,6 +28,7 @@ from gateway.protocol.settlement import (
     exit_fee,
     exit_vbytes,
     feerate,
+    lone_payout_share,
     split_payout,
 )
 from gateway.protocol.transactions import (
@@ -294,3 +295,19 @@ def test_batch_properties(paid: list[int], rate: Fraction, weights: list[bytes])
         assert batch is not None
         members = [c for c in claims if c.outpoint in batch.channels]
         assert_valid(batch, chans, members)
+
+
+@pytest.mark.parametrize("rate", [Fraction(1), Fraction(2), Fraction(5), Fraction(20)])
+def test_lone_payout_share_is_where_a_lone_channel_starts_paying_its_publisher(rate):
+    chan = CHANS[6]
+    threshold = lone_payout_share(rate, PUB_A)
+    reserve = exit_fee(chan.vbytes, rate)
+
+    def publisher_gets(media: int) -> int:
+        batch = build_batch([chan.claim(reserve + media, rate=rate)], OPERATOR, rate).batch
+        assert batch is not None
+        assert_valid(batch, [chan], [chan.claim(reserve + media, rate=rate)])
+        return dict(batch.server_outputs).get(PUB_A, 0)
+
+    assert publisher_gets(threshold) >= DUST_LIMIT
+    assert publisher_gets(threshold - 3) == 0  # all of it to the fee

@@ -9,15 +9,18 @@ catalog file unchanged.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from fractions import Fraction
 from pathlib import Path
 
 from gateway.cli import CliError
 from gateway.media.catalog import (
     DEFAULT_FREE_MS,
     Catalog,
+    MediaItem,
     add_publisher,
     parse_rate,
     parse_seconds,
@@ -25,6 +28,9 @@ from gateway.media.catalog import (
 )
 from gateway.media.sample import DEFAULT_SECONDS, ensure_samples
 from gateway.media.segment import MediaError
+from gateway.protocol.metering import total_due
+from gateway.protocol.settlement import feerate, lone_payout_share
+from gateway.protocol.transactions import DUST_LIMIT
 
 #: The media directory when ``--media`` is not given (relative to the cwd).
 DEFAULT_MEDIA_DIR = Path("media")
@@ -39,6 +45,17 @@ def _user_errors() -> Iterator[None]:
         raise CliError(str(exc)) from exc
 
 
+def _add_feerate_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--feerate",
+        type=float,
+        default=2.0,
+        metavar="SAT_PER_VB",
+        help="settlement feerate the payout warning assumes (default: 2, the gateway's "
+        "fee floor)",
+    )
+
+
 def _add_media_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--media",
@@ -51,6 +68,7 @@ def _add_media_option(parser: argparse.ArgumentParser) -> None:
 
 def cmd_publish(args: argparse.Namespace) -> int:
     """``gateway publish FILE --id ID --publisher P --rate SAT_PER_S``."""
+    rate = _feerate(args)  # checked before anything is written
     with _user_errors():
         started = time.monotonic()
         item = publish(
@@ -67,7 +85,41 @@ def cmd_publish(args: argparse.Namespace) -> int:
         f"{item.mime}, {item.rate} sat/s after {item.free_ms / 1000:g} s free "
         f"({time.monotonic() - started:.1f} s)"
     )
+    warn_if_below_payout(item, rate)
     return 0
+
+
+def whole_price(item: MediaItem) -> int:
+    """What one viewer pays for all of ``item`` beyond its free time (sat, rounded up)."""
+    return total_due(0, item.rate_msat, max(0, item.duration_ms - item.free_ms))
+
+
+def warn_if_below_payout(item: MediaItem, rate: Fraction) -> None:
+    """Warn when a whole watch of ``item`` cannot pay its publisher from one channel.
+
+    At ``rate`` sat/vB a channel settled alone needs :func:`lone_payout_share`
+    sat of media for a publisher output (docs/economics.md); below that, the
+    publisher earns from ``item`` only when viewers' channels settle together.
+    """
+    needed = lone_payout_share(rate)
+    price = whole_price(item)
+    paid_ms = item.duration_ms - item.free_ms
+    if price >= needed or paid_ms <= 0:
+        return
+    even = -(-needed * 1_000_000 // paid_ms)  # msat per second
+    print(
+        f"warning: all of {item.id} costs {price} sat beyond its free time, below the "
+        f"{needed} sat a viewer's channel settled alone needs to pay its publisher at "
+        f"{float(rate):g} sat/vB (a {DUST_LIMIT}-sat output plus its fee): it earns only "
+        f"when settled with other viewers; --rate {even / 1000:g} or more breaks even alone",
+        file=sys.stderr,
+    )
+
+
+def _feerate(args: argparse.Namespace) -> Fraction:
+    if not args.feerate >= 1:
+        raise CliError("--feerate must be at least 1 sat/vB (the minimum relay feerate)")
+    return feerate(str(args.feerate))
 
 
 def cmd_publisher_add(args: argparse.Namespace) -> int:
@@ -80,6 +132,7 @@ def cmd_publisher_add(args: argparse.Namespace) -> int:
 
 def cmd_media_sample(args: argparse.Namespace) -> int:
     """``gateway media sample``: generate and publish the demo media once."""
+    rate = _feerate(args)
     if args.seconds < 1:
         raise CliError("--seconds must be at least 1")
     with _user_errors():
@@ -89,6 +142,7 @@ def cmd_media_sample(args: argparse.Namespace) -> int:
         print(f"sample media already in {args.media / 'catalog.toml'}")
     for item in items:
         print(f"published {item.id}: {len(item.chunks)} chunks, {item.duration_ms / 1000:.1f} s")
+        warn_if_below_payout(item, rate)
     if items:
         print(f"sample media ready in {time.monotonic() - started:.1f} s")
     return 0
@@ -120,6 +174,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         metavar="SECONDS",
         help="free seconds per channel (default: 60)",
     )
+    _add_feerate_option(p)
     _add_media_option(p)
     p.set_defaults(func=cmd_publish)
 
@@ -142,6 +197,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         help=f"length of each sample (default: {DEFAULT_SECONDS})",
     )
     _add_media_option(p)
+    _add_feerate_option(p)
     p.set_defaults(func=cmd_media_sample)
     p = media_sub.add_parser("list", help="list the catalog")
     _add_media_option(p)

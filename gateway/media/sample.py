@@ -37,6 +37,8 @@ DEMO_KEY_SEED = b"paystream demo publisher"
 VIDEO_ID = "sample-video"
 MUSIC_ID = "sample-music"
 DEFAULT_SECONDS = 180
+#: The samples' free time per channel (the catalog's default is 60 s).
+SAMPLE_FREE_MS = 30_000
 
 _WIDTH, _HEIGHT, _FPS = 320, 180, 24
 _RATE = 48_000
@@ -129,9 +131,13 @@ def ensure_samples(media_dir: Path, seconds: int = DEFAULT_SECONDS) -> list[Medi
     catalog = Catalog.load(media_dir)
     if DEMO_PUBLISHER.id not in catalog.publishers:
         add_publisher(media_dir, DEMO_PUBLISHER.id, DEMO_PUBLISHER.name, DEMO_PUBLISHER.address)
+    # The demo's prices: a viewer who watches the whole sample video pays
+    # 150 s x 5 sat/s = 750 sat beyond its exit fee, enough for the
+    # publisher's own output when that viewer's channel settles alone (see
+    # docs/economics.md); the music, at 2 sat/s, earns only in a batch.
     wanted = (
-        (VIDEO_ID, "Sample video: test pattern and tone", synthesize_video, ".mp4", 2000),
-        (MUSIC_ID, "Sample music: a melody of tones", synthesize_music, ".m4a", 500),
+        (VIDEO_ID, "Sample video: test pattern and tone", synthesize_video, ".mp4", 5000),
+        (MUSIC_ID, "Sample music: a melody of tones", synthesize_music, ".m4a", 2000),
     )
     sources = media_dir / ".sources"
     published = []
@@ -149,6 +155,7 @@ def ensure_samples(media_dir: Path, seconds: int = DEFAULT_SECONDS) -> list[Medi
                 title=title,
                 publisher=DEMO_PUBLISHER.id,
                 rate_msat=rate_msat,
+                free_ms=SAMPLE_FREE_MS,
             )
         )
     return published

@@ -64,6 +64,8 @@ from gateway.protocol.transactions import (
 )
 
 __all__ = [
+    "MAX_BATCH_CHANNELS",
+    "TYPICAL_PAYOUT_SCRIPT",
     "Batch",
     "BatchResult",
     "ChannelClaim",
@@ -72,6 +74,7 @@ __all__ = [
     "exit_fee",
     "exit_vbytes",
     "feerate",
+    "lone_payout_share",
     "split_payout",
 ]
 
@@ -127,6 +130,24 @@ def exit_vbytes(script: ChannelScript, change_script: bytes) -> int:
         _FIXED_WEIGHT + _INPUT_WEIGHT + _witness_weight(script) + _output_weight(change_script)
     )
     return -(-weight // 4)
+
+
+#: Channels per settlement: a standard transaction weighs at most 400,000 WU
+#: (100,000 vB) and a channel's exit at most ~150 vB, with room to spare.
+MAX_BATCH_CHANNELS = 500
+#: A typical payout script: P2WSH or P2TR (34 bytes), the largest standard one.
+TYPICAL_PAYOUT_SCRIPT = b"\x00\x20" + bytes(32)
+
+
+def lone_payout_share(rate: Fraction, payout_script: bytes = TYPICAL_PAYOUT_SCRIPT) -> int:
+    """The least a channel settled alone must pay beyond its reserve for a payout output.
+
+    A publisher's output needs at least the dust limit, and pays for its own
+    bytes at ``rate``; one sat more covers the rounding of the fee. Below
+    this a lone channel's media payment all goes to the fee: its publisher
+    earns only from a batch shared with other channels (protocol.md section 3).
+    """
+    return DUST_LIMIT + math.ceil(rate * _output_weight(payout_script) / 4) + 1
 
 
 def exit_fee(vbytes: int, rate: Fraction) -> int:

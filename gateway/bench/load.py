@@ -1,6 +1,6 @@
 """The load generator of ``gateway bench``: many viewers in one process.
 
-Run by :mod:`gateway.bench` as ``python -m gateway.bench_load``; it is driven
+Run by :mod:`gateway.bench` as ``python -m gateway.bench.load``; it is driven
 over stdin/stdout with one JSON object per line, so that the coordinator can
 time the gateway (a separate process) against a window every load generator
 agrees on. ``time.monotonic()`` is CLOCK_MONOTONIC, the same clock in every
@@ -535,7 +535,7 @@ async def _main() -> None:
 
 
 def main() -> None:
-    """Entry point of ``python -m gateway.bench_load``."""
+    """Entry point of ``python -m gateway.bench.load``."""
     import uvloop
 
     try:

@@ -8,7 +8,7 @@ The coordinator (this module) starts, each in its own process:
 * ``gateway node`` — the embedded regtest node (kernel-validated chain);
 * ``gateway serve`` — the gateway, on a temp data dir (real SQLite, WAL,
   ``synchronous=FULL``, group commit) and a generated media dir;
-* ``--clients`` load generators (:mod:`gateway.bench_load`), which share the
+* ``--clients`` load generators (:mod:`gateway.bench.load`), which share the
   viewers.
 
 It writes a catalog item of ``--chunk-bytes`` random bytes per chunk and
@@ -55,10 +55,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.bench_load import LoadConfig
+from gateway.bench.load import LoadConfig
 
 GATEWAY = [sys.executable, "-m", "gateway.cli"]
-LOADGEN = [sys.executable, "-m", "gateway.bench_load"]
+LOADGEN = [sys.executable, "-m", "gateway.bench.load"]
 MEDIA_ID = "bench"
 #: A settlement is ~800 WU: 2,000 of them stay well inside a 4,000,000 WU block.
 SETTLEMENTS_PER_BLOCK = 2000
@@ -157,6 +157,12 @@ def register_cli(sub: Any) -> None:
     parser.add_argument("--workdir", type=Path,
                         help="keep data dirs and logs here (default: a temp dir, removed)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument(
+        "--economics", action="store_true",
+        help="instead: what settling a channel costs, single or batched, at 1, 5 and 20 "
+        "sat/vB, from real signed transactions checked by libbitcoinkernel "
+        "(docs/economics.md)",
+    )
     parser.set_defaults(func=_run_cli)
 
 
@@ -207,6 +213,16 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
 def _run_cli(args: argparse.Namespace) -> int:
     from gateway.cli import CliError
 
+    if args.economics:
+        from gateway.bench import economics
+
+        rows, even = economics.per_channel(), economics.break_even()
+        if args.json:
+            print(json.dumps({"per_channel": [vars(r) for r in rows], "break_even": even},
+                             indent=2))
+        else:
+            print(economics.markdown(rows, even))
+        return 0
     opts = options_from_args(args)
     try:
         result = asyncio.run(run_bench(opts, log=None if args.json else _progress))

@@ -3,7 +3,7 @@ second by ``ServerChannel.receive_payment`` on one core, next to the raw
 crypto ceiling measured in the same run (coincurve verifies/s and BIP143
 digests/s). A benchmark, not a timed test: it reports, it asserts nothing.
 
-Run ``python -m gateway.bench_core [--increments N]``; ``gateway bench``
+Run ``python -m gateway.bench.core [--increments N]``; ``gateway bench``
 prints the same ceiling beside its end-to-end figures.
 """
 
