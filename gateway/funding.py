@@ -42,15 +42,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from gateway.chain.rpc import RpcError, RpcException
 from gateway.chain.watch import ChainFollower, btc_to_sat
-from gateway.channels import LiveChannel, state_op
+from gateway.ledger import Ledger, LiveChannel
 from gateway.protocol.channel import ServerState
-from gateway.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +94,13 @@ class FundingDuty:
         *,
         rpc: Any,
         follower: ChainFollower,
-        store: Store,
-        channels: Callable[[], Iterable[LiveChannel]],
+        ledger: Ledger,
         min_conf: int,
         settle_depth: int,
     ) -> None:
         self.rpc = rpc
         self.follower = follower
-        self.store = store
-        self._channels = channels
+        self.ledger = ledger
         self.min_conf = min_conf
         self.settle_depth = settle_depth
         #: Set by the follower's callbacks: what the next round must look at.
@@ -130,10 +126,8 @@ class FundingDuty:
         reorg, self._reorg, self._new_block = self._reorg, False, False
         wanted = [
             live
-            for live in self._channels()
-            if live.core.outpoint is not None
-            and live.core.state in (ServerState.FUNDING, ServerState.READY)
-            and (
+            for live in self.ledger.watched_fundings()
+            if (
                 reorg
                 or live.core.state is ServerState.FUNDING
                 or live.funding_conf is None
@@ -191,7 +185,7 @@ class FundingDuty:
                 live.funding_conf = conf
                 if core.state is ServerState.FUNDING and conf >= self.min_conf:
                     core.confirm()
-                    await self.store.write([state_op(live.row_id, core)])
+                    await self.ledger.state(live)
                     log.info("channel %s funded (%d confirmations)", live.channel_id, conf)
                     changed = True
                 elif core.state is ServerState.READY and conf < self.min_conf:
@@ -211,7 +205,7 @@ class FundingDuty:
                 live.gone_since = seen + 1 if shallow and seen is not None else height
             if height - live.gone_since + 1 >= self.settle_depth:
                 core.void()
-                await self.store.write([state_op(live.row_id, core, closed_at=time.time())])
+                await self.ledger.state(live, closed_at=time.time())
                 log.warning("channel %s void: its funding was double-spent", live.channel_id)
                 live.funding_changed.set()
                 if live.session is not None:
@@ -224,7 +218,7 @@ class FundingDuty:
     async def _lose(self, live: LiveChannel, why: str) -> None:
         core = live.core
         core.unconfirm()
-        await self.store.write([state_op(live.row_id, core)])
+        await self.ledger.state(live)
         log.warning("channel %s lost its funding confirmations (%s)", live.channel_id, why)
         live.funding_changed.set()
         if live.session is not None:

@@ -16,8 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,20 +27,20 @@ from websockets.http11 import Request, Response
 
 from gateway.chain.rpc import RpcClient, RpcException
 from gateway.chain.watch import REORG_WINDOW, ChainFollower
-from gateway.channels import FUNDED_STATES, LIVE_STATES, ChannelReleased, LiveChannel, restore
 from gateway.config import Config, ConfigError
 from gateway.datadir import secure_datadir, write_private
 from gateway.funding import FundingDuty
+from gateway.handover import LinkError, WorkerRole
 from gateway.keys import MasterKey
+from gateway.ledger import SETTLEABLE, ChannelReleased, Ledger, LiveChannel, Store
 from gateway.media.catalog import Catalog, MediaItem
+from gateway.media.library import Library
 from gateway.protocol.channel import ServerState
-from gateway.protocol.errors import ErrorCode, ProtocolError
 from gateway.protocol.messages import Limits
 from gateway.protocol.scripts import address_to_script_pubkey
-from gateway.session import Session
-from gateway.settlement import Settler
-from gateway.store import Store
-from gateway.workers import LinkError, WorkerRole
+from gateway.protocol.settlement import feerate
+from gateway.session import Session, SessionContext
+from gateway.settlement import Settler, SettleSettings
 
 if TYPE_CHECKING:
     import socket
@@ -56,10 +55,6 @@ LEGACY_PATHS = ("/paystream/1",)
 NETWORKS = {"regtest": "regtest", "signet": "signet", "test": "testnet", "main": "main"}
 #: Client messages are small; a signed T1 in ``fund.tx`` is the largest.
 MAX_CLIENT_MESSAGE = 256 * 1024
-#: Bytes of media chunks kept in memory. Every viewer of an item reads the
-#: same chunks; a thread hop per chunk read cost ~13% of the gateway's CPU
-#: at 5k paid chunks/s (``gateway bench``, py-spy).
-CHUNK_CACHE_BYTES = 64 * 1024 * 1024
 
 
 class PaystreamConnection(ServerConnection):
@@ -93,7 +88,12 @@ class PaystreamConnection(ServerConnection):
 
 
 class Gateway:
-    """Everything one gateway process runs; see the module docstring for order."""
+    """One gateway process, wired together; see the module docstring for the order.
+
+    It owns no channel state and no SQL: the ledger does (gateway/ledger/).
+    It builds the parts, hands each the others it needs, answers HTTP, and
+    accepts sessions.
+    """
 
     def __init__(self, config: Config, *, worker: WorkerRole | None = None) -> None:
         self.config = config
@@ -101,13 +101,18 @@ class Gateway:
         self.worker = worker
         self.datadir = Path(config.datadir)
         secure_datadir(self.datadir)
-        self.store = Store(self.datadir / "gateway.db")
-        self.master = MasterKey.load_or_create(self.datadir / "master.key")
+        self.library = Library(config.media)
+        self.ledger = Ledger(
+            Store(self.datadir / "gateway.db"),
+            MasterKey.load_or_create(self.datadir / "master.key"),
+            publisher_of=self.library.publisher_of,
+            worker=worker,
+        )
         self.node: Any = None
         self.rpc: RpcClient
         self.watcher: ChainFollower
         self.funding: FundingDuty
-        self.catalog = Catalog.load(config.media)
+        self.settler: Settler
         self.network = "regtest"
         self.limits = Limits(**config.limits.to_wire(self.network))
         #: Confirmations that make a settlement or refund final (protocol.md section 8).
@@ -115,21 +120,30 @@ class Gateway:
         #: Seconds a closed channel may wait to share a settlement (settlement.py).
         self.settle_window = 0.0
         self.operator_script = b""
-        self.channels: dict[str, LiveChannel] = {}
-        self.settler = Settler(self)
         self.sessions: Counter[str] = Counter()
-        self._unfunded: Counter[str] = Counter()
-        self._next_index = 1
+        self._session_context: SessionContext | None = None
         self._server: Server | None = None
         self.port = config.port
         self.operator_token = config.operator_token or operator_token(self.datadir)
-        # (id(item), index) -> (item, bytes): the item is held so that its id
-        # is not reused while the entry lives; a republished item is a new
-        # object, so its chunks are read afresh.
-        self._chunks: OrderedDict[tuple[int, int], tuple[MediaItem, bytes]] = OrderedDict()
-        self._chunk_bytes = 0
-        self._loading: dict[tuple[int, int], tuple[MediaItem, asyncio.Future[bytes]]] = {}
-        self._publisher_of: tuple[Catalog | None, dict[str, str]] = (None, {})
+
+    @property
+    def store(self) -> Store:
+        """The ledger's store (tests and the operator's tools read it)."""
+        return self.ledger.store
+
+    @property
+    def channels(self) -> dict[str, LiveChannel]:
+        """The channels this process holds (the ledger's)."""
+        return self.ledger.channels
+
+    @property
+    def catalog(self) -> Catalog:
+        """The catalog as last read."""
+        return self.library.catalog
+
+    @catalog.setter
+    def catalog(self, catalog: Catalog) -> None:
+        self.library.catalog = catalog
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -145,7 +159,7 @@ class Gateway:
             raise
 
     async def _start(self, serve_sockets: bool, sock: socket.socket | None) -> None:
-        await self.store.start()
+        await self.ledger.start()
         if self.config.rpc_url is None:
             from gateway.chain.node import EmbeddedNode
 
@@ -172,30 +186,59 @@ class Gateway:
         self.limits = Limits(**self.config.limits.to_wire(self.network))
         self.settle_depth = self.config.settle_depth(self.network)
         self.settle_window = self.config.settle_window(self.network, embedded=self.node is not None)
+        address = self.config.operator_address or await operator_address(self.rpc, self.datadir)
+        self.operator_script = address_to_script_pubkey(address, self.network)
         self.watcher = ChainFollower(self.rpc)
         self.funding = FundingDuty(
             rpc=self.rpc,
             follower=self.watcher,
-            store=self.store,
-            channels=lambda: self.channels.values(),
+            ledger=self.ledger,
             min_conf=self.limits.min_conf,
             settle_depth=self.settle_depth,
         )
-        address = self.config.operator_address or await operator_address(self.rpc, self.datadir)
-        self.operator_script = address_to_script_pubkey(address, self.network)
-        self._load_channels()
+        self.settler = Settler(
+            ledger=self.ledger,
+            rpc=self.rpc,
+            follower=self.watcher,
+            funding=self.funding,
+            library=self.library,
+            settings=SettleSettings(
+                interval_s=self.config.settle_interval_s,
+                window_s=self.settle_window,
+                depth=self.settle_depth,
+                fee_floor=feerate(str(self.config.fee_floor)),
+                resume_grace_s=self.limits.resume_grace_s,
+                operator_script=self.operator_script,
+                network=self.network,
+            ),
+        )
+        held = self.ledger.load(self.limits, self.watcher)
         # What the live channels watch is registered before the follower reads
         # the blocks since the checkpoint: a settlement confirmed, or a
         # funding spent, while the gateway was down is seen now.
-        await self.watcher.start(self._checkpoint(int(info["blocks"])))
+        checkpoint = self.ledger.checkpoint()
+        if checkpoint is None and held:  # a store made by a version that kept none
+            checkpoint = (max(0, int(info["blocks"]) - REORG_WINDOW), "")
+        await self.watcher.start(checkpoint)
         self._save_checkpoint(self.watcher.height)
         self.watcher.on_block.append(self.funding.on_block)
         self.watcher.on_block.append(self._save_checkpoint)
         self.watcher.on_reorg.append(self.funding.on_reorg)
-        await self.funding.check(
-            [c for c in self.channels.values() if c.core.state in FUNDED_STATES]
-        )
+        await self.funding.check(self.ledger.watched_fundings())
         await self.settler.start()
+        self._session_context = SessionContext(
+            ledger=self.ledger,
+            rpc=self.rpc,
+            follower=self.watcher,
+            funding=self.funding,
+            settler=self.settler,
+            library=self.library,
+            network=self.network,
+            limits=self.limits,
+            funding_timeout_s=self.config.funding_timeout_s,
+            idle_timeout_s=self.config.idle_timeout_s,
+            max_unfunded_per_ip=self.config.max_unfunded_per_ip,
+        )
         if serve_sockets:
             where: dict[str, Any] = {"sock": sock}
             if sock is None:
@@ -218,225 +261,24 @@ class Gateway:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
-        await self.settler.stop()
+        if hasattr(self, "settler"):
+            await self.settler.stop()
         if hasattr(self, "watcher"):
             await self.watcher.stop()
         if hasattr(self, "rpc"):
             await self.rpc.close()
         if self.node is not None:
             await self.node.stop()
-        await self.store.close()
-
-    def _load_channels(self) -> None:
-        rows = self.store.read("SELECT * FROM channels ORDER BY id")
-        largest = rows[-1]["id"] if rows else 0
-        worker = self.worker
-        self._next_index = worker.first_id_above(largest) if worker else largest + 1
-        now = time.time()
-        live_states = {s.value for s in LIVE_STATES}
-        for row in rows:
-            if row["state"] not in live_states or not row["channel_id"]:
-                continue
-            if worker is not None and not worker.holds_at_start(row["id"]):
-                continue
-            live = self._restore(row)
-            # A session that was live when the gateway stopped: its grace runs
-            # from the restart (section 8).
-            live.disconnected_at = live.disconnected_at or now
-            self.hold(live)
-        log.info("loaded %d live channels", len(self.channels))
-
-    def _checkpoint(self, tip: int) -> tuple[int, str] | None:
-        """Where the follower starts: the last tip followed, stored in ``meta``.
-
-        None (start at the tip) for a new gateway; a store without one but
-        with live channels (made by a version that kept none) is read from
-        REORG_WINDOW blocks back.
-        """
-        rows = self.store.read("SELECT value FROM meta WHERE key = 'chain_checkpoint'")
-        if rows:
-            height, _, block_hash = str(rows[0]["value"]).partition(":")
-            return int(height), block_hash
-        if self.channels:
-            return max(0, tip - REORG_WINDOW), ""
-        return None
+        await self.ledger.close()
 
     def _save_checkpoint(self, height: int) -> None:
         """Follower callback: remember the tip followed (where the next start reads from)."""
-        value = f"{height}:{self.watcher.best_hash}"
-        op = ("INSERT OR REPLACE INTO meta(key, value) VALUES ('chain_checkpoint', ?)", (value,))
-        task = asyncio.ensure_future(self.store.write([op]))
+        task = asyncio.ensure_future(self.ledger.save_checkpoint(height, self.watcher.best_hash))
         task.add_done_callback(_log_failure)
-
-    def hold(self, live: LiveChannel) -> None:
-        """Hold a funded channel here; the follower watches its funding and settlement."""
-        self.channels[live.channel_id] = live
-        outpoint = live.core.outpoint
-        assert outpoint is not None
-        self.watcher.watch_outpoint(outpoint.txid, outpoint.vout)
-        if live.core.settlement_txid is not None:
-            self.watcher.watch_txid(live.core.settlement_txid)
-
-    def drop(self, live: LiveChannel) -> None:
-        """Stop holding ``live`` (it ended, or went to another worker)."""
-        if self.channels.get(live.channel_id) is live:
-            del self.channels[live.channel_id]
-        outpoint = live.core.outpoint
-        if outpoint is not None:
-            self.watcher.unwatch_outpoint(outpoint.txid, outpoint.vout)
-        if live.core.settlement_txid is not None:
-            self.watcher.unwatch_txid(live.core.settlement_txid)
-
-    def _restore(self, row: Any) -> LiveChannel:
-        deliveries = self.store.read(
-            "SELECT media, delivered_ms, bill FROM deliveries WHERE channel = ?", (row["id"],)
-        )
-        privkey, _ = self.master.channel_key(row["id"])
-        return restore(row, deliveries, privkey=privkey, limits=self.limits)
-
-    # -- what sessions ask of the gateway -------------------------------------------
-
-    def next_key_index(self) -> int:
-        """A fresh channel index: store row id and K2's BIP32 child (gateway/keys.py)."""
-        index = self._next_index
-        # Workers allocate ids ≡ their index (mod N): no two derive one key.
-        self._next_index += self.worker.count if self.worker else 1
-        return index
-
-    def unfunded_opens(self, peer: str) -> int:
-        """Channels opened from ``peer`` and not funded yet."""
-        return self._unfunded[peer]
-
-    def note_unfunded(self, peer: str, delta: int) -> None:
-        """Count an unfunded open from ``peer`` (+1) or its end (-1)."""
-        self._unfunded[peer] += delta
-        if self._unfunded[peer] <= 0:
-            del self._unfunded[peer]
-
-    def known_outpoint(self, channel_id: str) -> bool:
-        """True if a stored channel (in any state) is funded by ``channel_id``."""
-        return bool(self.store.read("SELECT 1 FROM channels WHERE channel_id = ?", (channel_id,)))
-
-    def load_stored(self, channel_id: str) -> LiveChannel | None:
-        """A copy of a channel this process does not hold, as stored (any state).
-
-        A closed one, so that ``resume`` gets ``channel_closed``; in a worker,
-        a live one held by another worker, to check a ``resume`` before
-        :meth:`take_over`.
-        """
-        rows = self.store.read("SELECT * FROM channels WHERE channel_id = ?", (channel_id,))
-        return self._restore(rows[0]) if rows else None
-
-    async def take_over(self, stored: LiveChannel) -> LiveChannel:
-        """Become the holder of a live channel another worker holds (gateway/workers.py).
-
-        The supervisor has the holder end its session and make the meter
-        durable first, so the copy loaded here afterwards is complete. Answers
-        the stored copy if the channel closed meanwhile (the holder kept it).
-        """
-        assert self.worker is not None
-        if stored.core.state not in _SETTLEABLE:
-            return stored
-        try:
-            acquired = await self.worker.link.request("acquire", row=stored.row_id)
-        except LinkError:
-            raise ProtocolError(
-                ErrorCode.BUSY, "the channel is being handed between workers; resume again"
-            ) from None
-        held = self.channels.get(stored.channel_id)
-        if held is not None:  # another session here took it meanwhile
-            return held
-        fresh = self.load_stored(stored.channel_id)
-        assert fresh is not None
-        if not acquired or fresh.core.state not in _SETTLEABLE:
-            return fresh
-        fresh.disconnected_at = time.time()
-        self.hold(fresh)
-        return fresh
-
-    async def release(self, row_id: int) -> bool:
-        """Hand channel ``row_id`` to another worker (the supervisor asks).
-
-        Ends its session (``session_replaced``, as a resume does in section 5)
-        and makes the meter durable, then forgets the channel. False if it is
-        closing: a settlement in flight stays with the worker that started it.
-        """
-        live = next((c for c in self.channels.values() if c.row_id == row_id), None)
-        if live is None:
-            return True
-        async with live.lock:  # no payment or settlement of it is half done
-            if self.channels.get(live.channel_id) is not live:
-                return True
-            if live.core.state not in _SETTLEABLE:
-                return False
-            session, live.session = live.session, None
-            if session is not None:
-                session.replaced()  # its stream stops before the meter is written
-            live.disconnected_at = live.disconnected_at or time.time()
-            await self.store.write(
-                [
-                    *live.meter_ops(self.publisher_of),
-                    (
-                        "UPDATE channels SET disconnected_at = ? WHERE id = ?",
-                        (live.disconnected_at, live.row_id),
-                    ),
-                ]
-            )
-            # Only once durable: if the write failed, it stays held here.
-            live.released = True
-            self.drop(live)
-        return True
 
     def catalog_item(self, media: str) -> MediaItem | None:
         """The catalog item ``media``, re-reading catalog.toml if it changed."""
-        self.catalog = self.catalog.reload_if_changed()
-        return self.catalog.items.get(media)
-
-    def cached_chunk(self, item: MediaItem, index: int) -> bytes | None:
-        """Chunk ``index`` of ``item`` if it is in memory (no ``await``), else None."""
-        key = (id(item), index)
-        hit = self._chunks.get(key)
-        if hit is not None and hit[0] is item:
-            self._chunks.move_to_end(key)
-            return hit[1]
-        return None
-
-    async def read_chunk(self, item: MediaItem, index: int) -> bytes:
-        """Chunk ``index`` of ``item`` (-1: init segment), from memory when cached."""
-        hit = self.cached_chunk(item, index)
-        if hit is not None:
-            return hit
-        key = (id(item), index)
-        # Viewers of one item move in step: the first miss reads, the rest wait for it.
-        loading = self._loading.get(key)
-        if loading is not None and loading[0] is item:
-            return await asyncio.shield(loading[1])
-        task = asyncio.ensure_future(asyncio.to_thread(item.read_chunk, index))
-        self._loading[key] = (item, task)
-        try:
-            data = await asyncio.shield(task)
-        finally:
-            if self._loading.get(key, (None, None))[1] is task:
-                del self._loading[key]
-        if len(data) <= CHUNK_CACHE_BYTES // 16:
-            old = self._chunks.pop(key, None)
-            if old is not None:
-                self._chunk_bytes -= len(old[1])
-            self._chunks[key] = (item, data)
-            self._chunk_bytes += len(data)
-            while self._chunk_bytes > CHUNK_CACHE_BYTES:
-                _, (_, evicted) = self._chunks.popitem(last=False)
-                self._chunk_bytes -= len(evicted)
-        return data
-
-    @property
-    def publisher_of(self) -> dict[str, str]:
-        """media id → publisher id, for the deliveries table (per catalog snapshot)."""
-        catalog, mapping = self._publisher_of
-        if catalog is not self.catalog:  # asked on every pay: build once per snapshot
-            mapping = {iid: item.publisher for iid, item in self.catalog.items.items()}
-            self._publisher_of = (self.catalog, mapping)
-        return mapping
+        return self.library.item(media)
 
     # -- sockets ------------------------------------------------------------------
 
@@ -456,7 +298,8 @@ class Gateway:
             await ws.close(1013, "busy")
             return
         self.sessions[peer] += 1
-        session = Session(self, ws, peer)
+        assert self._session_context is not None
+        session = Session(self._session_context, ws, peer)
         where = f"{peer}:{ws.remote_address[1]}" if ws.remote_address else peer
         log.info("session from %s started", where)
         try:
@@ -525,7 +368,7 @@ class Gateway:
         if channel_id is not None:
             targets = [self.channels[channel_id]]
         else:
-            states = (*_SETTLEABLE, ServerState.CLOSING)
+            states = (*SETTLEABLE, ServerState.CLOSING)
             targets = [c for c in self.channels.values() if c.core.state in states]
         results: list[dict[str, Any]] = []
         for live in targets:
@@ -554,7 +397,7 @@ class Gateway:
     async def answer(self, what: str, args: dict[str, Any]) -> Any:
         """What one gateway process answers for itself (:meth:`everywhere`, the supervisor)."""
         if what == "release":
-            return await self.release(int(args["row"]))
+            return await self.ledger.release(int(args["row"]))
         if what == "settle":
             try:
                 return await self.settle_by_hand(args.get("channel"))
@@ -565,8 +408,7 @@ class Gateway:
                 "worker": self.worker.index if self.worker else 0,
                 "channels": len(self.channels),
                 "sessions": sum(self.sessions.values()),
-                "commits": self.store.commits,
-                "requests": self.store.requests,
+                **self.ledger.stats,
             }
         if what == "channels":
             return [live.summary() for live in self.channels.values()]
@@ -611,8 +453,6 @@ def urls(host: str, port: int, node: Any) -> dict[str, str]:
         found["cookie"] = str(node.cookie_path)
     return found
 
-
-_SETTLEABLE = (ServerState.READY, ServerState.FUNDING)
 
 
 class GatewayStartError(RuntimeError):

@@ -8,7 +8,6 @@ import contextlib
 import json
 import logging
 import os
-import sqlite3
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -176,24 +175,15 @@ def _print_demo_hint(config: Config) -> None:
     )
 
 
-def _db(config: Config) -> sqlite3.Connection:
+def _channels(args: argparse.Namespace) -> int:
     from gateway.cli import CliError
+    from gateway.ledger import list_channels
 
+    config = load_config(args)
     path = config.datadir / "gateway.db"
     if not path.exists():
         raise CliError(f"no gateway data in {config.datadir} (run `gateway serve` first)")
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    conn.row_factory = sqlite3.Row
-    return conn
-
-
-def _channels(args: argparse.Namespace) -> int:
-    config = load_config(args)
-    rows = _db(config).execute(
-        "SELECT id, channel_id, kind, state, value, balance, seq, expiry, settle_txid "
-        "FROM channels ORDER BY id"
-    ).fetchall()
-    items = [dict(r) for r in rows]
+    items = list_channels(path)
     for item in items:
         # No balance yet means nothing paid; a zero balance means all of it was.
         value, balance = item["value"] or 0, item["balance"]

@@ -34,14 +34,18 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from gateway.chain.rpc import RpcError, RpcVerifyAlreadyInChain
-from gateway.channels import LiveChannel, funded_op, state_op
-from gateway.funding import funding_status
+from gateway.chain.watch import ChainFollower
+from gateway.funding import FundingDuty, funding_status
+from gateway.ledger import Ledger, LiveChannel
+from gateway.media.catalog import MediaItem
+from gateway.media.library import Library
 from gateway.protocol.channel import ServerChannel, ServerState
 from gateway.protocol.errors import ErrorCode, ProtocolError
 from gateway.protocol.messages import (
@@ -54,6 +58,7 @@ from gateway.protocol.messages import (
     Fund,
     Funding,
     Hello,
+    Limits,
     Message,
     Open,
     Pay,
@@ -66,12 +71,9 @@ from gateway.protocol.messages import (
     encode,
     parse_client_message,
 )
-from gateway.protocol.metering import INIT_SEGMENT, ServerMeter
+from gateway.protocol.metering import INIT_SEGMENT
 from gateway.protocol.transactions import Outpoint
-
-if TYPE_CHECKING:
-    from gateway.media.catalog import MediaItem
-    from gateway.server import Gateway
+from gateway.settlement import Settler
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +84,31 @@ class SessionEnd(Exception):
     """Stop reading: the session is over (closed, replaced or fatal error)."""
 
 
+@dataclass(frozen=True)
+class SessionContext:
+    """What every session works with, handed in by the gateway's wiring (server.py)."""
+
+    ledger: Ledger
+    rpc: Any
+    follower: ChainFollower
+    funding: FundingDuty
+    settler: Settler
+    library: Library
+    network: str
+    limits: Limits
+    #: Seconds a session may wait for its funding output before funding_not_found.
+    funding_timeout_s: float
+    #: Seconds without a message from the client before the socket is closed.
+    idle_timeout_s: float
+    #: Channels one address may have opened and not funded.
+    max_unfunded_per_ip: int
+
+
 class Session:
     """The gateway's side of one WebSocket (protocol.md section 4)."""
 
-    def __init__(self, gateway: Gateway, ws: ServerConnection, peer: str) -> None:
-        self.gw = gateway
+    def __init__(self, ctx: SessionContext, ws: ServerConnection, peer: str) -> None:
+        self.ctx = ctx
         self.ws = ws
         self.peer = peer
         self.nonce = secrets.token_bytes(32)
@@ -153,7 +175,7 @@ class Session:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         self._last_rx = loop.time()
-        self._watchdog = loop.call_later(self.gw.config.idle_timeout_s, self._idle_check)
+        self._watchdog = loop.call_later(self.ctx.idle_timeout_s, self._idle_check)
         while True:
             raw = await self.ws.recv()
             self._last_rx = loop.time()
@@ -181,7 +203,7 @@ class Session:
         every ``recv`` cost a timer per message (``gateway bench``).
         """
         loop = asyncio.get_running_loop()
-        idle = self.gw.config.idle_timeout_s
+        idle = self.ctx.idle_timeout_s
         if self._stream is not None and not self._stream.done():
             deadline = loop.time() + idle  # free media plays without client messages
         else:
@@ -205,9 +227,9 @@ class Session:
                 ServerHello(
                     version=PROTOCOL_VERSION,
                     agent=AGENT,
-                    network=self.gw.network,
+                    network=self.ctx.network,
                     nonce=self.nonce,
-                    limits=self.gw.limits,
+                    limits=self.ctx.limits,
                 )
             )
             return
@@ -224,45 +246,22 @@ class Session:
 
     async def _on_open(self, msg: Open) -> None:
         self._no_channel_yet("open")
-        if self.gw.unfunded_opens(self.peer) >= self.gw.config.max_unfunded_per_ip:
+        if self.ctx.ledger.unfunded_opens(self.peer) >= self.ctx.max_unfunded_per_ip:
             raise ProtocolError(ErrorCode.BUSY, "too many unfunded channels from this address")
-        row_id = self.gw.next_key_index()
-        privkey, _ = self.gw.master.channel_key(row_id)
+        row_id = self.ctx.ledger.next_index()
         core = ServerChannel.open(
             msg,
-            server_privkey=privkey,
-            limits=self.gw.limits,
-            network=self.gw.network,
+            server_privkey=self.ctx.ledger.channel_key(row_id),
+            limits=self.ctx.limits,
+            network=self.ctx.network,
             now=int(time.time()),
-            tip_height=self.gw.watcher.height,
-            feerate=await self.gw.settler.feerate(),
+            tip_height=self.ctx.follower.height,
+            feerate=await self.ctx.settler.feerate(),
         )
-        # The row (and so K2's index) is durable before K2 is revealed: a
-        # restart can always re-derive the key of an address a client funds.
-        await self.gw.store.write(
-            [
-                (
-                    "INSERT INTO channels(id, kind, client_pubkey, server_pubkey, expiry, "
-                    "change_script, network, state, created_at, client_addr, exit_fee) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        row_id,
-                        core.kind,
-                        core.script.client_pubkey.hex(),
-                        core.script.server_pubkey.hex(),
-                        core.expiry,
-                        core.change_script.hex(),
-                        core.network,
-                        core.state.value,
-                        time.time(),
-                        self.peer,
-                        core.exit_fee,
-                    ),
-                )
-            ]
-        )
+        # The row (and so K2's index) is durable before K2 is revealed.
+        await self.ctx.ledger.opened(row_id, core, self.peer)
         self._pending = (row_id, core)
-        self.gw.note_unfunded(self.peer, +1)
+        self.ctx.ledger.note_unfunded(self.peer, +1)
         await self._send(core.terms())
 
     def _pending_core(self, what: str) -> tuple[int, ServerChannel]:
@@ -273,18 +272,7 @@ class Session:
     async def _on_refund(self, msg: Refund) -> None:
         row_id, core = self._pending_core("refund")
         answer = core.sign_refund(msg)
-        assert core.refund_outpoint is not None
-        await self.gw.store.write(
-            [
-                state_op(
-                    row_id,
-                    core,
-                    refund_tx=msg.tx.hex(),
-                    refund_value=msg.value,
-                    refund_outpoint=core.refund_outpoint.channel_id,
-                )
-            ]
-        )
+        await self.ctx.ledger.refund_signed(row_id, core, msg.tx, msg.value)
         await self._send(answer)
 
     async def _on_fund(self, msg: Fund) -> None:
@@ -307,7 +295,7 @@ class Session:
     async def _broadcast_funding(self, tx: bytes) -> None:
         """Relay the client's T1 (it pays this channel: resolve_fund said so)."""
         try:
-            await self.gw.rpc.call("sendrawtransaction", tx.hex())
+            await self.ctx.rpc.call("sendrawtransaction", tx.hex())
         except RpcVerifyAlreadyInChain:
             pass
         except RpcError as exc:
@@ -326,7 +314,7 @@ class Session:
         (the client sent it, or the mempool has it), else ``funding_not_found``
         — a stock node cannot tell an unknown output from one spent long ago.
         """
-        status = await funding_status(self.gw.rpc, outpoint.txid, outpoint.vout)
+        status = await funding_status(self.ctx.rpc, outpoint.txid, outpoint.vout)
         if status.confirmations is None:
             if known or status.spent_in_mempool or await self._in_mempool(outpoint.txid):
                 raise ProtocolError(
@@ -336,27 +324,24 @@ class Session:
                 ErrorCode.FUNDING_NOT_FOUND,
                 f"the node has no unspent output {outpoint.channel_id}",
             )
-        if outpoint.channel_id in self.gw.channels or self.gw.known_outpoint(outpoint.channel_id):
+        ledger = self.ctx.ledger
+        if outpoint.channel_id in ledger.channels or ledger.known_outpoint(outpoint.channel_id):
             raise ProtocolError(ErrorCode.FUNDING_MISMATCH, "that output funds another channel")
         assert status.value is not None and status.script_pubkey is not None
         core.accept_funding(outpoint, status.value, status.script_pubkey)
-        live = LiveChannel(
-            row_id=row_id, core=core, meter=ServerMeter(reserve=core.exit_fee), durable_paid=0
-        )
-        await self.gw.store.write([funded_op(live)])
+        live = await self.ctx.ledger.funded(row_id, core)
         self._pending = None
-        self.gw.note_unfunded(self.peer, -1)
-        self.gw.hold(live)
+        self.ctx.ledger.note_unfunded(self.peer, -1)
         self.live = live
         self._label = live.channel_id
         live.session = self
         log.info("channel %s funded: %d sat, from %s", live.channel_id, core.value, self.peer)
-        await self.gw.funding.apply(live, status)
+        await self.ctx.funding.apply(live, status)
         await self._until_ready(live)
 
     async def _in_mempool(self, txid: str) -> bool:
         try:
-            await self.gw.rpc.call("getmempoolentry", txid)
+            await self.ctx.rpc.call("getmempoolentry", txid)
         except RpcError:
             return False
         return True
@@ -398,12 +383,12 @@ class Session:
                 outpoint = await self._poll_outpoint(core.refund_outpoint)
             else:
                 spk = core.script.script_pubkey
-                future = self.gw.watcher.watch_script(spk)
+                future = self.ctx.follower.watch_script(spk)
                 try:
-                    async with asyncio.timeout(self.gw.config.funding_timeout_s):
+                    async with asyncio.timeout(self.ctx.funding_timeout_s):
                         seen = await future
                 finally:
-                    self.gw.watcher.unwatch_script(spk, future)
+                    self.ctx.follower.unwatch_script(spk, future)
                 outpoint = Outpoint(seen.txid, seen.vout)
         except TimeoutError:
             raise ProtocolError(
@@ -412,19 +397,19 @@ class Session:
         await self._accept_funding(row_id, core, outpoint)
 
     async def _poll_outpoint(self, outpoint: Outpoint) -> Outpoint:
-        async with asyncio.timeout(self.gw.config.funding_timeout_s):
+        async with asyncio.timeout(self.ctx.funding_timeout_s):
             while True:
-                out = await self.gw.rpc.call("gettxout", outpoint.txid, outpoint.vout, True)
+                out = await self.ctx.rpc.call("gettxout", outpoint.txid, outpoint.vout, True)
                 if out is not None:
                     return outpoint
-                await asyncio.sleep(self.gw.watcher.poll_interval)
+                await asyncio.sleep(self.ctx.follower.poll_interval)
 
     async def _await_ready(self, live: LiveChannel) -> None:
         """``funding`` at each new confirmation until the funding duty says ready.
 
         The duty (gateway/funding.py) moves the channel; this only reports.
         """
-        needed = self.gw.limits.min_conf
+        needed = self.ctx.limits.min_conf
         core = live.core
         outpoint = core.outpoint
         assert outpoint is not None
@@ -452,16 +437,17 @@ class Session:
 
     async def _on_resume(self, msg: Resume) -> None:
         self._no_channel_yet("resume")
-        live = self.gw.channels.get(msg.channel_id) or self.gw.load_stored(msg.channel_id)
+        ledger = self.ctx.ledger
+        live = ledger.channels.get(msg.channel_id) or ledger.load_stored(msg.channel_id)
         if live is None:
             raise ProtocolError(ErrorCode.CHANNEL_UNKNOWN, "the gateway has no such channel")
-        now, height = int(time.time()), self.gw.watcher.height
-        if self.gw.worker is not None and self.gw.channels.get(live.channel_id) is not live:
+        now, height = int(time.time()), self.ctx.follower.height
+        if ledger.worker is not None and ledger.channels.get(live.channel_id) is not live:
             # Another worker may hold it: check the resume on the stored copy
             # first, so that a bad proof cannot take the channel from its
             # session (gateway/workers.py).
             live.core.check_resume(msg, nonce=self.nonce, now=now, tip_height=height)
-            live = await self.gw.take_over(live)
+            live = await self.ctx.ledger.take_over(live)
         live.core.check_resume(msg, nonce=self.nonce, now=now, tip_height=height)
         old = live.session
         live.session = self
@@ -474,7 +460,7 @@ class Session:
         # The funding output must still be there (a reorg, a double spend)
         # before anything flows on it again (section 5).
         # `funding` progress instead of `ready` until it is deep enough again.
-        await self.gw.funding.check_one(live)
+        await self.ctx.funding.check_one(live)
         if live.core.state is ServerState.VOID:
             raise ProtocolError(
                 ErrorCode.CHANNEL_CLOSED, "the channel's funding was double-spent", fatal=True
@@ -564,11 +550,11 @@ class Session:
 
     async def _on_play(self, msg: Play) -> None:
         live = self._ready_live("play")
-        if live.core.is_expiring(int(time.time()), self.gw.watcher.height):
+        if live.core.is_expiring(int(time.time()), self.ctx.follower.height):
             raise ProtocolError(
                 ErrorCode.CHANNEL_EXPIRING, "the channel is inside its settle margin"
             )
-        item = self.gw.catalog_item(msg.media)
+        item = self.ctx.library.item(msg.media)
         if item is None:
             raise ProtocolError(ErrorCode.MEDIA_UNKNOWN, f"no media {msg.media!r} in the catalog")
         if msg.start_ms > item.duration_ms:
@@ -617,13 +603,13 @@ class Session:
                     if live.core.state is not ServerState.READY:
                         await self._send(*out)
                         return  # settled meanwhile (expiry): no more chunks
-                data = self.gw.cached_chunk(item, index)
+                data = self.ctx.library.cached_chunk(item, index)
                 if data is None:
                     # A file read waits: send what is held first, so a ``paid``
                     # never waits behind it (a later one would overtake it).
                     await self._send(*out)
                     out = []
-                    data = await self.gw.read_chunk(item, index)
+                    data = await self.ctx.library.read_chunk(item, index)
                 out += [
                     Chunk(
                         media=item.id,
@@ -677,17 +663,13 @@ class Session:
         async with live.lock:
             if live.released:  # handed to another worker while this pay waited
                 raise ProtocolError(ErrorCode.SESSION_REPLACED, "the channel moved")
-            before = (core.seq, core.balance, core.sig)
+            # The core decides, the ledger records, then the core commits:
+            # a payment that did not become durable changes nothing.
             record = core.receive_payment(
-                msg, now=int(time.time()), tip_height=self.gw.watcher.height
+                msg, now=int(time.time()), tip_height=self.ctx.follower.height
             )
-            try:
-                await self.gw.store.write(live.payment_ops(record, self.gw.publisher_of))
-            except BaseException:
-                # Not durable: forget it, so memory never runs ahead of the store.
-                core.seq, core.balance, core.sig = before
-                raise
-            live.durable_paid = record.paid
+            await self.ctx.ledger.paid(live, record)
+            core.commit_payment(record)
         if self._parked:
             # The streamer sends it, before the chunk it pays for, in one write.
             self._paid_out.append(core.paid_message())
@@ -702,14 +684,14 @@ class Session:
         if self._funding is not None:
             self._funding.cancel()
         if self.live is not None:
-            closed = await self.gw.settler.close(self.live, reason="close")
+            closed = await self.ctx.settler.close(self.live, reason="close")
         else:
             assert self._pending is not None
             row_id, core = self._pending
             self._pending = None
-            self.gw.note_unfunded(self.peer, -1)
+            self.ctx.ledger.note_unfunded(self.peer, -1)
             core.abandon()  # nothing funded: closed, txid null
-            await self.gw.store.write([state_op(row_id, core, closed_at=time.time())])
+            await self.ctx.ledger.abandoned(row_id, core)
             closed = core.closed_message()
         await self._send(closed)
         self._closed = True
@@ -743,7 +725,7 @@ class Session:
         if self._funding is not None:
             self._funding.cancel()
         if self._pending is not None:
-            self.gw.note_unfunded(self.peer, -1)
+            self.ctx.ledger.note_unfunded(self.peer, -1)
         live = self.live
         if live is not None and live.session is self:
             live.session = None
@@ -751,15 +733,7 @@ class Session:
             # Flush the meter (free chunks since the last pay) and start the
             # resume grace (section 8) from a durable timestamp.
             try:
-                await self.gw.store.write(
-                    [
-                        *live.meter_ops(self.gw.publisher_of),
-                        (
-                            "UPDATE channels SET disconnected_at = ? WHERE id = ?",
-                            (live.disconnected_at, live.row_id),
-                        ),
-                    ]
-                )
+                await self.ctx.ledger.meter_flushed(live, live.disconnected_at)
             except Exception:
                 log.exception("could not record the end of session %s", self.peer)
 

@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gateway.chain.rpc import (
     RpcError,
@@ -49,13 +49,10 @@ from gateway.chain.rpc import (
     RpcInvalidAddressOrKey,
     RpcVerifyAlreadyInChain,
 )
-from gateway.channels import (
-    LIVE_STATES,
-    ChannelReleased,
-    LiveChannel,
-    batch_ops,
-    state_op,
-)
+from gateway.chain.watch import ChainFollower
+from gateway.funding import FundingDuty
+from gateway.ledger import LIVE_STATES, ChannelReleased, Ledger, LiveChannel
+from gateway.media.library import Library
 from gateway.protocol.channel import ServerState
 from gateway.protocol.messages import Closed
 from gateway.protocol.scripts import address_to_script_pubkey
@@ -66,11 +63,7 @@ from gateway.protocol.settlement import (
     Batch,
     ChannelClaim,
     build_batch,
-    feerate,
 )
-
-if TYPE_CHECKING:
-    from gateway.server import Gateway
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +73,26 @@ TICK_SLICE = 256
 FEERATE_TTL_S = 30.0
 #: Longest a closing channel goes unfollowed within one block (seconds).
 REFOLLOW_S = 60.0
+
+
+@dataclass(frozen=True)
+class SettleSettings:
+    """How the duty settles: what the operator set, resolved for the network."""
+
+    #: Seconds between rounds.
+    interval_s: float
+    #: Seconds a closed channel may wait to share a settlement (one block interval).
+    window_s: float
+    #: Confirmations that make a settlement or refund final (protocol.md section 8).
+    depth: int
+    #: The lowest feerate a settlement pays (sat/vB).
+    fee_floor: Fraction
+    #: How long a dropped session's channel stays resumable (section 8).
+    resume_grace_s: int
+    #: Where the operator's share (and payouts below dust) goes.
+    operator_script: bytes
+    #: The network publishers' addresses are read on.
+    network: str
 
 
 @dataclass
@@ -92,8 +105,22 @@ class _Queued:
 class Settler:
     """Settles channels on close, after the resume grace, before expiry, on restart."""
 
-    def __init__(self, gateway: Gateway) -> None:
-        self.gw = gateway
+    def __init__(
+        self,
+        *,
+        ledger: Ledger,
+        rpc: Any,
+        follower: ChainFollower,
+        funding: FundingDuty,
+        library: Library,
+        settings: SettleSettings,
+    ) -> None:
+        self.ledger = ledger
+        self.rpc = rpc
+        self.follower = follower
+        self.funding = funding
+        self.library = library
+        self.settings = settings
         self._task: asyncio.Task[None] | None = None
         self._script_cache: dict[str, bytes] = {}
         #: The last fee estimate (sat/vB) and when it was asked (tip hash, monotonic).
@@ -106,14 +133,11 @@ class Settler:
     @property
     def window(self) -> float:
         """Seconds a closed channel may wait for others to share its settlement."""
-        return self.gw.settle_window
+        return self.settings.window_s
 
     async def start(self) -> None:
         """Load the stored batches, run one round now (restart recovery), then keep running."""
-        for row in self.gw.store.read(
-            "SELECT txid, tx FROM settlements WHERE state = 'broadcast'"
-        ):
-            self._batches[row["txid"]] = bytes.fromhex(row["tx"])
+        self._batches.update(self.ledger.broadcast_batches())
         await self.tick()
         self._task = asyncio.create_task(self._run(), name="settler")
 
@@ -126,7 +150,7 @@ class Settler:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self.gw.config.settle_interval_s)
+            await asyncio.sleep(self.settings.interval_s)
             try:
                 await self.tick()
             except asyncio.CancelledError:
@@ -136,12 +160,12 @@ class Settler:
 
     async def tick(self) -> None:
         """One round: fundings moved by new blocks, due channels, the queue, the batches."""
-        if self.gw.funding.pending:
-            await self.gw.funding.round()
+        if self.funding.pending:
+            await self.funding.round()
         now = time.time()
-        grace = self.gw.limits.resume_grace_s
+        grace = self.settings.resume_grace_s
         followed: set[str] = set()
-        for n, live in enumerate(list(self.gw.channels.values()), 1):
+        for n, live in enumerate(list(self.ledger.channels.values()), 1):
             if n % TICK_SLICE == 0:
                 # Let sessions run: a pass over 5,000 channels held a worker's
                 # loop for 10-23 ms each second (docs/performance.md).
@@ -149,7 +173,7 @@ class Settler:
             core = live.core
             try:
                 if core.state in (ServerState.READY, ServerState.FUNDING):
-                    expiring = core.is_expiring(int(now), self.gw.watcher.height)
+                    expiring = core.is_expiring(int(now), self.follower.height)
                     idle = live.session is None and now - (live.disconnected_at or now) >= grace
                     if expiring or (idle and core.state is ServerState.READY):
                         closed = await self.close(
@@ -167,7 +191,7 @@ class Settler:
                     elif txid is None and live.spent:
                         await self._follow_refund(live)
                 if core.state not in LIVE_STATES:
-                    self.gw.drop(live)
+                    self.ledger.drop(live)
             except RpcException:
                 # The node refused, or did not answer: nothing is lost, the
                 # next round tries again (batches are stored first).
@@ -194,9 +218,7 @@ class Settler:
             core = live.core
             if core.state in (ServerState.READY, ServerState.FUNDING):
                 core.close()
-                ops = live.meter_ops(self.gw.publisher_of)
-                ops.append(state_op(live.row_id, core, closing_at=time.time()))
-                await self.gw.store.write(ops)
+                await self.ledger.closing(live)
                 log.info("closing %s (%s): paid %d", live.channel_id, reason, core.paid)
             settle_by: float | None = None
             if core.state is ServerState.CLOSING and core.settlement_txid is None:
@@ -277,7 +299,7 @@ class Settler:
             holders[claim.outpoint.channel_id] = live
         rate = await self.feerate()
         while claims:
-            result = build_batch(claims, self.gw.operator_script, rate)
+            result = build_batch(claims, self.settings.operator_script, rate)
             if result.batch is not None:
                 await self._store_and_broadcast(result.batch, claims, holders)
             left = list(result.left_out)
@@ -292,10 +314,10 @@ class Settler:
         async with live.lock:
             if live.core.state is ServerState.CLOSING and live.core.settlement_txid is None:
                 live.core.abandon()
-                await self.gw.store.write([state_op(live.row_id, live.core, closed_at=time.time())])
+                await self.ledger.closed_unsettled(live)
                 log.info("nothing to broadcast for %s (%s): refund after expiry", live.channel_id,
                          why)
-        self.gw.drop(live)
+        self.ledger.drop(live)
 
     async def _store_and_broadcast(
         self, batch: Batch, claims: Sequence[ChannelClaim], holders: dict[str, LiveChannel]
@@ -305,11 +327,10 @@ class Settler:
         for live in in_batch:
             live.core.settled_in(batch.txid)
         owners = self._owners(in_batch)
-        await self.gw.store.write(
-            batch_ops(batch, in_batch, [claimed[c.channel_id] for c in in_batch], owners)
+        await self.ledger.batch_stored(
+            batch, in_batch, [claimed[c.channel_id] for c in in_batch], owners
         )
         self._batches[batch.txid] = batch.tx
-        self.gw.watcher.watch_txid(batch.txid)
         log.info(
             "settlement %s: %d channel(s), %d vB, fee %d sat (%.2f sat/vB)",
             batch.txid, len(batch.channels), batch.vsize, batch.fee, float(batch.feerate),
@@ -320,14 +341,14 @@ class Settler:
         owners: dict[bytes, str] = {}
         for live in lives:
             owners.update(self.payouts(live)[1])
-        owners.setdefault(self.gw.operator_script, "operator")
+        owners.setdefault(self.settings.operator_script, "operator")
         return owners
 
     async def _broadcast(self, txid: str, lives: Sequence[LiveChannel] | None = None) -> None:
         """Send a stored batch to the node; split it when the node refuses it for good."""
         tx = self._batches[txid]
         try:
-            await self.gw.rpc.call("sendrawtransaction", tx.hex())
+            await self.rpc.call("sendrawtransaction", tx.hex())
         except RpcVerifyAlreadyInChain:
             pass
         except RpcError as exc:
@@ -339,7 +360,7 @@ class Settler:
             await self._split(txid, lives)
 
     def _members(self, txid: str) -> list[LiveChannel]:
-        return [c for c in self.gw.channels.values() if c.core.settlement_txid == txid]
+        return [c for c in self.ledger.channels.values() if c.core.settlement_txid == txid]
 
     async def _split(self, txid: str, lives: list[LiveChannel]) -> None:
         """Leave out the channels whose funding is gone; settle the rest again."""
@@ -348,21 +369,15 @@ class Settler:
             outpoint = live.core.outpoint
             assert outpoint is not None
             calls.append(("gettxout", [outpoint.txid, outpoint.vout, True]))
-        answers = await self.gw.rpc.batch(calls)
+        answers = await self.rpc.batch(calls)
         gone = [live for live, answer in zip(lives, answers, strict=True) if answer is None]
         if not gone and len(lives) == 1:
             return  # nothing to pin it on: follow() tries the same transaction again
-        await self.gw.store.write(
-            [("UPDATE settlements SET state = 'abandoned' WHERE txid = ?", (txid,))]
-        )
-        self._batches.pop(txid, None)
-        self.gw.watcher.unwatch_txid(txid)
         for live in lives:
             live.core.unsettle()
             live.spent = live in gone
-        await self.gw.store.write(
-            [state_op(live.row_id, live.core, settle_txid=None) for live in lives]
-        )
+        await self.ledger.batch_abandoned(txid, lives)
+        self._batches.pop(txid, None)
         rest = [live for live in lives if live not in gone]
         halves = [rest] if gone else [rest[: len(rest) // 2], rest[len(rest) // 2 :]]
         for half in halves:
@@ -385,13 +400,13 @@ class Settler:
         return True
 
     def _stamp(self) -> tuple[str, float]:
-        return self.gw.watcher.best_hash, time.monotonic()
+        return self.follower.best_hash, time.monotonic()
 
     def _fresh(self, stamp: tuple[str, float] | None, ttl: float) -> bool:
         """``stamp`` (see :meth:`_stamp`) is from this tip and younger than ``ttl`` s."""
         return (
             stamp is not None
-            and stamp[0] == self.gw.watcher.best_hash
+            and stamp[0] == self.follower.best_hash
             and time.monotonic() - stamp[1] < ttl
         )
 
@@ -404,31 +419,15 @@ class Settler:
         again (a channel whose funding its client's refund spent is then left
         out). Blocks come from the follower, never a txid index.
         """
-        follower = self.gw.watcher
+        follower = self.follower
         members = self._members(txid)
         seen = follower.confirmed(txid)
         if seen is not None:
-            if follower.depth(seen) >= self.gw.settle_depth:
-                ops: list[Any] = [
-                    (
-                        "UPDATE settlements SET state = 'confirmed', confirmed_height = ? "
-                        "WHERE txid = ?",
-                        (seen.height, txid),
-                    )
-                ]
+            if follower.depth(seen) >= self.settings.depth:
                 for live in members:
                     live.core.mark_closed()
-                    ops.append(
-                        state_op(
-                            live.row_id,
-                            live.core,
-                            confirmed_height=seen.height,
-                            closed_at=time.time(),
-                        )
-                    )
-                await self.gw.store.write(ops)
+                await self.ledger.batch_confirmed(txid, seen.height, members)
                 self._batches.pop(txid, None)
-                follower.unwatch_txid(txid)
                 log.info("settlement %s confirmed (%d channel(s))", txid, len(members))
             return
         for live in members:
@@ -444,17 +443,17 @@ class Settler:
         """The funding spent by another transaction (the client's refund) that deep → refunded."""
         outpoint = live.core.outpoint
         assert outpoint is not None
-        spend = self.gw.watcher.spent(outpoint.txid, outpoint.vout)
+        spend = self.follower.spent(outpoint.txid, outpoint.vout)
         if spend is None or spend.txid == live.core.settlement_txid:
             return
-        if self.gw.watcher.depth(spend.block) >= self.gw.settle_depth:
+        if self.follower.depth(spend.block) >= self.settings.depth:
             live.core.mark_refunded()
-            await self.gw.store.write([state_op(live.row_id, live.core, closed_at=time.time())])
+            await self.ledger.refunded(live)
             log.info("channel %s was refunded by %s", live.channel_id, spend.txid)
 
     async def _in_mempool(self, txid: str) -> bool:
         try:
-            await self.gw.rpc.call("getmempoolentry", txid)
+            await self.rpc.call("getmempoolentry", txid)
         except RpcInvalidAddressOrKey:  # -5: not in the mempool
             return False
         return True
@@ -476,9 +475,9 @@ class Settler:
         return rate
 
     async def _estimate(self) -> Fraction:
-        floor = feerate(str(self.gw.config.fee_floor))
+        floor = self.settings.fee_floor
         try:
-            answer = await self.gw.rpc.call("estimatesmartfee", 2)
+            answer = await self.rpc.call("estimatesmartfee", 2)
         except RpcError:
             return floor
         rate = answer.get("feerate") if isinstance(answer, dict) else None
@@ -489,13 +488,13 @@ class Settler:
     def _script(self, address: str) -> bytes:
         script = self._script_cache.get(address)
         if script is None:
-            script = address_to_script_pubkey(address, self.gw.network)
+            script = address_to_script_pubkey(address, self.settings.network)
             self._script_cache[address] = script
         return script
 
     def payouts(self, live: LiveChannel) -> tuple[list[tuple[bytes, int]], dict[bytes, str]]:
         """(script, weight) per publisher by what its items billed in this channel."""
-        catalog = self.gw.catalog
+        catalog = self.library.catalog
         weights: dict[bytes, int] = {}
         owner: dict[bytes, str] = {}
         for media, bill in sorted(live.media_bill.items()):

@@ -137,7 +137,8 @@ class ChannelPair:
         record = self.server.receive_payment(
             to_server(self.client.pay(total)), now=self.now, tip_height=self.tip
         )
-        self.records.append(record)
+        self.records.append(record)  # "stored durably", then the core commits it
+        self.server.commit_payment(record)
         self.client.on_paid(to_client(self.server.paid_message()))
         return record
 
@@ -172,6 +173,7 @@ class ChannelPair:
             pay = to_server(self.client.pay_due(due))
             record = self.server.receive_payment(pay, now=self.now, tip_height=self.tip)
             self.records.append(record)  # "stored durably"
+            self.server.commit_payment(record)
             self.client.on_paid(to_client(self.server.paid_message()))
         # Money rule: released only when a stored increment covers it.
         stored = self.records[-1].paid if self.records else 0

@@ -291,7 +291,10 @@ def pay_for(pair: ChannelPair, balance: int, seq: int | None = None, privkey=CLI
 
 
 def receive(pair: ChannelPair, pay: Pay, now: int = NOW, tip: int = TIP):
-    return pair.server.receive_payment(pay, now=now, tip_height=tip)
+    """The gateway takes ``pay``: decided, "stored", then committed."""
+    record = pair.server.receive_payment(pay, now=now, tip_height=tip)
+    pair.server.commit_payment(record)
+    return record
 
 
 def high_s(sig: bytes) -> bytes:
@@ -867,3 +870,46 @@ def test_a_reserve_not_paid_whole_is_not_claimed():
     )):
         ChannelPair().server.claim()
 
+
+
+def test_a_payment_is_the_channels_only_once_committed():
+    """receive_payment decides; commit_payment takes only the next durable increment."""
+    pair = ChannelPair()
+    before = pair.server.snapshot()
+    record = pair.server.receive_payment(pay_for(pair, 90_000), now=NOW, tip_height=TIP)
+    assert pair.server.snapshot() == before
+    pair.server.commit_payment(record)
+    assert (pair.server.seq, pair.server.balance) == (record.seq, record.balance)
+    after = pair.server.snapshot()
+    stale = dataclasses.replace(record, seq=record.seq)  # the same increment twice
+    lower = dataclasses.replace(record, seq=record.seq + 1, balance=record.balance + 1)
+    for wrong in (stale, lower):
+        with pytest.raises(LocalProtocolError):
+            pair.server.commit_payment(wrong)
+        assert pair.server.snapshot() == after
+    pair.server.close()
+    with pytest.raises(LocalProtocolError):
+        pair.server.commit_payment(dataclasses.replace(record, seq=record.seq + 1))
+
+
+def test_reorg_transitions_and_settlement_bookkeeping_in_state():
+    """unconfirm/void/settled_in/unsettle only from their states (section 8)."""
+    pair = ChannelPair()
+    with raises(ErrorCode.BAD_STATE, pair.server):
+        pair.server.settled_in("00" * 32)
+    with raises(ErrorCode.BAD_STATE, pair.server):
+        pair.server.unsettle()
+    pair.server.unconfirm()
+    assert pair.server.state is ServerState.FUNDING
+    pair.client.on_funding_lost()
+    assert pair.client.state is ClientState.FUNDING
+    pair.server.void()
+    assert pair.server.state is ServerState.VOID
+    with raises(ErrorCode.BAD_STATE, pair.server):
+        pair.server.confirm()
+
+
+def test_a_client_checks_no_settlement_before_funding():
+    client, _terms = proposed_client()
+    with pytest.raises(LocalProtocolError):
+        client.check_settlement(b"")

@@ -250,6 +250,8 @@ def test_any_payment_sequence_accepts_exactly_the_valid_ones(kind, totals):
             assert total <= pair.client.paid or 0 < pair.value - total < 546
             continue
         record = pair.server.receive_payment(to_server(pay), now=NOW, tip_height=TIP)
+        assert pair.server.snapshot() == before  # decided, not yet durable
+        pair.server.commit_payment(record)
         assert record.paid == total and record.balance == pair.value - total
         assert before.balance is not None and record.balance <= before.balance
         # replaying the same increment is refused and changes nothing

@@ -177,7 +177,7 @@ def test_config_check_catches_inconsistent_limits():
 
 def test_channels_shows_a_channel_paid_down_to_zero_as_paid_in_full(tmp_path, capsys):
     """Issue 14 item 15: paid is value - balance; a balance of 0 is not "no balance"."""
-    from gateway.store import connect, create_schema
+    from gateway.ledger.store import connect, create_schema
 
     datadir = tmp_path / "gw"
     datadir.mkdir()

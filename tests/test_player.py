@@ -274,8 +274,10 @@ class FakeGateway:
                         self.drop_pay_at = None
                         return False  # the increment is lost in flight with the connection
                     try:
-                        channel.receive_payment(
-                            msg, now=int(time.time()), tip_height=self.tip_height
+                        channel.commit_payment(
+                            channel.receive_payment(
+                                msg, now=int(time.time()), tip_height=self.tip_height
+                            )
                         )
                     except ProtocolError as exc:
                         await send(Error.from_exception(exc))

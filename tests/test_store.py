@@ -6,7 +6,7 @@ import sqlite3
 
 import pytest
 
-from gateway.store import PAGE_SIZE, Store, StoreClosed
+from gateway.ledger.store import PAGE_SIZE, Store, StoreClosed
 
 
 def _insert(kind="cltv", state="open"):
@@ -164,9 +164,9 @@ async def test_two_stores_on_one_file_take_turns_on_the_lock_file(tmp_path):
 async def test_the_wal_is_checkpointed_beside_the_commits(tmp_path, monkeypatch):
     """No commit copies the WAL into the database (that stalled every writer);
     the store's own checkpointer does, within a few seconds."""
-    import gateway.store
+    import gateway.ledger.store
 
-    monkeypatch.setattr(gateway.store, "CHECKPOINT_INTERVAL_S", 2.0)  # after the writes
+    monkeypatch.setattr(gateway.ledger.store, "CHECKPOINT_INTERVAL_S", 2.0)  # after the writes
     store = Store(tmp_path / "s.db")
     await store.start()
     db = tmp_path / "s.db"

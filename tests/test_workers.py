@@ -25,11 +25,12 @@ import pytest
 from conftest_gateway import Viewer, gateway_config
 
 from gateway.chain.rpc import RpcClient
+from gateway.handover import WorkerRole
 from gateway.protocol.channel import resume_digest
 from gateway.protocol.errors import ErrorCode
 from gateway.protocol.messages import Closed, Error, Ready, Resume
 from gateway.protocol.signatures import sign_digest
-from gateway.workers import Supervisor, WorkerRole
+from gateway.workers import Supervisor
 
 
 def test_each_worker_allocates_its_own_residue_of_channel_ids():

@@ -99,7 +99,8 @@ def measure(increments: int = 5000, repeats: int = 3) -> dict[str, Any]:
             channel = ServerChannel.restore(snapshot, server_privkey=_key("K2"), limits=_LIMITS)
             for text, pay in zip(texts, pays, strict=True):
                 msg = parse_client_message(text) if parse else pay
-                channel.receive_payment(msg, now=_NOW, tip_height=_TIP)  # type: ignore[arg-type]
+                record = channel.receive_payment(msg, now=_NOW, tip_height=_TIP)  # type: ignore[arg-type]
+                channel.commit_payment(record)
 
         return run
 

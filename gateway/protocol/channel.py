@@ -646,11 +646,12 @@ class ServerChannel:
         )
 
     def receive_payment(self, pay: Pay, *, now: int, tip_height: int) -> PaymentRecord:
-        """Check a ``pay`` in section 9 order; commit it; return what to store.
+        """Check a ``pay`` in section 9 order; return the increment to record.
 
-        The caller MUST store the record durably before sending ``paid`` or
-        any chunk it pays for (section 7). Any :class:`ProtocolError` leaves
-        the channel unchanged.
+        Changes nothing: the caller stores the record durably, then
+        :meth:`commit_payment` s it, and only then sends ``paid`` or any chunk
+        it pays for (section 7). So the channel never runs ahead of the store.
+        Any :class:`ProtocolError` is the peer's: nothing changed.
         """
         self._next(Event.PAY)  # bad_state
         template = self._template
@@ -673,7 +674,6 @@ class ServerChannel:
                 ErrorCode.VALUE_OUT_OF_RANGE, f"balance {balance} is dust (1..{DUST_LIMIT - 1})"
             )
         check_payment_signature(template, balance, pay.sig, self._verifier)
-        self.seq, self.balance, self.sig = pay.seq, balance, pay.sig
         assert self.outpoint is not None
         return PaymentRecord(
             channel_id=self.outpoint.channel_id,
@@ -682,6 +682,14 @@ class ServerChannel:
             sig=pay.sig,
             paid=template.value - balance,
         )
+
+    def commit_payment(self, record: PaymentRecord) -> None:
+        """The increment :meth:`receive_payment` accepted is durable: it is the channel's now."""
+        if self.state is not ServerState.READY or self.balance is None:
+            raise LocalProtocolError("only a ready channel takes a payment")
+        if (self.seq is not None and record.seq <= self.seq) or record.balance > self.balance:
+            raise LocalProtocolError("not the increment after the channel's last one")
+        self.seq, self.balance, self.sig = record.seq, record.balance, record.sig
 
     def paid_message(self) -> Paid:
         """The ``paid`` answer once the last increment is stored."""

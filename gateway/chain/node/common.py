@@ -18,7 +18,7 @@ from functools import lru_cache
 from typing import Any
 
 from gateway.chain.blocks import COIN, DecodeError, Tx, bits_to_target, ser_compact_size
-from gateway.chain.wallet import script_type
+from gateway.chain.node.wallet import script_type
 from gateway.protocol.scripts import address_to_script_pubkey, script_pubkey_to_address
 
 NETWORK = "regtest"

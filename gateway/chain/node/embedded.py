@@ -33,8 +33,8 @@ from gateway.chain.node.miner import Miner
 from gateway.chain.node.rpc_chain import ChainRpc
 from gateway.chain.node.rpc_node import NodeRpc
 from gateway.chain.node.validation import BlockValidator
+from gateway.chain.node.wallet import Wallet
 from gateway.chain.node.walletops import NodeWallet
-from gateway.chain.wallet import Wallet
 
 log = logging.getLogger(__name__)
 

@@ -49,7 +49,7 @@ from gateway.chain.node.common import (
 )
 from gateway.chain.node.fees import FeeEstimator
 from gateway.chain.node.policy import check_input_policy, dust_threshold
-from gateway.chain.wallet import script_type
+from gateway.chain.node.wallet import script_type
 
 log = logging.getLogger(__name__)
 

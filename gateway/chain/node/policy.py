@@ -8,7 +8,7 @@ compressed keys in segwit, MINIMALIF, and the dust threshold.
 from __future__ import annotations
 
 from gateway.chain.node.common import RPC_VERIFY_REJECTED, TxRejected
-from gateway.chain.wallet import script_type
+from gateway.chain.node.wallet import script_type
 from gateway.protocol.signatures import der_s_value, is_low_s_der
 
 MAX_SCRIPT_SIG_SIZE = 1650

@@ -1,6 +1,6 @@
 """The faucet wallet's coin selection, funding and signing over the node's state.
 
-The keys are ``gateway.chain.wallet.Wallet``'s (in node.sqlite, committed
+The keys are ``gateway.chain.node.wallet.Wallet``'s (in node.sqlite, committed
 before an address is handed out); the coins are not stored at all: they are
 the UTXO index's and the mempool's outputs paying those keys, so a crash, a
 restart or a reorg can never leave a wallet balance that disagrees with the
@@ -21,7 +21,7 @@ from gateway.chain.node.common import (
 )
 from gateway.chain.node.mempool import Mempool
 from gateway.chain.node.policy import dust_threshold
-from gateway.chain.wallet import Wallet
+from gateway.chain.node.wallet import Wallet
 
 #: sat/vB for the faucet wallet's own transactions.
 WALLET_FEE_RATE = 2

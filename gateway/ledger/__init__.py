@@ -1,0 +1,26 @@
+"""The channel ledger: channels as the gateway holds them, and the only code that
+reads or writes their state (see :mod:`gateway.ledger.ledger`)."""
+
+from gateway.ledger.ledger import SETTLEABLE, ChainWatch, Ledger, list_channels
+from gateway.ledger.live import (
+    FUNDED_STATES,
+    LIVE_STATES,
+    ChannelReleased,
+    LiveChannel,
+    SessionHandle,
+)
+from gateway.ledger.store import Store, StoreClosed
+
+__all__ = [
+    "FUNDED_STATES",
+    "LIVE_STATES",
+    "SETTLEABLE",
+    "ChainWatch",
+    "ChannelReleased",
+    "Ledger",
+    "LiveChannel",
+    "SessionHandle",
+    "Store",
+    "StoreClosed",
+    "list_channels",
+]
