@@ -467,21 +467,24 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
         "gateway",
         "kind",
         "value",
-        "balance",
         "paid",
+        "exit_fee",
+        "balance",
         "expiry",
         "state",
+        "settlement",
     ]
-    assert table[1].split()[:7] == [
+    assert table[1].split()[:8] == [
         "1",
         "ab" * 32 + ":1",
         "ws://gw/paystream/2",
         "cltv",
         "50000",
-        "50000",
         "0",
+        "0",
+        "50000",
     ]
-    assert table[1].split()[-1] == "ready"
+    assert table[1].split()[-2:] == ["ready", "-"]
 
 
 # -- playing against the fake gateway, funded on the real embedded node -------------
@@ -506,7 +509,8 @@ async def test_play_cltv_pays_the_metered_total_and_closes(
     assert result.paid == _honest_total(5) == 10
     assert result.balance == 20_000 - 10
     rec = result.channel
-    assert rec.state == ChannelState.CLOSED and rec.value == 20_000 and rec.seq >= 1
+    # The fake's `closed` names no settlement and no settle_by: nothing is broadcast.
+    assert rec.state == ChannelState.UNSETTLED and rec.value == 20_000 and rec.seq >= 1
     # The funding output is real and pays exactly the budget to the channel script.
     txout = await rpc.call("gettxout", rec.txid, rec.vout, True)
     assert int(txout["value"] * 100_000_000) == 20_000
@@ -622,7 +626,7 @@ async def test_overcharge_closes_exits_3_and_never_signs_it(
     assert [20_000 - p.balance for p in pays] == [_honest_total(2)]
     with Keystore(tmp_path) as store:
         (rec,) = store.channels()
-        assert rec.state == ChannelState.CLOSED and rec.paid == _honest_total(2)
+        assert rec.state == ChannelState.UNSETTLED and rec.paid == _honest_total(2)
 
 
 async def test_budget_stops_before_paying_past_it(node: Any, tmp_path: Path) -> None:
@@ -708,11 +712,17 @@ async def test_sigint_closes_cleanly(node: Any, tmp_path: Path) -> None:
         proc.send_signal(signal.SIGINT)
         _, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0, err
-    assert err.decode().splitlines()[-1].startswith("stopped:")
+    lines = err.decode().splitlines()
+    assert lines[-2].startswith("stopped:")
+    # The fake broadcasts nothing: the last line says how the value comes back.
+    assert lines[-1] == (
+        "the gateway broadcasts no settlement: your 100000 sat come back by refund after "
+        "expiry with `player refund 1`"
+    )
     assert gw.received_of(Close)
     with Keystore(tmp_path) as store:
         (rec,) = store.channels()
-        assert rec.state == ChannelState.CLOSED
+        assert rec.state == ChannelState.UNSETTLED
     assert out.read_bytes() == _expected_stream(40)[: out.stat().st_size]
 
 
@@ -745,7 +755,8 @@ def test_cli_usage_errors_and_progress_line(
         Progress(
             status="playing",
             media="film",
-            media_ms=65_000,
+            media_ms=70_000,
+            position_ms=65_000,
             duration_ms=3_600_000,
             free_left_ms=0,
             rate_msat=2_500,
@@ -909,9 +920,9 @@ def test_progress_off_a_terminal_is_plain_lines_every_few_seconds() -> None:
                        balance=20_000)
     for second in range(12):
         now[0] = 101.0 + second
-        line(dataclasses.replace(playing, media_ms=second * 1000))
+        line(dataclasses.replace(playing, position_ms=second * 1000))
     line.note("a note")
-    line(dataclasses.replace(playing, status="closing", media_ms=12_000))
+    line(dataclasses.replace(playing, status="closing", position_ms=12_000))
     line.done()
     assert "\r" not in pipe.text and "\x1b" not in pipe.text
     assert pipe.text.splitlines() == [
@@ -950,11 +961,12 @@ async def test_sigterm_closes_like_ctrl_c_and_progress_shows_in_a_pipe(
     assert "\r" not in text
     lines = text.splitlines()
     assert any(line.startswith("film 0:0") and "paid" in line for line in lines), text
-    assert lines[-1].startswith("stopped:") and "closed" in lines[-1]
+    assert lines[-2].startswith("stopped:") and lines[-2].endswith("closed")
+    assert lines[-1].startswith("the gateway broadcasts no settlement: ")
     assert gw.received_of(Close)
     with Keystore(tmp_path / "p") as store:
         (rec,) = store.channels()
-        assert rec.state == ChannelState.CLOSED
+        assert rec.state == ChannelState.UNSETTLED
 
 
 async def test_a_resumed_channel_is_named_budget_caps_the_run_and_media_goes_on(
@@ -977,7 +989,7 @@ async def test_a_resumed_channel_is_named_budget_caps_the_run_and_media_goes_on(
 
         err = await play("--budget", "3", "--keep-open")
         assert err[:2] == [
-            "resuming channel 1 (value 20000, paid 5, balance 19995 sat); "
+            "resuming channel 1 (value 20000, paid 5, balance 19995 sat, exit fee 0 sat); "
             "this run pays at most 3 sat",
             "film goes on at 0:04 (--from 0 starts it over)",
         ]
@@ -986,20 +998,23 @@ async def test_a_resumed_channel_is_named_budget_caps_the_run_and_media_goes_on(
 
         err = await play("--max-chunks", "1", "--keep-open")  # no --budget: its balance
         assert err[:2] == [
-            "resuming channel 1 (value 20000, paid 8, balance 19992 sat)",
+            "resuming channel 1 (value 20000, paid 8, balance 19992 sat, exit fee 0 sat)",
             "film goes on at 0:05 (--from 0 starts it over)",
         ]
 
         err = await play("--budget", "50000", "--from", "0:08", "--keep-open")
         assert err[0] == (
-            "resuming channel 1 (value 20000, paid 10, balance 19990 sat); this run pays at "
+            "resuming channel 1 (value 20000, paid 10, balance 19990 sat, exit fee 0 sat); "
+            "this run pays at "
             "most 19990 sat (the channel's balance; --new-channel opens another)"
         )
         assert not any(e.startswith("film goes on") for e in err)
         assert err[-1].startswith("finished: 2 chunks")
 
         err = await play("--max-chunks", "1")  # played to the end: from the start again
-        assert err[0] == "resuming channel 1 (value 20000, paid 15, balance 19985 sat)"
+        assert err[0] == (
+            "resuming channel 1 (value 20000, paid 15, balance 19985 sat, exit fee 0 sat)"
+        )
         assert not any(e.startswith("film goes on") for e in err)
     assert [p.start_ms for p in gw.received_of(Play)] == [0, 4000, 5000, 8000, 0]
     assert len(gw.received_of(Open)) == 1
