@@ -433,7 +433,7 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser(
         "status",
         help="follow closed channels' settlements and check them on chain",
-        description="For CHANNEL, or every closed channel not yet final, ask its gateway "
+        description="For CHANNEL, or every funded channel not yet final, ask its gateway "
         "(GET /api/channel/<txid:vout>) what became of it: pending (by when), nothing "
         "broadcast (refund after expiry), or its settlement, which is checked as "
         "protocol.md section 3 promises (our input, our exact change at our index, a "
@@ -443,7 +443,7 @@ def _parser() -> argparse.ArgumentParser:
         "channel is not marked settled, and the exit status is 4.",
     )
     status.add_argument(
-        "channel", nargs="?", help="id, txid:vout or txid prefix (default: every closed one "
+        "channel", nargs="?", help="id, txid:vout or txid prefix (default: every funded one "
         "not yet settled or refunded)"
     )
     status.add_argument(
@@ -654,13 +654,16 @@ async def _status(args: argparse.Namespace, store: Keystore) -> int:
         if args.channel is not None:
             targets = [store.find(args.channel)]
         else:
+            # Closed ones, and open ones the gateway may have closed meanwhile
+            # (the resume grace passed, or the expiry's settle margin).
             targets = [
                 ch
                 for ch in store.channels()
-                if ch.state in ChannelState.FOLLOWED and ch.channel_id is not None
+                if ch.state in ChannelState.FOLLOWED | ChannelState.RESUMABLE
+                and ch.channel_id is not None
             ]
             if not targets:
-                print("no closed channel to follow")
+                print("no channel to follow")
                 return 0
         worst = 0
         for ch in targets:

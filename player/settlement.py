@@ -357,7 +357,9 @@ def _unbroadcast(
         return Followed(rec, Outcome.REFUNDED, "the gateway saw the funding spent by a refund")
     if state == "void":
         return Followed(rec, Outcome.VOID, "void: the funding transaction was double-spent")
-    return Followed(rec, Outcome.OPEN, f"still open at the gateway ({state}): nothing settled")
+    return Followed(
+        rec, Outcome.OPEN, f"open at the gateway ({state}): `player play` resumes it"
+    )
 
 
 def unsettled_text(rec: StoredChannel) -> str:
