@@ -179,6 +179,9 @@ async def test_everyday_mistakes_with_the_real_gateway(stack_factory):
     assert "resuming" not in runs[0].stderr
     assert runs[1].stderr.startswith(
         f"resuming channel {ch.id} (value 30000, paid ")
+    # A resumed channel says its exit fee, the reserve agreed when it was opened.
+    assert f" sat, exit fee {ch.exit_fee} sat); " in runs[1].stderr.splitlines()[0]
+    assert ch.exit_fee > 0
     manifest = json.loads((stack.media / "clip" / "manifest.json").read_text())
     chunks = manifest["chunks"]
     at = sum(c["duration_ms"] for c in chunks[:4])

@@ -13,6 +13,7 @@ viewer's own node, refusing a settlement that does not do what section 3 promise
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 import sqlite3
@@ -22,9 +23,20 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import coincurve
 import pytest
 from aiohttp import web
-from bitcoin.core import CMutableTransaction
+from bitcoin.core import (
+    CMutableTransaction,
+    COutPoint,
+    CTransaction,
+    CTxIn,
+    CTxInWitness,
+    CTxOut,
+    CTxWitness,
+    lx,
+)
+from bitcoin.core.script import CScript, CScriptWitness
 from conftest_gateway import PUBLISHERS, ws_url
 from helpers_chain import get_transaction
 from helpers_stack import Stack, bin_path
@@ -35,10 +47,15 @@ from gateway.media.catalog import set_price
 from gateway.protocol.scripts import ChannelScript, address_to_script_pubkey
 from gateway.protocol.settlement import exit_vbytes
 from gateway.protocol.transactions import parse_tx, txid_of
-from player.cli import _fmt_ms
+from player.cli import _fmt_ms, cost_lines, media_cost
 from player.client import Player, Progress, format_feerate
 from player.keystore import ChannelState, Keystore, StoredChannel
-from player.settlement import fetch_channel, format_time
+from player.settlement import (
+    SettlementCheckFailed,
+    check_served_settlement,
+    fetch_channel,
+    format_time,
+)
 from player.wallet import Wallet
 
 #: The demo's sample video costs 2 sat/s (gateway/media/sample.py).
@@ -506,3 +523,132 @@ def _states(stack: Stack) -> list[str]:
             return [row[0] for row in db.execute("SELECT state FROM channels ORDER BY id")]
         except sqlite3.OperationalError:  # the schema is not written yet
             return []
+
+
+# -- the check itself, case by case (no network) ----------------------------------------
+
+
+def _stored(tmp_path: Path, *, balance: int) -> tuple[Keystore, StoredChannel]:
+    """A keystore with one funded cltv channel (a made-up funding txid) and a payment."""
+    store = Keystore(tmp_path)
+    server = coincurve.PrivateKey().public_key.format(compressed=True)
+    change = b"\x00\x14" + b"\x11" * 20
+    rec = store.add_channel(
+        gateway_url="ws://gw/paystream/2", network="regtest", kind="cltv",
+        server_pubkey=server, expiry=int(time.time()) + 86_400, change_script=change,
+        refund_script=change, exit_fee=282,
+    )
+    store.update(rec.id, txid="ab" * 32, vout=1, value=20_000, state=ChannelState.CLOSED)
+    store.record_payment(rec.id, seq=1, balance=balance, sig=b"\x30sig", bill=0)
+    return store, store.get(rec.id)
+
+
+def _answer(rec: StoredChannel, k1: bytes, outputs: list[tuple[bytes, int]]) -> Any:
+    """The channel API's ``settlement`` object for a one-input settlement of ``rec``.
+
+    Its witness has the size of a real cooperative spend (two 72-byte signatures), so
+    its vsize, and the feerate the check computes, are a real settlement's.
+    """
+    script = ChannelScript.make("cltv", k1, rec.server_pubkey, rec.expiry)
+    tx = CTransaction(
+        [CTxIn(COutPoint(lx(rec.txid or ""), rec.vout or 0), nSequence=0xFFFFFFFF)],
+        [CTxOut(amount, CScript(spk)) for spk, amount in outputs],
+        nLockTime=0,
+        nVersion=2,
+        witness=CTxWitness([CTxInWitness(CScriptWitness(
+            [b"\x30" * 72, b"\x30" * 72, b"\x01", script.witness_script]
+        ))]),
+    )
+    raw = bytes(tx.serialize())
+    return {"txid": txid_of(raw), "tx": raw.hex(), "input_values": [rec.value]}
+
+
+def test_the_settlement_check_case_by_case(tmp_path: Path) -> None:
+    """``check_served_settlement``: our exact balance at our index and a feerate at least
+    the quote pass; one sat less of ours, a fee below the quote, another txid, a missing
+    input value or a transaction not spending our funding fail; more than our last
+    balance (the gateway settled an earlier increment of ours) passes and is said."""
+    store, rec = _stored(tmp_path, balance=19_000)
+    k1 = store.pubkey
+    publisher = b"\x00\x14" + b"\x22" * 20
+    change = rec.change_script
+    ok = _answer(rec, k1, [(change, 19_000), (publisher, 1_000 - 400)])  # fee 400 sat
+    checked = check_served_settlement(rec, store.privkey, ok)
+    assert (checked.index, checked.balance, checked.note) == (0, 19_000, "")
+    assert checked.feerate >= checked.quoted == _quoted(rec, store.pubkey)
+
+    more = _answer(rec, k1, [(change, 19_100), (publisher, 500)])
+    assert check_served_settlement(rec, store.privkey, more).note == (
+        "; it settles an earlier increment: 100 sat more back"
+    )
+    failing = [
+        (_answer(rec, k1, [(change, 18_999), (publisher, 601)]), "not our last signed balance"),
+        (_answer(rec, k1, [(change, 19_000), (publisher, 990)]), "below the quoted"),
+        (ok | {"txid": "cd" * 32}, "the transaction served is "),
+        (ok | {"input_values": [None]}, "does not list the value of every input"),
+        (ok | {"input_values": [20_001]}, "the input values do not match"),
+        (_answer(dataclasses.replace(rec, txid="ef" * 32), k1, [(change, 19_000)]),
+         "does not spend our funding output"),
+    ]
+    for answer, why in failing:
+        with pytest.raises(SettlementCheckFailed, match=why) as info:
+            check_served_settlement(rec, store.privkey, answer)
+        assert str(info.value).startswith(f"channel {rec.id}: settlement ")
+    store.close()
+
+
+def test_an_older_keystore_gains_the_new_columns(tmp_path: Path) -> None:
+    """A keystore written before protocol version 2 (no ``exit_fee``, no ``settle_by``)
+    opens with both columns added and its channels kept."""
+    path = tmp_path / "player.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.executescript(
+            """
+            CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+            CREATE TABLE channels (
+                id INTEGER PRIMARY KEY AUTOINCREMENT, gateway_url TEXT NOT NULL,
+                network TEXT NOT NULL, kind TEXT NOT NULL, server_pubkey BLOB NOT NULL,
+                expiry INTEGER NOT NULL, change_script BLOB NOT NULL,
+                refund_script BLOB NOT NULL, state TEXT NOT NULL, created_at REAL NOT NULL,
+                txid TEXT, vout INTEGER, value INTEGER, funding_tx BLOB, refund_fee INTEGER,
+                refund_server_sig BLOB, signed_refund BLOB,
+                seq INTEGER NOT NULL DEFAULT 0, balance INTEGER, sig BLOB,
+                bill INTEGER NOT NULL DEFAULT 0, closing_txid TEXT, refund_txid TEXT
+            );
+            INSERT INTO channels (gateway_url, network, kind, server_pubkey, expiry,
+                change_script, refund_script, state, created_at, value, balance)
+                VALUES ('ws://gw/paystream/1', 'regtest', 'cltv', x'02', 1, x'00', x'00',
+                'closed', 0, 20000, 19000);
+            """
+        )
+    with Keystore(tmp_path) as store:
+        (old,) = store.channels()
+        assert (old.exit_fee, old.settle_by, old.paid) == (0, None, 1_000)
+        store.update(old.id, state=ChannelState.PENDING, settle_by=1_800_000_000)
+    with Keystore(tmp_path) as store:
+        assert store.get(1).settle_by == 1_800_000_000
+
+
+def test_cost_lines_for_the_demo_video_and_a_long_film() -> None:
+    """The cost lines' arithmetic (section 7: the free time, then the rate, rounded up
+    once): the demo's 3-minute video at 2 sat/s after a free minute; a 2-hour film names
+    five minutes too, and ``--from`` prices the rest of it."""
+    demo = {"rate_msat": 2_000, "free_seconds": 60, "duration_ms": 180_000}
+    assert cost_lines("sample-video", demo, exit_fee=282, quoted=Fraction(2), value=20_000) == [
+        "sample-video costs 2 sat/s after its first 1:00 free (3:00 long)",
+        "leaving costs 282 sat: the network fee to return your change, at 2 sat/vB "
+        "(paid first, before any media)",
+        "the whole item costs 240 sat, plus the exit fee; this channel holds 20000 sat",
+    ]
+    film = {"rate_msat": 1_500, "free_seconds": 60.5, "duration_ms": 7_200_000}
+    lines = cost_lines(
+        "film", film, exit_fee=300, quoted=Fraction(300, 141), value=50_000, start_ms=600_000
+    )
+    assert lines[0] == "film costs 1.5 sat/s after its first 1:00 free (2:00:00 long)"
+    assert "at 2.13 sat/vB" in lines[1]
+    # 5 min less the 60.5 free seconds; the rest from 10:00 less them too, rounded up.
+    assert lines[2] == (
+        "5:00 costs 360 sat, the rest from 10:00 9810 sat, plus the exit fee; "
+        "this channel holds 50000 sat"
+    )
+    assert media_cost(1_500, 60_500, 6_600_000) == 9_810  # 6539.5 s at 1.5 sat/s, rounded up
