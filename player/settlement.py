@@ -57,6 +57,7 @@ from player.keystore import ChannelState, Keystore, StoredChannel
 from player.wallet import Wallet
 
 __all__ = [
+    "CheckedSettlement",
     "Followed",
     "Outcome",
     "SettlementCheckFailed",
@@ -150,19 +151,30 @@ def _balance(rec: StoredChannel) -> int:
 
 
 @dataclass(frozen=True, slots=True)
-class _Checked:
+class CheckedSettlement:
+    """A settlement that passed :func:`check_served_settlement`."""
+
     txid: str
+    #: Our input's index, where our change output is.
     index: int
+    #: Our change in it (sat): our last signed balance, or an earlier one (module docstring).
     balance: int
+    #: What it pays, with the input values the gateway listed, and what we were quoted.
     feerate: Fraction
     quoted: Fraction
+    #: Said after the amounts ("" or an earlier increment's "sat more back").
     note: str
+    #: How many outputs the transaction has.
+    outputs: int
 
 
 def check_served_settlement(
     rec: StoredChannel, privkey: bytes, settlement: Any
-) -> _Checked:
-    """Check the API's ``settlement`` object for ``rec`` (:class:`SettlementCheckFailed`)."""
+) -> CheckedSettlement:
+    """Check the channel API's ``settlement`` object for ``rec`` (module docstring, step 2).
+
+    Raises :class:`SettlementCheckFailed` naming what is wrong.
+    """
     where = f"channel {rec.id}"
 
     def fail(why: str) -> SettlementCheckFailed:
@@ -207,27 +219,21 @@ def check_served_settlement(
         raise fail(str(exc)) from None
     assert index is not None  # check_settlement found our input
     fee = sum(values) - sum(out.nValue for out in parsed.vout)
-    vsize = _vsize(tx)
-    return _Checked(
+    # BIP141: weight = 3 * stripped size + total size; vsize = ceil(weight / 4).
+    stripped = CTransaction(parsed.vin, parsed.vout, parsed.nLockTime, parsed.nVersion)
+    vsize = (3 * len(stripped.serialize()) + len(tx) + 3) // 4
+    return CheckedSettlement(
         txid=txid,
         index=index,
         balance=channel.balance if channel.balance is not None else channel.value,
         feerate=Fraction(fee, vsize),
         quoted=channel.quoted,
         note=note,
+        outputs=len(parsed.vout),
     )
 
 
-def _vsize(tx: bytes) -> int:
-    # BIP141: weight = 3 * stripped size + total size; vsize = ceil(weight / 4).
-    parsed = parse_tx(tx)
-    stripped = CTransaction(parsed.vin, parsed.vout, parsed.nLockTime, parsed.nVersion)
-    return (3 * len(stripped.serialize()) + len(tx) + 3) // 4
-
-
-async def _on_chain(
-    wallet: Wallet, rec: StoredChannel, checked: _Checked, outputs: int
-) -> int | None:
+async def _on_chain(wallet: Wallet, rec: StoredChannel, checked: CheckedSettlement) -> int | None:
     """Our change output's confirmations on our node (any output's at balance 0); None: unseen.
 
     :class:`SettlementCheckFailed` if our node shows another value or script there.
@@ -238,17 +244,15 @@ async def _on_chain(
             return None
         value, script, confirmations = found
         if value != checked.balance or script != rec.change_script:
+            whose = "our change script" if script == rec.change_script else "another script"
             raise SettlementCheckFailed(
-                f"channel {rec.id}: settlement {checked.txid} FAILS the check: your node's "
-                f"output {checked.txid}:{checked.index} pays {value} sat to another script "
-                f"than our change of {checked.balance} sat"
-                if script != rec.change_script
-                else f"channel {rec.id}: settlement {checked.txid} FAILS the check: your "
-                f"node's output pays {value} sat, not our change of {checked.balance} sat"
+                f"channel {rec.id}: settlement {checked.txid} FAILS the check: your node "
+                f"shows {value} sat to {whose} at our index, not our change of "
+                f"{checked.balance} sat"
             )
         return confirmations
     # Paid down to 0: no output of ours; any unspent output shows the transaction's depth.
-    for n in range(outputs):
+    for n in range(checked.outputs):
         found = await wallet.txout(checked.txid, n)
         if found is not None:
             return found[2]
@@ -283,8 +287,7 @@ async def follow(
     checked = check_served_settlement(rec, store.privkey, settlement)
     confirmations: int | None = None
     if wallet is not None:
-        outputs = len(parse_tx(bytes.fromhex(settlement["tx"])).vout)
-        confirmations = await _on_chain(wallet, rec, checked, outputs)
+        confirmations = await _on_chain(wallet, rec, checked)
     final = confirmations is not None and confirmations >= 1
     state = ChannelState.SETTLED if final else ChannelState.SETTLING
     if rec.state == ChannelState.SETTLED:
@@ -297,7 +300,7 @@ async def follow(
     )
     paid = (rec.value or 0) - checked.balance
     money = (
-        f"{what}, paid {paid} sat (exit fee {rec.exit_fee} sat); fee "
+        f"{what}, paid {paid} sat (exit fee {rec.exit_fee} sat); it pays "
         f"{format_feerate(checked.feerate)} sat/vB, quoted {format_feerate(checked.quoted)}"
         f"{checked.note}"
     )

@@ -189,7 +189,8 @@ async def test_a_paid_session_settles_with_a_publisher_output_and_its_cost_lines
     publisher's output; the cost lines printed before funding are what the channel then
     paid (the whole item, and ``--duration-ms`` of it); ``closed`` names the settlement,
     which the player checks at once (window 0) and ``player status`` marks settled once
-    the viewer's node shows it confirmed; ``player channels`` shows the amounts."""
+    the viewer's node shows it confirmed (the gateway's word alone is not enough);
+    ``player channels`` shows the amounts."""
     stack = await stack_factory()
     rpc = stack.rpc()
     done = await stack.player(
@@ -211,11 +212,19 @@ async def test_a_paid_session_settles_with_a_publisher_output_and_its_cost_lines
     assert txid and ch.closing_txid == txid and ch.state == ChannelState.SETTLING
     assert lines[-1].startswith(
         f"settled by {txid}, checked: your change of {ch.balance} sat, paid {ch.paid} sat "
-        f"(exit fee {ch.exit_fee} sat); fee "
+        f"(exit fee {ch.exit_fee} sat); it pays "
     )
     assert lines[-1].endswith("; in your node's mempool, not confirmed yet")
 
     await rpc.call("generatetoaddress", 1, await rpc.call("getnewaddress"))
+    # Without a node of its own the player has only the gateway's word: not final.
+    await _gateway_saw_a_block(stack, ch)
+    status = await stack.player("status", wallet=False)
+    assert status.stdout.startswith(f"channel 1: settled by {txid}, checked: ")
+    assert status.stdout.endswith(
+        "; 1 confirmation by the gateway's word; --wallet-rpc confirms it on your node\n"
+    )
+    assert _channel(stack).state == ChannelState.SETTLING
     status = await stack.player("status")
     assert status.stdout.startswith(
         f"channel 1: settled by {txid}, checked and confirmed on your node (1 confirmation): "
@@ -251,6 +260,17 @@ async def test_a_paid_session_settles_with_a_publisher_output_and_its_cost_lines
     )
     assert second.paid == second.exit_fee + billed
     await rpc.close()
+
+
+async def _gateway_saw_a_block(stack: Stack, ch: StoredChannel) -> None:
+    """Wait until the gateway's channel API reports ``ch``'s settlement confirmed."""
+    deadline = time.monotonic() + 20
+    while True:
+        answer = await asyncio.to_thread(fetch_channel, stack.info["ws"], ch.channel_id or "")
+        if (answer["settlement"] or {}).get("confirmations"):
+            return
+        assert time.monotonic() < deadline, answer
+        await asyncio.sleep(0.1)
 
 
 # -- (c) player status refuses a settlement that breaks section 3 -------------------------
