@@ -4,8 +4,10 @@ The gateway here is :class:`FakeGateway`, a deliberately small FAKE that speaks
 protocol.md over real WebSockets on 127.0.0.1:0 using the real pure core
 (``ServerChannel``, ``ServerMeter``) but no chain, no store and no settlement:
 it reads the funding output from ``fund.tx``, answers ``close`` with
-``closed`` (``txid`` null) and can be told to overcharge. The real gateway is
-covered by the lead's end-to-end tests.
+``closed`` (``txid`` null) and can be told to overcharge, or to settle at
+``close`` with a settlement built by the real core (never broadcast) that its
+``GET /api/channel/<id>`` serves, possibly tampered. The real gateway is
+covered by the end-to-end tests.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 import coincurve
 import pytest
 import websockets
+from bitcoin.core import CMutableTransaction
 from helpers_chain import get_transaction
 from websockets.asyncio.server import ServerConnection, serve
 
@@ -57,6 +60,7 @@ from gateway.protocol.messages import (
 )
 from gateway.protocol.metering import ServerMeter
 from gateway.protocol.scripts import ChannelScript
+from gateway.protocol.settlement import build_batch
 from gateway.protocol.transactions import Outpoint, find_funding_output, parse_tx, txid_of
 from player import cli
 from player.client import (
@@ -106,6 +110,12 @@ class FakeGateway:
     drop_pay_at: int | None = None  # chunk index whose `pay` is lost: the fake disconnects
     #: Prices the reserve; 0 (no reserve) keeps these tests about the media's metering.
     feerate: Fraction = Fraction(0)
+    #: Settle at `close` (a batch of one, built by the real core, never broadcast) and
+    #: name it in `closed`; the channel API serves it after this edit of its outputs.
+    settle: bool = False
+    tamper: Any = None
+    #: ``GET /api/channel/<id>`` answers, by channel id.
+    api: dict[str, Any] = field(default_factory=dict)
     privkey: bytes = field(default_factory=lambda: coincurve.PrivateKey().secret)
     channels: dict[str, ServerChannel] = field(default_factory=dict)
     meters: dict[str, ServerMeter] = field(default_factory=dict)
@@ -129,7 +139,15 @@ class FakeGateway:
         await self._server.wait_closed()
 
     def _http(self, ws: ServerConnection, request: Any) -> Any:
-        """``GET /api/catalog`` as the real gateway answers it; WebSockets elsewhere."""
+        """``GET /api/catalog`` (and ``/api/channel/<id>``) as the real gateway answers
+        them; WebSockets elsewhere."""
+        if request.path.startswith("/api/channel/"):
+            answer = self.api.get(request.path.removeprefix("/api/channel/"))
+            if answer is None:
+                return ws.respond(404, "no such channel")
+            response = ws.respond(200, json.dumps(answer))
+            response.headers["Content-Type"] = "application/json"
+            return response
         if request.path != "/api/catalog":
             return None
         self.catalog_requests += 1
@@ -146,6 +164,33 @@ class FakeGateway:
     def received_of(self, kind: type[Message]) -> list[Any]:
         """Messages of one type the fake received, in order."""
         return [m for m in self.received if isinstance(m, kind)]
+
+    def _closed(self, channel: ServerChannel) -> Closed:
+        """``closed``: txid null; or, with ``settle``, the settlement built now."""
+        txid = None
+        if self.settle and channel.channel_id is not None:
+            channel.close()
+            claim = channel.claim()
+            assert claim is not None
+            batch = build_batch([claim], b"\x00\x14" + b"\x33" * 20, self.feerate).batch
+            assert batch is not None
+            tx = CMutableTransaction.from_tx(parse_tx(batch.tx))
+            if self.tamper is not None:
+                self.tamper(tx)
+            raw = bytes(tx.serialize())
+            txid = txid_of(raw)
+            channel.settled_in(txid)
+            self.api[channel.channel_id] = {
+                "channel_id": channel.channel_id, "state": "closing", "value": channel.value,
+                "paid": channel.paid, "balance": channel.balance, "exit_fee": channel.exit_fee,
+                "settle_by": None,
+                "settlement": {"txid": txid, "tx": raw.hex(), "fee": None, "vsize": None,
+                               "input_values": [channel.value], "state": "broadcast",
+                               "confirmations": None},
+            }
+        return Closed(
+            txid=txid, paid=channel.paid, balance=channel.balance or 0, exit_fee=channel.exit_fee
+        )
 
     @staticmethod
     def media(index: int) -> bytes:
@@ -219,14 +264,7 @@ class FakeGateway:
                         return
                 elif isinstance(msg, Close) and self.answer_close:
                     assert channel is not None
-                    await send(
-                        Closed(
-                            txid=None,
-                            paid=channel.paid,
-                            balance=channel.balance or 0,
-                            exit_fee=channel.exit_fee,
-                        )
-                    )
+                    await send(self._closed(channel))
                     return
                 elif not isinstance(msg, Close):
                     raise ProtocolError(ErrorCode.BAD_STATE, f"fake: unexpected {msg.type}")
@@ -282,14 +320,7 @@ class FakeGateway:
                         continue
                     await send(channel.paid_message())
                 elif isinstance(msg, Close) and self.answer_close:
-                    await send(
-                        Closed(
-                            txid=None,
-                            paid=channel.paid,
-                            balance=channel.balance or 0,
-                            exit_fee=channel.exit_fee,
-                        )
-                    )
+                    await send(self._closed(channel))
                     return False
             data = self.media(index)
             await send(
@@ -1030,3 +1061,43 @@ def test_from_is_a_media_time(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         with pytest.raises(SystemExit):
             parse(["play", "ws://h:1/paystream/2", "m", "--from", bad])
     assert "bad time '-1'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tampered", [False, True], ids=["as-built", "one-sat-less-change"])
+async def test_play_checks_a_settlement_named_in_closed(
+    node: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str], tampered: bool
+) -> None:
+    """A gateway without a settle window names the settlement in ``closed``: ``player
+    play`` checks it at once against the channel API. As built by the core it passes
+    (never broadcast by this fake, so the viewer's node does not have it: ``settling``,
+    not settled); with our change one sat short the check fails, ``play`` exits 4 and
+    the channel is not marked settled."""
+
+    def one_sat_less(tx: CMutableTransaction) -> None:
+        tx.vout[0].nValue -= 1  # our change, at our input's index
+
+    async with FakeGateway(
+        settle=True, feerate=Fraction(2), tamper=one_sat_less if tampered else None
+    ) as gw:
+        args = _play_args(gw, node, tmp_path, "film", "--budget", "20000", "--no-pace")
+        code = await asyncio.to_thread(cli.main, args)
+    lines = capsys.readouterr().err.splitlines()
+    with Keystore(tmp_path / "p") as store:
+        (rec,) = store.channels()
+    (answer,) = gw.api.values()
+    txid = answer["settlement"]["txid"]
+    assert rec.closing_txid == txid and rec.exit_fee > 0
+    assert rec.state == ChannelState.SETTLING
+    if tampered:
+        assert code == cli.EXIT_BAD_SETTLEMENT
+        assert lines[-1] == (
+            f"player: channel 1: settlement {txid} FAILS the check: our change output is not "
+            "our last signed balance; not marked settled"
+        )
+    else:
+        assert code == 0
+        assert lines[-1].startswith(
+            f"settled by {txid}, checked: your change of {rec.balance} sat, paid {rec.paid} "
+            f"sat (exit fee {rec.exit_fee} sat); it pays "
+        )
+        assert lines[-1].endswith("; not on your node yet (or our change is already spent)")
