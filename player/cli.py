@@ -357,8 +357,9 @@ def _parser() -> argparse.ArgumentParser:
         "playback (with --no-pace, what was written), not what was received ahead. "
         "Ctrl-C or SIGTERM closes the channel and prints a summary, then what happens to "
         "your change: settled by a txid (checked against the gateway's channel API, and on "
-        "your node with --wallet-rpc), pending until a time (player status checks it "
-        "then), or nothing broadcast (player refund after expiry).",
+        "your node with --wallet-rpc; one that fails the check exits 4), pending until a "
+        "time (player status checks it then), or nothing broadcast (player refund after "
+        "expiry).",
     )
     play.add_argument("url", help="ws://HOST:PORT/paystream/2")
     play.add_argument("media", help="media id in the gateway's catalog")
@@ -378,7 +379,8 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_FEERATE,
         metavar="SATVB",
         help="do not fund a new channel whose exit the gateway quotes above this feerate "
-        f"(sat/vB; default {float(DEFAULT_MAX_FEERATE):g})",
+        f"(sat/vB, e.g. 20 or 1.5; default {float(DEFAULT_MAX_FEERATE):g}): one line, "
+        "before anything is stored or funded",
     )
     play.add_argument(
         "--expiry", type=_expiry_arg, default=None, help="e.g. 6h, 3600 (s) or h:HEIGHT"
@@ -649,6 +651,8 @@ async def _after_close(store: Keystore, r: PlayResult, wallet: Wallet | None) ->
 
 
 async def _status(args: argparse.Namespace, store: Keystore) -> int:
+    if args.gateway is not None:
+        check_gateway_url(args.gateway)
     wallet = _wallet(args, required=False)
     try:
         if args.channel is not None:
