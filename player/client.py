@@ -31,6 +31,7 @@ Money rules (design.md, protocol.md section 7):
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import math
@@ -47,7 +48,12 @@ from bitcoin.core import CTransaction
 from websockets.asyncio.client import ClientConnection
 
 from gateway.chain.rpc import RpcException
-from gateway.protocol.channel import ClientChannel, LocalProtocolError, resume_digest
+from gateway.protocol.channel import (
+    DEFAULT_MAX_FEERATE,
+    ClientChannel,
+    LocalProtocolError,
+    resume_digest,
+)
 from gateway.protocol.errors import ErrorCode, ProtocolError
 from gateway.protocol.messages import (
     Chunk,
@@ -90,10 +96,12 @@ __all__ = [
     "GatewayError",
     "OverchargeDetected",
     "PlayResult",
+    "Playback",
     "Player",
     "PlayerError",
     "Progress",
     "check_gateway_url",
+    "format_feerate",
     "parse_expiry",
     "refund_channel",
     "restore_channel",
@@ -208,6 +216,11 @@ def check_gateway_url(url: str) -> str:
 # -- fees and restore -------------------------------------------------------------
 
 
+def format_feerate(rate: Fraction) -> str:
+    """A feerate for a person: sat/vB to at most two decimals."""
+    return f"{round(float(rate), 2):g}"
+
+
 def _refund_fee(script: ChannelScript, outpoint: Outpoint, value: int, dest: bytes) -> int:
     """Fee of a refund at :data:`REFUND_FEERATE`, its witness size estimated from the script."""
     base = len(build_refund(script, outpoint, value, dest, 0))
@@ -274,8 +287,14 @@ class Progress:
     status: str  # "funding", "playing", "closing"...
     media: str = ""
     media_ms: int = 0  # media time reached (end of the last chunk received)
+    #: Where playback is: the playback clock when pacing (never past
+    #: ``media_ms``), else ``media_ms`` (what was written is what was played).
+    position_ms: int = 0
     duration_ms: int = 0
     chunks: int = 0
+    #: Free media not yet played: the gateway's allowance left for this media
+    #: plus the free part of what is received but not yet played (section 7
+    #: counts media delivered; the viewer counts media watched).
     free_left_ms: int = 0
     rate_msat: int = 0
     paid: int = 0
@@ -304,6 +323,78 @@ class PlayResult:
     balance: int
     closed: bool
     closed_txid: str | None
+    #: ``closed.settle_by``: when a pending settlement goes out (None: broadcast,
+    #: or nothing will be).
+    settle_by: int | None = None
+
+
+# -- playback ---------------------------------------------------------------------
+
+#: Seconds between two progress reports of the playback clock while pacing.
+PROGRESS_TICK_S: Final = 0.25
+
+
+class Playback:
+    """Where playback of one stream is, and how much free media it has left.
+
+    The gateway counts the free allowance in media *delivered* (protocol.md
+    section 7) and sends free chunks as fast as it can, so it is used up
+    long before the viewer has watched it. The progress line follows the
+    viewer instead: when pacing, playback runs at real time from the first
+    chunk received (never past what was received); without pacing, what was
+    written counts as played. Free media left is the gateway's allowance
+    still to deliver plus the free part of what is received but not yet
+    played (a chunk's free part is its beginning: section 7 charges only the
+    part beyond the allowance).
+    """
+
+    def __init__(self, *, paced: bool, clock: Callable[[], float] = time.monotonic) -> None:
+        self.paced = paced
+        self._now = clock
+        #: (clock reading, media ms) at the first chunk received; None before it.
+        self.clock: tuple[float, int] | None = None
+        #: End of the last chunk received (media ms).
+        self.received_to = 0
+        #: The gateway's free allowance for this media not yet delivered (ms).
+        self.free_undelivered = 0
+        # (start, duration, free part) of received chunks not yet fully played.
+        self._spans: collections.deque[tuple[int, int, int]] = collections.deque()
+
+    def on_stream(self, stream: Stream) -> None:
+        """A ``stream``: the gateway's allowance left for its media."""
+        self.free_undelivered = max(0, stream.free_ms - stream.free_used_ms)
+
+    def on_chunk(self, start_ms: int, duration_ms: int) -> None:
+        """A media chunk was received (and written)."""
+        if self.clock is None:
+            self.clock = (self._now(), start_ms)
+        free = min(duration_ms, self.free_undelivered)
+        self.free_undelivered -= free
+        if free:
+            self._spans.append((start_ms, duration_ms, free))
+        self.received_to = start_ms + duration_ms
+
+    def clock_ms(self) -> float | None:
+        """The playback clock (media ms, may run past what was received); None before media."""
+        if self.clock is None:
+            return None
+        started, at_ms = self.clock
+        return at_ms + (self._now() - started) * 1000
+
+    def position(self) -> int:
+        """Media ms played: the clock, capped at what was received (or, unpaced, all of it)."""
+        clock = self.clock_ms()
+        if not self.paced or clock is None:
+            return self.received_to
+        return min(self.received_to, int(clock))
+
+    def free_left(self, position: int | None = None) -> int:
+        """Free media ms not yet played at ``position`` (default: :meth:`position`)."""
+        at = self.position() if position is None else position
+        while self._spans and at >= self._spans[0][0] + self._spans[0][1]:
+            self._spans.popleft()  # played to its end: none of its free part is left
+        unplayed = sum(free - min(free, max(0, at - start)) for start, _, free in self._spans)
+        return self.free_undelivered + unplayed
 
 
 # -- the player ------------------------------------------------------------------
@@ -347,6 +438,8 @@ class Player:
         buffer_s: float | None = DEFAULT_BUFFER_S,
         resume_budget: int | None = None,
         on_resume: Callable[[StoredChannel, ClientChannel], None] | None = None,
+        max_feerate: Fraction = DEFAULT_MAX_FEERATE,
+        on_terms: Callable[[ClientChannel, Terms], None] | None = None,
     ) -> None:
         self.url = check_gateway_url(url)
         if budget < 1:
@@ -372,7 +465,13 @@ class Player:
         #: Called with a stored channel about to be resumed (restored, nothing sent
         #: yet): to say so, or to refuse it by raising :class:`PlayerError`.
         self.on_resume = on_resume
-        self._clock: tuple[float, int] | None = None  # (monotonic, media ms) at first chunk
+        #: The highest feerate (sat/vB) a new channel's exit may be quoted at
+        #: (protocol.md section 3): above it the player does not fund.
+        self.max_feerate = max_feerate
+        #: Called with a new channel's accepted terms before any money moves:
+        #: to say what the session costs, or to refuse by raising :class:`PlayerError`.
+        self.on_terms = on_terms
+        self._playback = Playback(paced=buffer_s is not None)
         self._stop = asyncio.Event()
         self._ws: ClientConnection | None = None
         self._progress = Progress(status="connecting")
@@ -618,19 +717,32 @@ class Player:
             tip = await wallet.tip_height()
             expiry = self.expiry.resolve(limits, now=int(time.time()), tip_height=tip)
             dest = await wallet.new_output_script(hello.network)
-            channel = ClientChannel(self.store.privkey, hello, budget=value)
+            # The feerate bound is checked below, after the terms' own checks
+            # (exit_vbytes is ours), so its refusal can say what was quoted.
+            channel = ClientChannel(
+                self.store.privkey, hello, budget=value, max_feerate=Fraction(2**64)
+            )
             await self._send(channel.open(expiry=expiry, change_script=dest, kind=self.kind))
             terms = await self._expect(Terms)
             try:
                 channel.accept_terms(terms)
             except ProtocolError as exc:
                 raise PlayerError(f"refusing the gateway's terms: {exc.message}") from None
+            channel.max_feerate = self.max_feerate
+            if channel.quoted > self.max_feerate:
+                raise PlayerError(
+                    f"the gateway quotes leaving at {format_feerate(channel.quoted)} sat/vB "
+                    f"(exit fee {terms.exit_fee} sat for {terms.exit_vbytes} vB), above "
+                    f"--max-feerate {format_feerate(self.max_feerate)}: not funding"
+                )
             if not channel.reserve_fits(value):
                 raise PlayerError(
                     f"the gateway's exit fee is {terms.exit_fee} sat: a {value}-sat channel "
                     "could get its change back only by a refund after expiry; "
                     "use a larger --budget"
                 )
+            if self.on_terms is not None:
+                self.on_terms(channel, terms)
             rec = self.store.add_channel(
                 gateway_url=self.url,
                 network=hello.network,
@@ -755,11 +867,16 @@ class Player:
         keep_open: bool,
     ) -> PlayResult:
         chunks = media_ms = received_ms = 0
-        free_left = 0
-        self._clock = None
+        playback = self._playback = Playback(paced=self.buffer_s is not None)
         pending: Chunk | None = None
         reason = ""
         self._report(status="playing", media=media)
+        # While pacing, the playback clock moves between messages: report it.
+        ticker = (
+            asyncio.create_task(self._tick(playback), name="progress")
+            if self.buffer_s is not None and self.on_progress is not None
+            else None
+        )
         try:
             await self._send(Play(media=media, start_ms=start_ms))
             while not reason:
@@ -780,15 +897,19 @@ class Player:
                             reason = "output_closed"
                             continue
                     if pending.index >= 0:
-                        if self._clock is None:
-                            self._clock = (time.monotonic(), pending.start_ms)
+                        playback.on_chunk(pending.start_ms, pending.duration_ms)
                         chunks += 1
                         received_ms += pending.duration_ms
                         media_ms = pending.start_ms + pending.duration_ms
-                        free_left = max(0, free_left - pending.duration_ms)
                         # Received (free or paid for): a later run goes on from here.
                         self.store.record_position(rec.id, media, media_ms)
-                        self._report(media_ms=media_ms, chunks=chunks, free_left_ms=free_left)
+                        position = playback.position()
+                        self._report(
+                            media_ms=media_ms,
+                            chunks=chunks,
+                            position_ms=position,
+                            free_left_ms=playback.free_left(position),
+                        )
                     pending = None
                     if max_chunks is not None and chunks >= max_chunks:
                         reason = "max_chunks"
@@ -801,12 +922,12 @@ class Player:
                     )
                 if isinstance(msg, Stream):
                     channel.on_stream(msg)
-                    free_left = msg.free_ms - msg.free_used_ms
+                    playback.on_stream(msg)
                     self._report(
                         media=msg.media,
                         duration_ms=msg.duration_ms,
                         rate_msat=msg.rate_msat,
-                        free_left_ms=free_left,
+                        free_left_ms=playback.free_left(),
                     )
                 elif isinstance(msg, Chunk):
                     bill = channel.meter.bill
@@ -815,7 +936,7 @@ class Player:
                         self.store.record_bill(rec.id, channel.meter.bill)
                     pending = msg
                 elif isinstance(msg, Due):
-                    await self._pace(media_ms)
+                    await self._pace(playback)
                     if not await self._pay(channel, rec, msg):
                         reason = "budget"
                 elif isinstance(msg, Paid):
@@ -827,9 +948,7 @@ class Player:
                 elif isinstance(msg, Closed):
                     # The gateway settled first (expiry, section 8).
                     channel.on_closed(msg)
-                    rec = self.store.update(
-                        rec.id, state=ChannelState.CLOSED, closing_txid=msg.txid
-                    )
+                    rec = self._record_closed(rec, msg)
                     return self._result("gateway_closed", rec, resumed, chunks, media_ms, msg)
                 elif isinstance(msg, Error) and msg.code is ErrorCode.FUNDING_LOST:
                     # A reorg took the funding back (section 8): the stream
@@ -852,6 +971,9 @@ class Player:
             raise OverchargeDetected(f"{exc.message}; closed the channel") from None
         except ProtocolError as exc:
             raise PlayerError(f"the gateway broke the protocol: {exc.message}") from None
+        finally:
+            if ticker is not None:
+                ticker.cancel()
         # A spent channel is closed; one that only reached this run's cap stays open.
         if keep_open and (reason != "budget" or channel.budget < (channel.value or 0)):
             self._report(status="disconnected")
@@ -859,18 +981,25 @@ class Player:
         closed = await self._close(channel, rec)
         return self._result(reason, self.store.get(rec.id), resumed, chunks, media_ms, closed)
 
-    async def _pace(self, buffered_to_ms: int) -> None:
+    async def _tick(self, playback: Playback) -> None:
+        """Report the playback clock's position and free media left, a few times a second."""
+        while True:
+            await asyncio.sleep(PROGRESS_TICK_S)
+            if playback.clock is not None:
+                position = playback.position()
+                self._report(position_ms=position, free_left_ms=playback.free_left(position))
+
+    async def _pace(self, playback: Playback) -> None:
         """Wait until playback is within ``buffer_s`` of the media received.
 
         The viewer pays per second watched, not per second downloaded: a
         player that paid as fast as the gateway sends would have paid for the
         whole film when the viewer stops after a minute.
         """
-        if self.buffer_s is None or self._clock is None:
+        clock_ms = playback.clock_ms()
+        if self.buffer_s is None or clock_ms is None:
             return
-        started, start_ms = self._clock
-        position_ms = start_ms + (time.monotonic() - started) * 1000
-        wait_s = (buffered_to_ms - position_ms) / 1000 - self.buffer_s
+        wait_s = (playback.received_to - clock_ms) / 1000 - self.buffer_s
         if wait_s > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), wait_s)
@@ -921,12 +1050,30 @@ class Player:
                 ) from None
             if isinstance(msg, Closed):
                 channel.on_closed(msg)
-                self.store.update(rec.id, state=ChannelState.CLOSED, closing_txid=msg.txid)
+                self._record_closed(rec, msg)
                 self._report(status="closed")
                 return msg
             if isinstance(msg, Error) and msg.fatal:
                 raise GatewayError(msg)
             # chunks, dues and paid already in flight: nothing more is paid.
+
+    def _record_closed(self, rec: StoredChannel, closed: Closed) -> StoredChannel:
+        """Store what ``closed`` says will happen on chain (protocol.md sections 6 and 8).
+
+        Broadcast (``txid``): ``settling`` until ``player status`` has checked
+        it and our node shows it confirmed. Waiting for its batch
+        (``settle_by``): ``pending``. Neither: nothing will be broadcast, the
+        value comes back only by our refund after expiry (``unsettled``).
+        """
+        if closed.txid is not None:
+            state = ChannelState.SETTLING
+        elif closed.settle_by is not None:
+            state = ChannelState.PENDING
+        else:
+            state = ChannelState.UNSETTLED
+        return self.store.update(
+            rec.id, state=state, closing_txid=closed.txid, settle_by=closed.settle_by
+        )
 
     def _result(
         self,
@@ -947,6 +1094,7 @@ class Player:
             balance=rec.balance if rec.balance is not None else (rec.value or 0),
             closed=closed is not None,
             closed_txid=None if closed is None else closed.txid,
+            settle_by=None if closed is None else closed.settle_by,
         )
 
 

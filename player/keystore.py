@@ -60,10 +60,24 @@ class ChannelState:
     FUNDING: Final = "funding"  # funding output exists; waiting for `ready`
     READY: Final = "ready"  # takes payments; resumable
     CLOSING: Final = "closing"  # `close` sent, no `closed` seen
-    CLOSED: Final = "closed"  # the gateway settled (or left it to our refund)
+    #: The gateway takes nothing more; what it broadcasts is not known yet
+    #: (a `resume` answered `channel_closed`): ``player status`` asks.
+    CLOSED: Final = "closed"
+    PENDING: Final = "pending"  # `closed`: the settlement waits for its batch (`settle_by`)
+    SETTLING: Final = "settling"  # the settlement is broadcast (`closing_txid`), not yet final
+    #: Final: the settlement passed our check (protocol.md section 8) and our
+    #: own node shows it confirmed.
+    SETTLED: Final = "settled"
+    #: The gateway broadcasts nothing (section 8: nothing paid, or a share that
+    #: cannot pay its own exit): only our refund after expiry brings the value back.
+    UNSETTLED: Final = "unsettled"
     REFUNDED: Final = "refunded"  # our refund was broadcast
     #: States a later run may `resume` (the gateway resumes funding and ready channels).
     RESUMABLE: Final = frozenset({FUNDING, READY})
+    #: Closed at the gateway, not final: ``player status`` follows their settlement.
+    FOLLOWED: Final = frozenset({CLOSING, CLOSED, PENDING, SETTLING, UNSETTLED})
+    #: Nothing more will happen to the channel's value.
+    FINAL: Final = frozenset({SETTLED, REFUNDED})
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,10 +105,13 @@ class StoredChannel:
     balance: int | None = None
     sig: bytes | None = None
     bill: int = 0
+    #: The settlement's txid, from ``closed`` or the gateway's channel API.
     closing_txid: str | None = None
     refund_txid: str | None = None
     #: The reserve accepted with ``terms``: our own exit fee (protocol.md section 3).
     exit_fee: int = 0
+    #: Unix time by which the gateway said a pending settlement goes out (``closed.settle_by``).
+    settle_by: int | None = None
 
     @property
     def channel_id(self) -> str | None:
@@ -138,7 +155,8 @@ CREATE TABLE IF NOT EXISTS channels (
     bill INTEGER NOT NULL DEFAULT 0,
     closing_txid TEXT,
     refund_txid TEXT,
-    exit_fee INTEGER NOT NULL DEFAULT 0
+    exit_fee INTEGER NOT NULL DEFAULT 0,
+    settle_by INTEGER
 );
 -- Where the viewer left off, per channel and media: a later run resumes there.
 CREATE TABLE IF NOT EXISTS positions (
@@ -148,6 +166,15 @@ CREATE TABLE IF NOT EXISTS positions (
     PRIMARY KEY (channel, media)
 );
 """
+
+
+#: (column, declaration) added to ``channels`` after its first version: an
+#: older keystore gets them on open. ``exit_fee``: protocol version 2's
+#: reserve; ``settle_by``: when a pending settlement goes out.
+_ADDED_COLUMNS: Final = (
+    ("exit_fee", "INTEGER NOT NULL DEFAULT 0"),
+    ("settle_by", "INTEGER"),
+)
 
 
 def default_data_dir() -> Path:
@@ -174,10 +201,10 @@ class Keystore:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
             columns = {r[1] for r in self._db.execute("PRAGMA table_info(channels)")}
-            if "exit_fee" not in columns:  # a keystore of protocol version 1
-                self._db.execute(
-                    "ALTER TABLE channels ADD COLUMN exit_fee INTEGER NOT NULL DEFAULT 0"
-                )
+            # Columns added since a keystore was first written, in the order they came.
+            for name, decl in _ADDED_COLUMNS:
+                if name not in columns:
+                    self._db.execute(f"ALTER TABLE channels ADD COLUMN {name} {decl}")
         except (OSError, sqlite3.Error) as exc:
             raise KeystoreError(f"cannot open player data in {self.data_dir}: {exc}") from None
         self._privkey = self._load_or_create_key()

@@ -202,6 +202,26 @@ class Wallet:
             raise WalletError("the wallet could not sign every input of the funding transaction")
         return bytes.fromhex(signed["hex"])
 
+    async def txout(self, txid: str, vout: int) -> tuple[int, bytes, int] | None:
+        """``gettxout`` (mempool included): (value sat, script, confirmations), None if none.
+
+        A stock node answers it for any unspent output, with no transaction
+        index: how the player sees its settled change on chain.
+        """
+        found = await self._call("gettxout", txid, vout, True)
+        if found is None:
+            return None
+        try:
+            return (
+                _sat(found["value"]),
+                bytes.fromhex(found["scriptPubKey"]["hex"]),
+                int(found["confirmations"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            raise WalletError(
+                f"wallet RPC gettxout gave an unusable answer for {txid}:{vout}"
+            ) from None
+
     async def broadcast(self, tx: bytes) -> str:
         """``sendrawtransaction``; returns the txid. Raises the RPC's error as is."""
         txid: str = await self.rpc.call("sendrawtransaction", tx.hex())

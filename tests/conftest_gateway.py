@@ -22,6 +22,7 @@ import coincurve
 import pytest
 import websockets
 from helpers_chain import get_transaction
+from helpers_stack import Stack
 
 from gateway.chain.rpc import RpcClient
 from gateway.chain.watch import btc_to_sat
@@ -120,6 +121,27 @@ async def gateway_factory(tmp_path: Path, media_copy: Path) -> AsyncIterator[Any
 async def gateway(gateway_factory: Any) -> Gateway:
     """A running gateway with its embedded node (in-process), on port 0."""
     return await gateway_factory()
+
+
+@pytest.fixture
+async def stack_factory(tmp_path: Path, media_copy: Path) -> AsyncIterator[Any]:
+    """Start ``gateway serve`` stacks (:class:`helpers_stack.Stack`); all stop at teardown.
+
+    ``await stack_factory(*extra_serve_args)``.
+    """
+    stacks: list[Stack] = []
+
+    async def make(*extra: str) -> Stack:
+        stack = Stack(tmp_path, media_copy, *extra)
+        await stack.start()
+        stacks.append(stack)
+        return stack
+
+    try:
+        yield make
+    finally:
+        for stack in stacks:
+            stack.stop()
 
 
 def ws_url(gw: Gateway) -> str:

@@ -11,120 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 from conftest_gateway import PUBLISHERS
 from helpers_chain import get_transaction
+from helpers_stack import Proc, Stack, bin_path
 
 from gateway.chain.kernel import verify_input
 from gateway.chain.rpc import RpcClient
 from gateway.chain.watch import btc_to_sat
 from gateway.protocol.scripts import ChannelScript, address_to_script_pubkey
 from player.keystore import Keystore
-
-
-class Proc:
-    """A child process of this test: a console script, logging to a file."""
-
-    def __init__(self, args: list[str], log: Path, cwd: Path) -> None:
-        self.log = log
-        self.proc = subprocess.Popen(
-            args, stdout=log.open("ab"), stderr=subprocess.STDOUT, cwd=cwd
-        )
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def _bin(name: str) -> str:
-    return str(Path(sys.executable).with_name(name))
-
-
-class Stack:
-    """``gateway serve`` on port 0 with its embedded node, and player runs against it."""
-
-    def __init__(self, tmp: Path, media: Path, *extra: str) -> None:
-        self.tmp, self.media, self.extra = tmp, media, extra
-        self.datadir = tmp / "gw"
-        self.player_dir = tmp / "player"
-        self.gateway: Proc | None = None
-        self.info: dict[str, str] = {}
-
-    async def start(self) -> None:
-        (self.datadir / "gateway.json").unlink(missing_ok=True)
-        self.gateway = Proc(
-            [_bin("gateway"), "serve", "--datadir", str(self.datadir), "--port", "0",
-             "--rpc-port", "0", "--block-interval", "0", "--media", str(self.media),
-             "-v", *self.extra],
-            self.tmp / "gateway.log", self.tmp,
-        )
-        deadline = time.monotonic() + 60
-        while not (self.datadir / "gateway.json").exists():
-            assert self.gateway.proc.poll() is None, (self.tmp / "gateway.log").read_text()
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
-        self.info = json.loads((self.datadir / "gateway.json").read_text())
-
-    def rpc(self) -> RpcClient:
-        return RpcClient(self.info["rpc"], cookie_path=self.info["cookie"])
-
-    async def player(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        cmd = [_bin("player"), *args, "--data-dir", str(self.player_dir)]
-        if args[0] in ("play", "refund"):
-            cmd += ["--wallet-rpc", self.info["rpc"], "--wallet-cookie", self.info["cookie"]]
-        done = await asyncio.to_thread(
-            subprocess.run, cmd, capture_output=True, text=True, timeout=120, cwd=self.tmp
-        )
-        if check:
-            assert done.returncode == 0, done.stderr
-        return done
-
-    def channel_row(self) -> dict:
-        return self._row("SELECT * FROM channels WHERE channel_id IS NOT NULL "
-                         "ORDER BY id DESC LIMIT 1")
-
-    def settlement_row(self, txid: str) -> dict:
-        return self._row("SELECT * FROM settlements WHERE txid = ?", (txid,))
-
-    def _row(self, sql: str, params: tuple = ()) -> dict:
-        import sqlite3
-
-        conn = sqlite3.connect(self.datadir / "gateway.db")
-        conn.row_factory = sqlite3.Row
-        try:
-            return dict(conn.execute(sql, params).fetchone())
-        finally:
-            conn.close()
-
-    def stop(self) -> None:
-        if self.gateway is not None:
-            self.gateway.stop()
-
-
-@pytest.fixture
-async def stack_factory(tmp_path, media_copy):
-    stacks: list[Stack] = []
-
-    async def make(*extra: str) -> Stack:
-        stack = Stack(tmp_path, media_copy, *extra)
-        await stack.start()
-        stacks.append(stack)
-        return stack
-
-    yield make
-    for stack in stacks:
-        stack.stop()
 
 
 async def _wait_for(predicate, timeout: float = 20.0) -> None:
@@ -220,7 +118,7 @@ async def test_expiry_without_the_gateway_player_refunds(stack_factory):
     await rpc.close()
     stack.stop()  # the gateway (and its node) are gone before the expiry
 
-    node = Proc([_bin("gateway"), "node", "--datadir", str(stack.datadir / "node"),
+    node = Proc([bin_path("gateway"), "node", "--datadir", str(stack.datadir / "node"),
                  "--rpc-port", "0"], stack.tmp / "node.log", stack.tmp)
     try:
         deadline = time.monotonic() + 30
@@ -281,6 +179,9 @@ async def test_everyday_mistakes_with_the_real_gateway(stack_factory):
     assert "resuming" not in runs[0].stderr
     assert runs[1].stderr.startswith(
         f"resuming channel {ch.id} (value 30000, paid ")
+    # A resumed channel says its exit fee, the reserve agreed when it was opened.
+    assert f" sat, exit fee {ch.exit_fee} sat); " in runs[1].stderr.splitlines()[0]
+    assert ch.exit_fee > 0
     manifest = json.loads((stack.media / "clip" / "manifest.json").read_text())
     chunks = manifest["chunks"]
     at = sum(c["duration_ms"] for c in chunks[:4])

@@ -4,8 +4,10 @@ The gateway here is :class:`FakeGateway`, a deliberately small FAKE that speaks
 protocol.md over real WebSockets on 127.0.0.1:0 using the real pure core
 (``ServerChannel``, ``ServerMeter``) but no chain, no store and no settlement:
 it reads the funding output from ``fund.tx``, answers ``close`` with
-``closed`` (``txid`` null) and can be told to overcharge. The real gateway is
-covered by the lead's end-to-end tests.
+``closed`` (``txid`` null) and can be told to overcharge, or to settle at
+``close`` with a settlement built by the real core (never broadcast) that its
+``GET /api/channel/<id>`` serves, possibly tampered. The real gateway is
+covered by the end-to-end tests.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 import coincurve
 import pytest
 import websockets
+from bitcoin.core import CMutableTransaction
 from helpers_chain import get_transaction
 from websockets.asyncio.server import ServerConnection, serve
 
@@ -57,6 +60,7 @@ from gateway.protocol.messages import (
 )
 from gateway.protocol.metering import ServerMeter
 from gateway.protocol.scripts import ChannelScript
+from gateway.protocol.settlement import build_batch
 from gateway.protocol.transactions import Outpoint, find_funding_output, parse_tx, txid_of
 from player import cli
 from player.client import (
@@ -106,6 +110,12 @@ class FakeGateway:
     drop_pay_at: int | None = None  # chunk index whose `pay` is lost: the fake disconnects
     #: Prices the reserve; 0 (no reserve) keeps these tests about the media's metering.
     feerate: Fraction = Fraction(0)
+    #: Settle at `close` (a batch of one, built by the real core, never broadcast) and
+    #: name it in `closed`; the channel API serves it after this edit of its outputs.
+    settle: bool = False
+    tamper: Any = None
+    #: ``GET /api/channel/<id>`` answers, by channel id.
+    api: dict[str, Any] = field(default_factory=dict)
     privkey: bytes = field(default_factory=lambda: coincurve.PrivateKey().secret)
     channels: dict[str, ServerChannel] = field(default_factory=dict)
     meters: dict[str, ServerMeter] = field(default_factory=dict)
@@ -129,7 +139,15 @@ class FakeGateway:
         await self._server.wait_closed()
 
     def _http(self, ws: ServerConnection, request: Any) -> Any:
-        """``GET /api/catalog`` as the real gateway answers it; WebSockets elsewhere."""
+        """``GET /api/catalog`` (and ``/api/channel/<id>``) as the real gateway answers
+        them; WebSockets elsewhere."""
+        if request.path.startswith("/api/channel/"):
+            answer = self.api.get(request.path.removeprefix("/api/channel/"))
+            if answer is None:
+                return ws.respond(404, "no such channel")
+            response = ws.respond(200, json.dumps(answer))
+            response.headers["Content-Type"] = "application/json"
+            return response
         if request.path != "/api/catalog":
             return None
         self.catalog_requests += 1
@@ -146,6 +164,33 @@ class FakeGateway:
     def received_of(self, kind: type[Message]) -> list[Any]:
         """Messages of one type the fake received, in order."""
         return [m for m in self.received if isinstance(m, kind)]
+
+    def _closed(self, channel: ServerChannel) -> Closed:
+        """``closed``: txid null; or, with ``settle``, the settlement built now."""
+        txid = None
+        if self.settle and channel.channel_id is not None:
+            channel.close()
+            claim = channel.claim()
+            assert claim is not None
+            batch = build_batch([claim], b"\x00\x14" + b"\x33" * 20, self.feerate).batch
+            assert batch is not None
+            tx = CMutableTransaction.from_tx(parse_tx(batch.tx))
+            if self.tamper is not None:
+                self.tamper(tx)
+            raw = bytes(tx.serialize())
+            txid = txid_of(raw)
+            channel.settled_in(txid)
+            self.api[channel.channel_id] = {
+                "channel_id": channel.channel_id, "state": "closing", "value": channel.value,
+                "paid": channel.paid, "balance": channel.balance, "exit_fee": channel.exit_fee,
+                "settle_by": None,
+                "settlement": {"txid": txid, "tx": raw.hex(), "fee": None, "vsize": None,
+                               "input_values": [channel.value], "state": "broadcast",
+                               "confirmations": None},
+            }
+        return Closed(
+            txid=txid, paid=channel.paid, balance=channel.balance or 0, exit_fee=channel.exit_fee
+        )
 
     @staticmethod
     def media(index: int) -> bytes:
@@ -219,14 +264,7 @@ class FakeGateway:
                         return
                 elif isinstance(msg, Close) and self.answer_close:
                     assert channel is not None
-                    await send(
-                        Closed(
-                            txid=None,
-                            paid=channel.paid,
-                            balance=channel.balance or 0,
-                            exit_fee=channel.exit_fee,
-                        )
-                    )
+                    await send(self._closed(channel))
                     return
                 elif not isinstance(msg, Close):
                     raise ProtocolError(ErrorCode.BAD_STATE, f"fake: unexpected {msg.type}")
@@ -284,14 +322,7 @@ class FakeGateway:
                         continue
                     await send(channel.paid_message())
                 elif isinstance(msg, Close) and self.answer_close:
-                    await send(
-                        Closed(
-                            txid=None,
-                            paid=channel.paid,
-                            balance=channel.balance or 0,
-                            exit_fee=channel.exit_fee,
-                        )
-                    )
+                    await send(self._closed(channel))
                     return False
             data = self.media(index)
             await send(
@@ -469,21 +500,24 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
         "gateway",
         "kind",
         "value",
-        "balance",
         "paid",
+        "exit_fee",
+        "balance",
         "expiry",
         "state",
+        "settlement",
     ]
-    assert table[1].split()[:7] == [
+    assert table[1].split()[:8] == [
         "1",
         "ab" * 32 + ":1",
         "ws://gw/paystream/2",
         "cltv",
         "50000",
-        "50000",
         "0",
+        "0",
+        "50000",
     ]
-    assert table[1].split()[-1] == "ready"
+    assert table[1].split()[-2:] == ["ready", "-"]
 
 
 # -- playing against the fake gateway, funded on the real embedded node -------------
@@ -508,7 +542,8 @@ async def test_play_cltv_pays_the_metered_total_and_closes(
     assert result.paid == _honest_total(5) == 10
     assert result.balance == 20_000 - 10
     rec = result.channel
-    assert rec.state == ChannelState.CLOSED and rec.value == 20_000 and rec.seq >= 1
+    # The fake's `closed` names no settlement and no settle_by: nothing is broadcast.
+    assert rec.state == ChannelState.UNSETTLED and rec.value == 20_000 and rec.seq >= 1
     # The funding output is real and pays exactly the budget to the channel script.
     txout = await rpc.call("gettxout", rec.txid, rec.vout, True)
     assert int(txout["value"] * 100_000_000) == 20_000
@@ -624,7 +659,7 @@ async def test_overcharge_closes_exits_3_and_never_signs_it(
     assert [20_000 - p.balance for p in pays] == [_honest_total(2)]
     with Keystore(tmp_path) as store:
         (rec,) = store.channels()
-        assert rec.state == ChannelState.CLOSED and rec.paid == _honest_total(2)
+        assert rec.state == ChannelState.UNSETTLED and rec.paid == _honest_total(2)
 
 
 async def test_budget_stops_before_paying_past_it(node: Any, tmp_path: Path) -> None:
@@ -710,11 +745,17 @@ async def test_sigint_closes_cleanly(node: Any, tmp_path: Path) -> None:
         proc.send_signal(signal.SIGINT)
         _, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0, err
-    assert err.decode().splitlines()[-1].startswith("stopped:")
+    lines = err.decode().splitlines()
+    assert lines[-2].startswith("stopped:")
+    # The fake broadcasts nothing: the last line says how the value comes back.
+    assert lines[-1] == (
+        "the gateway broadcasts no settlement: your 100000 sat come back by refund after "
+        "expiry with `player refund 1`"
+    )
     assert gw.received_of(Close)
     with Keystore(tmp_path) as store:
         (rec,) = store.channels()
-        assert rec.state == ChannelState.CLOSED
+        assert rec.state == ChannelState.UNSETTLED
     assert out.read_bytes() == _expected_stream(40)[: out.stat().st_size]
 
 
@@ -747,7 +788,8 @@ def test_cli_usage_errors_and_progress_line(
         Progress(
             status="playing",
             media="film",
-            media_ms=65_000,
+            media_ms=70_000,
+            position_ms=65_000,
             duration_ms=3_600_000,
             free_left_ms=0,
             rate_msat=2_500,
@@ -911,9 +953,9 @@ def test_progress_off_a_terminal_is_plain_lines_every_few_seconds() -> None:
                        balance=20_000)
     for second in range(12):
         now[0] = 101.0 + second
-        line(dataclasses.replace(playing, media_ms=second * 1000))
+        line(dataclasses.replace(playing, position_ms=second * 1000))
     line.note("a note")
-    line(dataclasses.replace(playing, status="closing", media_ms=12_000))
+    line(dataclasses.replace(playing, status="closing", position_ms=12_000))
     line.done()
     assert "\r" not in pipe.text and "\x1b" not in pipe.text
     assert pipe.text.splitlines() == [
@@ -952,11 +994,12 @@ async def test_sigterm_closes_like_ctrl_c_and_progress_shows_in_a_pipe(
     assert "\r" not in text
     lines = text.splitlines()
     assert any(line.startswith("film 0:0") and "paid" in line for line in lines), text
-    assert lines[-1].startswith("stopped:") and "closed" in lines[-1]
+    assert lines[-2].startswith("stopped:") and lines[-2].endswith("closed")
+    assert lines[-1].startswith("the gateway broadcasts no settlement: ")
     assert gw.received_of(Close)
     with Keystore(tmp_path / "p") as store:
         (rec,) = store.channels()
-        assert rec.state == ChannelState.CLOSED
+        assert rec.state == ChannelState.UNSETTLED
 
 
 async def test_a_resumed_channel_is_named_budget_caps_the_run_and_media_goes_on(
@@ -979,7 +1022,7 @@ async def test_a_resumed_channel_is_named_budget_caps_the_run_and_media_goes_on(
 
         err = await play("--budget", "3", "--keep-open")
         assert err[:2] == [
-            "resuming channel 1 (value 20000, paid 5, balance 19995 sat); "
+            "resuming channel 1 (value 20000, paid 5, balance 19995 sat, exit fee 0 sat); "
             "this run pays at most 3 sat",
             "film goes on at 0:04 (--from 0 starts it over)",
         ]
@@ -988,20 +1031,23 @@ async def test_a_resumed_channel_is_named_budget_caps_the_run_and_media_goes_on(
 
         err = await play("--max-chunks", "1", "--keep-open")  # no --budget: its balance
         assert err[:2] == [
-            "resuming channel 1 (value 20000, paid 8, balance 19992 sat)",
+            "resuming channel 1 (value 20000, paid 8, balance 19992 sat, exit fee 0 sat)",
             "film goes on at 0:05 (--from 0 starts it over)",
         ]
 
         err = await play("--budget", "50000", "--from", "0:08", "--keep-open")
         assert err[0] == (
-            "resuming channel 1 (value 20000, paid 10, balance 19990 sat); this run pays at "
+            "resuming channel 1 (value 20000, paid 10, balance 19990 sat, exit fee 0 sat); "
+            "this run pays at "
             "most 19990 sat (the channel's balance; --new-channel opens another)"
         )
         assert not any(e.startswith("film goes on") for e in err)
         assert err[-1].startswith("finished: 2 chunks")
 
         err = await play("--max-chunks", "1")  # played to the end: from the start again
-        assert err[0] == "resuming channel 1 (value 20000, paid 15, balance 19985 sat)"
+        assert err[0] == (
+            "resuming channel 1 (value 20000, paid 15, balance 19985 sat, exit fee 0 sat)"
+        )
         assert not any(e.startswith("film goes on") for e in err)
     assert [p.start_ms for p in gw.received_of(Play)] == [0, 4000, 5000, 8000, 0]
     assert len(gw.received_of(Open)) == 1
@@ -1017,3 +1063,43 @@ def test_from_is_a_media_time(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         with pytest.raises(SystemExit):
             parse(["play", "ws://h:1/paystream/2", "m", "--from", bad])
     assert "bad time '-1'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tampered", [False, True], ids=["as-built", "one-sat-less-change"])
+async def test_play_checks_a_settlement_named_in_closed(
+    node: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str], tampered: bool
+) -> None:
+    """A gateway without a settle window names the settlement in ``closed``: ``player
+    play`` checks it at once against the channel API. As built by the core it passes
+    (never broadcast by this fake, so the viewer's node does not have it: ``settling``,
+    not settled); with our change one sat short the check fails, ``play`` exits 4 and
+    the channel is not marked settled."""
+
+    def one_sat_less(tx: CMutableTransaction) -> None:
+        tx.vout[0].nValue -= 1  # our change, at our input's index
+
+    async with FakeGateway(
+        settle=True, feerate=Fraction(2), tamper=one_sat_less if tampered else None
+    ) as gw:
+        args = _play_args(gw, node, tmp_path, "film", "--budget", "20000", "--no-pace")
+        code = await asyncio.to_thread(cli.main, args)
+    lines = capsys.readouterr().err.splitlines()
+    with Keystore(tmp_path / "p") as store:
+        (rec,) = store.channels()
+    (answer,) = gw.api.values()
+    txid = answer["settlement"]["txid"]
+    assert rec.closing_txid == txid and rec.exit_fee > 0
+    assert rec.state == ChannelState.SETTLING
+    if tampered:
+        assert code == cli.EXIT_BAD_SETTLEMENT
+        assert lines[-1] == (
+            f"player: channel 1: settlement {txid} FAILS the check: our change output is not "
+            "our last signed balance; not marked settled"
+        )
+    else:
+        assert code == 0
+        assert lines[-1].startswith(
+            f"settled by {txid}, checked: your change of {rec.balance} sat, paid {rec.paid} "
+            f"sat (exit fee {rec.exit_fee} sat); it pays "
+        )
+        assert lines[-1].endswith("; not on your node yet (or our change is already spent)")
