@@ -458,7 +458,9 @@ _DASHBOARD_BODY = """<h1>Dashboard</h1>
   Lost: billed in channels that will never settle (the viewer refunded at expiry).
   Settled: what viewers paid for media in settlement batches broadcast or confirmed.
   Fees: the part of those batches' network fees the publishers' share paid (the viewers'
-  reserves paid the rest). Paid out: the outputs paying the publisher in those batches.</p>
+  reserves paid the rest). Paid out: the outputs paying the publisher in those batches.
+  A channel still playing counts as of its last payment (the chunk sent since is
+  recorded with the next one).</p>
   <h2>Earnings per publisher</h2>
   <table id="publishers"><thead><tr><th>Publisher</th><th>Billed sat</th>
   <th>Not yet settled sat</th><th>Lost sat</th><th>Settled sat</th><th>Fees sat</th>
