@@ -488,3 +488,33 @@ async def test_paid_playback_pays_no_further_ahead_than_the_lead(gateway, browse
     row = gateway.store.read("SELECT * FROM channels WHERE channel_id = ?", (channel_id,))[0]
     assert row["balance"] == closed["balance"] and re.fullmatch(r"[0-9a-f]{64}", closed["txid"])
     await rpc.close()
+
+
+async def test_a_reorg_that_takes_the_funding_back_waits_then_replays(gateway_factory, browser):
+    """`funding_lost` (section 4): the page says so, pays nothing, and plays on after `ready`."""
+    gw = await gateway_factory(limits={"min_conf": 1})
+    rpc = node_rpc(gw)
+    await open_and_fund(browser, gw, "/watch/clip", ready=False)
+    await browser.wait_for("window.paystream.fundingSeen", what="the gateway's `funding`")
+    [block] = await mine(rpc)
+    await browser.wait_for(f"window.paystream.state === 'ready' && {VIDEO}.currentTime > 0.5",
+                           what="playback on the confirmed channel")
+    # A competing block at the same height without the funding: a reorg that
+    # sends the funding back to the mempool (its only confirmation is gone).
+    await rpc.call("invalidateblock", block)
+    await rpc.call("generateblock", await rpc.call("getnewaddress"), [])
+    await browser.wait_for("window.paystream.state === 'reorg'", what="funding_lost")
+    assert (await browser.text("#status")).startswith(
+        "The funding lost its confirmations (reorg): waiting")
+    seq = await browser.js("return window.paystream.seq;")
+    await asyncio.sleep(1.0)
+    assert await browser.js("return window.paystream.seq;") == seq  # nothing paid meanwhile
+    plays = len(await browser.js("return window.paystream.plays;"))
+    await mine(rpc)  # the funding confirmed again, on the new branch
+    await browser.wait_for(f"window.paystream.state === 'ready' && window.paystream.plays.length "
+                           f"> {plays}", what="ready again and a new play")
+    replay = (await browser.js("return window.paystream.plays;"))[-1]
+    assert replay["media"] == "clip" and replay["start_ms"] > 0  # from where it was, not 0
+    await browser.wait_for(f"{VIDEO}.currentTime > {replay['start_ms'] / 1000 + 0.5}",
+                           what="playback after the replay")
+    await rpc.close()
