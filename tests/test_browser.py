@@ -14,6 +14,7 @@ number the page states is compared with the chain or the gateway's store.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import math
 import re
@@ -518,3 +519,73 @@ async def test_a_reorg_that_takes_the_funding_back_waits_then_replays(gateway_fa
     await browser.wait_for(f"{VIDEO}.currentTime > {replay['start_ms'] / 1000 + 0.5}",
                            what="playback after the replay")
     await rpc.close()
+
+
+async def test_a_later_visit_after_the_gateway_settled_keeps_the_record_until_confirmed(
+    gateway, browser
+):
+    """Kept open and left: the gateway settles after the resume grace; the next visit
+    cannot resume it, keeps its record, checks the settlement and forgets it once mined."""
+    rpc = node_rpc(gateway)
+    state = await open_and_fund(browser, gateway, "/watch/clip")
+    await browser.wait_for("window.paystream.paid > 0", what="the reserve paid")
+    await browser.click("#close-on-leave")  # leave without `close`
+    await browser.get("about:blank")
+    channel_id = state["channelId"]
+    deadline = time.monotonic() + 20
+    while not gateway.store.read("SELECT settle_txid FROM channels WHERE channel_id = ? AND "
+                                 "settle_txid IS NOT NULL", (channel_id,)):
+        assert time.monotonic() < deadline, "the gateway did not settle after the grace"
+        await asyncio.sleep(0.1)
+    await browser.get(url(gateway, "/watch/clip"))
+    # A new channel is offered; the old one's record stays until its money is back.
+    await browser.wait_for("window.paystream.state === 'budget'", what="a new budget")
+    rec = await wait_record(browser, f"r.key === '{channel_id}' && r.settlement && "
+                            "r.settlement.check", "the old record, checked")
+    assert rec["settlement"]["check"]["ok"] and rec["status"] == "settling"
+    await mine(rpc)
+    await browser.wait_for("window.paystreamRecords.records().then(rs => rs.length === 0)",
+                           what="the record deleted once the settlement confirmed")
+    assert "Settled in" in await browser.text("#history")
+    await rpc.close()
+
+
+async def test_a_version_1_record_is_moved_into_the_records_and_can_refund(gateway, browser):
+    """The page's first version kept one channel per host in `kv`: it is kept, not lost."""
+    import coincurve
+
+    k1 = coincurve.PrivateKey()
+    k2 = coincurve.PrivateKey().public_key.format(compressed=True)
+    pub = k1.public_key.format(compressed=True)
+    script = ChannelScript.make("cltv", pub, k2, 1_000)
+    change = b"\x00\x14" + hashlib.new("ripemd160", hashlib.sha256(pub).digest()).digest()
+    channel_id = f"{'ab' * 32}:1"
+    old = {"channel_id": channel_id, "kind": "cltv", "expiry": 1_000, "value": 20_000,
+           "balance": 19_000, "seq": 3, "budget": 20_000, "network": "regtest",
+           "witness_script": script.witness_script.hex(), "change_script": change.hex(),
+           "meter": {"bill": "0", "reserve": 282, "rates": {}, "free": {}, "used": {}},
+           "media": "clip"}
+    await browser.get(url(gateway, "/dashboard"))  # this origin, no IndexedDB opened yet
+    await browser.js(
+        "const [k1, key, old] = arguments; return new Promise((ok, fail) => {"
+        "const r = indexedDB.open('paystream', 1);"
+        "r.onupgradeneeded = () => r.result.createObjectStore('kv');"
+        "r.onsuccess = () => { const tx = r.result.transaction('kv', 'readwrite');"
+        "tx.objectStore('kv').put(k1, 'k1'); tx.objectStore('kv').put(old, key);"
+        "tx.oncomplete = () => { r.result.close(); ok(true); }; tx.onerror = fail; };"
+        "r.onerror = fail; });",
+        k1.secret.hex(), f"channel:127.0.0.1:{gateway.port}", old)
+    await browser.get(url(gateway, "/"))
+    rec = await wait_record(browser, "r.signed_refund", "the kept record, with its refund")
+    assert rec["key"] == channel_id and (rec["value"], rec["balance"], rec["seq"]) == (
+        20_000, 19_000, 3)
+    assert rec["client_pubkey"] == pub.hex() and rec["server_pubkey"] == k2.hex()
+    assert rec["exit_fee"] == 282 and rec["funding_script"] == script.script_pubkey.hex()
+    # The gateway never saw it: nothing will settle it, and its refund is valid.
+    assert rec["status"] == "refund_wait"
+    assert kernel_verify(bytes.fromhex(rec["signed_refund"]), [(script.script_pubkey, 20_000)])
+    left = await browser.js(
+        "return new Promise(ok => { const r = indexedDB.open('paystream');"
+        "r.onsuccess = () => { const q = r.result.transaction('kv').objectStore('kv')"
+        ".getAllKeys(); q.onsuccess = () => { ok(q.result); r.result.close(); }; }; });")
+    assert left == ["k1"]  # the old key moved; K1 is the same one

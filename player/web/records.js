@@ -68,13 +68,27 @@ function migrateV1(tx) {
     if (String(cursor.key).startsWith('channel:') && old && old.channel_id) {
       const [txid, vout] = old.channel_id.split(':');
       channels.put({
-        ...old, key: old.channel_id, txid, vout: Number(vout), status: 'open',
-        gateway_url: location.origin, created_at: Date.now() / 1000,
-        note: 'kept from an earlier version of this page',
+        ...old, ...v1Scripts(old), key: old.channel_id, txid, vout: Number(vout),
+        status: 'open', gateway_url: location.origin, created_at: Date.now() / 1000,
+        note: 'Kept from an earlier version of this page.',
       });
       cursor.delete();
     }
     cursor.continue();
+  };
+}
+
+/** What version 1 did not store, from its cltv witness script (section 2) and meter. */
+function v1Scripts(old) {
+  const ws = ps.hexToBytes(old.witness_script);
+  const spk = ps.p2wshScript(ws);
+  return {
+    server_pubkey: ps.bytesToHex(ws.subarray(2, 35)), // OP_IF <K2> ...
+    client_pubkey: ps.bytesToHex(ws.subarray(ws.length - 34, ws.length - 1)), // <K1> CHECKSIG
+    funding_script: ps.bytesToHex(spk),
+    funding_address: ps.segwitAddress(old.network, spk.subarray(2)),
+    exit_fee: old.meter?.reserve ?? 0,
+    exit_vbytes: ps.exitVbytes(old.kind, ws, ps.hexToBytes(old.change_script)),
   };
 }
 
@@ -270,6 +284,9 @@ export async function follow(rec, chain, secret) {
       return patchRecord(rec.key, { note: 'Not funded as far as this gateway knows: its '
         + 'funding transaction was not broadcast, or not seen yet.' });
     }
+    if (!rec.signed_refund && rec.kind === 'cltv' && rec.value != null && secret) {
+      rec = await patchRecord(rec.key, cltvRefundFields(rec, secret));
+    }
     if (!rec.signed_refund) {
       return patchRecord(rec.key, { status: 'unknown', note: 'This gateway does not know '
         + `the channel: after ${expiryText(rec.expiry)}, spend it with your backup.` });
@@ -285,9 +302,11 @@ export async function follow(rec, chain, secret) {
   if (api && rec.value == null && api.value) {
     // Funded from another wallet: the value comes with the channel.
     Object.assign(patch, { value: api.value, balance: rec.balance ?? api.value });
-    if (rec.kind === 'cltv' && secret) {
-      Object.assign(patch, cltvRefundFields({ ...rec, ...patch }, secret));
-    }
+  }
+  const known = { ...rec, ...patch };
+  if (known.kind === 'cltv' && known.value != null && !known.signed_refund && secret) {
+    // Its refund, signed now (a record funded elsewhere, or kept from version 1).
+    Object.assign(patch, cltvRefundFields(known, secret));
   }
   rec = { ...rec, ...patch };
   const s = api?.settlement;
