@@ -123,8 +123,8 @@ SESSION_MINUTES = (5, 30)
 MAX_REFUND_BYTES = 4096
 #: The key and expiry distance of the example channel whose exit /api/chain
 #: prices: the generator point's SEC encoding (any valid key has the same
-#: size), and the browser player's default expiry of a day (a time expiry, so
-#: a 4-byte script number as the page's own).
+#: size), and the browser player's default expiry of a day (a time expiry,
+#: whose script number is as long as the page's own).
 _EXAMPLE_KEY = bytes.fromhex(
     "0279be667ef9dcbbac55a06295ce870b07029bfcdb2dce28d959f2815b16f81798"
 )
@@ -359,9 +359,9 @@ _RECORDS_SECTION = """<section id="records">
   <p class="hint">A channel stays listed here until its money is back with you: its
   settlement confirmed and checked, or its refund confirmed. A channel that nothing will
   settle is refunded by this page once its expiry has passed (open a page of this gateway
-  then). The backup holds your key and every channel: with it you, or
-  <code>player refund</code>, can refund without this browser. Anyone holding it can take
-  the change of your open channels: keep it secret.</p>
+  then). The backup holds your key and every channel with its signed refund: with it you
+  can refund without this browser, from any node once the expiry has passed. Anyone holding
+  it can take the change of your open channels: keep it secret.</p>
   <p id="records-empty">No channel.</p>
   <table id="records-table" hidden><thead><tr><th>Channel</th><th>Kind</th><th>Value</th>
   <th>Paid</th><th>Expiry</th><th>State</th><th></th></tr></thead><tbody></tbody></table>
@@ -533,7 +533,8 @@ def _int_param(q: dict[str, str], name: str) -> int:
     return int(value)
 
 
-def _unfunded_addresses(gateway: Gateway) -> set[str]:
+def _unfunded_addresses(gateway: Gateway) -> dict[str, str]:
+    """Funding address -> kind, of every channel opened and not funded yet."""
     rows = gateway.store.read(
         "SELECT kind, client_pubkey, server_pubkey, expiry FROM channels "
         "WHERE state IN ('open', 'refund_signed') AND channel_id IS NULL"
@@ -542,7 +543,7 @@ def _unfunded_addresses(gateway: Gateway) -> set[str]:
         ChannelScript.make(
             r["kind"], bytes.fromhex(r["client_pubkey"]), bytes.fromhex(r["server_pubkey"]),
             r["expiry"],
-        ).address(gateway.network)
+        ).address(gateway.network): r["kind"]
         for r in rows
     }
 
@@ -560,7 +561,7 @@ async def _wallet_pays(gateway: Gateway, script: bytes, amount: int) -> tuple[st
 
 
 #: The fee of the demo faucet's unbroadcast T1 (one P2WPKH input, one output):
-#: well above 2 sat/vB of its ~120 vB.
+#: comfortably above the fee floor for its size.
 _T1_FEE = 500
 
 
@@ -612,9 +613,14 @@ async def _faucet(gateway: Gateway, request: Request, _: str, q: dict[str, str])
     paid = _FAUCET_PAID.setdefault(gateway, set())
     if address in paid:
         raise HttpError(HTTPStatus.CONFLICT, "the faucet already paid this channel")
-    if address not in _unfunded_addresses(gateway):
+    kind = _unfunded_addresses(gateway).get(address)
+    if kind is None:
         raise HttpError(HTTPStatus.BAD_REQUEST,
                         "not the funding address of an open, unfunded channel")
+    if kind == "multisig" and broadcast == "1":
+        # protocol.md section 2: T1 goes out only once the gateway signed T2.
+        raise HttpError(HTTPStatus.BAD_REQUEST, "a multisig channel's funding must not be "
+                        "broadcast before its refund is signed: use broadcast=0")
     paid.add(address)
     script = address_to_script_pubkey(address, gateway.network)
     try:

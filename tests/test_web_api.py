@@ -153,7 +153,8 @@ async def test_channel_api_says_whether_the_funding_is_unspent(gateway):
 
 
 async def test_faucet_signs_a_t1_it_does_not_broadcast_for_a_multisig_channel(gateway):
-    """broadcast=0: T1 pays the funding script from a segwit output, valid, not sent."""
+    """broadcast=0: T1 pays the funding script from a segwit output, valid, not sent;
+    a multisig channel gets no broadcast T1 (its refund is not signed yet)."""
     rpc = node_rpc(gateway)
     viewer = Viewer(ws_url(gateway), rpc)
     await viewer.connect()
@@ -162,6 +163,8 @@ async def test_faucet_signs_a_t1_it_does_not_broadcast_for_a_multisig_channel(ga
     status, body = await post_json(gateway,
                                    f"/api/faucet?address={address}&amount=20000&broadcast=2")
     assert status == 400
+    status, body = await post_json(gateway, f"/api/faucet?address={address}&amount=20000")
+    assert status == 400 and "broadcast=0" in body["error"]  # T1 before T2: never
     status, body = await post_json(gateway,
                                    f"/api/faucet?address={address}&amount=20000&broadcast=0")
     assert status == 200, body

@@ -335,7 +335,7 @@ export function sessionCost({ rateMsat, freeMs, durationMs, seconds, usedFreeMs 
 
 // -- transactions: parse, serialise, BIP143 (protocol.md sections 2 and 3) ----------
 
-/** 21 million bitcoin in satoshi: the largest amount (section 1). */
+/** Every bitcoin there will ever be, in satoshi: the largest amount (section 1). */
 export const MAX_MONEY = 2_100_000_000_000_000;
 /** nSequence of every refund: not final, so nLockTime applies (BIP65, section 2). */
 export const REFUND_SEQUENCE = 0xfffffffe;
@@ -547,8 +547,8 @@ export function checkRefundSignature(unsigned, witnessScript, value, serverPub, 
 }
 
 /**
- * The vbytes of a refund with the largest signatures (73 bytes with their
- * sighash byte): what T2's fee is computed on, before the gateway signs it.
+ * The vbytes of a refund with the largest signatures (the longest DER with
+ * its sighash byte): what T2's fee is computed on, before the gateway signs it.
  */
 export function refundVbytesMax(kind, witnessScript, destScript) {
   const stripped = 4 + 1 + 36 + 1 + 4 + 1 + 8 + varLen(destScript.length) + destScript.length + 4;

@@ -447,9 +447,10 @@ const BACKUP_STATE = {
 };
 
 /**
- * The backup: K1 and every channel record, with the field names of the
- * Python player's keystore (player/keystore.py) plus the scripts, so that
- * `player refund` or a person can refund without this browser.
+ * The backup: K1 and every channel record with its signed refund, so that a
+ * person can refund without this browser (any node takes the refund after
+ * the expiry); the field names are the Python player's keystore's
+ * (player/keystore.py), so that importing it there is a copy.
  */
 export async function backupText(secret, network) {
   const records = await allRecords();

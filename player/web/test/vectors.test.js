@@ -145,8 +145,8 @@ for (const [i, m] of vectors.meter.entries()) {
 test('a session costs its charged media, rounded up once, never the free part', () => {
   const item = { rateMsat: 300_000, freeMs: 3000, durationMs: 12_000 };
   assert.equal(ps.sessionCost({ ...item, seconds: 2 }), 0);
-  assert.equal(ps.sessionCost({ ...item, seconds: 5 * 60 }), 2700); // the whole 12 s
-  assert.equal(ps.sessionCost({ ...item, seconds: 4.001 }), 301); // 300.3 sat, rounded up
+  assert.equal(ps.sessionCost({ ...item, seconds: 5 * 60 }), 2700); // the whole item
+  assert.equal(ps.sessionCost({ ...item, seconds: 4.001 }), 301); // a fraction: rounded up
   assert.equal(ps.sessionCost({ ...item, seconds: 5, usedFreeMs: 3000 }), 1500);
 });
 
