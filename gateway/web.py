@@ -18,7 +18,14 @@ or ``None`` ("not mine": the server answers 404).
   map's own hash.
 * ``POST /api/faucet`` exists only on regtest: it pays the funding address of
   a channel that was opened and not yet funded (nothing else), once, an
-  amount inside the advertised limits, from the node's wallet.
+  amount inside the advertised limits, from the node's wallet; with
+  ``broadcast=0`` it answers a signed T1 instead, for a multisig channel
+  whose refund the gateway must sign before T1 is broadcast.
+* The page has no node of its own: ``GET /api/chain`` tells it the tip (so
+  it knows when a refund is final) and what leaving costs now;
+  ``POST /api/refund`` relays a refund, and nothing but a transaction that
+  spends the funding output of a channel this gateway knows; ``GET
+  /api/channel/<id>`` says where a channel's money went.
 * ``/api/dashboard/*`` need ``Authorization: Bearer <operator token>``:
   earnings are private. Rates are edited through the catalog API, which
   writes ``catalog.toml`` atomically; the gateway re-reads it at the next
@@ -44,12 +51,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote
 
-from bitcoin.core import CTransaction, CTxOut, b2lx
-from bitcoin.core.script import CScript
+import coincurve
+from bitcoin.core import COutPoint, CTransaction, CTxIn, CTxInWitness, CTxOut, CTxWitness, b2lx, lx
+from bitcoin.core.script import (
+    OP_CHECKSIG,
+    OP_DUP,
+    OP_EQUALVERIFY,
+    OP_HASH160,
+    SIGHASH_ALL,
+    SIGVERSION_WITNESS_V0,
+    CScript,
+    CScriptWitness,
+    SignatureHash,
+)
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from gateway.chain.rpc import RpcError
+from gateway.chain.rpc import RpcError, RpcException, RpcVerifyAlreadyInChain
+from gateway.chain.watch import btc_to_sat
 from gateway.media.catalog import (
     Catalog,
     parse_rate,
@@ -57,8 +76,11 @@ from gateway.media.catalog import (
     set_price,
 )
 from gateway.media.segment import MediaError
+from gateway.protocol.metering import charged_ms, total_due
 from gateway.protocol.scripts import ChannelScript, address_to_script_pubkey
-from gateway.protocol.transactions import find_funding_output, parse_tx
+from gateway.protocol.settlement import exit_fee, exit_vbytes
+from gateway.protocol.signatures import sign_digest
+from gateway.protocol.transactions import find_funding_output, parse_tx, txid_of
 
 if TYPE_CHECKING:
     from gateway.server import Gateway
@@ -95,6 +117,21 @@ _TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".css": "text/css
 RECENT_SETTLEMENTS = 50
 #: Funding addresses the demo faucet already paid, per gateway (once per channel).
 _FAUCET_PAID: weakref.WeakKeyDictionary[Gateway, set[str]] = weakref.WeakKeyDictionary()
+#: Session lengths the catalog page prices (minutes), besides the whole item.
+SESSION_MINUTES = (5, 30)
+#: A refund is one input and one output: no honest one comes near this size.
+MAX_REFUND_BYTES = 4096
+#: The key and expiry distance of the example channel whose exit /api/chain
+#: prices: the generator point's SEC encoding (any valid key has the same
+#: size), and the browser player's default expiry of a day (a time expiry,
+#: whose script number is as long as the page's own).
+_EXAMPLE_KEY = bytes.fromhex(
+    "0279be667ef9dcbbac55a06295ce870b07029bfcdb2dce28d959f2815b16f81798"
+)
+_EXAMPLE_EXPIRY_S = 86_400
+#: P2WPKH: the change script the browser player uses (its own key's).
+_P2WPKH_EXAMPLE = b"\x00\x14" + bytes(20)
+_TXID = re.compile(r"[0-9a-f]{64}")
 
 
 class HttpError(Exception):
@@ -119,6 +156,10 @@ async def handle_http(gateway: Gateway, request: Request) -> Response | None:
         return await handler(gateway, request, arg, _query(query))
     except HttpError as exc:
         return json_response(exc.status, {"error": exc.message})
+    except RpcException as exc:  # the node did not answer: nothing was done
+        log.warning("%s: the node failed: %s", path, exc)
+        return json_response(HTTPStatus.SERVICE_UNAVAILABLE,
+                             {"error": "the gateway's node did not answer; try again"})
 
 
 def _route(path: str) -> tuple[Any, str] | None:
@@ -134,6 +175,10 @@ def _route(path: str) -> tuple[Any, str] | None:
         return _static, path[len("/web/") :]
     if path == "/api/faucet":
         return _faucet, ""
+    if path == "/api/chain":
+        return _chain_api, ""
+    if path == "/api/refund":
+        return _refund_api, ""
     if path.startswith("/api/channel/"):
         return _channel_api, unquote(path[len("/api/channel/") :])
     if path.startswith("/api/dashboard/"):
@@ -226,32 +271,104 @@ def _catalog(gateway: Gateway) -> Catalog:
     return gateway.catalog
 
 
+def session_cost(rate_msat: int, free_ms: int, duration_ms: int, seconds: int) -> int:
+    """Sat for the media of the first ``seconds`` of an item played from its start.
+
+    The free allowance costs nothing, the rest ``rate_msat`` per second,
+    rounded up once (protocol.md section 7); the reserve is not in it.
+    """
+    played = min(seconds * 1000, duration_ms)
+    return total_due(0, rate_msat, charged_ms(0, played, free_ms))
+
+
+async def exit_estimate(gateway: Gateway) -> dict[str, Any]:
+    """What leaving costs now: the reserve of a channel opened now, per kind.
+
+    protocol.md section 3: ``exit_fee = ceil(feerate * exit_vbytes)`` at the
+    gateway's settlement feerate of the moment, for a channel like the
+    browser player's (a time expiry a day ahead, P2WPKH change). ``terms``
+    quotes the exact figure of each channel before it is funded.
+    """
+    rate = await gateway.settler.feerate()
+    expiry = int(time.time()) + _EXAMPLE_EXPIRY_S
+    exits = {}
+    for kind in ("cltv", "multisig"):
+        script = ChannelScript.make(kind, _EXAMPLE_KEY, _EXAMPLE_KEY, expiry)
+        vbytes = exit_vbytes(script, _P2WPKH_EXAMPLE)
+        exits[kind] = {"vbytes": vbytes, "fee": exit_fee(vbytes, rate)}
+    return {"feerate": float(rate), "exit": exits}
+
+
 async def _index(gateway: Gateway, request: Request, _: str, q: dict[str, str]) -> Response:
     catalog = _catalog(gateway)
+    try:
+        estimate = await exit_estimate(gateway)
+        cltv = estimate["exit"]["cltv"]
+        leaving = (
+            f'leaving costs about <b>{cltv["fee"]}</b> sat (the network fee to return your '
+            f"change: {cltv['vbytes']} vB at <b>{estimate['feerate']:g}</b> sat/vB now)"
+        )
+    except RpcException:
+        leaving = "what leaving costs is not known now (the gateway's node did not answer)"
     rows = []
     for iid in sorted(catalog.items):
         item = catalog.items[iid]
         publisher = catalog.publishers.get(item.publisher)
+        costs = [
+            session_cost(item.rate_msat, item.free_ms, item.duration_ms, minutes * 60)
+            for minutes in SESSION_MINUTES
+        ]
+        costs.append(session_cost(item.rate_msat, item.free_ms, item.duration_ms,
+                                  -(-item.duration_ms // 1000)))
         rows.append(
-            "<tr>"
+            f'<tr data-item="{html.escape(iid)}">'
             f'<td><a href="/watch/{html.escape(iid)}">{html.escape(item.title)}</a></td>'
             f"<td>{html.escape(publisher.name if publisher else item.publisher)}</td>"
             f'<td class="num">{item.rate_msat / 1000:g} sat/s</td>'
             f'<td class="num">{item.free_ms / 1000:g} s</td>'
             f'<td class="num">{item.duration_ms / 1000:.0f} s</td>'
-            "</tr>"
+            + "".join(f'<td class="num cost">{c} sat</td>' for c in costs)
+            + "</tr>"
         )
+    minutes = "".join(f"<th>{m} min</th>" for m in SESSION_MINUTES)
     table = (
         '<table id="catalog"><thead><tr><th>Title</th><th>Publisher</th>'
-        "<th>Price per second</th><th>Free</th><th>Length</th></tr></thead>"
-        f"<tbody>{''.join(rows)}</tbody></table>"
+        "<th>Price per second</th><th>Free</th><th>Length</th>"
+        f"{minutes}<th>Whole item</th></tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table>\n"
+        '<p id="costs-note" class="hint">What watching from the start for that long costs '
+        "in media: the free seconds cost nothing, then the price per second (an item "
+        "shorter than that is the whole item). Each channel also pays its exit reserve "
+        f'first, once: <span id="exit-estimate">{leaving}</span>. The rest of your budget '
+        "comes back to your key.</p>"
         if rows
         else "<p>The catalog is empty: publish with <code>gateway publish FILE --id ID "
         "--publisher P --rate SAT_PER_S</code>, or add the demo's with "
         "<code>gateway media sample</code> (media/README.md).</p>"
     )
-    body = f"<h1>Catalog</h1>\n<p>Network: {html.escape(gateway.network)}</p>\n{table}"
-    return _page("Catalog", body, None)
+    body = (
+        f"<h1>Catalog</h1>\n<p>Network: {html.escape(gateway.network)}</p>\n{table}\n"
+        + _RECORDS_SECTION
+    )
+    return _page("Catalog", body, "catalog.js", data={"network": gateway.network})
+
+
+#: The viewer's channels kept in this browser (player/web/records.js fills it).
+_RECORDS_SECTION = """<section id="records">
+  <h2>Your channels in this browser</h2>
+  <p class="hint">A channel stays listed here until its money is back with you: its
+  settlement confirmed and checked, or its refund confirmed. A channel that nothing will
+  settle is refunded by this page once its expiry has passed (open a page of this gateway
+  then). The backup holds your key and every channel with its signed refund: with it you
+  can refund without this browser, from any node once the expiry has passed. Anyone holding
+  it can take the change of your open channels: keep it secret.</p>
+  <p id="records-empty">No channel.</p>
+  <table id="records-table" hidden><thead><tr><th>Channel</th><th>Kind</th><th>Value</th>
+  <th>Paid</th><th>Expiry</th><th>State</th><th></th></tr></thead><tbody></tbody></table>
+  <p><button id="backup" type="button">Download backup</button></p>
+  <ul id="history"></ul>
+</section>
+"""
 
 
 _WATCH_BODY = """<h1 id="title">{title}</h1>
@@ -259,19 +376,26 @@ _WATCH_BODY = """<h1 id="title">{title}</h1>
   <video id="video" controls playsinline></video>
   <div id="overlay" class="overlay" aria-live="polite">
     <span>time <b id="o-time">0.0</b> s</span>
-    <span>free left <b id="o-free">-</b> s</span>
-    <span>paid <b id="o-paid">0</b> sat</span>
+    <span>free left to play <b id="o-free">-</b> s</span>
+    <span>paid for media <b id="o-media">0</b> sat</span>
+    <span>exit reserve <b id="o-reserve">0</b> sat</span>
     <span>balance <b id="o-balance">-</b> sat</span>
     <span>rate <b id="o-rate">-</b> sat/s</span>
   </div>
 </div>
 <p id="status" class="status">Starting…</p>
+<p id="lead" class="hint"></p>
 <section id="budget" hidden>
   <h2>Confirm a budget</h2>
   <p>You fund a payment channel once; each second of media is then paid from it
   as you watch, never above the advertised rate. What you do not spend comes back
-  to your own key when you leave.</p>
+  to your own key when you leave, less the exit reserve (the network fee that returns it).</p>
+  <p id="costs"></p>
   <form id="budget-form">
+    <label>Channel <select id="kind">
+      <option value="cltv" selected>cltv: you refund alone after expiry</option>
+      <option value="multisig">multisig: the gateway signs your refund before you fund</option>
+    </select></label>
     <label>Budget <input id="budget-sat" type="number" min="1" step="1" required> sat</label>
     <button id="budget-ok" type="submit">Confirm budget and open a channel</button>
   </form>
@@ -279,23 +403,31 @@ _WATCH_BODY = """<h1 id="title">{title}</h1>
 </section>
 <section id="funding" hidden>
   <h2>Fund the channel</h2>
-  <p>Send <b id="fund-amount"></b> BTC to <code id="fund-address"></code> from any wallet.
-  The gateway watches the address.</p>
-  <img id="fund-qr" alt="QR code of the payment URI">
-  <p><code id="fund-uri"></code></p>
+  <p id="reserve-line"></p>
+  <div id="fund-address-panel">
+    <p>Send <b id="fund-amount"></b> BTC to <code id="fund-address"></code> from any wallet.
+    The gateway watches the address.</p>
+    <img id="fund-qr" alt="QR code of the payment URI">
+    <p><code id="fund-uri"></code></p>
+  </div>
+  <div id="fund-t1-panel" hidden>
+    <p>A multisig channel's refund must be signed by the gateway before its funding
+    transaction (T1) is broadcast. Make T1 with your wallet, paying <b id="t1-amount"></b>
+    sat to <code id="t1-address"></code> from segwit outputs only, signed but not
+    broadcast, and paste it here; the page gets the refund signed and stored, then the
+    gateway broadcasts T1.</p>
+    <textarea id="t1-hex" rows="3" cols="60"></textarea>
+    <button id="t1-use" type="button">Use this transaction</button>
+  </div>
   <p><button id="faucet" type="button" hidden>Fund from demo faucet</button></p>
 </section>
 <section id="controls">
+  <span id="channel-controls" hidden>
+    <button id="stop" type="button">Stop</button>
+    <button id="leave" type="button">Close channel</button>
+    <select id="switch"></select>
+  </span>
   <label><input id="close-on-leave" type="checkbox" checked> Close the channel when I leave</label>
-  <button id="stop" type="button">Stop</button>
-  <button id="leave" type="button">Close channel</button>
-  <select id="switch"></select>
-  <details><summary>Key</summary>
-    <p>Your key (K1) lives in this browser only. Keep a copy to refund a channel
-    yourself at its expiry.</p>
-    <button id="export" type="button">Export key and channel</button>
-    <pre id="export-out" hidden></pre>
-  </details>
 </section>
 """
 
@@ -304,7 +436,7 @@ async def _watch(gateway: Gateway, request: Request, media: str, q: dict[str, st
     item = _catalog(gateway).items.get(media)
     if item is None:
         return _not_found_page(f"No media {media!r} in the catalog.")
-    body = _WATCH_BODY.replace("{title}", html.escape(item.title))
+    body = _WATCH_BODY.replace("{title}", html.escape(item.title)) + _RECORDS_SECTION
     return _page(item.title, body, "player.js",
                  data={"media": item.id, "network": gateway.network})
 
@@ -321,11 +453,21 @@ _DASHBOARD_BODY = """<h1>Dashboard</h1>
   <button id="refresh" type="button">Refresh</button></p>
   <h2>Earnings over time</h2>
   <div id="plot" class="plot"></div>
+  <p class="hint">Billed: the price of every chunk delivered (the free seconds cost
+  nothing). Not yet settled: billed in channels still open or waiting for their batch.
+  Lost: billed in channels that will never settle (the viewer refunded at expiry).
+  Settled: what viewers paid for media in settlement batches broadcast or confirmed.
+  Fees: the part of those batches' network fees the publishers' share paid (the viewers'
+  reserves paid the rest). Paid out: the outputs paying the publisher in those batches.
+  A channel still playing counts as of its last payment (the chunk sent since is
+  recorded with the next one).</p>
   <h2>Earnings per publisher</h2>
   <table id="publishers"><thead><tr><th>Publisher</th><th>Billed sat</th>
+  <th>Not yet settled sat</th><th>Lost sat</th><th>Settled sat</th><th>Fees sat</th>
   <th>Paid out on chain sat</th><th>Media seconds</th></tr></thead><tbody></tbody></table>
   <h2>Earnings per item</h2>
   <table id="items"><thead><tr><th>Item</th><th>Publisher</th><th>Billed sat</th>
+  <th>Not yet settled sat</th><th>Lost sat</th><th>Settled sat</th><th>Fees sat</th>
   <th>Media seconds</th><th>Channels</th></tr></thead><tbody></tbody></table>
   <h2>Rates</h2>
   <table id="rates"><thead><tr><th>Item</th><th>Rate sat/s</th><th>Free s</th><th></th>
@@ -333,9 +475,10 @@ _DASHBOARD_BODY = """<h1>Dashboard</h1>
   <h2>Open channels</h2>
   <table id="channels"><thead><tr><th>Channel</th><th>State</th><th>Value</th><th>Paid</th>
   <th>Expiry</th><th>Viewer</th></tr></thead><tbody></tbody></table>
-  <h2>Recent settlements</h2>
-  <table id="settlements"><thead><tr><th>Settled</th><th>Txid</th><th>Paid</th><th>Fee</th>
-  <th>Confirmations</th><th>State</th></tr></thead><tbody></tbody></table>
+  <h2>Recent settlement batches</h2>
+  <table id="settlements"><thead><tr><th>Broadcast</th><th>Txid</th><th>Channels</th>
+  <th>Paid by viewers sat</th><th>Fee sat</th><th>Feerate sat/vB</th><th>Confirmations</th>
+  <th>State</th></tr></thead><tbody></tbody></table>
 </div>
 """
 
@@ -390,27 +533,77 @@ def _int_param(q: dict[str, str], name: str) -> int:
     return int(value)
 
 
-def _unfunded_cltv_addresses(gateway: Gateway) -> set[str]:
+def _unfunded_addresses(gateway: Gateway) -> dict[str, str]:
+    """Funding address -> kind, of every channel opened and not funded yet."""
     rows = gateway.store.read(
         "SELECT kind, client_pubkey, server_pubkey, expiry FROM channels "
-        "WHERE state = 'open' AND channel_id IS NULL AND kind = 'cltv'"
+        "WHERE state IN ('open', 'refund_signed') AND channel_id IS NULL"
     )
     return {
         ChannelScript.make(
             r["kind"], bytes.fromhex(r["client_pubkey"]), bytes.fromhex(r["server_pubkey"]),
             r["expiry"],
-        ).address(gateway.network)
+        ).address(gateway.network): r["kind"]
         for r in rows
     }
 
 
+async def _wallet_pays(gateway: Gateway, script: bytes, amount: int) -> tuple[str, bytes]:
+    """The node's wallet pays ``amount`` to ``script`` (broadcast); (txid, raw tx)."""
+    # Built, signed and sent here rather than by sendtoaddress: the output
+    # index is then known without asking the node where the transaction
+    # is (a stock node forgets that once it is mined, without -txindex).
+    template = CTransaction([], [CTxOut(amount, CScript(script))], nVersion=2)
+    funded = await gateway.rpc.call("fundrawtransaction", template.serialize().hex())
+    signed = await gateway.rpc.call("signrawtransactionwithwallet", funded["hex"])
+    txid = str(await gateway.rpc.call("sendrawtransaction", signed["hex"]))
+    return txid, bytes.fromhex(signed["hex"])
+
+
+#: The fee of the demo faucet's unbroadcast T1 (one P2WPKH input, one output):
+#: comfortably above the fee floor for its size.
+_T1_FEE = 500
+
+
+async def _unbroadcast_t1(gateway: Gateway, script: bytes, amount: int) -> bytes:
+    """A signed T1 paying ``amount`` to ``script``, not broadcast (multisig, section 2).
+
+    The wallet first pays a key of this call's own (broadcast), and T1 spends
+    that output alone: T1's input is then no coin of the wallet's, which it
+    would otherwise spend again before T1 is broadcast (the node's wallet
+    cannot lock coins). It spends a segwit output only, so its txid is fixed
+    before it is broadcast, as section 2 requires.
+    """
+    key = coincurve.PrivateKey()
+    pub = key.public_key.format(compressed=True)
+    keyhash = hashlib.new("ripemd160", hashlib.sha256(pub).digest()).digest()
+    own = b"\x00\x14" + keyhash
+    txid, raw = await _wallet_pays(gateway, own, amount + _T1_FEE)
+    vout = find_funding_output(raw, own)[0]
+    unsigned = CTransaction(
+        [CTxIn(COutPoint(lx(txid), vout), nSequence=0xFFFFFFFF)],
+        [CTxOut(amount, CScript(script))],
+        nVersion=2,
+    )
+    code = CScript([OP_DUP, OP_HASH160, keyhash, OP_EQUALVERIFY, OP_CHECKSIG])
+    digest = SignatureHash(code, unsigned, 0, SIGHASH_ALL, amount=amount + _T1_FEE,
+                           sigversion=SIGVERSION_WITNESS_V0)
+    sig = sign_digest(key.secret, digest) + bytes([SIGHASH_ALL])
+    witness = CTxWitness([CTxInWitness(CScriptWitness([sig, pub]))])
+    return bytes(CTransaction(unsigned.vin, unsigned.vout, 0, 2, witness).serialize())
+
+
 async def _faucet(gateway: Gateway, request: Request, _: str, q: dict[str, str]) -> Response:
-    """``POST /api/faucet?address=…&amount=SAT``: regtest coins for an unfunded channel."""
+    """``POST /api/faucet?address=…&amount=SAT[&broadcast=0]``: regtest coins for an
+    unfunded channel; with ``broadcast=0`` a signed T1 that is not broadcast."""
     if gateway.network != "regtest":
         raise HttpError(HTTPStatus.NOT_FOUND, "the demo faucet exists only on regtest")
     _method(request, "POST")
     address = q.get("address", "")
     amount = _int_param(q, "amount")
+    broadcast = q.get("broadcast", "1")
+    if broadcast not in ("0", "1"):
+        raise HttpError(HTTPStatus.BAD_REQUEST, "broadcast must be 0 or 1")
     limits = gateway.limits
     if not limits.min_value <= amount <= limits.max_value:
         raise HttpError(
@@ -420,25 +613,148 @@ async def _faucet(gateway: Gateway, request: Request, _: str, q: dict[str, str])
     paid = _FAUCET_PAID.setdefault(gateway, set())
     if address in paid:
         raise HttpError(HTTPStatus.CONFLICT, "the faucet already paid this channel")
-    if address not in _unfunded_cltv_addresses(gateway):
+    kind = _unfunded_addresses(gateway).get(address)
+    if kind is None:
         raise HttpError(HTTPStatus.BAD_REQUEST,
                         "not the funding address of an open, unfunded channel")
+    if kind == "multisig" and broadcast == "1":
+        # protocol.md section 2: T1 goes out only once the gateway signed T2.
+        raise HttpError(HTTPStatus.BAD_REQUEST, "a multisig channel's funding must not be "
+                        "broadcast before its refund is signed: use broadcast=0")
     paid.add(address)
+    script = address_to_script_pubkey(address, gateway.network)
     try:
-        # Built, signed and sent here rather than by sendtoaddress: the output
-        # index is then known without asking the node where the transaction
-        # is (a stock node forgets that once it is mined, without -txindex).
-        script = address_to_script_pubkey(address, gateway.network)
-        template = CTransaction([], [CTxOut(amount, CScript(script))], nVersion=2)
-        funded = await gateway.rpc.call("fundrawtransaction", template.serialize().hex())
-        signed = await gateway.rpc.call("signrawtransactionwithwallet", funded["hex"])
-        txid = str(await gateway.rpc.call("sendrawtransaction", signed["hex"]))
+        if broadcast == "0":
+            raw = await _unbroadcast_t1(gateway, script, amount)
+            txid = txid_of(raw)
+        else:
+            txid, raw = await _wallet_pays(gateway, script, amount)
     except RpcError as exc:
         paid.discard(address)
         log.warning("demo faucet failed: %s", exc)
         raise HttpError(HTTPStatus.BAD_GATEWAY, "the node's wallet could not pay") from None
-    vout = find_funding_output(bytes.fromhex(signed["hex"]), script)[0]
-    return json_response(HTTPStatus.OK, {"txid": txid, "vout": vout, "amount": amount})
+    vout = find_funding_output(raw, script)[0]
+    answer: dict[str, Any] = {"txid": txid, "vout": vout, "amount": amount}
+    if broadcast == "0":
+        answer["tx"] = raw.hex()
+    return json_response(HTTPStatus.OK, answer)
+
+
+# -- the chain, for a page that has no node -------------------------------------------
+
+
+async def _chain_api(gateway: Gateway, request: Request, _: str, q: dict[str, str]) -> Response:
+    """``GET /api/chain``: the node's tip and median-time-past, and what leaving costs now.
+
+    A refund with nLockTime ``E`` fits in the next block once that block's
+    height is above ``E`` (a height expiry) or once the tip's median-time-past
+    is (a time expiry; protocol.md section 2): the page refunds then.
+    """
+    _method(request, "GET", "HEAD")
+    info = await gateway.rpc.call("getblockchaininfo")
+    return json_response(
+        HTTPStatus.OK,
+        {
+            "network": gateway.network,
+            "height": int(info["blocks"]),
+            "median_time": int(info["mediantime"]),
+            **await exit_estimate(gateway),
+        },
+    )
+
+
+async def _refund_status(gateway: Gateway, txid: str) -> Response:
+    if not _TXID.fullmatch(txid):
+        raise HttpError(HTTPStatus.BAD_REQUEST, "txid must be 64 lowercase hex digits")
+    out = await gateway.rpc.call("gettxout", txid, 0, True)
+    return json_response(
+        HTTPStatus.OK,
+        {
+            "txid": txid,
+            "seen": out is not None,
+            "confirmations": out["confirmations"] if out is not None else None,
+            "value": btc_to_sat(out["value"]) if out is not None else None,
+            "script": out["scriptPubKey"]["hex"] if out is not None else None,
+        },
+    )
+
+
+def _spends_a_channel_script(gateway: Gateway, tx: CTransaction) -> bool:
+    """Does ``tx``'s input carry the witness script of a channel this gateway opened?
+
+    For a funding the gateway never saw (paid after the page left, or closed
+    before the gateway noticed it): the channel is known by its script, not by
+    its outpoint. The node checks that the script is the one the spent output
+    pays (P2WSH, BIP141), so such a tx spends nothing but a channel's funding.
+    """
+    witness = tx.wit.vtxinwit[0].scriptWitness.stack if tx.wit.vtxinwit else []
+    script = bytes(witness[-1]) if witness else b""
+    if script[:2] == b"\x63\x21":  # cltv: OP_IF <K2> ...
+        server = script[2:35]
+    elif script[:2] == b"\x52\x21" and script[35:36] == b"\x21":  # OP_2 <K1> <K2> ...
+        server = script[36:69]
+    else:
+        return False
+    rows = gateway.store.read(
+        "SELECT kind, client_pubkey, server_pubkey, expiry FROM channels "
+        "WHERE server_pubkey = ?",
+        (server.hex(),),
+    )
+    for r in rows:
+        try:
+            known = ChannelScript.make(r["kind"], bytes.fromhex(r["client_pubkey"]), server,
+                                       r["expiry"])
+        except Exception:  # a row that makes no script cannot match
+            continue
+        if known.witness_script == script:
+            return True
+    return False
+
+
+async def _refund_api(gateway: Gateway, request: Request, _: str, q: dict[str, str]) -> Response:
+    """``POST /api/refund?tx=HEX[&channel=TXID:VOUT]``: relay a channel's refund to the node.
+
+    Only a transaction whose one input is the funding output of a channel
+    this gateway knows (protocol.md section 2: a refund has exactly that
+    input) — by its outpoint, or by the channel's witness script when the
+    gateway never saw the funding — never anything else: the gateway is no
+    open relay. 400 for what is not such a transaction (or does not spend
+    ``channel``), 404 for an output that funds no channel here, 409 with the
+    node's reason when it refuses (``non-final`` before the expiry has passed).
+
+    ``GET /api/refund?txid=TXID``: whether that refund's output 0 is on
+    chain or in the mempool, what it pays and how deep — a stock node finds
+    a transaction by an unspent output of it, without a transaction index.
+    """
+    if request.method in ("GET", "HEAD"):
+        return await _refund_status(gateway, q.get("txid", ""))
+    _method(request, "POST")
+    raw = q.get("tx", "")
+    if not re.fullmatch(r"(?:[0-9a-f]{2})+", raw) or len(raw) > 2 * MAX_REFUND_BYTES:
+        raise HttpError(HTTPStatus.BAD_REQUEST, "tx must be a transaction in lowercase hex")
+    try:
+        parsed = parse_tx(bytes.fromhex(raw))
+    except ValueError:
+        raise HttpError(HTTPStatus.BAD_REQUEST, "tx is not a transaction") from None
+    if len(parsed.vin) != 1:
+        raise HttpError(HTTPStatus.BAD_REQUEST,
+                        "a refund has one input: the channel's funding output")
+    spent = f"{b2lx(parsed.vin[0].prevout.hash)}:{parsed.vin[0].prevout.n}"
+    named = q.get("channel", spent)
+    if named != spent:
+        raise HttpError(HTTPStatus.BAD_REQUEST, f"tx does not spend the funding of {named}")
+    if not gateway.known_outpoint(spent) and not _spends_a_channel_script(gateway, parsed):
+        raise HttpError(HTTPStatus.NOT_FOUND, f"no channel {named} here")
+    try:
+        txid = str(await gateway.rpc.call("sendrawtransaction", raw))
+    except RpcVerifyAlreadyInChain:
+        txid = txid_of(bytes.fromhex(raw))
+    except RpcError as exc:
+        return json_response(HTTPStatus.CONFLICT,
+                             {"error": f"the node refused it: {exc.message}",
+                              "reason": exc.message})
+    log.info("relayed refund %s of channel %s", txid, spent)
+    return json_response(HTTPStatus.OK, {"txid": txid, "channel_id": spent})
 
 
 # -- a channel's settlement, for its client ----------------------------------------------
@@ -453,8 +769,9 @@ async def _channel_api(
     state, what was paid (the reserve included), ``settle_by`` while its batch
     is pending, then the settlement transaction, the value of each input in
     order (so the client can compute the fee and feerate it pays) and its
-    confirmations. Public: the channel id is an outpoint and the settlement
-    is on chain for anyone to read.
+    confirmations. ``funding`` says whether the funding output is still
+    unspent (the node's ``gettxout``, mempool included). Public: the channel
+    id is an outpoint and all of this is on chain for anyone to read.
     """
     _method(request, "GET", "HEAD")
     rows = gateway.store.read(
@@ -501,6 +818,12 @@ async def _channel_api(
                 "state": batch[0]["state"],
                 "confirmations": None if height is None else gateway.watcher.height - height + 1,
             }
+    txid_, _, vout = channel_id.partition(":")
+    funding = await gateway.rpc.call("gettxout", txid_, int(vout), True)
+    answer["funding"] = {
+        "unspent": funding is not None,
+        "confirmations": funding["confirmations"] if funding is not None else None,
+    }
     return json_response(HTTPStatus.OK, answer)
 
 
@@ -527,38 +850,81 @@ def _sat(bill: int) -> float:
     return round(bill / 1_000_000, 3)
 
 
+#: Channel states whose bill may still be settled (protocol.md section 8).
+_UNSETTLED_STATES = ("funding", "ready", "closing")
+#: A settlement batch that is (or will be) on chain: not one the node refused.
+_LIVE_BATCH = "s.state IN ('broadcast', 'confirmed')"
+
+
 async def earnings(gateway: Gateway, q: dict[str, str]) -> dict[str, Any]:
-    """Billed earnings per item and per publisher, and payouts made on chain."""
+    """Per item and per publisher: billed, not yet settled, settled, fees, paid out.
+
+    * ``billed_sat``: the section 7 bill of every chunk delivered (to the msat);
+    * ``unsettled_sat``: the part of it in channels not settled yet (funding,
+      ready or closing without a batch);
+    * ``lost_sat``: billed in channels that will never settle (the viewer
+      refunded, or the funding vanished);
+    * ``settled_sat``: what viewers paid for the item's media in batches on
+      chain or on their way (``earnings.gross``: each channel's share beyond
+      its reserve, split by what each item billed); ``fees_sat``: the part of
+      the batches' fees it paid beyond the viewers' reserves (``earnings.fee``);
+    * ``paid_out_sat`` (publishers): the outputs paying them in those batches
+      (``payouts``; ``operator`` collects shares below dust and removed items).
+    """
     catalog = _catalog(gateway)
-    items = [
-        {
-            "media": r["media"],
-            "title": catalog.items[r["media"]].title if r["media"] in catalog.items else None,
-            "publisher": r["publisher"],
-            "billed_sat": _sat(r["bill"]),
-            "seconds": r["ms"] / 1000,
-            "channels": r["n"],
-        }
+    states = ", ".join(f"'{s}'" for s in _UNSETTLED_STATES)
+    billed = gateway.store.read(
+        "SELECT d.media, d.publisher, SUM(d.bill) AS bill, SUM(d.delivered_ms) AS ms, "
+        "COUNT(*) AS n, "
+        f"SUM(CASE WHEN c.settle_txid IS NULL AND c.state IN ({states}) "
+        "THEN d.bill ELSE 0 END) AS unsettled, "
+        "SUM(CASE WHEN c.state IN ('refunded', 'void') THEN d.bill ELSE 0 END) AS lost "
+        "FROM deliveries d JOIN channels c ON c.id = d.channel "
+        "GROUP BY d.media, d.publisher ORDER BY d.media"
+    )
+    settled = {
+        (r["media"], r["publisher"]): (r["gross"], r["fee"])
         for r in gateway.store.read(
-            "SELECT media, publisher, SUM(bill) AS bill, SUM(delivered_ms) AS ms, "
-            "COUNT(*) AS n FROM deliveries GROUP BY media, publisher ORDER BY media"
+            "SELECT e.media, d.publisher, SUM(e.gross) AS gross, SUM(e.fee) AS fee "
+            "FROM earnings e JOIN settlements s ON s.txid = e.txid "
+            "LEFT JOIN deliveries d ON d.channel = e.channel AND d.media = e.media "
+            f"WHERE {_LIVE_BATCH} GROUP BY e.media, d.publisher"
         )
-    ]
+    }
+    items = []
+    for r in billed:
+        gross, fee = settled.get((r["media"], r["publisher"]), (0, 0))
+        items.append(
+            {
+                "media": r["media"],
+                "title": catalog.items[r["media"]].title if r["media"] in catalog.items else None,
+                "publisher": r["publisher"],
+                "billed_sat": _sat(r["bill"]),
+                "unsettled_sat": _sat(r["unsettled"]),
+                "lost_sat": _sat(r["lost"]),
+                "settled_sat": gross,
+                "fees_sat": fee,
+                "seconds": r["ms"] / 1000,
+                "channels": r["n"],
+            }
+        )
     paid_out = {
         r["publisher"]: r["amount"]
         for r in gateway.store.read(
-            "SELECT publisher, SUM(amount) AS amount FROM payouts GROUP BY publisher"
+            "SELECT p.publisher, SUM(p.amount) AS amount FROM payouts p "
+            f"JOIN settlements s ON s.txid = p.txid WHERE {_LIVE_BATCH} GROUP BY p.publisher"
         )
     }
     publishers: dict[str, dict[str, Any]] = {}
+    sums = ("billed_sat", "unsettled_sat", "lost_sat", "settled_sat", "fees_sat", "seconds")
     for item in items:
         entry = publishers.setdefault(
-            item["publisher"], {"publisher": item["publisher"], "billed_sat": 0.0, "seconds": 0.0}
+            item["publisher"], {"publisher": item["publisher"], **dict.fromkeys(sums, 0)}
         )
-        entry["billed_sat"] = round(entry["billed_sat"] + item["billed_sat"], 3)
-        entry["seconds"] += item["seconds"]
+        for key in sums:
+            entry[key] = round(entry[key] + item[key], 3)
     for pid in paid_out:  # the operator (no item of its own) and removed publishers
-        publishers.setdefault(pid, {"publisher": pid, "billed_sat": 0.0, "seconds": 0.0})
+        publishers.setdefault(pid, {"publisher": pid, **dict.fromkeys(sums, 0)})
     for pid, entry in publishers.items():
         publisher = catalog.publishers.get(pid)
         entry["name"] = publisher.name if publisher else pid
@@ -573,42 +939,90 @@ async def channels(gateway: Gateway, q: dict[str, str]) -> dict[str, Any]:
     return {"channels": held}
 
 
+def _confirmations(gateway: Gateway, txid: str, confirmed_height: int | None) -> int | None:
+    """As the follower sees it now, else from the stored block height; None: not in a block."""
+    seen = gateway.watcher.confirmed(txid)
+    if seen is not None:
+        return gateway.watcher.depth(seen)
+    if confirmed_height is not None:
+        return gateway.watcher.height - confirmed_height + 1
+    return None
+
+
 async def settlements(gateway: Gateway, q: dict[str, str]) -> dict[str, Any]:
-    """Recent settlements with txids and confirmations, and earnings over time."""
-    rows = gateway.store.read(
-        "SELECT id, channel_id, state, value, balance, settle_txid, settle_fee, settled_at, "
-        "confirmed_height FROM channels WHERE settle_txid IS NOT NULL "
-        "ORDER BY settled_at DESC LIMIT ?",
+    """Recent settlement batches, and earnings over time (the plot's two series).
+
+    ``settlements``: the newest batches — txid, the channels it settles,
+    what they paid, fee, vsize, feerate, the reserves' part of the fee,
+    confirmations and state (``broadcast``, ``confirmed``, ``abandoned``: the
+    node refused it and its channels went into another batch).
+    ``series``: per settled channel, cumulative sat paid by viewers.
+    ``unsettled_series``: billed and not yet settled over time, in sat — a
+    channel counts from when it stopped taking payments (its bill is then
+    final; a live channel counts at ``now`` only) until its batch; channels
+    that will never settle (refunded, void, nothing paid) do not count.
+    """
+    height = gateway.watcher.height
+    batches = gateway.store.read(
+        "SELECT txid, fee, vsize, reserves, channels, state, created_at, confirmed_height "
+        "FROM settlements ORDER BY created_at DESC LIMIT ?",
         (RECENT_SETTLEMENTS,),
     )
-    height = gateway.watcher.height
+    members: dict[str, list[Any]] = {}
+    for r in gateway.store.read(
+        "SELECT channel_id, settle_txid, value - balance AS paid FROM channels "
+        "WHERE settle_txid IN (SELECT txid FROM settlements ORDER BY created_at DESC LIMIT ?) "
+        "ORDER BY id",
+        (RECENT_SETTLEMENTS,),
+    ):
+        members.setdefault(r["settle_txid"], []).append(r)
     recent = []
-    for r in rows:
-        # As the follower saw it (current), else from the stored block height.
-        seen = gateway.watcher.confirmed(r["settle_txid"])
-        confirmations = gateway.watcher.depth(seen) if seen is not None else None
-        if confirmations is None and r["confirmed_height"] is not None:
-            confirmations = height - r["confirmed_height"] + 1
+    for b in batches:
+        inside = members.get(b["txid"], [])
         recent.append(
             {
-                "channel_id": r["channel_id"],
-                "txid": r["settle_txid"],
-                "paid": r["value"] - r["balance"],
-                "fee": r["settle_fee"],
-                "settled_at": r["settled_at"],
-                "confirmations": confirmations,
-                "state": r["state"],
+                "txid": b["txid"],
+                "channels": [m["channel_id"] for m in inside],
+                "channel_count": b["channels"],
+                "paid": sum(m["paid"] for m in inside),
+                "fee": b["fee"],
+                "vsize": b["vsize"],
+                "feerate": round(b["fee"] / b["vsize"], 2) if b["vsize"] else None,
+                "reserves": b["reserves"],
+                "created_at": b["created_at"],
+                "confirmations": _confirmations(gateway, b["txid"], b["confirmed_height"]),
+                "state": b["state"],
             }
         )
+    now = time.time()
+    rows = gateway.store.read(
+        "SELECT state, bill, closing_at, settle_txid, settled_at, value - balance AS paid "
+        "FROM channels WHERE channel_id IS NOT NULL"
+    )
     # Earnings over time: cumulative sat paid by the viewers of settled channels.
     series, total = [], 0
-    for r in gateway.store.read(
-        "SELECT settled_at, value - balance AS paid FROM channels "
-        "WHERE settle_txid IS NOT NULL ORDER BY settled_at"
-    ):
+    for r in sorted((r for r in rows if r["settle_txid"]), key=lambda r: r["settled_at"]):
         total += r["paid"]
         series.append({"t": r["settled_at"], "paid": r["paid"], "total": total})
-    return {"settlements": recent, "series": series, "height": height, "now": time.time()}
+    spans = [
+        (r["closing_at"] or now, r["settled_at"] if r["settle_txid"] else None, r["bill"])
+        for r in rows
+        if (r["bill"] or 0) > 0
+        and (r["settle_txid"] or r["state"] in _UNSETTLED_STATES)
+    ]
+    times = sorted({t for start, end, _ in spans for t in (start, end) if t is not None} | {now})
+    unsettled = [
+        {
+            "t": t,
+            "unsettled": _sat(
+                sum(bill for start, end, bill in spans if start <= t and (end is None or t < end))
+            ),
+        }
+        for t in times
+        if t <= now
+    ]
+    return {"settlements": recent, "series": series, "unsettled_series": unsettled,
+            "height": height, "now": now}
 
 
 async def rates(gateway: Gateway, q: dict[str, str]) -> dict[str, Any]:

@@ -17,11 +17,13 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from conftest_gateway import Viewer, node_rpc, ws_url
+from conftest_gateway import PUBLISHERS, Viewer, node_rpc, ws_url
 from helpers_chain import get_transaction
 
+from gateway.chain.watch import btc_to_sat
 from gateway.protocol.messages import Play, Stream
 from gateway.protocol.metering import total_due
+from gateway.protocol.scripts import address_to_script_pubkey
 from gateway.server import Gateway
 from gateway.web import CSP
 
@@ -72,12 +74,36 @@ async def completed_session(gw: Gateway) -> tuple[str, int, str]:
 
 
 async def test_dashboard_shows_a_completed_session_plot_and_edits_rates(gateway, browser):
-    """Login, earnings per item and publisher, settlement with confirmations, plot, rate edit."""
-    _, paid, txid = await completed_session(gateway)
+    """Login; per item and publisher billed, not yet settled, settled, fees and paid out,
+    each equal to the store or the chain; batches; the plot's two series; a rate edit."""
+    channel_id, paid, txid = await completed_session(gateway)
     clip = gateway.catalog.items["clip"]
     billed = 300_000 * (clip.duration_ms - 3000) / 1_000_000  # sat, to the msat
     reserve = gateway.store.read("SELECT exit_fee FROM channels")[0]["exit_fee"]
     assert paid == reserve + total_due(0, 300_000, clip.duration_ms - 3000) > reserve > 0
+    # The settlement on chain: the viewer's funding in, the change, the studio's payout, the fee.
+    rpc = node_rpc(gateway)
+    tx = await get_transaction(rpc, txid)
+    value = gateway.store.read("SELECT value FROM channels WHERE channel_id = ?",
+                               (channel_id,))[0]["value"]
+    outputs = [(o["scriptPubKey"]["hex"], btc_to_sat(o["value"])) for o in tx["vout"]]
+    fee = value - sum(amount for _, amount in outputs)
+    studio_script = address_to_script_pubkey(PUBLISHERS["studio"], "regtest").hex()
+    paid_out = sum(amount for spk, amount in outputs if spk == studio_script)
+    media = paid - reserve
+    assert 0 < paid_out <= media and fee >= reserve
+
+    # A second viewer is still watching the song: billed, not settled yet.
+    watching = Viewer(ws_url(gateway), rpc)
+    await watching.connect()
+    song_ready = await watching.open_and_fund()
+    await watching.play_and_pay("song", chunks=3)
+    # The dashboard reads the store: a live channel's bill as of its last
+    # increment (the chunk sent since is written with the next one).
+    live = gateway.channels[song_ready.channel_id]
+    song_bill = gateway.store.read("SELECT bill FROM deliveries WHERE channel = ?",
+                                   (live.row_id,))[0]["bill"]
+    assert 0 < song_bill <= live.meter.bill
 
     await browser.get(url(gateway, "/dashboard"))
     await browser.wait_for("!document.getElementById('login').hidden", what="the login form")
@@ -89,32 +115,43 @@ async def test_dashboard_shows_a_completed_session_plot_and_edits_rates(gateway,
     await browser.click("#login button")
     await browser.wait_for("window.paystreamDashboard.loaded >= 1", what="the dashboard data")
 
-    items = await browser.js(
-        "return [...document.querySelectorAll('#items tbody tr')].map(r => "
-        "[...r.cells].map(c => c.textContent));"
-    )
-    assert ["Clip", "studio", js_number(billed), f"{clip.duration_ms / 1000:.1f}", "1"] in items
-    publishers = await browser.js(
-        "return [...document.querySelectorAll('#publishers tbody tr')].map(r => "
-        "[...r.cells].map(c => c.textContent));"
-    )
+    def table(name: str) -> str:
+        return (f"return [...document.querySelectorAll('#{name} tbody tr')].map(r => "
+                "[...r.cells].map(c => c.textContent));")
+
+    items = await browser.js(table("items"))
+    song_sat = js_number(round(song_bill / 1_000_000, 3))
+    clip_row = ["Clip", "studio", js_number(billed), "0", "0", str(media), str(media - paid_out),
+                f"{clip.duration_ms / 1000:.1f}", "1"]
+    assert clip_row in items, items
+    song_row = next(i for i in items if i[0] == "Song")
+    assert song_row[2:7] == [song_sat, song_sat, "0", "0", "0"], song_row
+    publishers = await browser.js(table("publishers"))
     studio = next(p for p in publishers if p[0] == "Studio")
-    assert studio[1] == js_number(billed) and 0 < int(studio[2]) <= paid
-    settlements = await browser.js(
-        "return [...document.querySelectorAll('#settlements tbody tr')].map(r => "
-        "[...r.cells].map(c => c.textContent));"
-    )
+    assert studio[1:7] == [js_number(billed), "0", "0", str(media), str(media - paid_out),
+                           str(paid_out)], studio
+    label = next(p for p in publishers if p[0] == "Label")
+    assert label[1:7] == [song_sat, song_sat, "0", "0", "0", "0"], label
+    settlements = await browser.js(table("settlements"))
     assert len(settlements) == 1
-    _, shown_txid, shown_paid, _, confirmations, state = settlements[0]
-    assert (shown_txid, shown_paid, confirmations, state) == (txid, str(paid), "1", "closed")
-    # The plot: one settlement → one dot; a step line from 0 up to the total, then to now.
+    _, shown_txid, count, shown_paid, shown_fee, feerate, confirmations, state = settlements[0]
+    assert (shown_txid, count, shown_paid, shown_fee, confirmations, state) == (
+        txid, "1", str(paid), str(fee), "1", "confirmed")
+    assert float(feerate) == round(fee / tx["vsize"], 2)
+    # The plot: one settlement → one dot and a step line; billed-not-settled its own line.
     plot = await browser.js(
         "const s = document.querySelector('#plot svg'); return s && {dots: "
         "s.querySelectorAll('circle').length, path: s.querySelector('path.line')"
-        ".getAttribute('d'), labels: [...s.querySelectorAll('text')].map(t => t.textContent)};"
+        ".getAttribute('d'), unsettled: !!s.querySelector('path.line.unsettled'), "
+        "labels: [...s.querySelectorAll('text')].map(t => t.textContent)};"
     )
-    assert plot["dots"] == 1 and plot["path"].count("L") == 3 and str(paid) in plot["labels"]
+    assert plot["dots"] == 1 and plot["path"].count("L") == 3 and plot["unsettled"]
+    assert paid > song_bill / 1_000_000 and str(paid) in plot["labels"]  # the y axis' top
+    series = await browser.js("return window.paystreamDashboard.data.settlements;")
+    assert series["series"][-1]["total"] == paid
+    assert series["unsettled_series"][-1]["unsettled"] == round(song_bill / 1_000_000, 3)
     await browser.screenshot("dashboard.png")
+    await watching.close_channel()
 
     # Edit the clip's rate on the page: catalog.toml changes, the next play uses it.
     await browser.type("input[name=rate-clip]", "2.5")
@@ -134,6 +171,7 @@ async def test_dashboard_shows_a_completed_session_plot_and_edits_rates(gateway,
     assert stream.rate_msat == 2500 and stream.free_ms == 3000
     await viewer.close_channel()
     await viewer.rpc.close()
+    await rpc.close()
 
 
 async def test_dashboard_api_needs_the_operator_token(gateway):

@@ -39,8 +39,12 @@ function fill(tableId, rows, render) {
 
 const when = (t) => (t ? new Date(t * 1000).toLocaleString() : '–');
 
-/** Cumulative earnings over time as a small inline SVG (no library). */
-function plot(series, now) {
+/**
+ * Earnings over time as a small inline SVG (no library): the cumulative sat
+ * paid by viewers of settled channels (a step at each settlement), and
+ * billed-not-yet-settled sat as its own series.
+ */
+function plot(series, unsettled, now) {
   const w = 600;
   const h = 200;
   const pad = 36;
@@ -56,30 +60,46 @@ function plot(series, now) {
   };
   add('line', { class: 'axis', x1: pad, y1: h - pad, x2: w - 8, y2: h - pad });
   add('line', { class: 'axis', x1: pad, y1: 8, x2: pad, y2: h - pad });
-  if (!series.length) {
-    add('text', { x: w / 2, y: h / 2, 'text-anchor': 'middle' }, 'No settlements yet');
+  const pending = unsettled.filter((p) => p.unsettled > 0);
+  if (!series.length && !pending.length) {
+    add('text', { x: w / 2, y: h / 2, 'text-anchor': 'middle' }, 'No earnings yet');
     $('plot').replaceChildren(svg);
     return;
   }
-  // From a little before the first settlement to now, so one point is not a wall.
-  const last = series[series.length - 1].t;
-  const t1 = Math.max(now, last);
-  const t0 = series[0].t - Math.max(60, (t1 - series[0].t) * 0.05);
-  const top = Math.max(series[series.length - 1].total, 1);
+  // From a little before the first point to now, so one point is not a wall.
+  const first = Math.min(...series.map((p) => p.t), ...pending.map((p) => p.t));
+  const t1 = Math.max(now, ...series.map((p) => p.t), ...unsettled.map((p) => p.t));
+  const t0 = first - Math.max(60, (t1 - first) * 0.05);
+  const settledTop = series.length ? series[series.length - 1].total : 0;
+  const top = Math.max(settledTop, ...unsettled.map((p) => p.unsettled), 1);
   const x = (t) => pad + ((t - t0) / (t1 - t0)) * (w - pad - 8);
   const y = (v) => h - pad - (v / top) * (h - pad - 8);
-  // A step line: earnings jump at each settlement.
-  let d = `M ${x(t0)} ${y(0)}`;
-  for (const p of series) d += ` L ${x(p.t)} ${y(p.total - p.paid)} L ${x(p.t)} ${y(p.total)}`;
-  d += ` L ${x(t1)} ${y(top)}`;
-  add('path', { class: 'line', d });
-  for (const p of series) add('circle', { class: 'dot', cx: x(p.t), cy: y(p.total), r: 3 });
+  if (series.length) {
+    // A step line: earnings jump at each settlement.
+    let d = `M ${x(t0)} ${y(0)}`;
+    for (const p of series) d += ` L ${x(p.t)} ${y(p.total - p.paid)} L ${x(p.t)} ${y(p.total)}`;
+    d += ` L ${x(t1)} ${y(settledTop)}`;
+    add('path', { class: 'line', d });
+    for (const p of series) add('circle', { class: 'dot', cx: x(p.t), cy: y(p.total), r: 3 });
+  }
+  if (unsettled.length) {
+    // Billed, not yet settled: a step line of its own, held until the next change.
+    let d = `M ${x(t0)} ${y(0)}`;
+    let last = 0;
+    for (const p of unsettled) {
+      d += ` L ${x(p.t)} ${y(last)} L ${x(p.t)} ${y(p.unsettled)}`;
+      last = p.unsettled;
+    }
+    d += ` L ${x(t1)} ${y(last)}`;
+    add('path', { class: 'line unsettled', d });
+  }
   add('text', { x: pad - 4, y: 14, 'text-anchor': 'end' }, String(top));
   add('text', { x: pad - 4, y: h - pad, 'text-anchor': 'end' }, '0');
   add('text', { x: pad, y: h - pad + 16 }, new Date(t0 * 1000).toLocaleTimeString());
   add('text', { x: w - 8, y: h - pad + 16, 'text-anchor': 'end' },
     new Date(t1 * 1000).toLocaleTimeString());
-  add('text', { x: w / 2, y: h - 6, 'text-anchor': 'middle' }, 'sat paid by viewers, cumulative');
+  add('text', { x: w / 2, y: h - 6, 'text-anchor': 'middle' },
+    'sat paid by viewers of settled channels, cumulative (solid); billed, not yet settled (dashed)');
   $('plot').replaceChildren(svg);
 }
 
@@ -102,14 +122,16 @@ async function load() {
   dash.data = { earnings, channels, settlements, rates };
   fill('publishers', earnings.publishers, (r, p) => {
     cell(r, p.name);
-    cell(r, p.billed_sat, 'num');
-    cell(r, p.paid_out_sat, 'num');
+    for (const k of ['billed_sat', 'unsettled_sat', 'lost_sat', 'settled_sat', 'fees_sat',
+      'paid_out_sat']) cell(r, p[k], 'num');
     cell(r, p.seconds.toFixed(1), 'num');
   });
   fill('items', earnings.items, (r, i) => {
     cell(r, i.title ?? i.media);
     cell(r, i.publisher);
-    cell(r, i.billed_sat, 'num');
+    for (const k of ['billed_sat', 'unsettled_sat', 'lost_sat', 'settled_sat', 'fees_sat']) {
+      cell(r, i[k], 'num');
+    }
     cell(r, i.seconds.toFixed(1), 'num');
     cell(r, i.channels, 'num');
   });
@@ -135,14 +157,17 @@ async function load() {
     cell(r, c.connected ? 'connected' : 'away');
   });
   fill('settlements', settlements.settlements, (r, s) => {
-    cell(r, when(s.settled_at));
+    cell(r, when(s.created_at));
     cell(r, s.txid).className = 'txid';
+    const list = cell(r, String(s.channel_count), 'num');
+    list.title = s.channels.join('\n');
     cell(r, s.paid, 'num');
     cell(r, s.fee, 'num');
-    cell(r, s.confirmations, 'num');
+    cell(r, s.feerate, 'num');
+    cell(r, s.confirmations ?? 0, 'num');
     cell(r, s.state);
   });
-  plot(settlements.series, settlements.now);
+  plot(settlements.series, settlements.unsettled_series, settlements.now);
   dash.loaded += 1;
   $('dash-status').textContent = `Updated ${new Date().toLocaleTimeString()}`;
 }

@@ -38,15 +38,15 @@ function i64le(n) {
   return out;
 }
 
-/** Bitcoin's CompactSize length prefix followed by the bytes. */
-export function varBytes(data) {
-  const n = data.length;
-  let prefix;
-  if (n < 0xfd) prefix = Uint8Array.of(n);
-  else if (n <= 0xffff) prefix = Uint8Array.of(0xfd, n & 0xff, n >> 8);
-  else prefix = concatBytes(Uint8Array.of(0xfe), u32le(n));
-  return concatBytes(prefix, data);
+/** Bitcoin's CompactSize encoding of a count or length. */
+export function compactSize(n) {
+  if (n < 0xfd) return Uint8Array.of(n);
+  if (n <= 0xffff) return Uint8Array.of(0xfd, n & 0xff, n >> 8);
+  return concatBytes(Uint8Array.of(0xfe), u32le(n));
 }
+
+/** Bitcoin's CompactSize length prefix followed by the bytes. */
+export const varBytes = (data) => concatBytes(compactSize(data.length), data);
 
 /** The 36-byte outpoint: txid in internal (reversed) byte order, then vout. */
 export function outpointBytes(txid, vout) {
@@ -319,6 +319,319 @@ export class ClientMeter {
     this.used[due.media] += due.duration_ms;
     this.outstanding = key;
   }
+}
+
+// -- what a session costs (protocol.md sections 3 and 7) ------------------------
+
+/**
+ * Sat for the media of the first `seconds` of an item played from its start
+ * (section 7): the free allowance left (`freeMs - usedFreeMs`) costs nothing,
+ * the rest `rateMsat` per second, rounded up once. The reserve is not in it.
+ */
+export function sessionCost({ rateMsat, freeMs, durationMs, seconds, usedFreeMs = 0 }) {
+  const played = Math.min(Math.round(seconds * 1000), durationMs);
+  return totalDue(0n, rateMsat, chargedMs(usedFreeMs, played, freeMs));
+}
+
+// -- transactions: parse, serialise, BIP143 (protocol.md sections 2 and 3) ----------
+
+/** Every bitcoin there will ever be, in satoshi: the largest amount (section 1). */
+export const MAX_MONEY = 2_100_000_000_000_000;
+/** nSequence of every refund: not final, so nLockTime applies (BIP65, section 2). */
+export const REFUND_SEQUENCE = 0xfffffffe;
+export const SIGHASH_ALL = 0x01;
+/** The feerate (sat/vB) of the page's own refunds, on their exact vsize (docs/web.md). */
+export const REFUND_FEERATE = 2;
+
+class Reader {
+  constructor(bytes) {
+    this.bytes = bytes;
+    this.view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+    this.pos = 0;
+  }
+
+  take(n) {
+    if (this.pos + n > this.bytes.length) throw new Error('not a serialised transaction');
+    const out = this.bytes.subarray(this.pos, this.pos + n);
+    this.pos += n;
+    return out;
+  }
+
+  u8() { return this.take(1)[0]; }
+
+  u32() {
+    this.take(4);
+    return this.view.getUint32(this.pos - 4, true);
+  }
+
+  i64() {
+    this.take(8);
+    return this.view.getBigInt64(this.pos - 8, true);
+  }
+
+  varint() {
+    const first = this.u8();
+    if (first < 0xfd) return first;
+    if (first === 0xfd) {
+      this.take(2);
+      return this.view.getUint16(this.pos - 2, true);
+    }
+    if (first === 0xfe) return this.u32();
+    throw new Error('not a serialised transaction');
+  }
+
+  varBytes() { return this.take(this.varint()); }
+}
+
+/**
+ * A transaction as plain data: `version`, `inputs` ({txid, vout, scriptSig,
+ * sequence, witness: [bytes]}), `outputs` ({value, script}), `locktime`.
+ * Throws unless `bytes` is exactly one serialised transaction (BIP144 too).
+ */
+export function parseTx(bytes) {
+  const r = new Reader(bytes);
+  const version = r.u32() | 0;
+  let segwit = false;
+  if (bytes[r.pos] === 0x00 && bytes[r.pos + 1] === 0x01) {
+    segwit = true;
+    r.take(2);
+  }
+  const inputs = [];
+  for (let n = r.varint(), i = 0; i < n; i += 1) {
+    const txid = bytesToHex(Uint8Array.from(r.take(32)).reverse());
+    inputs.push({ txid, vout: r.u32(), scriptSig: r.varBytes(), sequence: r.u32(), witness: [] });
+  }
+  const outputs = [];
+  for (let n = r.varint(), i = 0; i < n; i += 1) {
+    const value = r.i64();
+    if (value < 0n || value > BigInt(MAX_MONEY)) throw new Error('output amount out of range');
+    outputs.push({ value: Number(value), script: r.varBytes() });
+  }
+  if (segwit) {
+    for (const input of inputs) {
+      for (let n = r.varint(), i = 0; i < n; i += 1) input.witness.push(r.varBytes());
+    }
+  }
+  const locktime = r.u32();
+  if (r.pos !== bytes.length) throw new Error('not a serialised transaction');
+  return { version, inputs, outputs, locktime };
+}
+
+function i32le(n) {
+  const out = new Uint8Array(4);
+  new DataView(out.buffer).setInt32(0, n, true);
+  return out;
+}
+
+const outputBytes = (out) => concatBytes(i64le(out.value), varBytes(out.script));
+
+/** Serialise `tx` (parseTx's shape); with witnesses only if an input has one (BIP144). */
+export function serializeTx(tx, { witness = true } = {}) {
+  const segwit = witness && tx.inputs.some((i) => i.witness.length);
+  const parts = [i32le(tx.version)];
+  if (segwit) parts.push(Uint8Array.of(0x00, 0x01));
+  parts.push(compactSize(tx.inputs.length));
+  for (const i of tx.inputs) {
+    parts.push(outpointBytes(i.txid, i.vout), varBytes(i.scriptSig), u32le(i.sequence));
+  }
+  parts.push(compactSize(tx.outputs.length), ...tx.outputs.map(outputBytes));
+  if (segwit) {
+    for (const i of tx.inputs) parts.push(compactSize(i.witness.length), ...i.witness.map(varBytes));
+  }
+  parts.push(u32le(tx.locktime));
+  return concatBytes(...parts);
+}
+
+/** The txid (display hex, as RPC shows it) of a serialised transaction. */
+export function txidOf(bytes) {
+  return bytesToHex(sha256d(serializeTx(parseTx(bytes), { witness: false })).reverse());
+}
+
+/** Virtual size (BIP141): ceil((3 × stripped size + total size) / 4). */
+export function vsizeOf(bytes) {
+  const stripped = serializeTx(parseTx(bytes), { witness: false }).length;
+  return Math.ceil((3 * stripped + bytes.length) / 4);
+}
+
+/**
+ * The BIP143 SIGHASH_ALL digest of input `index` spending a channel output
+ * of `value` (gateway/protocol/transactions.py sighash_all).
+ */
+export function sighashAll(tx, index, witnessScript, value) {
+  const input = tx.inputs[index];
+  return sha256d(concatBytes(
+    i32le(tx.version),
+    sha256d(concatBytes(...tx.inputs.map((i) => outpointBytes(i.txid, i.vout)))),
+    sha256d(concatBytes(...tx.inputs.map((i) => u32le(i.sequence)))),
+    outpointBytes(input.txid, input.vout),
+    varBytes(witnessScript),
+    i64le(value),
+    u32le(input.sequence),
+    sha256d(concatBytes(...tx.outputs.map(outputBytes))),
+    u32le(tx.locktime),
+    u32le(SIGHASH_ALL),
+  ));
+}
+
+// -- refunds (protocol.md section 2) -----------------------------------------------------
+
+/**
+ * The unsigned refund (T2 for multisig, the cltv refund): version 2, one
+ * input (the funding outpoint, nSequence 0xfffffffe), nLockTime = expiry,
+ * one output of `value - fee` to `destScript` (transactions.py build_refund).
+ */
+export function buildRefund({ txid, vout, value, expiry, destScript, fee }) {
+  if (!Number.isSafeInteger(fee) || fee < 0 || value - fee < DUST_LIMIT) {
+    throw new Error('refund output would be dust');
+  }
+  return serializeTx({
+    version: 2,
+    inputs: [{ txid, vout, scriptSig: new Uint8Array(0), sequence: REFUND_SEQUENCE, witness: [] }],
+    outputs: [{ value: value - fee, script: destScript }],
+    locktime: expiry,
+  });
+}
+
+function withWitness(unsigned, witness) {
+  const tx = parseTx(unsigned);
+  tx.inputs[0].witness = witness;
+  return serializeTx(tx);
+}
+
+/** Sign a cltv refund: witness `<sig_K1> <> <script>` (section 2). */
+export function finalizeCltvRefund(unsigned, witnessScript, value, secret) {
+  const digest = sighashAll(parseTx(unsigned), 0, witnessScript, value);
+  const sig = concatBytes(signDigest(secret, digest), Uint8Array.of(SIGHASH_ALL));
+  return withWitness(unsigned, [sig, new Uint8Array(0), witnessScript]);
+}
+
+/** Sign T2: witness `<> <sig_K1> <sig_K2> <script>` (section 2). */
+export function finalizeMultisigRefund(unsigned, witnessScript, value, secret, serverSig) {
+  const digest = sighashAll(parseTx(unsigned), 0, witnessScript, value);
+  const sig = concatBytes(signDigest(secret, digest), Uint8Array.of(SIGHASH_ALL));
+  return withWitness(unsigned, [new Uint8Array(0), sig, serverSig, witnessScript]);
+}
+
+const HALF_ORDER = secp256k1.Point.CURVE().n >> 1n;
+
+/** S of a strict-DER (BIP66) signature without its sighash byte; null if not strict DER. */
+export function derS(der) {
+  const size = der.length;
+  if (size < 8 || size > 72 || der[0] !== 0x30 || der[1] !== size - 2) return null;
+  const lenR = der[3];
+  if (5 + lenR >= size) return null;
+  const lenS = der[5 + lenR];
+  if (lenR + lenS + 6 !== size) return null;
+  if (der[2] !== 0x02 || lenR === 0 || der[4] & 0x80) return null;
+  if (lenR > 1 && der[4] === 0x00 && !(der[5] & 0x80)) return null;
+  if (der[4 + lenR] !== 0x02 || lenS === 0 || der[6 + lenR] & 0x80) return null;
+  if (lenS > 1 && der[6 + lenR] === 0x00 && !(der[7 + lenR] & 0x80)) return null;
+  return BigInt(`0x${bytesToHex(der.subarray(6 + lenR))}`);
+}
+
+/**
+ * Check `refund_signed.sig` on T2 before T1 is broadcast (section 2): strict
+ * DER, low S, SIGHASH_ALL, valid by K2 over T2's BIP143 digest for `value`
+ * (transactions.py check_refund_t2_signature). Throws what is wrong.
+ */
+export function checkRefundSignature(unsigned, witnessScript, value, serverPub, sig) {
+  const der = sig.subarray(0, sig.length - 1);
+  const s = derS(der);
+  if (s === null) throw new Error('refund_signed: the signature is not strict DER');
+  if (s > HALF_ORDER) throw new Error('refund_signed: the signature has a high S');
+  if (sig[sig.length - 1] !== SIGHASH_ALL) throw new Error('refund_signed: not SIGHASH_ALL');
+  const digest = sighashAll(parseTx(unsigned), 0, witnessScript, value);
+  if (!secp256k1.verify(der, digest, serverPub, { prehash: false, lowS: true, format: 'der' })) {
+    throw new Error('refund_signed: the signature does not verify by the gateway key');
+  }
+}
+
+/**
+ * The vbytes of a refund with the largest signatures (the longest DER with
+ * its sighash byte): what T2's fee is computed on, before the gateway signs it.
+ */
+export function refundVbytesMax(kind, witnessScript, destScript) {
+  const stripped = 4 + 1 + 36 + 1 + 4 + 1 + 8 + varLen(destScript.length) + destScript.length + 4;
+  const ws = witnessScript.length;
+  const items = kind === 'cltv'
+    ? (1 + 73) + 1 + (varLen(ws) + ws)
+    : 1 + 2 * (1 + 73) + (varLen(ws) + ws);
+  const witness = 2 + 1 + items; // marker and flag, the item count, the items
+  return Math.ceil((4 * stripped + witness) / 4);
+}
+
+/**
+ * The signed cltv refund paying `feerate` sat/vB on its own exact vsize:
+ * signed again with the fee its signed size needs until that fee is paid
+ * (RFC 6979 signatures are deterministic). {tx, txid, fee, vsize}.
+ */
+export function cltvRefund({ witnessScript, txid, vout, value, expiry, destScript, secret,
+  feerate = REFUND_FEERATE }) {
+  let fee = 0;
+  for (;;) {
+    const unsigned = buildRefund({ txid, vout, value, expiry, destScript, fee });
+    const tx = finalizeCltvRefund(unsigned, witnessScript, value, secret);
+    const vsize = vsizeOf(tx);
+    const needed = Math.ceil(feerate * vsize);
+    if (needed <= fee) return { tx, txid: txidOf(tx), fee, vsize };
+    fee = needed;
+  }
+}
+
+/** The multisig T2 (unsigned) at `feerate` sat/vB of its largest size. {tx, fee}. */
+export function multisigRefund({ witnessScript, txid, vout, value, expiry, destScript,
+  feerate = REFUND_FEERATE }) {
+  const fee = Math.ceil(feerate * refundVbytesMax('multisig', witnessScript, destScript));
+  return { tx: buildRefund({ txid, vout, value, expiry, destScript, fee }), fee };
+}
+
+/**
+ * Whether a refund with nLockTime `expiry` can go into the next block
+ * (section 2): a height expiry once the next block's height is above it, a
+ * time expiry once the tip's median-time-past is.
+ */
+export function refundFinal(expiry, { height, medianTime }) {
+  return expiry < 500_000_000 ? height + 1 > expiry : medianTime > expiry;
+}
+
+// -- checking a settlement (protocol.md section 3, "What a batch pays") -------------------
+
+/**
+ * Check a settlement of our channel (gateway/protocol/settlement.py
+ * check_settlement): it spends our funding outpoint `txid:vout`; it pays
+ * our last signed `balance` (if any) to `changeScript` at our input's
+ * index; and, with every input's value (`spentValues`, in input order), its
+ * feerate is at least the one our reserve was quoted at (`exitFee /
+ * exitVbytes`): our reserve went to miners, to no one's output. Returns
+ * {index, fee, vsize}; throws what is wrong.
+ */
+export function checkSettlement(bytes, { txid, vout, value, changeScript, balance, exitFee,
+  exitVbytes, spentValues }) {
+  const tx = parseTx(bytes);
+  const index = tx.inputs.findIndex((i) => i.txid === txid && i.vout === vout);
+  if (index < 0) throw new Error('the settlement does not spend our funding output');
+  if (balance) {
+    if (index >= tx.outputs.length) {
+      throw new Error("the settlement has no output at our input's index");
+    }
+    const out = tx.outputs[index];
+    if (bytesToHex(out.script) !== bytesToHex(changeScript) || out.value !== balance) {
+      throw new Error('our change output is not our last signed balance');
+    }
+  }
+  const vsize = vsizeOf(bytes);
+  if (spentValues === undefined || spentValues === null) return { index, fee: null, vsize };
+  if (spentValues.length !== tx.inputs.length || spentValues[index] !== value
+      || !spentValues.every(Number.isSafeInteger)) {
+    throw new Error('the input values do not match the settlement');
+  }
+  const fee = spentValues.reduce((a, b) => a + b, 0) - tx.outputs.reduce((a, o) => a + o.value, 0);
+  // fee / vsize < exitFee / exitVbytes, in integers.
+  if (BigInt(fee) * BigInt(exitVbytes) < BigInt(exitFee) * BigInt(vsize)) {
+    throw new Error(`the settlement pays ${fee} sat for ${vsize} vB, below the quoted `
+      + `${+(exitFee / exitVbytes).toPrecision(6)} sat/vB: our reserve did not all go to the fee`);
+  }
+  return { index, fee, vsize };
 }
 
 /** BIP21 URI for the funding QR code: amount in BTC, exact to the satoshi. */
