@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.protocol.messages import Limits
+from gateway.protocol.transactions import DUST_LIMIT
+
 
 class ConfigError(ValueError):
     """A setting is unknown or has the wrong type; the message names it."""
@@ -27,13 +30,17 @@ DEFAULT_MIN_CONF = {"regtest": 0, "signet": 1, "testnet": 1, "main": 3}
 #: Confirmations that make a settlement (or a refund) final for the store:
 #: a channel is ``closed`` only once its close is this deep (protocol.md section 8).
 DEFAULT_SETTLE_CONFIRMATIONS = {"regtest": 1, "signet": 6, "testnet": 6, "main": 6}
-#: The dust limit of protocol.md section 3 (v1 and v2: fixed, not a setting).
-DUST_LIMIT = 546
 
 
 @dataclass
-class Limits:
-    """Abuse and safety limits, advertised in ``hello.limits`` (protocol.md section 6)."""
+class LimitSettings:
+    """The operator's abuse and safety limits, before the network is known.
+
+    :meth:`resolve` turns them into the protocol's :class:`Limits`, the one
+    advertised in ``hello.limits`` (protocol.md section 6) and checked by the
+    core; the fields are the same (a test holds them so), ``min_conf`` may
+    be left to the network and ``dust_limit`` is no setting (section 3).
+    """
 
     min_value: int = 10_000
     max_value: int = 10_000_000
@@ -47,13 +54,12 @@ class Limits:
     settle_margin_s: int = 3600
     resume_grace_s: int = 120
 
-    def to_wire(self, network: str) -> dict[str, int]:
-        """The ``limits`` object of ``hello`` on ``network`` (defaults resolved)."""
-        wire = dataclasses.asdict(self)
-        if wire["min_conf"] is None:
-            wire["min_conf"] = DEFAULT_MIN_CONF.get(network, 1)
-        wire["dust_limit"] = DUST_LIMIT
-        return wire
+    def resolve(self, network: str) -> Limits:
+        """The limits on ``network``: ``min_conf`` by network when unset."""
+        values = dataclasses.asdict(self)
+        if values["min_conf"] is None:
+            values["min_conf"] = DEFAULT_MIN_CONF.get(network, 1)
+        return Limits(**values)
 
 
 @dataclass
@@ -72,7 +78,7 @@ class Config:
     #: The embedded node's RPC port (players fund from its wallet in the demo).
     rpc_port: int = 18443
     block_interval: float = 2.0
-    limits: Limits = field(default_factory=Limits)
+    limits: LimitSettings = field(default_factory=LimitSettings)
     #: Where the operator's share goes (and payouts below dust, section 3).
     #: Empty: an address of the node's wallet is asked for at start.
     operator_address: str = ""
@@ -122,7 +128,7 @@ class Config:
         # The environment is shared with the player (PAYSTREAM_PLAYER_DIR) and
         # anything else of ours: only the names of gateway settings are read.
         ours = {f.name for f in dataclasses.fields(cls)}
-        limits = {f.name for f in dataclasses.fields(Limits)}
+        limits = {f.name for f in dataclasses.fields(LimitSettings)}
         updates: dict[str, Any] = {}
         for key, value in env.items():
             if key.startswith(prefix):
@@ -198,7 +204,7 @@ class Config:
         Unconfirmed funding on mainnet lets a viewer double-spend its funding
         after watching: allowed only with ``allow_zero_conf``.
         """
-        min_conf = self.limits.to_wire(network)["min_conf"]
+        min_conf = self.limits.resolve(network).min_conf
         if network == "main" and min_conf == 0 and not self.allow_zero_conf:
             raise ConfigError(
                 "min_conf 0 on mainnet accepts unconfirmed funding, which a viewer can "

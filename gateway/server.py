@@ -32,15 +32,14 @@ from gateway.datadir import secure_datadir, write_private
 from gateway.funding import FundingDuty
 from gateway.handover import LinkError, WorkerRole
 from gateway.keys import MasterKey
-from gateway.ledger import SETTLEABLE, ChannelReleased, Ledger, LiveChannel, Store
+from gateway.ledger import Ledger, LiveChannel, Store
 from gateway.media.catalog import Catalog, MediaItem
 from gateway.media.library import Library
-from gateway.protocol.channel import ServerState
-from gateway.protocol.messages import Limits
 from gateway.protocol.scripts import address_to_script_pubkey
 from gateway.protocol.settlement import feerate
 from gateway.session import Session, SessionContext
 from gateway.settlement import Settler, SettleSettings
+from gateway.web import WebContext, handle_http
 
 if TYPE_CHECKING:
     import socket
@@ -114,7 +113,7 @@ class Gateway:
         self.funding: FundingDuty
         self.settler: Settler
         self.network = "regtest"
-        self.limits = Limits(**config.limits.to_wire(self.network))
+        self.limits = config.limits.resolve(self.network)
         #: Confirmations that make a settlement or refund final (protocol.md section 8).
         self.settle_depth = config.settle_depth(self.network)
         #: Seconds a closed channel may wait to share a settlement (settlement.py).
@@ -122,6 +121,7 @@ class Gateway:
         self.operator_script = b""
         self.sessions: Counter[str] = Counter()
         self._session_context: SessionContext | None = None
+        self._web_context: WebContext | None = None
         self._server: Server | None = None
         self.port = config.port
         self.operator_token = config.operator_token or operator_token(self.datadir)
@@ -183,7 +183,7 @@ class Gateway:
             self.config.check_network(self.network)
         except ConfigError as exc:
             raise GatewayStartError(str(exc)) from None
-        self.limits = Limits(**self.config.limits.to_wire(self.network))
+        self.limits = self.config.limits.resolve(self.network)
         self.settle_depth = self.config.settle_depth(self.network)
         self.settle_window = self.config.settle_window(self.network, embedded=self.node is not None)
         address = self.config.operator_address or await operator_address(self.rpc, self.datadir)
@@ -238,6 +238,17 @@ class Gateway:
             funding_timeout_s=self.config.funding_timeout_s,
             idle_timeout_s=self.config.idle_timeout_s,
             max_unfunded_per_ip=self.config.max_unfunded_per_ip,
+        )
+        self._web_context = WebContext(
+            ledger=self.ledger,
+            rpc=self.rpc,
+            follower=self.watcher,
+            settler=self.settler,
+            library=self.library,
+            network=self.network,
+            limits=self.limits,
+            operator_token=self.operator_token,
+            everywhere=self.everywhere,
         )
         if serve_sockets:
             where: dict[str, Any] = {"sock": sock}
@@ -323,15 +334,10 @@ class Gateway:
             return _json_response(HTTPStatus.OK, self.catalog.to_api())
         if path == "/api/admin/settle":
             return await self._admin_settle(request, query)
-        try:
-            from gateway import web
-        except ModuleNotFoundError as exc:  # the web front end is optional
-            if exc.name != "gateway.web":
-                raise
-        else:
-            answer = await web.handle_http(self, request)
-            if answer is not None:
-                return answer
+        assert self._web_context is not None
+        answer = await handle_http(self._web_context, request)
+        if answer is not None:
+            return answer
         return _json_response(HTTPStatus.NOT_FOUND, {"error": f"no such path {path}"})
 
     async def _admin_settle(self, request: Request, query: str) -> Response:
@@ -345,7 +351,7 @@ class Gateway:
         except LinkError as exc:  # a worker is down (workers.WHOLE_WAIT_S) or failed
             message = str(exc).removeprefix("WorkersDown: ")
             return _json_response(HTTPStatus.SERVICE_UNAVAILABLE, {"error": message})
-        except RpcException as exc:  # no node: see settle_by_hand, nothing is lost
+        except RpcException as exc:  # no node: see Settler.settle_by_hand, nothing is lost
             message = f"settling failed: {exc}; try again"
             return _json_response(HTTPStatus.SERVICE_UNAVAILABLE, {"error": message})
         if all(answer is None for answer in answers):
@@ -354,35 +360,6 @@ class Gateway:
         settled = [item for item in items if "error" not in item]
         failed = [item for item in items if "error" in item]
         return _json_response(HTTPStatus.OK, {"settled": settled, "failed": failed})
-
-    async def settle_by_hand(self, channel_id: str | None) -> list[dict[str, Any]]:
-        """Settle one live channel (KeyError if unknown) or every one, now.
-
-        Every one: ready channels are closed and settled in one batch, and
-        closing ones have their batch broadcast again. It goes on past a
-        channel that failed for want of the node: its item has an ``error``
-        instead of a ``txid``. Nothing is lost: it is either still ready (the
-        fee estimate failed first) or its settlement is stored and the duty
-        broadcasts it again. One named channel raises.
-        """
-        if channel_id is not None:
-            targets = [self.channels[channel_id]]
-        else:
-            states = (*SETTLEABLE, ServerState.CLOSING)
-            targets = [c for c in self.channels.values() if c.core.state in states]
-        results: list[dict[str, Any]] = []
-        for live in targets:
-            try:
-                closed = await self.settler.settle_now(live)
-            except ChannelReleased:  # handed to another worker meanwhile
-                continue
-            except RpcException as exc:
-                if channel_id is not None:
-                    raise
-                results.append({"channel_id": live.channel_id, "error": str(exc)})
-                continue
-            results.append({"channel_id": live.channel_id, **closed.to_wire()})
-        return results
 
     async def everywhere(self, what: str, *, whole: bool = False, **args: Any) -> list[Any]:
         """:meth:`answer` ``what`` in every worker (just here without ``--workers``).
@@ -400,7 +377,7 @@ class Gateway:
             return await self.ledger.release(int(args["row"]))
         if what == "settle":
             try:
-                return await self.settle_by_hand(args.get("channel"))
+                return await self.settler.settle_by_hand(args.get("channel"))
             except KeyError:
                 return None
         if what == "stats":

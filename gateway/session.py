@@ -50,6 +50,7 @@ from gateway.protocol.channel import ServerChannel, ServerState
 from gateway.protocol.errors import ErrorCode, ProtocolError
 from gateway.protocol.messages import (
     PROTOCOL_VERSION,
+    ChannelKind,
     Chunk,
     Close,
     Closed,
@@ -378,7 +379,7 @@ class Session:
 
     async def _watch_funding(self, row_id: int, core: ServerChannel) -> None:
         try:
-            if core.kind == "multisig":
+            if core.kind == ChannelKind.MULTISIG:
                 assert core.refund_outpoint is not None
                 outpoint = await self._poll_outpoint(core.refund_outpoint)
             else:

@@ -51,7 +51,7 @@ from gateway.chain.rpc import (
 )
 from gateway.chain.watch import ChainFollower
 from gateway.funding import FundingDuty
-from gateway.ledger import LIVE_STATES, ChannelReleased, Ledger, LiveChannel
+from gateway.ledger import LIVE_STATES, SETTLEABLE, ChannelReleased, Ledger, LiveChannel
 from gateway.media.library import Library
 from gateway.protocol.channel import ServerState
 from gateway.protocol.messages import Closed
@@ -267,6 +267,35 @@ class Settler:
             # Told in the background: settling never waits on a client.
             live.session.tell_closed(closed)
         return closed
+
+    async def settle_by_hand(self, channel_id: str | None) -> list[dict[str, Any]]:
+        """``gateway settle``: one held channel (KeyError if unknown) or every one, now.
+
+        Every one: ready channels are closed and settled in one batch, and
+        closing ones have their batch broadcast again. It goes on past a
+        channel that failed for want of the node: its item has an ``error``
+        instead of a ``txid``. Nothing is lost: it is either still ready (the
+        fee estimate failed first) or its settlement is stored and the duty
+        broadcasts it again. One named channel raises.
+        """
+        if channel_id is not None:
+            targets = [self.ledger.channels[channel_id]]
+        else:
+            states = (*SETTLEABLE, ServerState.CLOSING)
+            targets = [c for c in self.ledger.channels.values() if c.core.state in states]
+        results: list[dict[str, Any]] = []
+        for live in targets:
+            try:
+                closed = await self.settle_now(live)
+            except ChannelReleased:  # handed to another worker meanwhile
+                continue
+            except RpcException as exc:
+                if channel_id is not None:
+                    raise
+                results.append({"channel_id": live.channel_id, "error": str(exc)})
+                continue
+            results.append({"channel_id": live.channel_id, **closed.to_wire()})
+        return results
 
     async def settle_queue(self) -> None:
         """Settle every queued channel: in batches of up to MAX_BATCH, stored, then broadcast."""

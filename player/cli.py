@@ -24,7 +24,7 @@ from typing import Any, BinaryIO, Final, TextIO
 
 from gateway.protocol.channel import DEFAULT_MAX_FEERATE, ClientChannel
 from gateway.protocol.messages import Terms
-from gateway.protocol.scripts import is_height_expiry
+from gateway.protocol.scripts import ChannelKind, is_height_expiry
 from player.catalog import catalog_item
 from player.client import (
     DEFAULT_BUDGET,
@@ -372,7 +372,7 @@ def _parser() -> argparse.ArgumentParser:
         f"limits or refused (default {DEFAULT_BUDGET}). On a resumed channel: the most "
         "this run pays more (at most its balance; default: its balance)",
     )
-    play.add_argument("--kind", choices=("cltv", "multisig"), default="cltv")
+    play.add_argument("--kind", choices=tuple(ChannelKind), default=ChannelKind.CLTV)
     play.add_argument(
         "--max-feerate",
         type=_feerate_arg,

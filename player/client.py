@@ -80,7 +80,7 @@ from gateway.protocol.messages import (
     parse_server_message,
 )
 from gateway.protocol.metering import OverchargeError
-from gateway.protocol.scripts import ChannelScript, is_height_expiry
+from gateway.protocol.scripts import ChannelKind, ChannelScript, is_height_expiry
 from gateway.protocol.settlement import exit_vbytes
 from gateway.protocol.signatures import sign_digest
 from gateway.protocol.transactions import DUST_LIMIT, Outpoint, build_refund, parse_tx
@@ -225,7 +225,7 @@ def _refund_fee(script: ChannelScript, outpoint: Outpoint, value: int, dest: byt
     """Fee of a refund at :data:`REFUND_FEERATE`, its witness size estimated from the script."""
     base = len(build_refund(script, outpoint, value, dest, 0))
     sig = 1 + 73  # push + DER (max 72) + sighash byte
-    if script.kind == "cltv":
+    if script.kind == ChannelKind.CLTV:
         witness = 1 + sig + 1 + 1 + len(script.witness_script) + 3  # count, sig, <>, script
     else:
         witness = 1 + 1 + 2 * sig + 1 + len(script.witness_script) + 3  # count, <>, 2 sigs, script
@@ -237,7 +237,7 @@ def _refund_fee(script: ChannelScript, outpoint: Outpoint, value: int, dest: byt
 def _terms_for(rec: StoredChannel, client_pubkey: bytes, network: str) -> Terms:
     script = ChannelScript.make(rec.kind, client_pubkey, rec.server_pubkey, rec.expiry)
     return Terms(
-        kind=rec.kind,
+        kind=script.kind,
         server_pubkey=rec.server_pubkey,
         witness_script=script.witness_script,
         funding_address=script.address(network),
@@ -263,7 +263,7 @@ def restore_channel(rec: StoredChannel, privkey: bytes, hello: ServerHello) -> C
     channel.open(expiry=rec.expiry, change_script=rec.change_script, kind=rec.kind)
     channel.accept_terms(_terms_for(rec, channel.client_pubkey, rec.network))
     outpoint = Outpoint(rec.txid, rec.vout)
-    if rec.kind == "multisig":
+    if rec.kind == ChannelKind.MULTISIG:
         if rec.refund_fee is None or rec.refund_server_sig is None:
             raise PlayerError(f"channel {rec.id} has no signed refund")
         channel.refund_request(
@@ -427,7 +427,7 @@ class Player:
         *,
         wallet: Wallet | None = None,
         budget: int = DEFAULT_BUDGET,
-        kind: str = "cltv",
+        kind: ChannelKind = ChannelKind.CLTV,
         expiry: ExpirySpec | None = None,
         new_channel: bool = False,
         out: BinaryIO | None = None,
@@ -444,7 +444,7 @@ class Player:
         self.url = check_gateway_url(url)
         if budget < 1:
             raise PlayerError(f"budget {budget} sat is not positive")
-        if kind not in ("cltv", "multisig"):
+        if kind not in tuple(ChannelKind):
             raise PlayerError(f"unknown channel kind {kind!r}: use cltv or multisig")
         self.store = store
         self.wallet = wallet
@@ -754,7 +754,7 @@ class Player:
                 exit_fee=terms.exit_fee,
             )
             self._report(status="funding", value=value, balance=value)
-            if self.kind == "cltv":
+            if self.kind == ChannelKind.CLTV:
                 rec = await self._fund_cltv(wallet, channel, rec, terms, value, dest)
             else:
                 rec = await self._fund_multisig(wallet, channel, rec, terms, value, dest)

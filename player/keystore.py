@@ -32,6 +32,8 @@ from typing import Any, Final
 
 import coincurve
 
+from gateway.protocol.scripts import ChannelKind
+
 __all__ = [
     "DB_NAME",
     "ENV_DATA_DIR",
@@ -87,7 +89,7 @@ class StoredChannel:
     id: int
     gateway_url: str
     network: str
-    kind: str
+    kind: ChannelKind
     server_pubkey: bytes
     expiry: int
     change_script: bytes
@@ -259,6 +261,7 @@ class Keystore:
             name: (bytes(v) if name in _BYTES_FIELDS and v is not None else v)
             for name, v in zip(_COLUMNS, row, strict=True)
         }
+        values["kind"] = ChannelKind(values["kind"])
         return StoredChannel(**values)
 
     def add_channel(
@@ -266,7 +269,7 @@ class Keystore:
         *,
         gateway_url: str,
         network: str,
-        kind: str,
+        kind: ChannelKind,
         server_pubkey: bytes,
         expiry: int,
         change_script: bytes,

@@ -94,7 +94,7 @@ async def open_and_fund(browser: Browser, gw: Gateway, path: str, *, kind: str =
     await browser.wait_for("document.getElementById('costs').textContent.includes('about')",
                            what="the exit estimate")
     costs = await browser.text("#costs")
-    estimate = (await exit_estimate(gw))["exit"][kind]
+    estimate = exit_estimate(await gw.settler.feerate())["exit"][kind]
     assert f"about {estimate['fee']} sat now ({estimate['vbytes']} vB at 2 sat/vB)" in costs
     budget = int(await browser.js("return document.getElementById('budget-sat').value;"))
     assert budget == gw.limits.min_value  # the clip costs less than the minimum channel

@@ -345,3 +345,16 @@ def test_a_start_is_not_refused_by_settles_passing_look_at_the_lock(tmp_path):
             assert held.path.read_text() == f"{os.getpid()} gateway\n"
     assert holder_pid(tmp_path / "none", GATEWAY_LOCK) is None
     assert not (tmp_path / "none").exists()
+
+
+def test_limit_settings_are_the_protocols_limits():
+    """The operator sets exactly the fields of hello.limits (dust_limit is no setting)."""
+    import dataclasses
+
+    from gateway.config import LimitSettings
+    from gateway.protocol.messages import Limits
+
+    settings = {f.name for f in dataclasses.fields(LimitSettings)}
+    assert settings == {f.name for f in dataclasses.fields(Limits)} - {"dust_limit"}
+    resolved = LimitSettings(min_conf=None).resolve("signet")
+    assert isinstance(resolved, Limits) and resolved.min_conf == 1 and resolved.dust_limit == 546

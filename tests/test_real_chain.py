@@ -174,9 +174,9 @@ async def test_mainnet_refuses_min_conf_zero(tmp_path, media_copy, mainnet_node)
     from gateway.config import Config
 
     defaults = Config()
-    assert defaults.limits.to_wire("main")["min_conf"] == 3
-    assert defaults.limits.to_wire("signet")["min_conf"] == 1
-    assert defaults.limits.to_wire("regtest")["min_conf"] == 0
+    assert defaults.limits.resolve("main").min_conf == 3
+    assert defaults.limits.resolve("signet").min_conf == 1
+    assert defaults.limits.resolve("regtest").min_conf == 0
     assert (defaults.settle_depth("main"), defaults.settle_depth("regtest")) == (6, 1)
     defaults.allow_zero_conf = True
     defaults.limits.min_conf = 0

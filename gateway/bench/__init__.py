@@ -250,13 +250,13 @@ def measure_ceiling(seconds: float = 0.4) -> dict[str, float]:
     """coincurve verifies/s and BIP143 digests/s on this core, as the gateway runs them."""
     import coincurve
 
-    from gateway.protocol.scripts import ChannelScript
+    from gateway.protocol.scripts import ChannelKind, ChannelScript
     from gateway.protocol.signatures import Verifier, sign_digest
     from gateway.protocol.transactions import Outpoint, PaymentTemplate
 
     client, server = coincurve.PrivateKey(), coincurve.PrivateKey()
     pub = client.public_key.format()
-    script = ChannelScript.make("cltv", pub, server.public_key.format(), 2_000_000_000)
+    script = ChannelScript.make(ChannelKind.CLTV, pub, server.public_key.format(), 2_000_000_000)
     template = PaymentTemplate(script, Outpoint("11" * 32, 0), 1_000_000,
                                bytes.fromhex("0014" + "22" * 20))
     balances = list(range(999_000, 999_000 - 256, -1))

@@ -32,7 +32,7 @@ from typing import Any
 import coincurve
 
 from gateway.chain.kernel import prepare_transaction, verify_input
-from gateway.protocol.scripts import ChannelScript
+from gateway.protocol.scripts import ChannelKind, ChannelScript
 from gateway.protocol.settlement import (
     MAX_BATCH_CHANNELS,
     TYPICAL_PAYOUT_SCRIPT,
@@ -78,7 +78,7 @@ def _claims(
     claims = []
     for n in range(count):
         client = coincurve.PrivateKey(hashlib.sha256(b"economics client %d" % n).digest())
-        script = ChannelScript.make("cltv", client.public_key.format(),
+        script = ChannelScript.make(ChannelKind.CLTV, client.public_key.format(),
                                     _SERVER.public_key.format(), 900_000)
         change = b"\x00\x14" + hashlib.sha256(b"change %d" % n).digest()[:20]
         outpoint = Outpoint(hashlib.sha256(b"funding %d" % n).hexdigest(), n % 3)

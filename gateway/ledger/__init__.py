@@ -9,16 +9,19 @@ from gateway.ledger.live import (
     LiveChannel,
     SessionHandle,
 )
+from gateway.ledger.reports import UNSETTLED_STATES, Reports
 from gateway.ledger.store import Store, StoreClosed
 
 __all__ = [
     "FUNDED_STATES",
     "LIVE_STATES",
     "SETTLEABLE",
+    "UNSETTLED_STATES",
     "ChainWatch",
     "ChannelReleased",
     "Ledger",
     "LiveChannel",
+    "Reports",
     "SessionHandle",
     "Store",
     "StoreClosed",

@@ -52,6 +52,7 @@ from gateway.ledger.live import (
     ChannelReleased,
     LiveChannel,
 )
+from gateway.ledger.reports import Reports
 from gateway.ledger.store import Op, Store
 from gateway.protocol.channel import (
     ChannelRecord,
@@ -107,6 +108,8 @@ class Ledger:
         worker: WorkerRole | None = None,
     ) -> None:
         self.store = store
+        #: The read side for pages and operators (gateway/ledger/reports.py).
+        self.reports = Reports(store)
         self.master = master
         self.worker = worker
         #: media id -> publisher id, for the deliveries rows (the catalog's view).

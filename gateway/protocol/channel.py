@@ -74,7 +74,12 @@ from gateway.protocol.messages import (
     Terms,
 )
 from gateway.protocol.metering import ClientMeter
-from gateway.protocol.scripts import ChannelScript, is_height_expiry, is_standard_output_script
+from gateway.protocol.scripts import (
+    ChannelKind,
+    ChannelScript,
+    is_height_expiry,
+    is_standard_output_script,
+)
 from gateway.protocol.settlement import ChannelClaim, check_settlement, exit_vbytes
 from gateway.protocol.signatures import (
     Verifier,
@@ -176,13 +181,13 @@ _C = ClientState
 #: Server states in which a channel takes nothing more (``channel_closed``).
 _ENDED: Final = frozenset({_S.CLOSING, _S.CLOSED, _S.REFUNDED, _S.VOID})
 _E = Event
-_MULTISIG_ONLY: Final = frozenset({"multisig"})
-_CLTV_ONLY: Final = frozenset({"cltv"})
-_ANY: Final = frozenset({"cltv", "multisig"})
+_MULTISIG_ONLY: Final = frozenset({ChannelKind.MULTISIG})
+_CLTV_ONLY: Final = frozenset({ChannelKind.CLTV})
+_ANY: Final = frozenset(ChannelKind)
 
 #: (state, event) -> (next state, channel kinds the row applies to).
 _SERVER_TRANSITIONS: Final[
-    Mapping[tuple[ServerState, Event], tuple[ServerState, frozenset[str]]]
+    Mapping[tuple[ServerState, Event], tuple[ServerState, frozenset[ChannelKind]]]
 ] = {
     (_S.OPEN, _E.REFUND): (_S.REFUND_SIGNED, _MULTISIG_ONLY),
     (_S.REFUND_SIGNED, _E.REFUND): (_S.REFUND_SIGNED, _MULTISIG_ONLY),  # replaces the last
@@ -211,7 +216,7 @@ _SERVER_TRANSITIONS: Final[
 }
 
 _CLIENT_TRANSITIONS: Final[
-    Mapping[tuple[ClientState, Event], tuple[ClientState, frozenset[str]]]
+    Mapping[tuple[ClientState, Event], tuple[ClientState, frozenset[ChannelKind]]]
 ] = {
     (_C.NEW, _E.OPEN): (_C.PROPOSED, _ANY),
     (_C.PROPOSED, _E.TERMS): (_C.OPEN, _ANY),
@@ -249,9 +254,9 @@ _St = TypeVar("_St", ServerState, ClientState)
 
 
 def _next_state(
-    table: Mapping[tuple[_St, Event], tuple[_St, frozenset[str]]],
+    table: Mapping[tuple[_St, Event], tuple[_St, frozenset[ChannelKind]]],
     role: str,
-    kind: str,
+    kind: ChannelKind,
     state: _St,
     event: Event,
     *,
@@ -332,7 +337,7 @@ class ChannelRecord:
     """
 
     state: ServerState
-    kind: str
+    kind: ChannelKind
     client_pubkey: bytes
     expiry: int
     change_script: bytes
@@ -503,7 +508,7 @@ class ServerChannel:
     # -- read-only views --------------------------------------------------------
 
     @property
-    def kind(self) -> str:
+    def kind(self) -> ChannelKind:
         """``cltv`` or ``multisig``."""
         return self.script.kind
 
@@ -606,7 +611,7 @@ class ServerChannel:
         new_state = self._next(Event.FUND)
         if script_pubkey != self.script.script_pubkey:
             raise ProtocolError(ErrorCode.FUNDING_MISMATCH, "output does not pay funding_script")
-        if self.kind == "multisig" and (outpoint, value) != (
+        if self.kind == ChannelKind.MULTISIG and (outpoint, value) != (
             self.refund_outpoint,
             self.refund_value,
         ):
@@ -831,7 +836,7 @@ class ClientChannel:
         self.exit_vbytes = 0
         self.meter = ClientMeter()
         self.state = ClientState.NEW
-        self.kind = "cltv"
+        self.kind = ChannelKind.CLTV
         self.expiry = 0
         self.change_script = b""
         self.script: ChannelScript | None = None
@@ -858,10 +863,14 @@ class ClientChannel:
 
     # -- opening ----------------------------------------------------------------
 
-    def open(self, *, expiry: int, change_script: bytes, kind: str = "cltv") -> Open:
+    def open(
+        self, *, expiry: int, change_script: bytes, kind: ChannelKind = ChannelKind.CLTV
+    ) -> Open:
         """The ``open`` proposing this channel (section 5)."""
-        if kind not in ("cltv", "multisig"):
-            raise LocalProtocolError(f"unknown channel kind {kind!r}")
+        try:
+            kind = ChannelKind(kind)
+        except ValueError:
+            raise LocalProtocolError(f"unknown channel kind {kind!r}") from None
         self.state = _next_state(
             _CLIENT_TRANSITIONS, self.role, kind, self.state, Event.OPEN, local=True
         )
@@ -955,7 +964,7 @@ class ClientChannel:
         """
         script = self._script()
         new_state = self._next(Event.FUND, local=True)
-        if self.kind == "multisig" and (outpoint, value) != (self.outpoint, self.value):
+        if self.kind == ChannelKind.MULTISIG and (outpoint, value) != (self.outpoint, self.value):
             raise LocalProtocolError("funding output is not the one T2 refunds")
         self.outpoint, self.value = outpoint, value
         self._template = PaymentTemplate(script, outpoint, value, self.change_script)
@@ -965,7 +974,7 @@ class ClientChannel:
     def cltv_refund(self, *, dest_script: bytes, fee: int) -> bytes:
         """cltv: the signed refund, valid once the expiry has passed (section 2)."""
         script = self._script()
-        if self.kind != "cltv" or self.outpoint is None or self.value is None:
+        if self.kind != ChannelKind.CLTV or self.outpoint is None or self.value is None:
             raise LocalProtocolError("cltv refund needs a funded cltv channel")
         tx = build_refund(script, self.outpoint, self.value, dest_script, fee)
         self.signed_refund = finalize_cltv_refund(tx, script, self.value, self._privkey)

@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, TypeVar
 
 from gateway.protocol.errors import ErrorCode, ProtocolError
+from gateway.protocol.scripts import ChannelKind
+from gateway.protocol.transactions import DUST_LIMIT
 
 __all__ = [
     "MAX_INT",
@@ -107,14 +109,6 @@ _TXID = re.compile(r"[0-9a-f]{64}").fullmatch
 # `txid:vout` exactly as written, vout without leading zeros (section 5: the
 # resume proof signs the string, so there must be one spelling).
 _CHANNEL_ID = re.compile(r"[0-9a-f]{64}:(?:0|[1-9][0-9]{0,15})").fullmatch
-
-
-class ChannelKind:
-    """The two channel script kinds of protocol.md section 2."""
-
-    CLTV: Final = "cltv"
-    MULTISIG: Final = "multisig"
-    ALL: Final = frozenset({CLTV, MULTISIG})
 
 
 def _bad(where: str, what: str) -> ProtocolError:
@@ -185,6 +179,21 @@ class _NonEmptyStr(_Str):
         if not text:
             raise _bad(where, "empty string")
         return text
+
+
+class _Kind(_Codec):
+    """A channel kind (section 2), parsed to :class:`ChannelKind`."""
+
+    def parse(self, value: Any, where: str) -> ChannelKind:
+        if type(value) is not str:
+            raise _bad(where, f"expected a string, got {_type_name(value)}")
+        try:
+            return ChannelKind(value)
+        except ValueError:
+            raise _bad(where, f"expected one of {', '.join(ChannelKind)}") from None
+
+    def dump(self, value: Any) -> Any:
+        return str(value)
 
 
 class _Bool(_Codec):
@@ -387,7 +396,7 @@ class Open(Message):
     client_pubkey: bytes = field(metadata=_wired(_Hex(_MAX_KEY)))
     expiry: int = field(metadata=_wired(_UINT))
     change_script: bytes = field(metadata=_wired(_Hex(_MAX_SCRIPT)))
-    kind: str = field(default=ChannelKind.CLTV, metadata=_wired(_Str(choices=ChannelKind.ALL)))
+    kind: ChannelKind = field(default=ChannelKind.CLTV, metadata=_wired(_Kind()))
 
 
 @_message("refund")
@@ -468,7 +477,7 @@ class Limits(_Wire):
     min_conf: int = field(metadata=_wired(_UINT))
     settle_margin_s: int = field(metadata=_wired(_UINT))
     resume_grace_s: int = field(metadata=_wired(_UINT))
-    dust_limit: int = field(default=546, metadata=_wired(_AMOUNT))
+    dust_limit: int = field(default=DUST_LIMIT, metadata=_wired(_AMOUNT))
 
     def _check(self) -> None:
         if self.min_value > self.max_value:
@@ -501,7 +510,7 @@ class ServerHello(Message):
 class Terms(Message):
     """The channel's script and where to fund it."""
 
-    kind: str = field(metadata=_wired(_Str(choices=ChannelKind.ALL)))
+    kind: ChannelKind = field(metadata=_wired(_Kind()))
     server_pubkey: bytes = field(metadata=_wired(_Hex(_MAX_KEY)))
     witness_script: bytes = field(metadata=_wired(_Hex(_MAX_SCRIPT)))
     funding_address: str = field(metadata=_wired(_NonEmptyStr(200)))

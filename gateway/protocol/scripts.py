@@ -20,10 +20,10 @@ Base58Check.
 
 from __future__ import annotations
 
+import enum
 import functools
 import hashlib
 from dataclasses import dataclass
-from typing import Literal
 
 from bitcoin import base58
 from bitcoin.core.script import (
@@ -44,9 +44,9 @@ from gateway.protocol.errors import ErrorCode, ProtocolError
 from gateway.protocol.signatures import is_valid_pubkey
 
 __all__ = [
-    "KINDS",
     "LOCKTIME_THRESHOLD",
     "NETWORKS",
+    "ChannelKind",
     "ChannelScript",
     "address_to_script_pubkey",
     "cltv_witness_script",
@@ -58,10 +58,16 @@ __all__ = [
     "script_pubkey_to_address",
 ]
 
-Kind = Literal["cltv", "multisig"]
 
-#: Channel kinds of protocol.md section 2; ``cltv`` is the default.
-KINDS: tuple[str, ...] = ("cltv", "multisig")
+
+class ChannelKind(enum.StrEnum):
+    """The two channel script kinds of protocol.md section 2; ``cltv`` is the default.
+
+    A ``str``: it is the wire's spelling, and compares equal to it.
+    """
+
+    CLTV = "cltv"
+    MULTISIG = "multisig"
 
 #: nLockTime values below this are block heights, others unix times (BIP65).
 LOCKTIME_THRESHOLD = 500_000_000
@@ -281,7 +287,7 @@ class ChannelScript:
     expiry range (``bad_expiry``); the scripts are computed once.
     """
 
-    kind: Kind
+    kind: ChannelKind
     client_pubkey: bytes
     server_pubkey: bytes
     expiry: int
@@ -298,12 +304,11 @@ class ChannelScript:
         channel's expiry is the nLockTime of its refund T2.
         """
         _check_expiry(expiry)
-        checked: Kind
-        if kind == "cltv":
-            checked = "cltv"
+        if kind == ChannelKind.CLTV:
+            checked = ChannelKind.CLTV
             witness_script = cltv_witness_script(client_pubkey, server_pubkey, expiry)
-        elif kind == "multisig":
-            checked = "multisig"
+        elif kind == ChannelKind.MULTISIG:
+            checked = ChannelKind.MULTISIG
             witness_script = multisig_witness_script(client_pubkey, server_pubkey)
         else:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "kind must be 'cltv' or 'multisig'")

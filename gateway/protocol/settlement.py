@@ -51,7 +51,7 @@ from bitcoin.core import CTransaction, CTxIn, CTxInWitness, CTxOut, CTxWitness, 
 from bitcoin.core.script import SIGHASH_ALL, CScript, CScriptWitness
 from bitcoin.core.serialize import VarIntSerializer
 
-from gateway.protocol.scripts import ChannelScript
+from gateway.protocol.scripts import ChannelKind, ChannelScript
 from gateway.protocol.signatures import sign_digest
 from gateway.protocol.transactions import (
     DUST_LIMIT,
@@ -114,7 +114,7 @@ def _witness_weight(script: ChannelScript) -> int:
     # `<> <sig_K1> <sig_K2> <script>`; each item with its length prefix.
     ws = len(script.witness_script)
     items = 2 * (1 + _MAX_SIG) + _var_len(ws) + ws
-    items += 2 if script.kind == "cltv" else 1
+    items += 2 if script.kind == ChannelKind.CLTV else 1
     return 1 + items
 
 
@@ -262,7 +262,7 @@ def _cooperative_witness(
     # protocol.md section 2: cltv `<sig_K1> <sig_K2> 01 <script>` (OP_IF takes
     # the true branch); multisig `<> <sig_K1> <sig_K2> <script>` (the empty
     # element is CHECKMULTISIG's dummy, BIP147 NULLDUMMY).
-    if script.kind == "cltv":
+    if script.kind == ChannelKind.CLTV:
         return [client_sig, server_sig, b"\x01", script.witness_script]
     return [b"", client_sig, server_sig, script.witness_script]
 

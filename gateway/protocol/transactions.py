@@ -42,7 +42,7 @@ from bitcoin.core.script import (
 from bitcoin.core.serialize import VarIntSerializer
 
 from gateway.protocol.errors import ErrorCode, ProtocolError
-from gateway.protocol.scripts import ChannelScript
+from gateway.protocol.scripts import ChannelKind, ChannelScript
 from gateway.protocol.signatures import (
     Verifier,
     check_der_low_s,
@@ -323,7 +323,7 @@ def check_refund_t2(tx: bytes, script: ChannelScript, value: int) -> Outpoint:
     ``value``. Anything else is ``bad_refund`` (``bad_state`` for a cltv
     channel, which needs no T2).
     """
-    if script.kind != "multisig":
+    if script.kind != ChannelKind.MULTISIG:
         raise ProtocolError(ErrorCode.BAD_STATE, "refund is only for multisig channels")
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_MONEY:
         raise ProtocolError(ErrorCode.VALUE_OUT_OF_RANGE, "funding value out of range")
