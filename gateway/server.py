@@ -61,9 +61,9 @@ class PaystreamConnection(ServerConnection):
 
     :meth:`gateway.session.Session._send` queues a ``paid``, a ``chunk``, its
     binary frame and the next ``due`` together; websockets writes each frame
-    with its own ``transport.write`` (a ``send`` syscall each), which was a
-    third of the gateway's time per paid chunk (``gateway bench``, py-spy).
-    ``writelines`` costs one (uvloop: one vectored write, no copy).
+    with its own ``transport.write`` (a ``send`` syscall each), a large share
+    of the gateway's time per paid chunk (docs/performance.md). ``writelines``
+    costs one (uvloop: one vectored write, no copy).
     """
 
     def send_data(self) -> None:
@@ -260,7 +260,7 @@ class Gateway:
                 process_request=self._http,
                 process_response=self._tag_response if self.worker is not None else None,
                 create_connection=PaystreamConnection,
-                compression=None,  # media does not compress; deflate is 13x slower
+                compression=None,  # media does not compress; deflate only costs CPU
                 max_size=MAX_CLIENT_MESSAGE,
                 ping_interval=20,
                 ping_timeout=20,
@@ -515,14 +515,13 @@ def announce(network: str, urls: dict[str, str], datadir: Path, *, workers: int 
 def tune_gc() -> None:
     """Keep garbage-collection pauses out of the pay → chunk path (process-wide).
 
-    Measured with ``gateway bench --paced --viewers 1000``: with the default
-    thresholds, full collections over every session's objects put 70-90 ms
-    pauses at the 99th percentile of pay → chunk (1.4 ms at p50); with the GC
-    off, p99 was 4.8 ms. What start made (modules, catalog, chain state) lives
-    as long as the process, so it is frozen out of every collection; the young
-    generation is collected every 50,000 allocations instead of 700 and a full
-    collection happens a hundred times less often, so cyclic garbage is still
-    reclaimed, in rarer passes.
+    With the default thresholds, full collections over every session's
+    objects put long pauses at the 99th percentile of pay → chunk
+    (``gateway bench --paced``; docs/performance.md). What start made
+    (modules, catalog, chain state) lives as long as the process, so it is
+    frozen out of every collection; the young generation is collected every
+    50,000 allocations instead of 700 and a full collection happens a hundred
+    times less often, so cyclic garbage is still reclaimed, in rarer passes.
     """
     import gc
 

@@ -34,7 +34,6 @@ and never answered): ``closed`` is always answered.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -53,6 +52,7 @@ from gateway.chain.watch import ChainFollower
 from gateway.funding import FundingDuty
 from gateway.ledger import LIVE_STATES, SETTLEABLE, ChannelReleased, Ledger, LiveChannel
 from gateway.media.library import Library
+from gateway.periodic import Periodic
 from gateway.protocol.channel import ServerState
 from gateway.protocol.messages import Closed
 from gateway.protocol.scripts import address_to_script_pubkey
@@ -121,7 +121,10 @@ class Settler:
         self.funding = funding
         self.library = library
         self.settings = settings
-        self._task: asyncio.Task[None] | None = None
+        self._rounds = Periodic(
+            "settler", settings.interval_s, self.tick, log=log,
+            failure="settlement round failed; retrying", level=logging.ERROR,
+        )
         self._script_cache: dict[str, bytes] = {}
         #: The last fee estimate (sat/vB) and when it was asked (tip hash, monotonic).
         self._feerate: tuple[Fraction, tuple[str, float]] | None = None
@@ -139,24 +142,11 @@ class Settler:
         """Load the stored batches, run one round now (restart recovery), then keep running."""
         self._batches.update(self.ledger.broadcast_batches())
         await self.tick()
-        self._task = asyncio.create_task(self._run(), name="settler")
+        self._rounds.start()
 
     async def stop(self) -> None:
         """Stop the duty (pending work resumes at the next start)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.interval_s)
-            try:
-                await self.tick()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("settlement round failed; retrying")
+        await self._rounds.stop()
 
     async def tick(self) -> None:
         """One round: fundings moved by new blocks, due channels, the queue, the batches."""
@@ -167,8 +157,8 @@ class Settler:
         followed: set[str] = set()
         for n, live in enumerate(list(self.ledger.channels.values()), 1):
             if n % TICK_SLICE == 0:
-                # Let sessions run: a pass over 5,000 channels held a worker's
-                # loop for 10-23 ms each second (docs/performance.md).
+                # Let sessions run: one pass over thousands of channels would
+                # hold the loop long enough to show in p99 (docs/performance.md).
                 await asyncio.sleep(0)
             core = live.core
             try:
@@ -183,7 +173,9 @@ class Settler:
                             live.session.tell_closed(closed)
                 elif core.state is ServerState.CLOSING:
                     txid = core.settlement_txid
-                    if txid is None and live.channel_id not in self._queue and not live.spent:
+                    if live.lock.locked():
+                        pass  # being closed now: close() queues it with its window
+                    elif txid is None and live.channel_id not in self._queue and not live.spent:
                         self._enqueue(live, urgent=True)  # closed before a restart
                     elif txid is not None and txid not in followed and self._follow_due(live):
                         followed.add(txid)

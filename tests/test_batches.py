@@ -214,3 +214,28 @@ async def test_a_batch_with_a_refunded_channel_still_settles_the_others(gateway_
                     == ["refunded", "closed", "closed", "closed"])
     await rpc2.close()
     await rpc.close()
+
+
+async def test_a_slow_close_still_waits_for_company(gateway_factory):
+    """The duty's round does not settle a channel that a close is still writing.
+
+    The closing write is slowed past one settlement round (a loaded disk):
+    the round must leave the channel to ``close``, which queues it with its
+    window, and ``closed`` says when (before the fix the round settled it
+    alone at once and ``closed`` named a txid).
+    """
+    gw = await gateway_factory(settle_window_s=30.0)
+    viewer = Viewer(ws_url(gw), node_rpc(gw))
+    await viewer.connect()
+    await viewer.open_and_fund()
+    await viewer.play_and_pay("clip", chunks=2)
+    write_closing = gw.ledger.closing
+
+    async def slow_closing(live: Any) -> None:
+        await asyncio.sleep(gw.config.settle_interval_s * 2.5)
+        await write_closing(live)
+
+    gw.ledger.closing = slow_closing  # type: ignore[method-assign]
+    closed = await viewer.close_channel()
+    assert closed.txid is None and closed.settle_by is not None
+    assert closed.settle_by >= time.time() + 20

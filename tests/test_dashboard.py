@@ -1,4 +1,4 @@
-"""The operator dashboard and the web front end's HTTP endpoints (gateway/web.py).
+"""The operator dashboard and the web front end's HTTP endpoints (gateway/web/).
 
 The dashboard test runs a completed session with the Python test viewer,
 then checks in headless Chromium that it appears with its earnings and

@@ -1,4 +1,4 @@
-"""The JSON endpoints a browser page without a node needs (gateway/web.py).
+"""The JSON endpoints a browser page without a node needs (gateway/web/).
 
 ``GET /api/chain`` (the tip, median-time-past and what leaving costs now),
 ``POST /api/refund`` (the gateway relays a channel's refund and nothing

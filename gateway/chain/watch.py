@@ -37,12 +37,13 @@ watched, ``getrawmempool`` and ``getrawtransaction`` of mempool transactions.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
+
+from gateway.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,10 @@ class ChainFollower:
         self._txids: dict[str, InBlock | None] = {}
         self._outpoints: dict[tuple[str, int], Spend | None] = {}
         self._mempool_seen: set[str] = set()
-        self._task: asyncio.Task[None] | None = None
+        self._polling = Periodic(
+            "chain-follower", poll_interval, self.poll, log=log,
+            failure="chain poll failed",  # the node is down or answered garbage
+        )
         #: Called with the new tip height after each poll that moved it.
         self.on_block: list[Callable[[int], None]] = []
         #: Called with the fork height when blocks above it were disconnected.
@@ -124,24 +128,11 @@ class ChainFollower:
         self._followed = {start: str(await self.rpc.call("getblockhash", start))}
         self.height, self.best_hash = start, self._followed[start]
         await self.poll()
-        self._task = asyncio.create_task(self._run(), name="chain-follower")
+        self._polling.start()
 
     async def stop(self) -> None:
         """Stop polling."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.poll_interval)
-            try:
-                await self.poll()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # the node is down or answered garbage: keep trying
-                log.warning("chain poll failed", exc_info=True)
+        await self._polling.stop()
 
     # -- what the gateway watches ------------------------------------------------
 

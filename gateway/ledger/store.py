@@ -110,10 +110,9 @@ CHECKPOINT_INTERVAL_S = 1.0
 LOCK_WAIT_MS = 5000
 #: Bytes per database page. The WAL gets every page a commit touched, whole:
 #: a paid increment touches two (its channel row and its delivery row), so
-#: with SQLite's default 4 KiB a 20-pay commit wrote ~150 KiB and 10,000
-#: audio viewers ~70 MB/s. 2 KiB halves that and cut such a commit from
-#: ~0.9 to ~0.65 ms, while a channel's row still fits one page (a settled
-#: multisig one is ~1.3 KB); 1 KiB pages were no faster and would overflow it.
+#: smaller pages write less per commit, as long as a channel's row (a settled
+#: multisig one is the largest) still fits one page; 1 KiB pages would
+#: overflow it. Measured in docs/performance.md ("Measurements behind the code").
 PAGE_SIZE = 2048
 _LOCK_FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
 
@@ -279,8 +278,8 @@ class Store:
         take turns on a lock file (``flock``) around each transaction. A
         batch that finds it held waits on the writer thread, never on the
         loop, and is woken the moment the other worker's commit ends: SQLite's
-        own busy handler polls with sleeps of up to 100 ms, which put
-        second-long stalls into a two-worker ``gateway bench``.
+        own busy handler polls with sleeps of up to 100 ms, which stalled a
+        two-worker ``gateway bench`` (docs/performance.md).
         """
         assert self._loop is not None
         batch, self._queue = self._queue, []
@@ -423,11 +422,10 @@ class Store:
         """Copy the WAL into the database every second, beside the commits.
 
         SQLite's automatic checkpoint runs inside the ``COMMIT`` that fills
-        1,000 WAL pages, while that writer holds the write lock: with 10,000
-        paying viewers, 147 commits in 20 s took 15-232 ms, and every pay
-        of every worker waited for them (``gateway bench --workers 2``). A
-        PASSIVE checkpoint on its own connection and thread takes no write
-        lock, so commits go on while it copies.
+        1,000 WAL pages, while that writer holds the write lock, and every
+        pay of every worker waits for it (docs/performance.md). A PASSIVE
+        checkpoint on its own connection and thread takes no write lock, so
+        commits go on while it copies.
         """
         assert self._loop is not None
         conn = connect(self.path)
