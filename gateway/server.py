@@ -210,6 +210,8 @@ class Gateway:
                 resume_grace_s=self.limits.resume_grace_s,
                 operator_script=self.operator_script,
                 network=self.network,
+                # A session keeps an unfunded channel two funding timeouts at most.
+                unfunded_ttl_s=3 * self.config.funding_timeout_s,
             ),
         )
         held = self.ledger.load(self.limits, self.watcher)

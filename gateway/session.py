@@ -128,6 +128,8 @@ class Session:
         self._closed = False
         self._last_rx = 0.0
         self._watchdog: asyncio.TimerHandle | None = None
+        #: Fires ``funding_timeout_s`` after ``open`` if nothing funded the channel.
+        self._fund_deadline: asyncio.TimerHandle | None = None
         self._idle_close: asyncio.Task[None] | None = None
         self._goodbye: asyncio.Task[None] | None = None
         #: Notices sent from outside the message loop (funding lost, void).
@@ -247,23 +249,68 @@ class Session:
 
     async def _on_open(self, msg: Open) -> None:
         self._no_channel_yet("open")
-        if self.ctx.ledger.unfunded_opens(self.peer) >= self.ctx.max_unfunded_per_ip:
+        ledger = self.ctx.ledger
+        # Counted before the first await, so concurrent opens cannot all pass.
+        if not ledger.take_unfunded_slot(self.peer, self.ctx.max_unfunded_per_ip):
             raise ProtocolError(ErrorCode.BUSY, "too many unfunded channels from this address")
-        row_id = self.ctx.ledger.next_index()
-        core = ServerChannel.open(
-            msg,
-            server_privkey=self.ctx.ledger.channel_key(row_id),
-            limits=self.ctx.limits,
-            network=self.ctx.network,
-            now=int(time.time()),
-            tip_height=self.ctx.follower.height,
-            feerate=await self.ctx.settler.feerate(),
-        )
-        # The row (and so K2's index) is durable before K2 is revealed.
-        await self.ctx.ledger.opened(row_id, core, self.peer)
+        try:
+            row_id = ledger.next_index()
+            core = ServerChannel.open(
+                msg,
+                server_privkey=ledger.channel_key(row_id),
+                limits=self.ctx.limits,
+                network=self.ctx.network,
+                now=int(time.time()),
+                tip_height=self.ctx.follower.height,
+                feerate=await self.ctx.settler.feerate(),
+            )
+            # The row (and so K2's index) is durable before K2 is revealed.
+            await ledger.opened(row_id, core, self.peer)
+        except BaseException:
+            ledger.note_unfunded(self.peer, -1)
+            raise
         self._pending = (row_id, core)
-        self.ctx.ledger.note_unfunded(self.peer, +1)
+        loop = asyncio.get_running_loop()
+        self._fund_deadline = loop.call_later(self.ctx.funding_timeout_s, self._fund_overdue)
         await self._send(core.terms())
+
+    def _fund_overdue(self) -> None:
+        """No funding ``funding_timeout_s`` after ``open``: the channel is abandoned.
+
+        A funding under way gets its own timeout first; then it is checked again.
+        So an unfunded channel lives at most two timeouts (ledger.expire_unfunded
+        sweeps what a crash left).
+        """
+        if self._pending is None or self._closed:
+            return
+        if self._funding is not None:
+            loop = asyncio.get_running_loop()
+            self._fund_deadline = loop.call_later(self.ctx.funding_timeout_s, self._fund_overdue)
+            return
+        self._track(self._abandon_unfunded())
+
+    async def _abandon_unfunded(self) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await self._drop_pending()
+            await self._send_error(
+                ProtocolError(
+                    ErrorCode.FUNDING_NOT_FOUND,
+                    "the channel was not funded in time; open another",
+                    fatal=True,
+                )
+            )
+            await self.ws.close(1008, ErrorCode.FUNDING_NOT_FOUND.value)
+
+    async def _drop_pending(self) -> ServerChannel | None:
+        """Abandon this session's unfunded channel, if any: closed, nothing to settle."""
+        if self._pending is None:
+            return None
+        row_id, core = self._pending
+        self._pending = None
+        self.ctx.ledger.note_unfunded(self.peer, -1)
+        core.abandon()
+        await self.ctx.ledger.abandoned(row_id, core)
+        return core
 
     def _pending_core(self, what: str) -> tuple[int, ServerChannel]:
         if self._pending is None:
@@ -687,12 +734,8 @@ class Session:
         if self.live is not None:
             closed = await self.ctx.settler.close(self.live, reason="close")
         else:
-            assert self._pending is not None
-            row_id, core = self._pending
-            self._pending = None
-            self.ctx.ledger.note_unfunded(self.peer, -1)
-            core.abandon()  # nothing funded: closed, txid null
-            await self.ctx.ledger.abandoned(row_id, core)
+            core = await self._drop_pending()  # nothing funded: closed, txid null
+            assert core is not None
             closed = core.closed_message()
         await self._send(closed)
         self._closed = True
@@ -725,8 +768,14 @@ class Session:
         await self._stop_stream()
         if self._funding is not None:
             self._funding.cancel()
-        if self._pending is not None:
-            self.ctx.ledger.note_unfunded(self.peer, -1)
+        if self._fund_deadline is not None:
+            self._fund_deadline.cancel()
+        try:
+            # Only a funded channel resumes (section 5): one left unfunded here
+            # can never be funded through the gateway again.
+            await self._drop_pending()
+        except Exception:
+            log.exception("could not abandon the unfunded channel of %s", self.peer)
         live = self.live
         if live is not None and live.session is self:
             live.session = None

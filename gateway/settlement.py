@@ -67,6 +67,9 @@ from gateway.protocol.settlement import (
 
 log = logging.getLogger(__name__)
 
+#: Seconds between two sweeps of abandoned unfunded channels.
+UNFUNDED_SWEEP_S = 60.0
+
 #: Channels looked at between two yields to the event loop in one round.
 TICK_SLICE = 256
 #: Longest a fee estimate is reused within one block (seconds).
@@ -93,6 +96,9 @@ class SettleSettings:
     operator_script: bytes
     #: The network publishers' addresses are read on.
     network: str
+    #: An unfunded channel older than this has no session left (a session
+    #: abandons its own within two funding timeouts): the sweep abandons it.
+    unfunded_ttl_s: float = 3600.0
 
 
 @dataclass
@@ -132,6 +138,7 @@ class Settler:
         #: Broadcast batches still followed: txid -> raw transaction.
         self._batches: dict[str, bytes] = {}
         self._batching = asyncio.Lock()
+        self._swept = 0.0
 
     @property
     def window(self) -> float:
@@ -141,6 +148,7 @@ class Settler:
     async def start(self) -> None:
         """Load the stored batches, run one round now (restart recovery), then keep running."""
         self._batches.update(self.ledger.broadcast_batches())
+        await self._sweep_unfunded()
         await self.tick()
         self._rounds.start()
 
@@ -153,6 +161,8 @@ class Settler:
         if self.funding.pending:
             await self.funding.round()
         now = time.time()
+        if now - self._swept >= UNFUNDED_SWEEP_S:
+            await self._sweep_unfunded()
         grace = self.settings.resume_grace_s
         followed: set[str] = set()
         for n, live in enumerate(list(self.ledger.channels.values()), 1):
@@ -195,6 +205,11 @@ class Settler:
                 await self.settle_queue()
             except RpcException:
                 log.warning("settlement batch failed; will retry", exc_info=True)
+
+    async def _sweep_unfunded(self) -> None:
+        """Abandon unfunded channels no session holds any more (what a crash left)."""
+        self._swept = time.time()
+        await self.ledger.expire_unfunded(self._swept - self.settings.unfunded_ttl_s)
 
     # -- closing -----------------------------------------------------------------
 

@@ -144,6 +144,22 @@ def test_defaults_and_unknown_fields_ignored():
     assert parse_client_message('{"type":"play","media":"m"}') == Play(media="m", start_ms=0)
 
 
+@pytest.mark.parametrize(
+    "extra",
+    ["0.5", "1e2", "-0.0", "NaN", "Infinity", "true", "null", '"x"', "[1.5, {}]",
+     '{"a": 2.5, "b": [1e9]}', "123456789012345678901234567890"],
+)
+def test_unknown_fields_of_every_json_type_are_ignored(extra):
+    """Section 1: unknown fields MUST be ignored, whatever their JSON value."""
+    hello = f'{{"type":"hello","version":2,"agent":"a","x_ext":{extra}}}'
+    assert parse_client_message(hello) == parse_client_message(
+        '{"type":"hello","version":2,"agent":"a"}'
+    )
+    nested = _server_hello(**{"limits.x_ext": json.loads(extra.replace("NaN", "0.5")
+                                                         .replace("Infinity", "1e9"))})
+    assert parse_server_message(nested) == SERVER_MESSAGES[0]
+
+
 def test_error_from_exception():
     exc = ProtocolError(ErrorCode.SESSION_REPLACED, "resumed elsewhere")
     error = Error.from_exception(exc)

@@ -278,10 +278,14 @@ async def test_a_settlement_the_node_forgot_is_broadcast_again(tmp_path, media_c
         cid = viewer.channel.outpoint.channel_id  # type: ignore[union-attr]
         (block,) = await _mine(rpc)
         await rpc.call("invalidateblock", block)
+        # The duty waits while the node restarts, so that the test sees the
+        # node forgot the settlement before the gateway sends it again.
+        await gw.settler.stop()
         node.terminate()
         assert node.wait(timeout=30) == 0
         node = _node(nodedir, port, "--no-persistmempool")
         assert closed.txid not in await rpc.call("getrawmempool")
+        await gw.settler.start()
         await _wait_for(lambda: closed.txid in _mempool_now(config.rpc_url, nodedir),
                         timeout=90)
         await _mine(rpc, 2)

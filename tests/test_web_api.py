@@ -86,7 +86,7 @@ async def test_the_gateway_relays_a_channels_refund_and_nothing_else(gateway):
     await viewer.disconnect()
     channel.fund(outpoint, value)
     refund = channel.cltv_refund(dest_script=change, fee=300)
-    assert not gateway.known_outpoint(outpoint.channel_id)
+    assert not gateway.ledger.known_outpoint(outpoint.channel_id)
 
     status, body = await post_json(gateway, f"/api/refund?tx={refund.hex()}")
     assert status == 409 and body["reason"] == "non-final", body

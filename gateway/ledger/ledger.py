@@ -195,6 +195,18 @@ class Ledger:
         """Channels opened from ``peer`` and not funded yet."""
         return self._unfunded[peer]
 
+    def take_unfunded_slot(self, peer: str, limit: int) -> bool:
+        """Count one more unfunded open from ``peer`` if it has fewer than ``limit``.
+
+        Checked and counted at once, before anything is awaited: concurrent
+        opens from one address cannot all pass the check (give the slot back
+        with ``note_unfunded(peer, -1)``).
+        """
+        if self._unfunded[peer] >= limit:
+            return False
+        self._unfunded[peer] += 1
+        return True
+
     def note_unfunded(self, peer: str, delta: int) -> None:
         """Count an unfunded open from ``peer`` (+1) or its end (-1)."""
         self._unfunded[peer] += delta
@@ -210,8 +222,8 @@ class Ledger:
             [
                 (
                     "INSERT INTO channels(id, kind, client_pubkey, server_pubkey, expiry, "
-                    "change_script, network, state, created_at, client_addr, exit_fee) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "change_script, network, state, created_at, client_addr, exit_fee, "
+                    "funding_script) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         row_id,
                         core.kind,
@@ -224,6 +236,7 @@ class Ledger:
                         time.time(),
                         peer,
                         core.exit_fee,
+                        core.script.script_pubkey.hex(),
                     ),
                 )
             ]
@@ -247,6 +260,24 @@ class Ledger:
     async def abandoned(self, row_id: int, core: ServerChannel) -> None:
         """An unfunded channel closed (``closed`` with nothing to settle)."""
         await self.store.write([_state_op(row_id, core, closed_at=time.time())])
+
+    async def expire_unfunded(self, opened_before: float) -> None:
+        """Abandon channels opened before ``opened_before`` and never funded.
+
+        Their sessions ended without a trace (a crash): no session can fund
+        or resume them any more (protocol.md section 5: only a funded channel
+        resumes). The rows stay, so their key indexes are never used again.
+        """
+        await self.store.write(
+            [
+                (
+                    "UPDATE channels SET state = 'closed', closed_at = ? "
+                    "WHERE state IN ('open', 'refund_signed') AND channel_id IS NULL "
+                    "AND created_at < ?",
+                    (time.time(), opened_before),
+                )
+            ]
+        )
 
     async def funded(self, row_id: int, core: ServerChannel) -> LiveChannel:
         """The funding output was accepted: durable, then held here."""

@@ -15,6 +15,8 @@ UNSETTLED_STATES = ("funding", "ready", "closing")
 #: A settlement batch that is (or will be) on chain: not one the node refused.
 _LIVE_BATCH = "s.state IN ('broadcast', 'confirmed')"
 _STATES = ", ".join(f"'{s}'" for s in UNSETTLED_STATES)
+#: States of a channel opened and not funded (protocol.md section 5).
+_UNFUNDED_STATES = ("open", "refund_signed")
 
 Row = dict[str, Any]
 
@@ -38,11 +40,16 @@ class Reports:
 
     # -- channels, for their clients and the web front end ------------------------
 
-    def unfunded_channels(self) -> list[Row]:
-        """Channels opened and not funded yet: kind, both keys, expiry."""
-        return self._rows(
-            "SELECT kind, client_pubkey, server_pubkey, expiry FROM channels "
-            "WHERE state IN ('open', 'refund_signed') AND channel_id IS NULL"
+    def unfunded_channel(self, funding_script: bytes) -> Row | None:
+        """The channel opened, not funded and not abandoned, that ``funding_script`` funds."""
+        # By the script's index alone (one row): filtering on the state in SQL
+        # lets the planner pick another index and walk every unfunded row.
+        rows = self._rows(
+            "SELECT id, kind, expiry, state, channel_id FROM channels WHERE funding_script = ?",
+            (funding_script.hex(),),
+        )
+        return next(
+            (r for r in rows if r["state"] in _UNFUNDED_STATES and r["channel_id"] is None), None
         )
 
     def channels_with_server_key(self, server_pubkey: bytes) -> list[Row]:

@@ -44,7 +44,9 @@ Op = tuple[str, Sequence[Any] | dict[str, Any]]
 
 #: 2: settlements in batches (``settlements``, ``earnings``, per-batch
 #: ``payouts``) and the reserve (``channels.exit_fee``), protocol version 2.
-SCHEMA_VERSION = 2
+#: 3: ``channels.funding_script``, indexed: an unfunded channel is found by
+#: its address without rebuilding every script.
+SCHEMA_VERSION = 3
 
 _CHANNELS = {
     "id": int,  # also the BIP32 child index of the channel's K2 (gateway/keys.py)
@@ -54,6 +56,7 @@ _CHANNELS = {
     "server_pubkey": str,
     "expiry": int,
     "change_script": str,
+    "funding_script": str,  # the P2WSH script_pubkey of terms.funding_address
     "network": str,
     "state": str,
     "value": int,
@@ -145,6 +148,7 @@ def create_schema(conn: sqlite3.Connection) -> None:
         if_not_exists=True,
     )
     _migrate(conn, db)
+    db.table("channels").create_index(["funding_script"], if_not_exists=True)
     db.table("payouts").create(_PAYOUTS, pk=("txid", "script"), if_not_exists=True)
     # One row per batch: the transaction is kept whole, so a restart
     # broadcasts exactly what was stored (protocol.md section 8).

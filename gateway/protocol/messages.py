@@ -118,6 +118,8 @@ def _bad(where: str, what: str) -> ProtocolError:
 def _type_name(value: object) -> str:
     if value is None:
         return "null"
+    if isinstance(value, _NotInteger):
+        return "a number that is not an integer"
     if isinstance(value, bool):
         return "a boolean"
     if isinstance(value, int):
@@ -690,14 +692,28 @@ _SERVER_TYPES: Final[dict[str, type[Message]]] = {
 }
 
 
-def _reject_number(token: str) -> Any:
-    # Called by the JSON scanner for floats/exponents and NaN/Infinity:
-    # section 1 says `100.0` and `1e2` are not integers.
-    raise ValueError(f"not an integer: {token[:20]}")
+class _NotInteger:
+    """A JSON number that is not an integer (``100.0``, ``1e2``, ``NaN``).
+
+    Section 1: the protocol's numbers are integers, and unknown fields MUST
+    be ignored. So such a number is kept as this marker rather than refused
+    while parsing: in a field of the protocol no codec accepts it
+    (``bad_message``), in an unknown field it is ignored with the field.
+    """
+
+    __slots__ = ()
+
+
+_NOT_INTEGER = _NotInteger()
+
+
+def _not_integer(token: str) -> Any:
+    # Called by the JSON scanner for floats, exponents and NaN/Infinity.
+    return _NOT_INTEGER
 
 
 # One decoder, built once: json.loads(...) with hooks builds a new one per call.
-_decoder = json.JSONDecoder(parse_float=_reject_number, parse_constant=_reject_number)
+_decoder = json.JSONDecoder(parse_float=_not_integer, parse_constant=_not_integer)
 
 
 def _parse(text: str | bytes, table: dict[str, type[Message]]) -> Any:
@@ -714,11 +730,8 @@ def _parse(text: str | bytes, table: dict[str, type[Message]]) -> Any:
     except RecursionError:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "JSON nested too deeply") from None
     except ValueError:
-        # Raised by the hook above for floats, exponents and NaN/Infinity,
-        # and by int() for integers over Python's 4300-digit limit.
-        raise ProtocolError(
-            ErrorCode.BAD_MESSAGE, "a number is not an integer or is far out of range"
-        ) from None
+        # Raised by int() for integers over Python's 4300-digit limit.
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "an integer is far out of range") from None
     if type(obj) is not dict:
         raise _bad("message", f"expected a JSON object, got {_type_name(obj)}")
     kind = obj.get("type")
