@@ -56,9 +56,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
-    # Run as ``python -m gateway.cli`` this file is ``__main__``: a second copy
-    # of the module. The canonical module's main() is the one to run.
-    from gateway.cli import main as _main
-
-    sys.exit(_main())
+if __name__ == "__main__":  # python -m gateway.cli (gateway bench starts it so)
+    sys.exit(main())

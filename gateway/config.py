@@ -8,6 +8,7 @@ embedded regtest node on one machine.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -84,8 +85,20 @@ class Config:
     operator_address: str = ""
     #: Fee floor in sat/vB for settlements when the node's estimate is lower or missing.
     fee_floor: float = 2.0
+    #: Sessions past ``hello`` per client address.
     max_sessions_per_ip: int = 64
     max_unfunded_per_ip: int = 8
+    #: Sockets that have not said ``hello`` yet, all addresses together.
+    max_half_open: int = 1024
+    #: Seconds a socket may stay without ``hello`` before it is closed.
+    handshake_timeout_s: float = 10.0
+    #: Seconds a session may sit silent on its own unpaid ``due`` before the
+    #: socket is closed (then the resume grace and settlement, as any disconnect).
+    unpaid_timeout_s: float = 60.0
+    #: Proxies whose ``X-Forwarded-For`` / ``Forwarded`` name the client
+    #: (comma-separated addresses or networks, e.g. "127.0.0.1, 10.0.0.0/8").
+    #: Empty: the socket's own peer is the client (headers are ignored).
+    trusted_proxies: str = ""
     #: Seconds a session may wait for its funding output before funding_not_found.
     funding_timeout_s: float = 600.0
     #: Seconds without a message from the client before the socket is closed.
@@ -155,6 +168,10 @@ class Config:
             ("fee_floor must be >= 1 sat/vB", self.fee_floor >= 1),
             ("max_sessions_per_ip must be >= 1", self.max_sessions_per_ip >= 1),
             ("max_unfunded_per_ip must be >= 1", self.max_unfunded_per_ip >= 1),
+            ("max_half_open must be >= 1", self.max_half_open >= 1),
+            ("handshake_timeout_s must be > 0", self.handshake_timeout_s > 0),
+            ("unpaid_timeout_s must be > 0", self.unpaid_timeout_s > 0),
+            ("trusted_proxies must be addresses or networks", _networks_ok(self.trusted_proxies)),
             ("funding_timeout_s must be > 0", self.funding_timeout_s > 0),
             ("idle_timeout_s must be > 0", self.idle_timeout_s > 0),
             ("settle_interval_s must be > 0", self.settle_interval_s > 0),
@@ -214,6 +231,20 @@ class Config:
     def update(self, data: Mapping[str, Any], *, from_text: bool = False) -> None:
         """Set fields from ``data`` (a TOML table, env or flags), checking names and types."""
         _apply(self, data, from_text, "")
+
+
+def trusted_networks(text: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """The networks of a ``trusted_proxies`` setting (ValueError if one is not)."""
+    return [ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",")
+            if part.strip()]
+
+
+def _networks_ok(text: str) -> bool:
+    try:
+        trusted_networks(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _apply(target: Any, data: Mapping[str, Any], from_text: bool, where: str) -> None:

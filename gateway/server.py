@@ -13,7 +13,8 @@ shared socket, holding its own share of the channels (gateway/workers.py).
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import hmac
+import ipaddress
 import json
 import logging
 from collections import Counter
@@ -21,13 +22,12 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
-from websockets.http11 import Request, Response
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.chain.rpc import RpcClient, RpcException
 from gateway.chain.watch import REORG_WINDOW, ChainFollower
-from gateway.config import Config, ConfigError
+from gateway.config import Config, ConfigError, trusted_networks
 from gateway.datadir import secure_datadir, write_private
 from gateway.funding import FundingDuty
 from gateway.handover import LinkError, WorkerRole
@@ -39,7 +39,9 @@ from gateway.protocol.scripts import address_to_script_pubkey
 from gateway.protocol.settlement import feerate
 from gateway.session import Session, SessionContext
 from gateway.settlement import Settler, SettleSettings
-from gateway.web import WebContext, handle_http
+from gateway.web import WebContext, add_routes, errors
+from gateway.web.http import form_params, json_response
+from gateway.wsconn import AiohttpConnection
 
 if TYPE_CHECKING:
     import socket
@@ -54,36 +56,11 @@ LEGACY_PATHS = ("/paystream/1",)
 NETWORKS = {"regtest": "regtest", "signet": "signet", "test": "testnet", "main": "main"}
 #: Client messages are small; a signed T1 in ``fund.tx`` is the largest.
 MAX_CLIENT_MESSAGE = 256 * 1024
-
-
-class PaystreamConnection(ServerConnection):
-    """websockets' server connection, writing each batch of frames at once.
-
-    :meth:`gateway.session.Session._send` queues a ``paid``, a ``chunk``, its
-    binary frame and the next ``due`` together; websockets writes each frame
-    with its own ``transport.write`` (a ``send`` syscall each), a large share
-    of the gateway's time per paid chunk (docs/performance.md). ``writelines``
-    costs one (uvloop: one vectored write, no copy).
-    """
-
-    def send_data(self) -> None:
-        """Write everything the protocol has queued; ``b""`` is websockets' EOF mark."""
-        pending: list[bytes] = []
-        for data in self.protocol.data_to_send():
-            if data:
-                pending.append(data)
-                continue
-            if pending:
-                self.transport.writelines(pending)
-                pending = []
-            # As websockets does: half-close when the transport can, else close.
-            if self.transport.can_write_eof():
-                with contextlib.suppress(Exception):  # websockets: write_eof raises anything
-                    self.transport.write_eof()
-            else:
-                self.transport.close()
-        if pending:
-            self.transport.writelines(pending)
+#: aiohttp's logger of each HTTP request (INFO: shown with ``gateway serve -v``).
+ACCESS_LOG = "aiohttp.access"
+#: Seconds our closing handshake waits for the peer's: a viewer that stopped
+#: reading must not hold a session (or an operator's settle) for long.
+CLOSE_TIMEOUT_S = 2.0
 
 
 class Gateway:
@@ -122,7 +99,10 @@ class Gateway:
         self.sessions: Counter[str] = Counter()
         self._session_context: SessionContext | None = None
         self._web_context: WebContext | None = None
-        self._server: Server | None = None
+        self._runner: web.AppRunner | None = None
+        self._trusted = trusted_networks(config.trusted_proxies)
+        #: Sockets accepted that have not said ``hello`` yet (all addresses).
+        self.half_open = 0
         self.port = config.port
         self.operator_token = config.operator_token or operator_token(self.datadir)
 
@@ -240,6 +220,9 @@ class Gateway:
             funding_timeout_s=self.config.funding_timeout_s,
             idle_timeout_s=self.config.idle_timeout_s,
             max_unfunded_per_ip=self.config.max_unfunded_per_ip,
+            admit=self.admit,
+            handshake_timeout_s=self.config.handshake_timeout_s,
+            unpaid_timeout_s=self.config.unpaid_timeout_s,
         )
         self._web_context = WebContext(
             ledger=self.ledger,
@@ -253,27 +236,42 @@ class Gateway:
             everywhere=self.everywhere,
         )
         if serve_sockets:
-            where: dict[str, Any] = {"sock": sock}
-            if sock is None:
-                where = {"host": self.config.host, "port": self.port}
-            self._server = await serve(
-                self._handle,
-                **where,
-                process_request=self._http,
-                process_response=self._tag_response if self.worker is not None else None,
-                create_connection=PaystreamConnection,
-                compression=None,  # media does not compress; deflate only costs CPU
-                max_size=MAX_CLIENT_MESSAGE,
-                ping_interval=20,
-                ping_timeout=20,
-            )
-            self.port = self._server.sockets[0].getsockname()[1]
+            await self._serve(sock)
+
+    async def _serve(self, sock: socket.socket | None) -> None:
+        """Serve HTTP and the WebSocket on one port (aiohttp), on ``sock`` if given."""
+        app = web.Application(middlewares=[errors], client_max_size=MAX_CLIENT_MESSAGE)
+        for path in (PATH, *LEGACY_PATHS):
+            app.router.add_get(path, self._websocket, allow_head=False)
+        app.router.add_get("/api/health", self._health)
+        app.router.add_get("/api/catalog", self._catalog)
+        app.router.add_post("/api/admin/settle", self._admin_settle)
+        assert self._web_context is not None
+        add_routes(app, self._web_context)
+        if self.worker is not None:
+            app.on_response_prepare.append(self._tag_response)
+        # Requests go to ACCESS_LOG, quiet unless ``-v`` (server_cli.py).
+        self._runner = web.AppRunner(
+            app,
+            access_log=logging.getLogger(ACCESS_LOG),
+            logger=_HTTP_LOG,  # malformed requests: one line, no traceback
+            handle_signals=False,
+        )
+        await self._runner.setup()
+        site: web.BaseSite
+        if sock is not None:
+            site = web.SockSite(self._runner, sock)
+        else:
+            site = web.TCPSite(self._runner, self.config.host, self.port, backlog=4096)
+        await site.start()
+        # The port the OS gave (port 0): the listening socket's own.
+        server: Any = site._server
+        self.port = server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
         """Stop serving, then stop every part in reverse order (those that started)."""
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        if self._runner is not None:
+            await self._runner.cleanup()
         if hasattr(self, "settler"):
             await self.settler.stop()
         if hasattr(self, "watcher"):
@@ -295,73 +293,82 @@ class Gateway:
 
     # -- sockets ------------------------------------------------------------------
 
-    async def _handle(self, ws: ServerConnection) -> None:
-        peer = ws.remote_address[0] if ws.remote_address else "?"
-        if self.sessions[peer] >= self.config.max_sessions_per_ip:
-            await ws.send(
-                json.dumps(
-                    {
-                        "type": "error",
-                        "code": "busy",
-                        "message": "too many sessions from this address",
-                        "fatal": True,
-                    }
-                )
-            )
-            await ws.close(1013, "busy")
-            return
-        self.sessions[peer] += 1
+    async def _websocket(self, request: web.Request) -> web.StreamResponse:
+        """``/paystream/2``: one session per socket (protocol.md section 4)."""
+        ws = web.WebSocketResponse(
+            max_msg_size=MAX_CLIENT_MESSAGE,
+            compress=False,  # media does not compress; deflate only costs CPU
+            heartbeat=20,
+            timeout=CLOSE_TIMEOUT_S,  # a peer that never answers our close
+        )
+        if not ws.can_prepare(request).ok:
+            return json_response(HTTPStatus.UPGRADE_REQUIRED, {"error": "use a WebSocket"})
+        if self.half_open >= self.config.max_half_open:
+            return json_response(HTTPStatus.SERVICE_UNAVAILABLE,
+                                 {"error": "too many connections are opening; try again"})
+        peer = client_address(request, self._trusted)
+        await ws.prepare(request)
         assert self._session_context is not None
-        session = Session(self._session_context, ws, peer)
-        where = f"{peer}:{ws.remote_address[1]}" if ws.remote_address else peer
-        log.info("session from %s started", where)
+        session = Session(self._session_context, AiohttpConnection(ws), peer)
+        self.half_open += 1
+        log.info("session from %s started", peer)
         try:
             await session.run()
         finally:
-            log.info("session from %s ended (channel %s)", where, session.channel_label())
-            self.sessions[peer] -= 1
-            if self.sessions[peer] <= 0:
-                del self.sessions[peer]
+            log.info("session from %s ended (channel %s)", peer, session.channel_label())
+            if session.admitted:
+                self.leave(peer)
+            else:
+                self.half_open -= 1
+        return ws
 
-    async def _http(self, ws: ServerConnection, request: Request) -> Response | None:
-        path, _, query = request.path.partition("?")
-        if path == PATH or path in LEGACY_PATHS:
-            if request.headers.get("Upgrade", "").lower() != "websocket":
-                return _json_response(HTTPStatus.UPGRADE_REQUIRED, {"error": "use a WebSocket"})
-            return None
-        if path == "/api/health":
-            return _json_response(HTTPStatus.OK, await self.health())
-        if path == "/api/catalog":
-            self.catalog = self.catalog.reload_if_changed()
-            return _json_response(HTTPStatus.OK, self.catalog.to_api())
-        if path == "/api/admin/settle":
-            return await self._admin_settle(request, query)
-        assert self._web_context is not None
-        answer = await handle_http(self._web_context, request)
-        if answer is not None:
-            return answer
-        return _json_response(HTTPStatus.NOT_FOUND, {"error": f"no such path {path}"})
+    def admit(self, peer: str) -> bool:
+        """A session said ``hello``: count it for ``peer``, or refuse (``busy``).
 
-    async def _admin_settle(self, request: Request, query: str) -> Response:
-        """``/api/admin/settle[?channel=ID]`` with the operator token (``gateway settle``)."""
-        if request.headers.get("Authorization", "") != f"Bearer {self.operator_token}":
-            return _json_response(HTTPStatus.UNAUTHORIZED, {"error": "operator token required"})
-        wanted = dict(p.partition("=")[::2] for p in query.split("&") if p).get("channel")
+        Admitted or not, it is no longer half-open.
+        """
+        if self.sessions[peer] >= self.config.max_sessions_per_ip:
+            return False
+        self.half_open -= 1
+        self.sessions[peer] += 1
+        return True
+
+    def leave(self, peer: str) -> None:
+        """An admitted session ended."""
+        self.sessions[peer] -= 1
+        if self.sessions[peer] <= 0:
+            del self.sessions[peer]
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return json_response(HTTPStatus.OK, await self.health())
+
+    async def _catalog(self, request: web.Request) -> web.Response:
+        return json_response(HTTPStatus.OK, self.library.current().to_api())
+
+    async def _admin_settle(self, request: web.Request) -> web.Response:
+        """``POST /api/admin/settle[?channel=ID]`` with the operator token (``gateway settle``).
+
+        Settling never waits on a client: each session is told in the background.
+        """
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.operator_token}".encode()):
+            return json_response(HTTPStatus.UNAUTHORIZED, {"error": "operator token required"})
+        wanted = (await form_params(request)).get("channel")
         try:
             # Every worker must answer: a channel's holder may be restarting.
             answers = await self.everywhere("settle", whole=True, channel=wanted)
         except LinkError as exc:  # a worker is down (workers.WHOLE_WAIT_S) or failed
             message = str(exc).removeprefix("WorkersDown: ")
-            return _json_response(HTTPStatus.SERVICE_UNAVAILABLE, {"error": message})
+            return json_response(HTTPStatus.SERVICE_UNAVAILABLE, {"error": message})
         except RpcException as exc:  # no node: see Settler.settle_by_hand, nothing is lost
             message = f"settling failed: {exc}; try again"
-            return _json_response(HTTPStatus.SERVICE_UNAVAILABLE, {"error": message})
+            return json_response(HTTPStatus.SERVICE_UNAVAILABLE, {"error": message})
         if all(answer is None for answer in answers):
-            return _json_response(HTTPStatus.NOT_FOUND, {"error": f"no live channel {wanted}"})
+            return json_response(HTTPStatus.NOT_FOUND, {"error": f"no live channel {wanted}"})
         items = [item for answer in answers if answer for item in answer]
         settled = [item for item in items if "error" not in item]
         failed = [item for item in items if "error" in item]
-        return _json_response(HTTPStatus.OK, {"settled": settled, "failed": failed})
+        return json_response(HTTPStatus.OK, {"settled": settled, "failed": failed})
 
     async def everywhere(self, what: str, *, whole: bool = False, **args: Any) -> list[Any]:
         """:meth:`answer` ``what`` in every worker (just here without ``--workers``).
@@ -412,9 +419,7 @@ class Gateway:
             },
         }
 
-    def _tag_response(
-        self, connection: ServerConnection, request: Request, response: Response
-    ) -> None:
+    async def _tag_response(self, request: web.Request, response: web.StreamResponse) -> None:
         """Name the worker in every answer (operators and tests see where a session runs)."""
         assert self.worker is not None
         response.headers["X-Paystream-Worker"] = str(self.worker.index)
@@ -432,6 +437,75 @@ def urls(host: str, port: int, node: Any) -> dict[str, str]:
         found["cookie"] = str(node.cookie_path)
     return found
 
+
+
+class _ClientErrorsInOneLine(logging.Filter):
+    """A malformed request is the client's error: one INFO line, never a traceback.
+
+    aiohttp logs what its parser refuses (bad method, version, a line too
+    long) at ERROR with the parser's traceback; anyone can send such bytes,
+    so left alone they would write tracebacks into the log at will (hardening
+    issue, item 4). The gateway's own errors keep theirs.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            said = record.getMessage()
+            record.msg = "%s (bad request: %s)"
+            record.args = (said, " ".join(str(exc).split())[:200])
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+_HTTP_LOG = logging.getLogger("gateway.http")
+_HTTP_LOG.addFilter(_ClientErrorsInOneLine())
+
+
+def client_address(
+    request: web.Request, trusted: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
+) -> str:
+    """The viewer's address: the socket's peer, or what trusted proxies say it is.
+
+    Only when the peer is a trusted proxy are ``Forwarded`` (RFC 7239) or
+    ``X-Forwarded-For`` read, right to left: the first address that is not a
+    trusted proxy is the client (anything further left, the client wrote).
+    """
+    peer = request.remote or "?"
+    if not trusted or not _is_trusted(peer, trusted):
+        return peer
+    hops = _forwarded_for(request.headers.get("Forwarded", ""))
+    if not hops:
+        hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",")]
+    for hop in reversed([h for h in hops if h]):
+        if not _is_trusted(hop, trusted):
+            return hop
+    return peer
+
+
+def _forwarded_for(header: str) -> list[str]:
+    """The ``for=`` addresses of an RFC 7239 ``Forwarded`` header, in order."""
+    hops = []
+    for element in header.split(","):
+        for pair in element.split(";"):
+            name, _, value = pair.strip().partition("=")
+            if name.lower() == "for":
+                value = value.strip('"')
+                if value.startswith("["):  # [IPv6]:port
+                    value = value[1 : value.find("]")]
+                elif value.count(":") == 1:  # IPv4:port
+                    value = value.split(":")[0]
+                hops.append(value)
+    return hops
+
+
+def _is_trusted(address: str, trusted: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False  # "unknown", an obfuscated name: never a trusted proxy
+    return any(ip in network for network in trusted)
 
 
 class GatewayStartError(RuntimeError):
@@ -464,18 +538,6 @@ async def operator_address(rpc: RpcClient, datadir: Path) -> str:
     address = str(await rpc.call("getnewaddress"))
     write_private(path, address + "\n")
     return address
-
-
-def _json_response(status: HTTPStatus, body: Any) -> Response:
-    data = json.dumps(body, default=str).encode()
-    headers = Headers(
-        [
-            ("Content-Type", "application/json"),
-            ("Content-Length", str(len(data))),
-            ("Cache-Control", "no-store"),
-        ]
-    )
-    return Response(status.value, status.phrase, headers, data)
 
 
 async def run_gateway(config: Config, *, ready: asyncio.Event | None = None) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import uvloop
 
 from gateway.config import Config, ConfigError
+from gateway.errors import CliError
 from gateway.lockfile import GATEWAY_LOCK, NODE_LOCK, DataDirInUse, holder_pid, lock_datadir
 
 
@@ -78,7 +79,6 @@ def _chain(parser: argparse.ArgumentParser) -> None:
 
 def load_config(args: argparse.Namespace) -> Config:
     """Config from defaults, ``--config`` (or ``DATADIR/gateway.toml``), env and flags."""
-    from gateway.cli import CliError
 
     path = args.config
     datadir = args.datadir or Path(os.environ.get("PAYSTREAM_DATADIR", "data"))
@@ -121,7 +121,6 @@ def load_config(args: argparse.Namespace) -> Config:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from gateway.cli import CliError
 
     config = load_config(args)
     # INFO: a line per session start and end, funding, settlement and error
@@ -130,8 +129,10 @@ def _serve(args: argparse.Namespace) -> int:
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if not args.verbose:  # websockets logs every connection and HTTP answer at INFO
-        logging.getLogger("websockets").setLevel(logging.WARNING)
+    if not args.verbose:  # aiohttp logs every HTTP request (and upgrade) at INFO
+        from gateway.server import ACCESS_LOG
+
+        logging.getLogger(ACCESS_LOG).setLevel(logging.WARNING)
     with contextlib.ExitStack() as held:
         # Before anything starts: a second gateway on the data dir would fail
         # deep in the node's chainstate (gateway/lockfile.py).
@@ -148,7 +149,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _run(config: Config) -> None:
-    from gateway.cli import CliError
     from gateway.media.segment import MediaError
     from gateway.server import GatewayStartError, run_gateway
     from gateway.workers import WorkerStartError, run_supervisor
@@ -176,7 +176,6 @@ def _print_demo_hint(config: Config) -> None:
 
 
 def _channels(args: argparse.Namespace) -> int:
-    from gateway.cli import CliError
     from gateway.ledger import list_channels
 
     config = load_config(args)
@@ -203,7 +202,6 @@ def _channels(args: argparse.Namespace) -> int:
 
 def _settle(args: argparse.Namespace) -> int:
     """Ask the gateway running on the data dir to settle (operator token)."""
-    from gateway.cli import CliError
 
     config = load_config(args)
     url = _running_gateway(config) + "api/admin/settle"
@@ -213,7 +211,10 @@ def _settle(args: argparse.Namespace) -> int:
         raise CliError(f"cannot read the operator token: {exc.strerror or exc}") from None
     if args.channel:
         url += f"?channel={args.channel}"
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    # POST: settling changes state (GET is refused with 405).
+    request = urllib.request.Request(
+        url, data=b"", method="POST", headers={"Authorization": f"Bearer {token}"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=60) as answer:
             result = json.load(answer)
@@ -246,7 +247,6 @@ def _running_gateway(config: Config) -> str:
     A gateway runs there if a process holds the data dir's lock; its
     ``gateway.json`` says where it listens. Nothing is created.
     """
-    from gateway.cli import CliError
 
     pid = holder_pid(config.datadir, GATEWAY_LOCK)
     info_path = config.datadir / "gateway.json"

@@ -33,12 +33,9 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
-
-from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed
 
 from gateway.chain.rpc import RpcError, RpcVerifyAlreadyInChain
 from gateway.chain.watch import ChainFollower
@@ -75,6 +72,7 @@ from gateway.protocol.messages import (
 from gateway.protocol.metering import INIT_SEGMENT
 from gateway.protocol.transactions import Outpoint
 from gateway.settlement import Settler
+from gateway.wsconn import Connection, ConnectionClosed
 
 log = logging.getLogger(__name__)
 
@@ -103,17 +101,25 @@ class SessionContext:
     idle_timeout_s: float
     #: Channels one address may have opened and not funded.
     max_unfunded_per_ip: int
+    #: Count a session that said ``hello`` against its address; False: ``busy``.
+    admit: Callable[[str], bool]
+    #: Seconds a socket may stay without ``hello`` (half-open).
+    handshake_timeout_s: float = 10.0
+    #: Seconds a session may sit on its own unpaid ``due`` saying nothing.
+    unpaid_timeout_s: float = 60.0
 
 
 class Session:
     """The gateway's side of one WebSocket (protocol.md section 4)."""
 
-    def __init__(self, ctx: SessionContext, ws: ServerConnection, peer: str) -> None:
+    def __init__(self, ctx: SessionContext, ws: Connection, peer: str) -> None:
         self.ctx = ctx
         self.ws = ws
         self.peer = peer
         self.nonce = secrets.token_bytes(32)
         self._hello = False
+        #: Counted against its address by the server (``SessionContext.admit``).
+        self.admitted = False
         #: A channel opened here but not yet funded (store row id, core).
         self._pending: tuple[int, ServerChannel] | None = None
         self.live: LiveChannel | None = None
@@ -140,20 +146,13 @@ class Session:
     # -- I/O ---------------------------------------------------------------------
 
     async def _send(self, *frames: Message | bytes | str) -> None:
-        """Send ``frames`` in order, in one socket write (protocol.md section 1).
+        """Send ``frames`` in order, none of another sender's between them (section 1).
 
         Messages and ``str`` go as text frames, ``bytes`` as binary frames.
-        All of them reach the connection before the first ``await`` (the
-        drain), so frames of concurrent senders never interleave.
         """
-        ws = self.ws
-        async with ws.send_context():
-            for frame in frames:
-                if isinstance(frame, bytes):
-                    ws.protocol.send_binary(frame)
-                else:
-                    text = frame if isinstance(frame, str) else encode(frame)
-                    ws.protocol.send_text(text.encode())
+        await self.ws.send(
+            [f if isinstance(f, bytes | str) else encode(f) for f in frames]
+        )
 
     async def _send_error(self, exc: ProtocolError) -> None:
         log.info("error %s to %s (channel %s)", exc.code.value, self.peer, self.channel_label())
@@ -177,10 +176,17 @@ class Session:
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
-        self._last_rx = loop.time()
-        self._watchdog = loop.call_later(self.ctx.idle_timeout_s, self._idle_check)
+        try:
+            # A socket that never says hello holds a half-open slot: not for long.
+            async with asyncio.timeout(self.ctx.handshake_timeout_s):
+                raw = await self.ws.recv()
+        except TimeoutError:
+            await self.ws.close(1008, "no hello")
+            return
+        self._watchdog = loop.call_later(
+            min(self.ctx.idle_timeout_s, self.ctx.unpaid_timeout_s), self._idle_check
+        )
         while True:
-            raw = await self.ws.recv()
             self._last_rx = loop.time()
             try:
                 await self._handle(raw)
@@ -198,23 +204,37 @@ class Session:
                 await self._send_error(
                     ProtocolError(ErrorCode.INTERNAL, "the gateway failed; nothing was recorded")
                 )
+            raw = await self.ws.recv()
 
     def _idle_check(self) -> None:
         """Close a session silent for ``idle_timeout_s``, unless media is playing.
+
+        A stream parked on the client's unpaid ``due`` is not playing: after
+        ``unpaid_timeout_s`` of silence (found within twice that) the socket
+        closes, and the channel takes the disconnect path (resume grace, then
+        settlement).
 
         One timer per session, moved only when it fires: a timeout around
         every ``recv`` cost a timer per message (``gateway bench``).
         """
         loop = asyncio.get_running_loop()
         idle = self.ctx.idle_timeout_s
-        if self._stream is not None and not self._stream.done():
+        if self._parked:
+            # Waiting on its own unpaid due: not playing (hardening issue, item 1).
+            deadline = self._last_rx + self.ctx.unpaid_timeout_s
+        elif self._stream is not None and not self._stream.done():
             deadline = loop.time() + idle  # free media plays without client messages
         else:
             deadline = self._last_rx + idle
-        if loop.time() >= deadline:
+        now = loop.time()
+        if now >= deadline:
             self._idle_close = loop.create_task(self.ws.close(1000, "idle"))
         else:
-            self._watchdog = loop.call_at(deadline, self._idle_check)
+            # Looked at again within unpaid_timeout_s, in case a stream parks
+            # on a due meanwhile: one timer per session, not one per message.
+            self._watchdog = loop.call_at(
+                min(deadline, now + self.ctx.unpaid_timeout_s), self._idle_check
+            )
 
     async def _handle(self, raw: str | bytes) -> None:
         if isinstance(raw, bytes):
@@ -225,6 +245,11 @@ class Session:
         if not self._hello:
             if not isinstance(msg, Hello):
                 raise ProtocolError(ErrorCode.BAD_STATE, "the first message must be hello")
+            if not self.ctx.admit(self.peer):
+                raise ProtocolError(
+                    ErrorCode.BUSY, "too many sessions from this address", fatal=True
+                )
+            self.admitted = True
             self._hello = True
             await self._send(
                 ServerHello(

@@ -52,6 +52,16 @@ from typing import Any
 
 from gateway.config import Config, ConfigError
 from gateway.handover import LINK_LIMIT, Link, LinkError, WorkerRole
+from gateway.server import (
+    ACCESS_LOG,
+    NETWORKS,
+    Gateway,
+    announce,
+    operator_address,
+    operator_token,
+    tune_gc,
+    urls,
+)
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +121,6 @@ class Supervisor:
         from gateway.keys import MasterKey
         from gateway.ledger import Store
         from gateway.media.catalog import Catalog
-        from gateway.server import NETWORKS, operator_address, operator_token, urls
 
         # A bad catalog fails here, once, rather than in every worker.
         Catalog.load(self.config.media)
@@ -209,7 +218,7 @@ class Supervisor:
             "extra": sorted(i for i, w in self.moved.items() if w == index),
             "away": sorted(i for i, w in self.moved.items() if i % self.count == index),
             "log_level": logging.getLogger().level,
-            "websockets_log_level": logging.getLogger("websockets").level,
+            "access_log_level": logging.getLogger(ACCESS_LOG).level,
         }
         # The first line, before the link starts reading: the worker's settings.
         writer.write(json.dumps(start).encode() + b"\n")
@@ -356,7 +365,6 @@ class Supervisor:
 
 async def run_supervisor(config: Config) -> None:
     """``gateway serve --workers N``: run until SIGINT/SIGTERM; print where to connect."""
-    from gateway.server import announce
 
     supervisor = Supervisor(config)
     await supervisor.start()
@@ -380,7 +388,6 @@ async def run_supervisor(config: Config) -> None:
 
 async def _work(link_fd: int) -> None:
     """A worker process: read its settings from the link, serve until told to stop."""
-    from gateway.server import Gateway, tune_gc
 
     sock = socket.socket(fileno=link_fd)
     reader, writer = await asyncio.open_unix_connection(sock=sock, limit=LINK_LIMIT)
@@ -389,7 +396,7 @@ async def _work(link_fd: int) -> None:
         level=start["log_level"],
         format=f"%(asctime)s %(levelname)s worker-{start['index']} %(name)s: %(message)s",
     )
-    logging.getLogger("websockets").setLevel(start["websockets_log_level"])
+    logging.getLogger(ACCESS_LOG).setLevel(start["access_log_level"])
     config = Config()
     config.update(start["config"])
     gateway: Gateway | None = None
@@ -444,9 +451,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # As in gateway/cli.py: run as ``python -m gateway.workers`` this file is
-    # ``__main__``, and its LinkError is another class than the one
-    # gateway.server catches. The canonical module's main() uses the right one.
+    # Run as ``python -m gateway.workers`` this file is ``__main__``, a second
+    # copy whose classes are not the ones the rest of the gateway imports:
+    # the canonical module's main() runs with those.
     from gateway.workers import main as _main
 
     sys.exit(_main())

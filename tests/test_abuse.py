@@ -116,3 +116,173 @@ def test_the_faucet_finds_a_channel_by_an_index_not_a_scan(tmp_path):
     ((sql, params),) = asked
     plan = [tuple(r)[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql, params)]
     assert plan == ["SEARCH channels USING INDEX idx_channels_funding_script (funding_script=?)"]
+
+
+# -- item 1: slots, deadlines, proxies ------------------------------------------------
+
+
+async def _silent_sockets(gw, n: int, **headers: str) -> list:
+    import websockets
+
+    return [
+        await websockets.connect(ws_url(gw), additional_headers=headers or None)
+        for _ in range(n)
+    ]
+
+
+async def test_silent_sockets_do_not_take_an_honest_viewers_slot(gateway_factory):
+    """Sockets that never say hello count as half-open, not as sessions, and are closed."""
+    gw = await gateway_factory(max_sessions_per_ip=4, handshake_timeout_s=1.0)
+    silent = await _silent_sockets(gw, 16)
+    honest = Viewer(ws_url(gw), node_rpc(gw))
+    assert (await honest.connect()).network == "regtest"  # before: busy (1013)
+    await asyncio.sleep(1.5)
+    assert all(ws.close_code == 1008 for ws in silent), [ws.close_code for ws in silent]
+    assert gw.half_open == 0
+    await honest.disconnect()
+
+
+async def test_half_open_sockets_are_capped(gateway_factory):
+    """Past max_half_open, a new socket is refused before the upgrade (503)."""
+    import websockets
+    from websockets.exceptions import InvalidStatus
+
+    gw = await gateway_factory(max_half_open=5, handshake_timeout_s=30.0)
+    silent = await _silent_sockets(gw, 5)
+    try:
+        await websockets.connect(ws_url(gw))
+    except InvalidStatus as exc:
+        assert exc.response.status_code == 503
+    else:  # pragma: no cover - the point of the test
+        raise AssertionError("a sixth half-open socket was accepted")
+    for ws in silent:
+        await ws.close()
+
+
+async def test_a_session_sitting_on_its_unpaid_due_is_closed_and_settled(gateway_factory):
+    """Before: a stream parked on an unpaid due counted as playing and was never idle."""
+    gw = await gateway_factory(unpaid_timeout_s=1.0)
+    viewer = Viewer(ws_url(gw), node_rpc(gw))
+    await viewer.connect()
+    ready = await viewer.open_and_fund()
+    from gateway.protocol.messages import Due, Play, Stream
+
+    await viewer.send(Play(media="clip"))
+    viewer.channel.on_stream(await viewer.expect(Stream))  # type: ignore[union-attr]
+    await viewer.expect(Due)  # the reserve: never paid
+    started = time.monotonic()
+    while viewer.ws.close_code is None:
+        assert time.monotonic() - started < 10, "the gateway kept the unpaid session"
+        try:
+            await viewer.recv(timeout=10)
+        except Exception:
+            break
+    # Then the normal disconnect path: resume grace, then nothing to settle.
+    await _wait_for(lambda: gw.store.read(
+        "SELECT state FROM channels WHERE channel_id = ?", (ready.channel_id,)
+    )[0]["state"] == "closed")
+
+
+async def test_trusted_proxies_name_the_client(gateway_factory, tmp_path):
+    """Per-address limits follow X-Forwarded-For only behind a trusted proxy."""
+    async def hello(gw, forwarded: str):
+        import json
+
+        import websockets
+
+        ws = await websockets.connect(ws_url(gw),
+                                      additional_headers={"X-Forwarded-For": forwarded})
+        await ws.send(json.dumps({"type": "hello", "version": 2, "agent": "t"}))
+        return ws, json.loads(await ws.recv())
+
+    trusting = await gateway_factory(max_sessions_per_ip=1, trusted_proxies="127.0.0.1")
+    a, first = await hello(trusting, "198.51.100.1")
+    b, second = await hello(trusting, "198.51.100.2")
+    c, third = await hello(trusting, "203.0.113.9, 198.51.100.1")  # the rightmost is ours
+    assert first["type"] == second["type"] == "hello"
+    assert third["type"] == "error" and third["code"] == "busy"
+    for ws in (a, b, c):
+        await ws.close()
+    plain = await gateway_factory(max_sessions_per_ip=1, datadir=tmp_path / "plain")
+    d, fourth = await hello(plain, "198.51.100.1")
+    e, fifth = await hello(plain, "198.51.100.2")  # ignored: both are 127.0.0.1
+    assert fourth["type"] == "hello" and fifth["code"] == "busy"
+    for ws in (d, e):
+        await ws.close()
+
+
+# -- item 4: HTTP methods, HEAD, pipelining ------------------------------------------
+
+
+def _request(method: str, path: str) -> bytes:
+    return f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+
+
+def _raw_http(gw, data: bytes) -> bytes:
+    """Send ``data`` as is; everything the gateway answers until it closes."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def test_each_path_answers_only_its_methods(gateway, caplog):
+    """405 with Allow for other methods; HEAD without a body; state changes on POST only."""
+    for method in ("PUT", "DELETE", "TRACE", "OPTIONS", "PATCH"):
+        for path in ("/", "/api/catalog", "/api/admin/settle", "/api/faucet", "/api/chain"):
+            answer = await asyncio.to_thread(_raw_http, gateway, _request(method, path))
+            head = answer.split(b"\r\n\r\n")[0].decode()
+            assert head.startswith("HTTP/1.1 405"), (method, path, head)
+            assert "\r\nAllow: " in head, head
+    answer = await asyncio.to_thread(_raw_http, gateway, _request("GET", "/api/admin/settle"))
+    assert answer.startswith(b"HTTP/1.1 405") and b"Allow: POST" in answer
+    get = await asyncio.to_thread(_raw_http, gateway, _request("GET", "/"))
+    head = await asyncio.to_thread(_raw_http, gateway, _request("HEAD", "/"))
+    assert head.startswith(b"HTTP/1.1 200") and head.endswith(b"\r\n\r\n")  # no body
+    assert len(get.split(b"\r\n\r\n", 1)[1]) > 100
+
+
+async def test_pipelined_and_garbled_requests_leave_no_traceback(gateway, caplog):
+    """Before: two pipelined requests logged AssertionError tracebacks from websockets."""
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    two = (b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n"
+           b"GET /api/chain HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    for _ in range(20):
+        answer = await asyncio.to_thread(_raw_http, gateway, two)
+        assert answer.count(b"HTTP/1.1 200") == 2
+    for junk in (b"\x00\xff garbage\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n",
+                 b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\n\r\n"):
+        answer = await asyncio.to_thread(_raw_http, gateway, junk)
+        assert answer == b"" or answer[:10] in (b"HTTP/1.1 4", b"HTTP/1.0 4"), answer[:80]
+    assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]
+
+
+# -- item 5: settling never waits on a client ----------------------------------------
+
+
+async def test_the_operators_settle_does_not_wait_for_a_silent_viewer(gateway):
+    """A viewer that stops reading (no close handshake) does not hold up the settle."""
+    import urllib.request
+
+    viewer = Viewer(ws_url(gateway), node_rpc(gateway))
+    await viewer.connect()
+    ready = await viewer.open_and_fund()
+    viewer.ws.transport.pause_reading()  # it never reads our close frame, nor answers it
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{gateway.port}/api/admin/settle?channel={ready.channel_id}",
+        data=b"", method="POST",
+        headers={"Authorization": f"Bearer {gateway.operator_token}"},
+    )
+    started = time.monotonic()
+    with await asyncio.to_thread(urllib.request.urlopen, request, timeout=30) as answer:
+        body = answer.read()
+    elapsed = time.monotonic() - started
+    assert b'"settled"' in body and ready.channel_id.encode() in body
+    assert elapsed < 2.0, f"the settle waited {elapsed:.1f} s for the viewer"
+    viewer.ws.transport.resume_reading()

@@ -275,6 +275,8 @@ async def test_busy_limits(gateway_factory):
     c = Viewer(ws_url(gw), node_rpc(gw))
     await c.connect()
     async with websockets.connect(ws_url(gw)) as ws:
+        # Sessions count once past hello (hardening issue, item 1).
+        await ws.send(json.dumps({"type": "hello", "version": 2, "agent": "t"}))
         answer = json.loads(await ws.recv())
         assert answer["code"] == "busy" and answer["fatal"] is True
     # When a's session ends, b may open.

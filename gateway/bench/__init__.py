@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.bench.load import LoadConfig
+from gateway.errors import CliError
 
 GATEWAY = [sys.executable, "-m", "gateway.cli"]
 LOADGEN = [sys.executable, "-m", "gateway.bench.load"]
@@ -168,7 +169,6 @@ def register_cli(sub: Any) -> None:
 
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
     """Check the flags; a bad one raises :class:`gateway.cli.CliError`."""
-    from gateway.cli import CliError
     from gateway.media.catalog import parse_rate
     from gateway.media.segment import MediaError
 
@@ -211,7 +211,6 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
 
 
 def _run_cli(args: argparse.Namespace) -> int:
-    from gateway.cli import CliError
 
     if args.economics:
         from gateway.bench import economics

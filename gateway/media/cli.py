@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
 
-from gateway.cli import CliError
+from gateway.errors import CliError
 from gateway.media.catalog import (
     DEFAULT_FREE_MS,
     Catalog,

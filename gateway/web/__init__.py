@@ -5,9 +5,9 @@ Theory of operation
 -------------------
 
 ``gateway/server.py`` serves ``/paystream/2``, ``/api/health``,
-``/api/catalog`` and ``/api/admin/settle`` itself and hands every other path
-to :func:`handle_http`, which answers a :class:`~websockets.http11.Response`
-or ``None`` ("not mine": the server answers 404). The handlers get a
+``/api/catalog`` and ``/api/admin/settle`` itself and has :func:`add_routes`
+register the rest on the same aiohttp application; :data:`errors` answers
+every failure (JSON for programs, a page for people). The handlers get a
 :class:`WebContext` (the ledger, the chain, the catalog) and own none of it:
 ``pages`` renders HTML, ``chain_api`` answers a page that has no node,
 ``dashboard`` the operator; ``http`` is their plumbing.
@@ -34,17 +34,19 @@ or ``None`` ("not mine": the server answers 404). The handlers get a
   writes ``catalog.toml`` atomically; the gateway re-reads it at the next
   ``play`` (a rate change applies to new plays, protocol.md ``stream``).
 
-websockets accepts no request body, so POST endpoints take query parameters.
+Each route allows only its methods (405 with ``Allow`` otherwise; ``HEAD``
+wherever ``GET`` is, without a body); state changes only on ``POST``, whose
+parameters come from the query or an urlencoded body.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from typing import Any
-from urllib.parse import unquote
 
-from websockets.http11 import Request, Response
+from aiohttp import web
 
 from gateway.chain.rpc import RpcException
 from gateway.web.chain_api import chain_api, channel_api, faucet_api, refund_api
@@ -55,59 +57,69 @@ from gateway.web.http import (
     HttpError,
     json_response,
     not_found_page,
-    query_params,
     static_file,
     vendor_file,
 )
 from gateway.web.pages import catalog_page, dashboard_page, exit_estimate, watch_page
 
-__all__ = ["CSP", "WebContext", "exit_estimate", "handle_http"]
+__all__ = ["CSP", "WebContext", "add_routes", "errors", "exit_estimate"]
 
 log = logging.getLogger(__name__)
 
+Handler = Callable[[WebContext, web.Request], Awaitable[web.StreamResponse]]
 
-async def handle_http(ctx: WebContext, request: Request) -> Response | None:
-    """Answer a request for a front-end path; ``None`` if the path is not one."""
-    path, _, query = request.path.partition("?")
+#: Paths programs ask: their errors are JSON, never a page.
+_PROGRAM_PATHS = ("/api/", "/web/", "/paystream/")
+
+
+def add_routes(app: web.Application, ctx: WebContext) -> None:
+    """Register the front end's routes on ``app``, each with its methods."""
+
+    def route(method: str, path: str, handler: Handler) -> None:
+        bound = functools.partial(handler, ctx)
+        if method == "GET":
+            app.router.add_get(path, bound)  # and HEAD, answered without a body
+        else:
+            app.router.add_route(method, path, bound)
+
+    route("GET", "/", catalog_page)
+    route("GET", "/watch/{media}", watch_page)
+    route("GET", "/dashboard", dashboard_page)
+    route("GET", "/web/vendor/{rest:.+}", vendor_file)
+    route("GET", "/web/{name}", static_file)
+    route("POST", "/api/faucet", faucet_api)
+    route("GET", "/api/chain", chain_api)
+    route("GET", "/api/refund", refund_api)
+    route("POST", "/api/refund", refund_api)
+    route("GET", "/api/channel/{channel_id}", channel_api)
+    for name, (method, _) in DASHBOARD.items():
+        route(method, f"/api/dashboard/{name}", dashboard_api)
+
+
+@web.middleware
+async def errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every error as its answer: JSON ``{"error": …}`` for programs, a page for people.
+
+    Nothing raised here reaches the log with a traceback unless it is the
+    gateway's own bug: bad requests are the client's (one line at most).
+    """
     try:
-        route = _route(path)
-        if route is None:
-            if path.startswith(("/api/", "/web/", "/paystream/")):
-                return None  # programs ask these: the server answers in JSON
-            return not_found_page(f"There is no page {unquote(path)} here.")
-        handler, arg = route
-        return await handler(ctx, request, arg, query_params(query))
+        return await handler(request)
     except HttpError as exc:
         return json_response(exc.status, {"error": exc.message})
     except RpcException as exc:  # the node did not answer: nothing was done
-        log.warning("%s: the node failed: %s", path, exc)
+        log.warning("%s: the node failed: %s", request.path, exc)
         return json_response(HTTPStatus.SERVICE_UNAVAILABLE,
                              {"error": "the gateway's node did not answer; try again"})
-
-
-def _route(path: str) -> tuple[Any, str] | None:
-    if path == "/":
-        return catalog_page, ""
-    if path.startswith("/watch/"):
-        return watch_page, unquote(path[len("/watch/") :])
-    if path == "/dashboard":
-        return dashboard_page, ""
-    if path.startswith("/web/vendor/"):
-        return vendor_file, path[len("/web/vendor/") :]
-    if path.startswith("/web/"):
-        return static_file, path[len("/web/") :]
-    if path == "/api/faucet":
-        return faucet_api, ""
-    if path == "/api/chain":
-        return chain_api, ""
-    if path == "/api/refund":
-        return refund_api, ""
-    if path.startswith("/api/channel/"):
-        return channel_api, unquote(path[len("/api/channel/") :])
-    if path.startswith("/api/dashboard/"):
-        name = path[len("/api/dashboard/") :]
-        if name in DASHBOARD:
-            return dashboard_api, name
-    return None
-
-
+    except web.HTTPMethodNotAllowed as exc:
+        allowed = sorted(exc.allowed_methods)
+        answer = json_response(HTTPStatus.METHOD_NOT_ALLOWED,
+                               {"error": f"use {' or '.join(allowed)}"})
+        answer.headers["Allow"] = ", ".join(allowed)
+        return answer
+    except web.HTTPNotFound:
+        if request.path.startswith(_PROGRAM_PATHS) or request.path in ("/api", "/web"):
+            return json_response(HTTPStatus.NOT_FOUND, {"error": f"no such path {request.path}"})
+        return not_found_page(f"There is no page {request.path} here.")

@@ -10,6 +10,7 @@ from http import HTTPStatus
 from typing import Any
 
 import coincurve
+from aiohttp import web
 from bitcoin.core import COutPoint, CTransaction, CTxIn, CTxInWitness, CTxOut, CTxWitness, b2lx, lx
 from bitcoin.core.script import (
     OP_CHECKSIG,
@@ -22,7 +23,6 @@ from bitcoin.core.script import (
     CScriptWitness,
     SignatureHash,
 )
-from websockets.http11 import Request, Response
 
 from gateway.chain.rpc import RpcError, RpcVerifyAlreadyInChain
 from gateway.chain.watch import btc_to_sat
@@ -32,7 +32,7 @@ from gateway.protocol.scripts import ChannelScript, address_to_script_pubkey
 from gateway.protocol.signatures import sign_digest
 from gateway.protocol.transactions import find_funding_output, parse_tx, txid_of
 from gateway.web.context import WebContext
-from gateway.web.http import HttpError, int_param, json_response, require_method
+from gateway.web.http import HttpError, form_params, int_param, json_response, query_params
 from gateway.web.pages import exit_estimate
 
 log = logging.getLogger(__name__)
@@ -90,12 +90,12 @@ async def _unbroadcast_t1(ctx: WebContext, script: bytes, amount: int) -> bytes:
     return bytes(CTransaction(unsigned.vin, unsigned.vout, 0, 2, witness).serialize())
 
 
-async def faucet_api(ctx: WebContext, request: Request, _: str, q: dict[str, str]) -> Response:
+async def faucet_api(ctx: WebContext, request: web.Request) -> web.Response:
     """``POST /api/faucet?address=…&amount=SAT[&broadcast=0]``: regtest coins for an
     unfunded channel; with ``broadcast=0`` a signed T1 that is not broadcast."""
     if ctx.network != "regtest":
         raise HttpError(HTTPStatus.NOT_FOUND, "the demo faucet exists only on regtest")
-    require_method(request, "POST")
+    q = await form_params(request)
     address = q.get("address", "")
     amount = int_param(q, "amount")
     broadcast = q.get("broadcast", "1")
@@ -144,14 +144,13 @@ async def faucet_api(ctx: WebContext, request: Request, _: str, q: dict[str, str
 # -- the chain, for a page that has no node -------------------------------------------
 
 
-async def chain_api(ctx: WebContext, request: Request, _: str, q: dict[str, str]) -> Response:
+async def chain_api(ctx: WebContext, request: web.Request) -> web.Response:
     """``GET /api/chain``: the node's tip and median-time-past, and what leaving costs now.
 
     A refund with nLockTime ``E`` fits in the next block once that block's
     height is above ``E`` (a height expiry) or once the tip's median-time-past
     is (a time expiry; protocol.md section 2): the page refunds then.
     """
-    require_method(request, "GET", "HEAD")
     info = await ctx.rpc.call("getblockchaininfo")
     return json_response(
         HTTPStatus.OK,
@@ -164,7 +163,7 @@ async def chain_api(ctx: WebContext, request: Request, _: str, q: dict[str, str]
     )
 
 
-async def _refund_status(ctx: WebContext, txid: str) -> Response:
+async def _refund_status(ctx: WebContext, txid: str) -> web.Response:
     if not _TXID.fullmatch(txid):
         raise HttpError(HTTPStatus.BAD_REQUEST, "txid must be 64 lowercase hex digits")
     out = await ctx.rpc.call("gettxout", txid, 0, True)
@@ -207,7 +206,7 @@ def _spends_a_channel_script(ctx: WebContext, tx: CTransaction) -> bool:
     return False
 
 
-async def refund_api(ctx: WebContext, request: Request, _: str, q: dict[str, str]) -> Response:
+async def refund_api(ctx: WebContext, request: web.Request) -> web.Response:
     """``POST /api/refund?tx=HEX[&channel=TXID:VOUT]``: relay a channel's refund to the node.
 
     Only a transaction whose one input is the funding output of a channel
@@ -223,8 +222,8 @@ async def refund_api(ctx: WebContext, request: Request, _: str, q: dict[str, str
     a transaction by an unspent output of it, without a transaction index.
     """
     if request.method in ("GET", "HEAD"):
-        return await _refund_status(ctx, q.get("txid", ""))
-    require_method(request, "POST")
+        return await _refund_status(ctx, query_params(request).get("txid", ""))
+    q = await form_params(request)
     raw = q.get("tx", "")
     if not re.fullmatch(r"(?:[0-9a-f]{2})+", raw) or len(raw) > 2 * MAX_REFUND_BYTES:
         raise HttpError(HTTPStatus.BAD_REQUEST, "tx must be a transaction in lowercase hex")
@@ -256,9 +255,7 @@ async def refund_api(ctx: WebContext, request: Request, _: str, q: dict[str, str
 # -- a channel's settlement, for its client ----------------------------------------------
 
 
-async def channel_api(
-    ctx: WebContext, request: Request, channel_id: str, q: dict[str, str]
-) -> Response:
+async def channel_api(ctx: WebContext, request: web.Request) -> web.Response:
     """``GET /api/channel/<txid:vout>``: where a channel's money went (protocol.md section 8).
 
     For the client that funded it, to follow and check its settlement: the
@@ -269,7 +266,7 @@ async def channel_api(
     unspent (the node's ``gettxout``, mempool included). Public: the channel
     id is an outpoint and all of this is on chain for anyone to read.
     """
-    require_method(request, "GET", "HEAD")
+    channel_id = request.match_info["channel_id"]
     row = ctx.ledger.reports.channel(channel_id)
     if row is None:
         raise HttpError(HTTPStatus.NOT_FOUND, f"no channel {channel_id}")

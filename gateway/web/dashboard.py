@@ -13,13 +13,13 @@ import time
 from http import HTTPStatus
 from typing import Any
 
-from websockets.http11 import Request, Response
+from aiohttp import web
 
 from gateway.ledger import UNSETTLED_STATES
 from gateway.media.catalog import parse_rate, parse_seconds, set_price
 from gateway.media.segment import MediaError
 from gateway.web.context import WebContext
-from gateway.web.http import HttpError, json_response, require_method
+from gateway.web.http import HttpError, form_params, json_response, query_params
 
 log = logging.getLogger(__name__)
 
@@ -30,19 +30,20 @@ RECENT_SETTLEMENTS = 50
 # -- dashboard API -------------------------------------------------------------------
 
 
-def _authorized(ctx: WebContext, request: Request) -> bool:
+def _authorized(ctx: WebContext, request: web.Request) -> bool:
     given = request.headers.get("Authorization", "")
     return hmac.compare_digest(given.encode(), f"Bearer {ctx.operator_token}".encode())
 
 
-async def dashboard_api(
-    ctx: WebContext, request: Request, name: str, q: dict[str, str]
-) -> Response:
-    """``/api/dashboard/<name>`` with the operator token: one of :data:`DASHBOARD`'s."""
+async def dashboard_api(ctx: WebContext, request: web.Request) -> web.Response:
+    """``/api/dashboard/<name>`` with the operator token: one of :data:`DASHBOARD`'s.
+
+    The route allows only the method :data:`DASHBOARD` names (405 otherwise).
+    """
     if not _authorized(ctx, request):
         raise HttpError(HTTPStatus.UNAUTHORIZED, "operator token required")
-    method, handler = DASHBOARD[name]
-    require_method(request, method)
+    method, handler = DASHBOARD[request.path.rsplit("/", 1)[1]]
+    q = await form_params(request) if method == "POST" else query_params(request)
     return json_response(HTTPStatus.OK, await handler(ctx, q))
 
 

@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-from websockets.datastructures import Headers
-from websockets.http11 import Request, Response
+from aiohttp import web
 
 from gateway.web.context import WebContext
 
@@ -55,42 +54,55 @@ class HttpError(Exception):
         self.message = message
 
 
-def query_params(query: str) -> dict[str, str]:
-    """A query string's parameters (the last value of each wins)."""
-    # Last value wins; blank values are kept so that "rate=" is an error, not absent.
+def query_params(request: web.Request) -> dict[str, str]:
+    """The request's query parameters (the last value of each wins)."""
+    # Blank values are kept so that "rate=" is an error, not absent.
+    query = request.query_string
     return {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
 
 
-def require_method(request: Request, *allowed: str) -> None:
-    """405 unless the request uses one of the ``allowed`` methods."""
-    if request.method not in allowed:
-        raise HttpError(HTTPStatus.METHOD_NOT_ALLOWED, f"use {' or '.join(allowed)}")
+#: The largest form body a POST endpoint reads (a refund in hex is the largest).
+MAX_FORM_BYTES = 64 * 1024
+
+
+async def form_params(request: web.Request) -> dict[str, str]:
+    """A POST's parameters: the query's, then an urlencoded body's (which win).
+
+    Query parameters alone were the only way before the gateway read bodies;
+    both work, so older pages keep working.
+    """
+    params = query_params(request)
+    if request.content_type == "application/x-www-form-urlencoded" and request.can_read_body:
+        if (request.content_length or 0) > MAX_FORM_BYTES:
+            raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "the form is too large")
+        body = (await request.content.read(MAX_FORM_BYTES + 1)).decode("utf-8", "replace")
+        if len(body) > MAX_FORM_BYTES:
+            raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "the form is too large")
+        params.update({k: v[-1] for k, v in parse_qs(body, keep_blank_values=True).items()})
+    return params
 
 
 # -- responses ---------------------------------------------------------------------
 
 
-def json_response(status: HTTPStatus, body: Any) -> Response:
+def json_response(status: HTTPStatus, body: Any) -> web.Response:
     """A JSON answer that no cache keeps (earnings are private)."""
     return response(status, json.dumps(body, default=str).encode(), "application/json")
 
 
 def response(
     status: HTTPStatus, body: bytes, content_type: str, cache: str = "no-store"
-) -> Response:
+) -> web.Response:
     """An answer with the headers every one carries (a page also gets the CSP)."""
-    headers = Headers(
-        [
-            ("Content-Type", content_type),
-            ("Content-Length", str(len(body))),
-            ("Cache-Control", cache),
-            ("X-Content-Type-Options", "nosniff"),
-            ("Referrer-Policy", "no-referrer"),
-        ]
-    )
+    headers = {
+        "Content-Type": content_type,
+        "Cache-Control": cache,
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+    }
     if content_type.startswith("text/html"):
         headers["Content-Security-Policy"] = CSP
-    return Response(status.value, status.phrase, headers, body)
+    return web.Response(status=status.value, body=body, headers=headers)
 
 
 def page(
@@ -100,7 +112,7 @@ def page(
     *,
     data: dict[str, str] | None = None,
     status: HTTPStatus = HTTPStatus.OK,
-) -> Response:
+) -> web.Response:
     """An HTML page of the front end: ``body`` in the common frame, ``script`` its module."""
     attrs = "".join(f' data-{k}="{html.escape(v)}"' for k, v in (data or {}).items())
     text = f"""<!doctype html>
@@ -125,7 +137,7 @@ def page(
     return response(status, text.encode(), "text/html; charset=utf-8")
 
 
-def not_found_page(message: str) -> Response:
+def not_found_page(message: str) -> web.Response:
     """A 404 for a person: what is missing and the way back (JSON paths keep JSON)."""
     body = (
         f"<h1>Not found</h1>\n<p>{html.escape(message)}</p>\n"
@@ -137,7 +149,7 @@ def not_found_page(message: str) -> Response:
 # -- static files ----------------------------------------------------------------
 
 
-def file_response(path: Path, cache: str) -> Response:
+def file_response(path: Path, cache: str) -> web.Response:
     """A file's bytes with its type; 404 if it cannot be read."""
     try:
         data = path.read_bytes()
@@ -147,16 +159,18 @@ def file_response(path: Path, cache: str) -> Response:
     return response(HTTPStatus.OK, data, ctype, cache)
 
 
-async def static_file(ctx: WebContext, request: Request, name: str, q: dict[str, str]) -> Response:
+async def static_file(ctx: WebContext, request: web.Request) -> web.Response:
     """``/web/<name>``: the player's own files."""
+    name = request.match_info["name"]
     if not _STATIC_NAME.fullmatch(name):
         raise HttpError(HTTPStatus.NOT_FOUND, "no such file")
     # Our own files change with the code: the browser revalidates each time.
     return file_response(WEB_DIR / name, "no-cache")
 
 
-async def vendor_file(ctx: WebContext, request: Request, rest: str, q: dict[str, str]) -> Response:
+async def vendor_file(ctx: WebContext, request: web.Request) -> web.Response:
     """``/web/vendor/<package>/<path>``: a file of a pinned npm package the pages import."""
+    rest = request.match_info["rest"]
     package = next((p for p in VENDOR_PACKAGES if rest.startswith(p + "/")), None)
     inner = rest[len(package) + 1 :] if package else ""
     if package is None or ".." in inner.split("/") or not _VENDOR_PATH.fullmatch(inner):

@@ -7,7 +7,7 @@ import time
 from fractions import Fraction
 from typing import Any
 
-from websockets.http11 import Request, Response
+from aiohttp import web
 
 from gateway.chain.rpc import RpcException
 from gateway.protocol.messages import ChannelKind
@@ -62,7 +62,7 @@ def exit_estimate(rate: Fraction) -> dict[str, Any]:
     return {"feerate": float(rate), "exit": exits}
 
 
-async def catalog_page(ctx: WebContext, request: Request, _: str, q: dict[str, str]) -> Response:
+async def catalog_page(ctx: WebContext, request: web.Request) -> web.Response:
     """``/``: every item with its price and what sessions of it cost; the viewer's channels."""
     catalog = ctx.library.current()
     try:
@@ -196,10 +196,9 @@ _WATCH_BODY = """<h1 id="title">{title}</h1>
 """
 
 
-async def watch_page(
-    ctx: WebContext, request: Request, media: str, q: dict[str, str]
-) -> Response:
+async def watch_page(ctx: WebContext, request: web.Request) -> web.Response:
     """``/watch/<id>``: the browser player (player/web/player.js)."""
+    media = request.match_info["media"]
     item = ctx.library.current().items.get(media)
     if item is None:
         return not_found_page(f"No media {media!r} in the catalog.")
@@ -250,9 +249,7 @@ _DASHBOARD_BODY = """<h1>Dashboard</h1>
 """
 
 
-async def dashboard_page(
-    ctx: WebContext, request: Request, _: str, q: dict[str, str]
-) -> Response:
+async def dashboard_page(ctx: WebContext, request: web.Request) -> web.Response:
     """``/dashboard``: the operator's page (its data comes from ``/api/dashboard/*``)."""
     return page("Dashboard", _DASHBOARD_BODY, "dashboard.js")
 
