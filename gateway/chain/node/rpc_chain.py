@@ -9,7 +9,7 @@ is not yet durable. Stale blocks (off the active chain) stay readable with
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bitcoin.core import CTransaction
 
@@ -27,11 +27,9 @@ from gateway.chain.node.common import (
     script_json,
     tx_json,
 )
+from gateway.chain.node.context import NodeContext
 from gateway.chain.node.store import BlockInfo
 from gateway.protocol.tx import measure
-
-if TYPE_CHECKING:
-    from gateway.chain.node.embedded import EmbeddedNode
 
 _NO_TX_IN_BLOCK = (
     "No such transaction found in the provided block. Use gettransaction for wallet transactions."
@@ -52,7 +50,7 @@ _GENESIS_COINBASE = bytes.fromhex(
 class ChainRpc:
     """``getblock``, ``getrawtransaction``, ``invalidateblock``... over a node."""
 
-    def __init__(self, node: EmbeddedNode) -> None:
+    def __init__(self, node: NodeContext) -> None:
         self.node = node
 
     @property

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bitcoin.core import CTransaction, CTxOut
 from bitcoin.core.script import CScript
@@ -38,13 +38,11 @@ from gateway.chain.node.common import (
     output_script,
     parse_amount,
 )
+from gateway.chain.node.context import NodeContext
 from gateway.chain.node.mempool import MempoolEntry
 from gateway.chain.node.walletops import WALLET_FEE_RATE
 from gateway.protocol.tx import measure
 from gateway.protocol.tx import txid as tx_id
-
-if TYPE_CHECKING:
-    from gateway.chain.node.embedded import EmbeddedNode
 
 _ESTIMATE_MODES = ("unset", "economical", "conservative")
 #: Core's setmocktime bound: the seconds in std::chrono::nanoseconds::max().
@@ -54,7 +52,7 @@ _MAX_MOCKTIME = 9_223_372_036
 class NodeRpc:
     """The state-changing half of the RPC surface, plus mempool and wallet views."""
 
-    def __init__(self, node: EmbeddedNode) -> None:
+    def __init__(self, node: NodeContext) -> None:
         self.node = node
 
     # -- mempool ---------------------------------------------------------------
