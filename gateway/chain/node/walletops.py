@@ -57,9 +57,9 @@ class NodeWallet:
             ):
                 continue
             for n, out in enumerate(entry.tx.vout):
-                script = bytes(out.scriptPubKey)
-                if self.keys.owns(script) and (txid, n) not in spent:
-                    coins.append(((txid, n), Coin(out.nValue, script, next_height, False)))
+                if self.keys.owns(out.scriptPubKey) and (txid, n) not in spent:
+                    coin = Coin(out.nValue, bytes(out.scriptPubKey), next_height, False)
+                    coins.append(((txid, n), coin))
         return coins
 
     def fund(
