@@ -45,12 +45,11 @@ from fractions import Fraction
 from typing import Any, Final
 from urllib.parse import quote
 
-from bitcoin.core import CTransaction
-
 from gateway.protocol.channel import LocalProtocolError
 from gateway.protocol.errors import ProtocolError
 from gateway.protocol.messages import Limits, ServerHello
 from gateway.protocol.transactions import parse_tx, txid_of
+from gateway.protocol.tx import vsize as tx_vsize
 from player.catalog import web_url
 from player.client import AGENT, PlayerError, format_feerate, restore_channel
 from player.keystore import ChannelState, Keystore, StoredChannel
@@ -219,9 +218,7 @@ def check_served_settlement(
         raise fail(str(exc)) from None
     assert index is not None  # check_settlement found our input
     fee = sum(values) - sum(out.nValue for out in parsed.vout)
-    # BIP141: weight = 3 * stripped size + total size; vsize = ceil(weight / 4).
-    stripped = CTransaction(parsed.vin, parsed.vout, parsed.nLockTime, parsed.nVersion)
-    vsize = (3 * len(stripped.serialize()) + len(tx) + 3) // 4
+    vsize = tx_vsize(parsed)  # BIP141
     return CheckedSettlement(
         txid=txid,
         index=index,

@@ -20,9 +20,9 @@ import pytest
 from bitcoin.core import COutPoint, CTransaction, CTxIn, CTxInWitness, CTxOut, CTxWitness
 from bitcoin.core.script import CScript, CScriptWitness
 
-from gateway.chain.blocks import Tx, TxOut, assemble_block, block_subsidy, p2wsh_script
+from gateway.chain.blocks import assemble_block, block_subsidy, block_txids
 from gateway.chain.kernel import Kernel
-from gateway.protocol.scripts import ChannelScript
+from gateway.protocol.scripts import ChannelScript, p2wsh_script_pubkey
 from gateway.protocol.settlement import Batch, ChannelClaim, build_batch
 from gateway.protocol.signatures import verifier_for
 from gateway.protocol.transactions import (
@@ -45,7 +45,7 @@ K1 = CLIENT.public_key.format()
 K2 = SERVER.public_key.format()
 # Mined coins go to P2WSH(OP_TRUE): spendable with the script alone.
 OP_TRUE = b"\x51"
-MINER = p2wsh_script(OP_TRUE)
+MINER = p2wsh_script_pubkey(OP_TRUE)
 CHANGE = b"\x00\x14" + b"\x33" * 20
 OPERATOR = b"\x00\x14" + b"\x66" * 20
 PUBLISHERS = [(b"\x00\x20" + b"\x44" * 32, 2), (b"\x51\x20" + b"\x55" * 32, 1)]
@@ -93,17 +93,17 @@ class Regtest:
             before,
             height,
             self.block_time(height),
-            [Tx.parse(tx) for tx in txs],
-            [TxOut(block_subsidy(height), MINER)],
+            [CTransaction.deserialize(tx) for tx in txs],
+            [CTxOut(block_subsidy(height), CScript(MINER))],
         )
         accepted, reason = self.kernel.process_block(block.serialize())
         # The tip is the truth: it moved to this block, or did not move at all.
         after = self.kernel.tip_hash
-        assert accepted == (after == block.hash)
+        assert accepted == (after == block.GetHash())
         if not accepted:
             assert after == before and self.height == height - 1
             return reason or "rejected"
-        self.coinbases.append((block.txs[0].txid, block_subsidy(height)))
+        self.coinbases.append((block_txids(block)[0], block_subsidy(height)))
         return None
 
     def mine_to(self, height: int) -> None:

@@ -13,18 +13,10 @@ from typing import Any
 
 import coincurve
 import pytest
+from bitcoin.core import COutPoint, CTransaction, CTxIn, CTxOut
+from bitcoin.core.script import CScript
 from helpers_chain import get_transaction
 
-from gateway.chain.blocks import (
-    Tx,
-    TxIn,
-    TxOut,
-    bip143_sighash,
-    hash160,
-    p2wsh_script,
-    push_data,
-    push_int,
-)
 from gateway.chain.rpc import (
     RpcAuthError,
     RpcClient,
@@ -32,7 +24,15 @@ from gateway.chain.rpc import (
     RpcMethodNotFound,
     RpcTransportError,
 )
-from gateway.protocol.scripts import address_to_script_pubkey, script_pubkey_to_address
+from gateway.protocol.scripts import (
+    address_to_script_pubkey,
+    hash160,
+    p2wpkh_script_pubkey,
+    p2wsh_script_pubkey,
+    script_pubkey_to_address,
+)
+from gateway.protocol.sighash import bip143_digest
+from gateway.protocol.tx import decode_canonical, txid, with_witness, witness_stack
 
 OP_IF, OP_ELSE, OP_ENDIF = b"\x63", b"\x67", b"\x68"
 OP_CHECKSIG, OP_CHECKSIGVERIFY = b"\xac", b"\xad"
@@ -57,13 +57,23 @@ def sats(amount: Any) -> int:
     return int(Decimal(amount) / SAT)
 
 
-async def fund_and_sign(rpc: RpcClient, outputs: list[TxOut], locktime: int = 0) -> Tx:
+def txout(value: int, script: bytes) -> CTxOut:
+    return CTxOut(value, CScript(script))
+
+
+def witnesses(tx: CTransaction) -> list[tuple[bytes, ...]]:
+    return [witness_stack(tx, i) for i in range(len(tx.vin))]
+
+
+async def fund_and_sign(
+    rpc: RpcClient, outputs: list[CTxOut], locktime: int = 0
+) -> CTransaction:
     """A signed wallet transaction paying ``outputs`` (not broadcast)."""
-    template = Tx(2, (), tuple(outputs), locktime)
+    template = CTransaction([], outputs, locktime, 2)
     funded = await rpc.call("fundrawtransaction", template.serialize().hex())
     signed = await rpc.call("signrawtransactionwithwallet", funded["hex"])
     assert signed["complete"]
-    return Tx.parse(bytes.fromhex(signed["hex"]))
+    return decode_canonical(bytes.fromhex(signed["hex"]))
 
 
 async def new_script(rpc: RpcClient) -> bytes:
@@ -127,9 +137,9 @@ async def test_send_confirm_and_lookups(rpc: RpcClient) -> None:
 
 async def test_double_spend_rejected(rpc: RpcClient) -> None:
     script = await new_script(rpc)
-    first = await fund_and_sign(rpc, [TxOut(100_000, script)])
+    first = await fund_and_sign(rpc, [txout(100_000, script)])
     # Same inputs, different outputs: a conflicting spend.
-    second_template = Tx(2, first.inputs, (TxOut(90_000, script), first.outputs[-1]), 0)
+    second_template = CTransaction(first.vin, [txout(90_000, script), first.vout[-1]], 0, 2)
     signed = await rpc.call("signrawtransactionwithwallet", second_template.serialize().hex())
     await rpc.call("sendrawtransaction", first.serialize().hex())
     with pytest.raises(RpcError) as info:
@@ -144,16 +154,16 @@ async def test_double_spend_rejected(rpc: RpcClient) -> None:
     assert verdict[0]["reject-reason"] == "bad-txns-inputs-missingorspent"
 
 
-def corrupt_signature(tx: Tx) -> Tx:
+def corrupt_signature(tx: CTransaction) -> CTransaction:
     """Flip one bit inside r of input 0's signature (still strict DER, low S)."""
-    sig = bytearray(tx.witnesses[0][0])
+    stacks = witnesses(tx)
+    sig = bytearray(stacks[0][0])
     sig[10] ^= 0x01
-    witnesses = ((bytes(sig), *tx.witnesses[0][1:]), *tx.witnesses[1:])
-    return Tx(tx.version, tx.inputs, tx.outputs, tx.locktime, witnesses)
+    return with_witness(tx, [(bytes(sig), *stacks[0][1:]), *stacks[1:]])
 
 
 async def test_bad_signature_rejected_with_script_reason(rpc: RpcClient) -> None:
-    tx = corrupt_signature(await fund_and_sign(rpc, [TxOut(50_000, await new_script(rpc))]))
+    tx = corrupt_signature(await fund_and_sign(rpc, [txout(50_000, await new_script(rpc))]))
     with pytest.raises(RpcError) as info:
         await rpc.call("sendrawtransaction", tx.serialize().hex())
     assert info.value.code == -26
@@ -162,62 +172,70 @@ async def test_bad_signature_rejected_with_script_reason(rpc: RpcClient) -> None
 
 async def test_relay_policy(rpc: RpcClient) -> None:
     script = await new_script(rpc)
-    dust = await fund_and_sign(rpc, [TxOut(293, script)])  # P2WPKH dust limit is 294
-    nulldata = await fund_and_sign(rpc, [TxOut(1000, script), TxOut(0, b"\x6a\x01\x01")] * 1)
+    dust = await fund_and_sign(rpc, [txout(293, script)])  # P2WPKH dust limit is 294
+    nulldata = await fund_and_sign(rpc, [txout(1000, script), txout(0, b"\x6a\x01\x01")] * 1)
     results = await rpc.call(
         "testmempoolaccept", [dust.serialize().hex(), nulldata.serialize().hex()]
     )
     assert results[0]["reject-reason"] == "dust"
     assert results[1]["allowed"] is True
-    assert nulldata.txid[::-1].hex() not in await rpc.call("getrawmempool")
+    assert txid(nulldata)[::-1].hex() not in await rpc.call("getrawmempool")
     # A fee below 1 sat/vB: give almost everything back as change.
     coin = (await rpc.call("listunspent"))[0]
-    cheap = Tx(2, (TxIn(bytes.fromhex(coin["txid"])[::-1], coin["vout"]),),
-               (TxOut(sats(coin["amount"]) - 50, script),))
+    cheap = CTransaction([CTxIn(COutPoint(bytes.fromhex(coin["txid"])[::-1], coin["vout"]))],
+                         [txout(sats(coin["amount"]) - 50, script)], 0, 2)
     signed = await rpc.call("signrawtransactionwithwallet", cheap.serialize().hex())
     with pytest.raises(RpcError, match="min relay fee not met"):
         await rpc.call("sendrawtransaction", signed["hex"])
     # High-S signature: valid for consensus, refused by relay policy (BIP62 rule 5).
-    tx = await fund_and_sign(rpc, [TxOut(10_000, script)])
-    sig = tx.witnesses[0][0]
+    tx = await fund_and_sign(rpc, [txout(10_000, script)])
+    stacks = witnesses(tx)
+    sig = stacks[0][0]
     r_len = sig[3]
     s = int.from_bytes(sig[6 + r_len : -1], "big")
     n = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
     high = (n - s).to_bytes(33, "big")
     der = sig[2 : 4 + r_len] + b"\x02\x21" + high
     high_sig = b"\x30" + bytes((len(der),)) + der + sig[-1:]
-    witnesses = ((high_sig, tx.witnesses[0][1]), *tx.witnesses[1:])
-    bad = Tx(tx.version, tx.inputs, tx.outputs, tx.locktime, witnesses)
+    bad = with_witness(tx, [(high_sig, stacks[0][1]), *stacks[1:]])
     with pytest.raises(RpcError, match="S value is unnecessarily high"):
         await rpc.call("sendrawtransaction", bad.serialize().hex())
+
+
+def push(item: bytes | int) -> bytes:
+    """One minimal push (BIP62: integers as CScriptNum, small ones as OP_n)."""
+    return bytes(CScript([item]))
 
 
 def cltv_script(client: bytes, server: bytes, expiry: int) -> bytes:
     """protocol.md section 2's ``cltv`` witness script, built by hand."""
     return (
-        OP_IF + push_data(server) + OP_CHECKSIGVERIFY + OP_ELSE + push_int(expiry)
-        + OP_CLTV + OP_DROP + OP_ENDIF + push_data(client) + OP_CHECKSIG
+        OP_IF + push(server) + OP_CHECKSIGVERIFY + OP_ELSE + push(expiry)
+        + OP_CLTV + OP_DROP + OP_ENDIF + push(client) + OP_CHECKSIG
     )
 
 
-async def fund_cltv(rpc: RpcClient, expiry: int) -> tuple[coincurve.PrivateKey, bytes, Tx]:
+async def fund_cltv(
+    rpc: RpcClient, expiry: int
+) -> tuple[coincurve.PrivateKey, bytes, CTransaction]:
     client_key = coincurve.PrivateKey(os.urandom(32))
     server_pub = coincurve.PrivateKey(os.urandom(32)).public_key.format()
     wscript = cltv_script(client_key.public_key.format(), server_pub, expiry)
-    funding = await fund_and_sign(rpc, [TxOut(200_000, p2wsh_script(wscript))])
+    funding = await fund_and_sign(rpc, [txout(200_000, p2wsh_script_pubkey(wscript))])
     await rpc.call("sendrawtransaction", funding.serialize().hex())
     await rpc.call("generatetoaddress", 1, await rpc.call("getnewaddress"))
     return client_key, wscript, funding
 
 
 def refund(
-    key: coincurve.PrivateKey, wscript: bytes, funding: Tx, locktime: int, pay: bytes
+    key: coincurve.PrivateKey, wscript: bytes, funding: CTransaction, locktime: int, pay: bytes
 ) -> str:
     """T2: spend the funding output by the CLTV branch (witness: sig, false, script)."""
-    tx = Tx(2, (TxIn(funding.txid, 0, b"", 0xFFFFFFFE),), (TxOut(199_000, pay),), locktime)
-    digest = bip143_sighash(tx, 0, wscript, 200_000)
+    spend = CTxIn(COutPoint(txid(funding), 0), CScript(), 0xFFFFFFFE)
+    tx = CTransaction([spend], [txout(199_000, pay)], locktime, 2)
+    digest = bip143_digest(tx, 0, wscript, 200_000)
     sig = key.sign(digest, hasher=None) + b"\x01"
-    return Tx(tx.version, tx.inputs, tx.outputs, locktime, ((sig, b"", wscript),)).serialize().hex()
+    return with_witness(tx, [(sig, b"", wscript)]).serialize().hex()
 
 
 async def test_cltv_refund_by_height(rpc: RpcClient) -> None:
@@ -262,7 +280,7 @@ async def test_kernel_rejected_block_never_becomes_tip(rpc: RpcClient) -> None:
     address = await rpc.call("getnewaddress")
     tip = await rpc.call("getbestblockhash")
     height = await rpc.call("getblockcount")
-    bad = corrupt_signature(await fund_and_sign(rpc, [TxOut(70_000, address_to_script(address))]))
+    bad = corrupt_signature(await fund_and_sign(rpc, [txout(70_000, address_to_script(address))]))
     with pytest.raises(RpcError) as info:
         await rpc.call("generateblock", address, [bad.serialize().hex()])
     assert info.value.code == -25
@@ -270,7 +288,7 @@ async def test_kernel_rejected_block_never_becomes_tip(rpc: RpcClient) -> None:
     assert await rpc.call("getbestblockhash") == tip
     assert await rpc.call("getblockcount") == height
     # A good transaction given by txid is mined.
-    good = await fund_and_sign(rpc, [TxOut(70_000, address_to_script(address))])
+    good = await fund_and_sign(rpc, [txout(70_000, address_to_script(address))])
     txid = await rpc.call("sendrawtransaction", good.serialize().hex())
     mined = await rpc.call("generateblock", address, [txid])
     assert await rpc.call("getbestblockhash") == mined["hash"]
@@ -393,25 +411,25 @@ def test_hash160_matches_known_vector() -> None:
 
 
 def test_kernel_process_block_reports_reason_and_keeps_tip(tmp_path: Path) -> None:
-    from gateway.chain.blocks import assemble_block, block_subsidy, p2wpkh_script
+    from gateway.chain.blocks import assemble_block, block_subsidy
     from gateway.chain.kernel import Kernel
 
     kernel = Kernel(tmp_path)
     try:
-        script = p2wpkh_script(bytes(20))
+        script = p2wpkh_script_pubkey(bytes(20))
         genesis = kernel.tip_hash
         when = kernel.median_time_past() + 1
-        greedy = assemble_block(genesis, 1, when, [], [TxOut(block_subsidy(1) + 1, script)])
+        greedy = assemble_block(genesis, 1, when, [], [txout(block_subsidy(1) + 1, script)])
         accepted, reason = kernel.process_block(greedy.serialize())
         assert not accepted and reason is not None and reason.startswith("bad-cb-amount")
-        wrong_height = assemble_block(genesis, 7, when, [], [TxOut(1, script)])
+        wrong_height = assemble_block(genesis, 7, when, [], [txout(1, script)])
         assert kernel.process_block(wrong_height.serialize())[1] == (
             "bad-cb-height, block height mismatch in coinbase"
         )
         assert kernel.tip_height == 0 and kernel.tip_hash == genesis
-        good = assemble_block(genesis, 1, when, [], [TxOut(block_subsidy(1), script)])
+        good = assemble_block(genesis, 1, when, [], [txout(block_subsidy(1), script)])
         assert kernel.process_block(good.serialize()) == (True, None)
-        assert kernel.tip_hash == good.hash and kernel.block_at(1) == good.serialize()
+        assert kernel.tip_hash == good.GetHash() and kernel.block_at(1) == good.serialize()
     finally:
         kernel.close()
 
@@ -500,7 +518,7 @@ async def test_estimatesmartfee_learns_from_confirmed_mempool_transactions(
         await rpc.call("generatetoaddress", 1, address)
         assert await rpc.call("estimatesmartfee", 2) == insufficient
         # A block of outside transactions (generateblock with raw hex) adds nothing.
-        tx = await fund_and_sign(rpc, [TxOut(10_000, address_to_script(address))])
+        tx = await fund_and_sign(rpc, [txout(10_000, address_to_script(address))])
         await rpc.call("generateblock", address, [tx.serialize().hex()])
         assert await rpc.call("estimatesmartfee", 2) == insufficient
         await rpc.call("sendtoaddress", address, 1, "", "", False, True, None, "unset",

@@ -10,10 +10,14 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from bitcoin.core import CTransaction, CTxOut
+from bitcoin.core.script import CScript
 
-from gateway.chain.blocks import Tx, TxOut
+from gateway.chain.blocks import block_hash_hex
 from gateway.chain.rpc import RpcClient, RpcError
 from gateway.protocol.scripts import address_to_script_pubkey
+from gateway.protocol.tx import decode_canonical
+from gateway.protocol.tx import txid as tx_id
 
 
 async def tip(rpc: RpcClient) -> tuple[int, str]:
@@ -39,7 +43,7 @@ async def test_invalidate_conflict_and_reconsider(node_factory: Any) -> None:
         # A funding-like payment, confirmed in block B, then C on top of it.
         txid = await rpc.call("sendtoaddress", payee, Decimal("2"))
         vout = await output_index(rpc, txid, payee)
-        funding = Tx.parse(bytes.fromhex(await rpc.call("getrawtransaction", txid)))
+        funding = decode_canonical(bytes.fromhex(await rpc.call("getrawtransaction", txid)))
         balance_at_base = await rpc.call("getbalance")
         [block_b, block_c] = await rpc.call("generatetoaddress", 2, miner)
         assert (await rpc.call("gettxout", txid, vout))["confirmations"] == 2
@@ -62,16 +66,16 @@ async def test_invalidate_conflict_and_reconsider(node_factory: Any) -> None:
 
         # A double spend of the same wallet input, mined directly with generateblock
         # although it conflicts with the mempool (Core allows it and evicts the other).
-        spent = [(i.prev_txid[::-1].hex(), i.prev_index) for i in funding.inputs]
-        conflict_template = Tx(
-            2, funding.inputs,
-            (TxOut(sum_value(funding) - 50_000, address_to_script_pubkey(miner, "regtest")),),
+        spent = [(i.prevout.hash[::-1].hex(), i.prevout.n) for i in funding.vin]
+        payout = CScript(address_to_script_pubkey(miner, "regtest"))
+        conflict_template = CTransaction(
+            funding.vin, [CTxOut(sum_value(funding) - 50_000, payout)], 0, 2
         )
         signed = await rpc.call(
             "signrawtransactionwithwallet", conflict_template.serialize().hex()
         )
         assert signed["complete"]
-        conflict_txid = Tx.parse(bytes.fromhex(signed["hex"])).txid[::-1].hex()
+        conflict_txid = tx_id(decode_canonical(bytes.fromhex(signed["hex"])))[::-1].hex()
         spending = await rpc.call(
             "gettxspendingprevout", [{"txid": t, "vout": n} for t, n in spent]
         )
@@ -118,9 +122,9 @@ async def test_invalidate_conflict_and_reconsider(node_factory: Any) -> None:
         assert await rpc.call("getbalance") == balance
 
 
-def sum_value(tx: Tx) -> int:
+def sum_value(tx: CTransaction) -> int:
     """Total output value of ``tx`` (its inputs pay at least that)."""
-    return sum(o.value for o in tx.outputs)
+    return sum(o.nValue for o in tx.vout)
 
 
 async def test_invalidate_errors_and_side_branches(node_factory: Any) -> None:
@@ -178,20 +182,20 @@ async def test_a_longer_competing_branch_from_submitblock_wins(node_factory: Any
         for offset in range(2):  # two empty blocks on the parent of the tip
             block = assemble_block(
                 prev, height + offset, when + 1 + offset, [],
-                [TxOut(block_subsidy(height + offset), script)], extra_nonce=b"other",
+                [CTxOut(block_subsidy(height + offset), CScript(script))], extra_nonce=b"other",
             )
             branch.append(block)
-            prev = block.hash
+            prev = block.GetHash()
         assert await rpc.call("submitblock", branch[0].serialize().hex()) == "inconclusive"
         assert await tip(rpc) == (height, top)  # equal work: first seen stays
-        assert (await rpc.call("getblockheader", branch[0].hash_hex))["confirmations"] == -1
+        assert (await rpc.call("getblockheader", block_hash_hex(branch[0])))["confirmations"] == -1
         assert await rpc.call("submitblock", branch[1].serialize().hex()) is None
-        assert await tip(rpc) == (height + 1, branch[1].hash_hex)
+        assert await tip(rpc) == (height + 1, block_hash_hex(branch[1]))
         assert (await rpc.call("getblockheader", mined))["confirmations"] == -1
         # The transaction of the block that lost is back in the mempool.
         assert await rpc.call("getrawmempool") == [txid]
         tips = {t["hash"]: t["status"] for t in await rpc.call("getchaintips")}
-        assert tips == {branch[1].hash_hex: "active", mined: "valid-fork"}
+        assert tips == {block_hash_hex(branch[1]): "active", mined: "valid-fork"}
         assert await rpc.call("submitblock", branch[0].serialize().hex()) == "duplicate"
         with pytest.raises(RpcError) as info:
             await rpc.call("submitblock", "00")

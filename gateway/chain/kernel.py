@@ -183,7 +183,8 @@ class Kernel:
         """BIP113 median of the last 11 block times ending at ``height`` (default: tip).
 
         Cached per height until the next block is processed: mempool checks ask
-        for it on every transaction and 11 header reads cost ~130 us.
+        for it on every transaction, and reading 11 headers through the kernel
+        is not free (docs/performance.md, "Figures behind code comments").
         """
         top = self.tip_height if height is None else height
         cached = self._mtp_cache.get(top)

@@ -50,9 +50,11 @@ __all__ = [
     "ChannelScript",
     "address_to_script_pubkey",
     "cltv_witness_script",
+    "hash160",
     "is_height_expiry",
     "is_standard_output_script",
     "multisig_witness_script",
+    "p2wpkh_script_pubkey",
     "p2wsh_address",
     "p2wsh_script_pubkey",
     "script_pubkey_to_address",
@@ -148,6 +150,19 @@ def multisig_witness_script(client_pubkey: bytes, server_pubkey: bytes) -> bytes
     _check_key(client_pubkey, "client")
     _check_key(server_pubkey, "server")
     return bytes(CScript([OP_2, client_pubkey, server_pubkey, OP_2, OP_CHECKMULTISIG]))
+
+
+def hash160(data: bytes) -> bytes:
+    """RIPEMD160(SHA256(data)): the key hash of P2PKH and P2WPKH.
+
+    Through hashlib (OpenSSL), not python-bitcoinlib's pure-Python RIPEMD160.
+    """
+    return hashlib.new("ripemd160", hashlib.sha256(data).digest()).digest()
+
+
+def p2wpkh_script_pubkey(pubkey_hash: bytes) -> bytes:
+    """``OP_0 <20-byte key hash>`` (BIP141 P2WPKH)."""
+    return b"\x00\x14" + pubkey_hash
 
 
 def p2wsh_script_pubkey(witness_script: bytes) -> bytes:

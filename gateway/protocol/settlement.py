@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
 
-from bitcoin.core import CTransaction, CTxIn, CTxInWitness, CTxOut, CTxWitness, b2lx
+from bitcoin.core import CTransaction, CTxIn, CTxInWitness, CTxOut, CTxWitness
 from bitcoin.core.script import SIGHASH_ALL, CScript, CScriptWitness
 from bitcoin.core.serialize import VarIntSerializer
 
@@ -62,6 +62,8 @@ from gateway.protocol.transactions import (
     parse_tx,
     sighash_all,
 )
+from gateway.protocol.tx import txid as tx_id
+from gateway.protocol.tx import vsize as tx_vsize
 
 __all__ = [
     "MAX_BATCH_CHANNELS",
@@ -320,12 +322,6 @@ def _sign(claims: Sequence[ChannelClaim], outputs: Sequence[tuple[bytes, int]]) 
     )
 
 
-def _vsize(tx: CTransaction) -> int:
-    # BIP141: weight = 3 * stripped size + total size; vsize = ceil(weight / 4).
-    stripped = CTransaction(tx.vin, tx.vout, tx.nLockTime, tx.nVersion)
-    return (3 * len(stripped.serialize()) + len(tx.serialize()) + 3) // 4
-
-
 def build_batch(
     claims: Sequence[ChannelClaim],
     operator_script: bytes,
@@ -394,9 +390,9 @@ def _finish(
     tx = _sign(claims, outputs)
     return Batch(
         tx=bytes(tx.serialize()),
-        txid=str(b2lx(tx.GetTxid())),
+        txid=tx_id(tx)[::-1].hex(),
         fee=fee,
-        vsize=_vsize(tx),
+        vsize=tx_vsize(tx),
         outputs=tuple((bytes(out.scriptPubKey), out.nValue) for out in tx.vout),
         channels=tuple(c.outpoint for c in claims),
         reserves=reserves,
@@ -441,8 +437,9 @@ def check_settlement(
     if len(spent_values) != len(parsed.vin) or spent_values[index] != value:
         raise ValueError("the input values do not match the settlement")
     fee = sum(spent_values) - sum(out.nValue for out in parsed.vout)
-    if Fraction(fee, _vsize(parsed)) < quoted:
+    size = tx_vsize(parsed)
+    if Fraction(fee, size) < quoted:
         raise ValueError(
-            f"the settlement pays {fee} sat for {_vsize(parsed)} vB, below the quoted "
+            f"the settlement pays {fee} sat for {size} vB, below the quoted "
             f"{float(quoted):g} sat/vB: our reserve did not all go to the fee"
         )

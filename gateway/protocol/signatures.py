@@ -7,7 +7,8 @@ Every transaction signature on the wire is strict DER (BIP66), low S
 Signing is RFC 6979 deterministic (libsecp256k1's default nonce), so the
 same key, digest and balance always give the same bytes. Verification parses
 each public key once and keeps the parsed key (:class:`Verifier`), because
-parsing costs about as much as a fifth of a verify.
+parsing is a sizeable share of a verify (docs/performance.md, "Figures
+behind code comments").
 """
 
 from __future__ import annotations
@@ -118,8 +119,9 @@ def is_valid_pubkey(pubkey: bytes) -> bool:
 
 @functools.lru_cache(maxsize=64)
 def _private_key(privkey: bytes) -> coincurve.PrivateKey:
-    # coincurve derives the public key when it builds a PrivateKey: as costly
-    # as a signature. A player signs every increment with the same key.
+    # coincurve derives the public key when it builds a PrivateKey, which
+    # costs more than the signature itself (docs/performance.md, "Figures
+    # behind code comments"). A player signs every increment with the same key.
     return coincurve.PrivateKey(privkey)
 
 

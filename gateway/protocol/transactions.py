@@ -39,10 +39,16 @@ from bitcoin.core.script import (
     CScript,
     CScriptWitness,
 )
-from bitcoin.core.serialize import VarIntSerializer
 
 from gateway.protocol.errors import ErrorCode, ProtocolError
 from gateway.protocol.scripts import ChannelKind, ChannelScript
+from gateway.protocol.sighash import (
+    ZERO_HASH,
+    bip143_digest,
+    preimage_head,
+    preimage_tail,
+    var_bytes,
+)
 from gateway.protocol.signatures import (
     Verifier,
     check_der_low_s,
@@ -50,6 +56,7 @@ from gateway.protocol.signatures import (
     split_sighash,
     verifier_for,
 )
+from gateway.protocol.tx import deserialize, txid
 
 __all__ = [
     "DUST_LIMIT",
@@ -91,43 +98,17 @@ FINAL_SEQUENCE = 0xFFFFFFFF
 TX_VERSION = 2
 
 
-def _sha256d(data: bytes) -> bytes:
-    return hashlib.sha256(hashlib.sha256(data).digest()).digest()
-
-
-def _var_bytes(data: bytes) -> bytes:
-    return bytes(VarIntSerializer.serialize(len(data))) + data
-
-
 def sighash_all(tx: CTransaction, index: int, script: ChannelScript, value: int) -> bytes:
     """BIP143 SIGHASH_ALL digest of input ``index`` spending a channel output of ``value``.
 
-    Written out rather than python-bitcoinlib's ``SignatureHash``, which packs
-    nLockTime as a signed 32-bit integer and fails for expiries >= 2**31.
+    The scriptCode of a P2WSH input is its witness script (BIP143).
     """
-    txin = tx.vin[index]
-    preimage = b"".join(
-        [
-            struct.pack("<i", tx.nVersion),
-            _sha256d(b"".join(i.prevout.serialize() for i in tx.vin)),
-            _sha256d(b"".join(struct.pack("<I", i.nSequence) for i in tx.vin)),
-            txin.prevout.serialize(),
-            _var_bytes(script.witness_script),
-            struct.pack("<q", value),
-            struct.pack("<I", txin.nSequence),
-            _sha256d(b"".join(o.serialize() for o in tx.vout)),
-            struct.pack("<II", tx.nLockTime, SIGHASH_ALL),
-        ]
-    )
-    return _sha256d(preimage)
+    return bip143_digest(tx, index, script.witness_script, value, SIGHASH_ALL)
 
 
 def parse_tx(tx: bytes) -> CTransaction:
     """Deserialise a whole transaction (``ValueError`` if it is not one)."""
-    try:
-        return CTransaction.deserialize(bytes(tx))
-    except Exception as exc:  # python-bitcoinlib raises several unrelated types
-        raise ValueError("not a serialised transaction") from exc
+    return deserialize(tx)
 
 
 def txid_of(tx: bytes) -> str:
@@ -139,7 +120,7 @@ def txid_of(tx: bytes) -> str:
         parsed = parse_tx(tx)
     except ValueError:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "tx is not a valid transaction") from None
-    return str(b2lx(parsed.GetTxid()))
+    return txid(parsed)[::-1].hex()
 
 
 @dataclass(frozen=True)
@@ -214,27 +195,25 @@ class PaymentTemplate:
         self.outpoint = outpoint
         self.value = value
         self.change_script = bytes(change_script)
-        # BIP143 preimage: nVersion | hashPrevouts | hashSequence | outpoint |
-        # scriptCode | amount | nSequence | hashOutputs | nLockTime | type.
-        # ANYONECANPAY zeroes hashPrevouts and hashSequence; the scriptCode of
-        # a P2WSH input is its witness script.
-        prefix = b"".join(
-            [
-                struct.pack("<i", TX_VERSION),
-                b"\x00" * 64,
+        # ANYONECANPAY zeroes hashPrevouts and hashSequence (BIP143), so the
+        # preimage head is fixed per channel: hash it once.
+        self._prefix = hashlib.sha256(
+            preimage_head(
+                TX_VERSION,
+                ZERO_HASH,
+                ZERO_HASH,
                 outpoint.serialize(),
-                _var_bytes(script.witness_script),
-                struct.pack("<q", value),
-                struct.pack("<I", FINAL_SEQUENCE),
-            ]
+                script.witness_script,
+                value,
+                FINAL_SEQUENCE,
+            )
         )
-        self._prefix = hashlib.sha256(prefix)
-        self._output_tail = _var_bytes(self.change_script)
-        self._single_tail = struct.pack("<II", 0, PAYMENT_SIGHASH)
+        self._output_tail = var_bytes(self.change_script)
+        self._single_tail = preimage_tail(0, PAYMENT_SIGHASH)
         # SIGHASH_NONE commits to no output: one digest serves every channel
         # state with balance 0.
         none_hash = self._prefix.copy()
-        none_hash.update(b"\x00" * 32 + struct.pack("<II", 0, PAYMENT_SIGHASH_ZERO))
+        none_hash.update(ZERO_HASH + preimage_tail(0, PAYMENT_SIGHASH_ZERO))
         self._none_digest = hashlib.sha256(none_hash.digest()).digest()
 
     @staticmethod
@@ -255,7 +234,8 @@ class PaymentTemplate:
         if not balance:
             return self._none_digest
         self._check_balance(balance)
-        # SIGHASH_SINGLE: hashOutputs = SHA256d(output 0) (BIP143).
+        # SIGHASH_SINGLE: hashOutputs = SHA256d(output 0) (BIP143); the same
+        # bytes as sighash.output_bytes, with the script's part encoded once.
         output = struct.pack("<q", balance) + self._output_tail
         hasher = self._prefix.copy()
         hasher.update(hashlib.sha256(hashlib.sha256(output).digest()).digest())

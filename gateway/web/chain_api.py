@@ -3,7 +3,6 @@ chain's tip and what leaving costs, a refund relayed, where a channel's money we
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from http import HTTPStatus
@@ -11,26 +10,26 @@ from typing import Any
 
 import coincurve
 from aiohttp import web
-from bitcoin.core import COutPoint, CTransaction, CTxIn, CTxInWitness, CTxOut, CTxWitness, b2lx, lx
+from bitcoin.core import COutPoint, CTransaction, CTxIn, CTxOut, b2lx, lx
 from bitcoin.core.script import (
-    OP_CHECKSIG,
-    OP_DUP,
-    OP_EQUALVERIFY,
-    OP_HASH160,
     SIGHASH_ALL,
-    SIGVERSION_WITNESS_V0,
     CScript,
-    CScriptWitness,
-    SignatureHash,
 )
 
 from gateway.chain.rpc import RpcError, RpcVerifyAlreadyInChain
 from gateway.chain.watch import btc_to_sat
 from gateway.protocol.errors import ProtocolError
 from gateway.protocol.messages import ChannelKind
-from gateway.protocol.scripts import ChannelScript, address_to_script_pubkey
+from gateway.protocol.scripts import (
+    ChannelScript,
+    address_to_script_pubkey,
+    hash160,
+    p2wpkh_script_pubkey,
+)
+from gateway.protocol.sighash import bip143_digest, p2wpkh_script_code
 from gateway.protocol.signatures import sign_digest
 from gateway.protocol.transactions import find_funding_output, parse_tx, txid_of
+from gateway.protocol.tx import with_witness, witness_stack
 from gateway.web.context import WebContext
 from gateway.web.http import HttpError, form_params, int_param, json_response, query_params
 from gateway.web.pages import exit_estimate
@@ -73,8 +72,8 @@ async def _unbroadcast_t1(ctx: WebContext, script: bytes, amount: int) -> bytes:
     """
     key = coincurve.PrivateKey()
     pub = key.public_key.format(compressed=True)
-    keyhash = hashlib.new("ripemd160", hashlib.sha256(pub).digest()).digest()
-    own = b"\x00\x14" + keyhash
+    keyhash = hash160(pub)
+    own = p2wpkh_script_pubkey(keyhash)
     txid, raw = await _wallet_pays(ctx, own, amount + _T1_FEE)
     vout = find_funding_output(raw, own)[0]
     unsigned = CTransaction(
@@ -82,12 +81,9 @@ async def _unbroadcast_t1(ctx: WebContext, script: bytes, amount: int) -> bytes:
         [CTxOut(amount, CScript(script))],
         nVersion=2,
     )
-    code = CScript([OP_DUP, OP_HASH160, keyhash, OP_EQUALVERIFY, OP_CHECKSIG])
-    digest = SignatureHash(code, unsigned, 0, SIGHASH_ALL, amount=amount + _T1_FEE,
-                           sigversion=SIGVERSION_WITNESS_V0)
+    digest = bip143_digest(unsigned, 0, p2wpkh_script_code(keyhash), amount + _T1_FEE)
     sig = sign_digest(key.secret, digest) + bytes([SIGHASH_ALL])
-    witness = CTxWitness([CTxInWitness(CScriptWitness([sig, pub]))])
-    return bytes(CTransaction(unsigned.vin, unsigned.vout, 0, 2, witness).serialize())
+    return bytes(with_witness(unsigned, [[sig, pub]]).serialize())
 
 
 async def faucet_api(ctx: WebContext, request: web.Request) -> web.Response:
@@ -187,8 +183,8 @@ def _spends_a_channel_script(ctx: WebContext, tx: CTransaction) -> bool:
     its outpoint. The node checks that the script is the one the spent output
     pays (P2WSH, BIP141), so such a tx spends nothing but a channel's funding.
     """
-    witness = tx.wit.vtxinwit[0].scriptWitness.stack if tx.wit.vtxinwit else []
-    script = bytes(witness[-1]) if witness else b""
+    witness = witness_stack(tx, 0)
+    script = witness[-1] if witness else b""
     if script[:2] == b"\x63\x21":  # cltv: OP_IF <K2> ...
         server = script[2:35]
     elif script[:2] == b"\x52\x21" and script[35:36] == b"\x21":  # OP_2 <K1> <K2> ...

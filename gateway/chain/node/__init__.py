@@ -22,7 +22,8 @@ One module per job:
 - ``mempool`` and ``policy``: acceptance (Core's order and reasons), persistence;
 - ``fees``: ``estimatesmartfee``'s estimator;
 - ``miner``: block assembly; ``walletops``: the faucet wallet's coins;
-- ``rpc_chain`` and ``rpc_node``: the RPC methods;
+- ``rpc_chain`` and ``rpc_node``: the RPC methods, typed against ``context``'s
+  ``NodeContext`` (so they do not import the node that builds them);
 - ``http_server``: HTTP/1.1 on h11 with Core's limits; ``embedded``: the node;
 - ``cli``: ``gateway node``.
 """

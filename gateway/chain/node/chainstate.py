@@ -35,11 +35,13 @@ import asyncio
 import logging
 import shutil
 import sqlite3
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.chain.blocks import Block
+from bitcoin.core import CBlock
+
 from gateway.chain.kernel import Kernel, KernelError
 from gateway.chain.node import store
 from gateway.chain.node.common import Coin, Outpoint, block_work
@@ -52,6 +54,10 @@ log = logging.getLogger(__name__)
 FLUSH_INTERVAL = 100
 #: Bitcoin Core's median-time-past window (BIP113).
 MTP_WINDOW = 11
+#: Parsed blocks kept for the next reads: python-bitcoinlib's ``CBlock``
+#: is slow to parse (docs/performance.md, "One transaction model"), and a new
+#: block is read right after it is stored (connecting it, then ``getblock``).
+RECENT_BLOCKS = 32
 _REPLAY_BATCH = 100
 
 
@@ -63,8 +69,8 @@ class ChainError(Exception):
 class ChainUpdate:
     """A move of the active chain: blocks disconnected (tip first), then connected."""
 
-    disconnected: list[Block] = field(default_factory=list)
-    connected: list[Block] = field(default_factory=list)
+    disconnected: list[CBlock] = field(default_factory=list)
+    connected: list[CBlock] = field(default_factory=list)
 
 
 OnUpdate = Callable[[ChainUpdate], None]
@@ -95,6 +101,7 @@ class ChainState:
         self.wallet_utxos = self.index.wallet_utxos
         self.blocks_since_flush = 0
         self._mtp: dict[bytes, int] = {}
+        self._recent: OrderedDict[bytes, CBlock] = OrderedDict()
 
     # -- storage -------------------------------------------------------------
 
@@ -141,8 +148,10 @@ class ChainState:
         rows = []
         for height in range(kernel.tip_height + 1):
             raw = kernel.block_at(height)
-            block = Block.parse(raw)
-            rows.append((block.hash, height, block.prev_hash, VALID, len(block.txs), raw))
+            block = CBlock.deserialize(raw)
+            rows.append(
+                (block.GetHash(), height, block.hashPrevBlock, VALID, len(block.vtx), raw)
+            )
         if len(rows) > 1:
             log.info("importing %d blocks from the kernel into node.sqlite", len(rows) - 1)
         with self.db:
@@ -272,9 +281,21 @@ class ChainState:
         """True when the block was connected at some time (it has an undo record)."""
         return store.undo_record(self.db, block_hash) is not None
 
-    def block(self, block_hash: bytes) -> Block:
-        """A stored block, parsed."""
-        return Block.parse(self.raw_block(block_hash))
+    def block(self, block_hash: bytes) -> CBlock:
+        """A stored block, parsed (the node stored it: it needs no canonical check)."""
+        block = self._recent.get(block_hash)
+        if block is None:
+            block = CBlock.deserialize(self.raw_block(block_hash))
+            self.remember(block)
+        else:
+            self._recent.move_to_end(block_hash)
+        return block
+
+    def remember(self, block: CBlock) -> None:
+        """Keep a stored block parsed for the next reads (a ``CBlock`` never changes)."""
+        self._recent[block.GetHash()] = block
+        while len(self._recent) > RECENT_BLOCKS:
+            self._recent.popitem(last=False)
 
     def median_time_past(self, block_hash: bytes | None = None) -> int:
         """BIP113 median of the 11 block times ending at ``block_hash`` (default: tip)."""

@@ -17,9 +17,13 @@ from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from typing import Any
 
-from gateway.chain.blocks import COIN, DecodeError, Tx, bits_to_target, ser_compact_size
+from bitcoin.core import CTransaction
+from bitcoin.core.serialize import VarIntSerializer
+
+from gateway.chain.blocks import COIN, bits_to_target
 from gateway.chain.node.wallet import script_type
 from gateway.protocol.scripts import address_to_script_pubkey, script_pubkey_to_address
+from gateway.protocol.tx import TxSizes, decode_canonical, measure, witness_stack
 
 NETWORK = "regtest"
 COINBASE_MATURITY = 100
@@ -80,7 +84,7 @@ class Coin:
         """Undo-record form: value, height, coinbase flag, script (like Core's ``TxInUndo``)."""
         return (
             struct.pack("<QIB", self.value, self.height, self.coinbase)
-            + ser_compact_size(len(self.script))
+            + bytes(VarIntSerializer.serialize(len(self.script)))
             + self.script
         )
 
@@ -136,8 +140,8 @@ def hex_to_hash(value: Any, name: str = "hash") -> bytes:
     return bytes.fromhex(value)[::-1]
 
 
-def decode_tx_hex(value: Any) -> Tx:
-    """Hex to ``Tx`` or RPC -22 ``TX decode failed`` (Core's DecodeHexTx)."""
+def decode_tx_hex(value: Any) -> CTransaction:
+    """Hex to a transaction or RPC -22 ``TX decode failed`` (Core's DecodeHexTx)."""
     if not isinstance(value, str):
         raise NodeRpcError(RPC_TYPE_ERROR, "Expected type string")
     try:
@@ -147,12 +151,8 @@ def decode_tx_hex(value: Any) -> Tx:
     # Like Core's DecodeHexTx: extended (BIP144) format first, then legacy, so
     # that a zero-input template for fundrawtransaction decodes too.
     try:
-        return Tx.parse(raw)
-    except DecodeError:
-        pass
-    try:
-        return Tx.parse(raw, allow_witness=False)
-    except DecodeError as exc:
+        return decode_canonical(raw, legacy_fallback=True)
+    except ValueError as exc:
         raise NodeRpcError(
             RPC_DESERIALIZATION_ERROR,
             "TX decode failed. Make sure the tx has at least one input.",
@@ -190,35 +190,39 @@ def script_json(script: bytes) -> dict[str, Any]:
     return out
 
 
-def tx_json(tx: Tx) -> dict[str, Any]:
-    """Bitcoin Core's decoded transaction object."""
+def tx_json(tx: CTransaction, sizes: TxSizes | None = None) -> dict[str, Any]:
+    """Bitcoin Core's decoded transaction object (``sizes``: ``measure(tx)`` if known)."""
+    coinbase = tx.is_coinbase()
     vin: list[dict[str, Any]] = []
-    for index, txin in enumerate(tx.inputs):
+    for index, txin in enumerate(tx.vin):
         item: dict[str, Any]
-        if tx.is_coinbase:
-            item = {"coinbase": txin.script_sig.hex()}
+        if coinbase:
+            item = {"coinbase": txin.scriptSig.hex()}
         else:
             item = {
-                "txid": txin.prev_txid[::-1].hex(),
-                "vout": txin.prev_index,
-                "scriptSig": {"asm": "", "hex": txin.script_sig.hex()},
+                "txid": txin.prevout.hash[::-1].hex(),
+                "vout": txin.prevout.n,
+                "scriptSig": {"asm": "", "hex": txin.scriptSig.hex()},
             }
-        if tx.witnesses and tx.witnesses[index]:
-            item["txinwitness"] = [w.hex() for w in tx.witnesses[index]]
-        item["sequence"] = txin.sequence
+        witness = witness_stack(tx, index)
+        if witness:
+            item["txinwitness"] = [w.hex() for w in witness]
+        item["sequence"] = txin.nSequence
         vin.append(item)
+    if sizes is None:
+        sizes = measure(tx)
     return {
-        "txid": tx.txid[::-1].hex(),
-        "hash": tx.wtxid[::-1].hex(),
-        "version": tx.version,
-        "size": len(tx.serialize()),
-        "vsize": tx.vsize,
-        "weight": tx.weight,
-        "locktime": tx.locktime,
+        "txid": sizes.txid[::-1].hex(),
+        "hash": sizes.wtxid[::-1].hex(),
+        "version": tx.nVersion,
+        "size": sizes.size,
+        "vsize": sizes.vsize,
+        "weight": sizes.weight,
+        "locktime": tx.nLockTime,
         "vin": vin,
         "vout": [
-            {"value": btc(out.value), "n": n, "scriptPubKey": script_json(out.script_pubkey)}
-            for n, out in enumerate(tx.outputs)
+            {"value": btc(out.nValue), "n": n, "scriptPubKey": script_json(bytes(out.scriptPubKey))}
+            for n, out in enumerate(tx.vout)
         ],
     }
 

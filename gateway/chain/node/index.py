@@ -15,7 +15,9 @@ import sqlite3
 import struct
 from collections.abc import Callable, Iterable
 
-from gateway.chain.blocks import Block
+from bitcoin.core import CBlock
+
+from gateway.chain.blocks import block_hash_hex, block_txids
 from gateway.chain.node import store
 from gateway.chain.node.common import Coin, Outpoint
 
@@ -58,7 +60,8 @@ class UtxoIndex:
         self.owns: Callable[[bytes], bool] = lambda script: False
 
     def load(
-        self, db: sqlite3.Connection, *, txindex: bool, active_blocks: Callable[[], Iterable[Block]]
+        self, db: sqlite3.Connection, *, txindex: bool,
+        active_blocks: Callable[[], Iterable[CBlock]],
     ) -> None:
         """Read the index from node.sqlite; build or drop the txid index as asked."""
         self.utxos.clear()
@@ -84,7 +87,7 @@ class UtxoIndex:
             db.execute("CREATE TABLE txindex (txid BLOB PRIMARY KEY, block BLOB NOT NULL)")
             self.txindex = {}
             for block in active_blocks():
-                self._index_txs(db, block, block.hash)
+                self._index_txs(db, block)
 
     def add_coin(self, outpoint: Outpoint, coin: Coin) -> None:
         """Add an unspent output (noting it if it pays the wallet)."""
@@ -92,60 +95,63 @@ class UtxoIndex:
         if self.owns(coin.script):
             self.wallet_utxos.add(outpoint)
 
-    def _index_txs(self, db: sqlite3.Connection, block: Block, block_hash: bytes) -> None:
+    def _index_txs(self, db: sqlite3.Connection, block: CBlock) -> None:
         if self.txindex is not None:
-            rows = [(tx.txid, block_hash) for tx in block.txs]
+            block_hash = block.GetHash()
+            rows = [(txid, block_hash) for txid in block_txids(block)]
             db.executemany("INSERT OR REPLACE INTO txindex VALUES (?, ?)", rows)
             self.txindex.update(rows)
 
     def connect(
-        self, db: sqlite3.Connection, block: Block, height: int, changes: Changes
+        self, db: sqlite3.Connection, block: CBlock, height: int, changes: Changes
     ) -> bytes:
         """Apply ``block`` (at ``height``); return its undo record (the coins it spent)."""
         undo = bytearray()
-        for tx in block.txs:
-            txid = tx.txid
-            if not tx.is_coinbase:
-                for txin in tx.inputs:
-                    outpoint = (txin.prev_txid, txin.prev_index)
+        for tx, txid in zip(block.vtx, block_txids(block), strict=True):
+            coinbase = tx.is_coinbase()
+            if not coinbase:
+                for txin in tx.vin:
+                    outpoint = (txin.prevout.hash, txin.prevout.n)
                     coin = self.utxos.pop(outpoint, None)
                     if coin is None:
                         raise UtxoIndexError(f"connected block spends unknown {outpoint}")
                     self.wallet_utxos.discard(outpoint)
                     changes[outpoint] = None
                     undo += coin.serialize()
-            for n, out in enumerate(tx.outputs):
-                if out.script_pubkey[:1] == b"\x6a":
+            for n, out in enumerate(tx.vout):
+                if out.scriptPubKey[:1] == b"\x6a":
                     continue  # provably unspendable: never enters the UTXO set
-                coin = Coin(out.value, out.script_pubkey, height, tx.is_coinbase)
+                coin = Coin(out.nValue, bytes(out.scriptPubKey), height, coinbase)
                 self.add_coin((txid, n), coin)
                 changes[(txid, n)] = coin
-        self._index_txs(db, block, block.hash)
+        self._index_txs(db, block)
         return bytes(undo)
 
-    def disconnect(self, db: sqlite3.Connection, block: Block, changes: Changes) -> None:
+    def disconnect(self, db: sqlite3.Connection, block: CBlock, changes: Changes) -> None:
         """Undo ``block`` with its undo record, transactions last to first.
 
         The txindex keeps its entries, as Core's does: a transaction of a
         stale block stays findable there until a new block replaces it.
         """
-        record = store.undo_record(db, block.hash)
+        record = store.undo_record(db, block.GetHash())
         if record is None:
-            raise UtxoIndexError(f"no undo record for block {block.hash_hex}")
+            raise UtxoIndexError(f"no undo record for block {block_hash_hex(block)}")
         coins = parse_undo(record)
         spent_per_tx: list[list[Coin]] = []
-        for tx in block.txs:
-            count = 0 if tx.is_coinbase else len(tx.inputs)
+        for tx in block.vtx:
+            count = 0 if tx.is_coinbase() else len(tx.vin)
             spent_per_tx.append(coins[:count])
             coins = coins[count:]
-        for tx, spent in zip(reversed(block.txs), reversed(spent_per_tx), strict=True):
-            txid = tx.txid
-            for n in range(len(tx.outputs)):
+        txids = block_txids(block)
+        for tx, txid, spent in zip(
+            reversed(block.vtx), reversed(txids), reversed(spent_per_tx), strict=True
+        ):
+            for n in range(len(tx.vout)):
                 if self.utxos.pop((txid, n), None) is not None:
                     changes[(txid, n)] = None
                 self.wallet_utxos.discard((txid, n))
-            for txin, coin in zip(tx.inputs if not tx.is_coinbase else (), spent, strict=True):
-                outpoint = (txin.prev_txid, txin.prev_index)
+            for txin, coin in zip(tx.vin if not tx.is_coinbase() else (), spent, strict=True):
+                outpoint = (txin.prevout.hash, txin.prevout.n)
                 self.add_coin(outpoint, coin)
                 changes[outpoint] = coin
 

@@ -29,7 +29,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from gateway.chain.blocks import COIN, DecodeError, Tx
+from bitcoin.core import CTransaction
+
+from gateway.chain.blocks import COIN, block_txids
 from gateway.chain.kernel import ScriptVerifyError, prepare_transaction
 from gateway.chain.kernel import verify_input as kernel_verify_input
 from gateway.chain.node.chainstate import ChainState, ChainUpdate
@@ -50,6 +52,7 @@ from gateway.chain.node.common import (
 from gateway.chain.node.fees import FeeEstimator
 from gateway.chain.node.policy import check_input_policy, dust_threshold
 from gateway.chain.node.wallet import script_type
+from gateway.protocol.tx import decode_canonical, measure, witness_stack
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +68,13 @@ SEQUENCE_MASK = 0xFFFF
 
 @dataclass(slots=True)
 class MempoolEntry:
-    """An accepted unconfirmed transaction."""
+    """An accepted unconfirmed transaction, with its ids and sizes worked out once."""
 
-    tx: Tx
+    tx: CTransaction
+    txid: bytes
+    wtxid: bytes
+    vsize: int
+    weight: int
     fee: int
     time: int
     height: int
@@ -94,9 +101,9 @@ class Mempool:
         if coin is not None:
             return coin
         entry = self.entries.get(outpoint[0])
-        if entry is not None and outpoint[1] < len(entry.tx.outputs):
-            out = entry.tx.outputs[outpoint[1]]
-            return Coin(out.value, out.script_pubkey, self.chain.tip_height + 1, False)
+        if entry is not None and outpoint[1] < len(entry.tx.vout):
+            out = entry.tx.vout[outpoint[1]]
+            return Coin(out.nValue, bytes(out.scriptPubKey), self.chain.tip_height + 1, False)
         return None
 
     def children(self, txid: bytes) -> list[bytes]:
@@ -106,59 +113,61 @@ class Mempool:
     # -- acceptance ----------------------------------------------------------
 
     def check(
-        self, tx: Tx, max_fee_rate: Decimal | None, *, bypass_limits: bool = False
+        self, tx: CTransaction, max_fee_rate: Decimal | None, *, bypass_limits: bool = False
     ) -> MempoolEntry:
         """Run every mempool check on ``tx``; return the entry it would get.
 
         Raises ``TxRejected`` with Bitcoin Core's code and reason.
         """
         chain = self.chain
-        txid = tx.txid
+        sizes = measure(tx)
+        txid = sizes.txid
         # CheckTransaction (consensus, context-free)
-        if not tx.inputs:
+        if not tx.vin:
             raise TxRejected(RPC_VERIFY_REJECTED, "bad-txns-vin-empty")
-        if not tx.outputs:
+        if not tx.vout:
             raise TxRejected(RPC_VERIFY_REJECTED, "bad-txns-vout-empty")
-        if tx.is_coinbase:
+        if tx.is_coinbase():
             raise TxRejected(RPC_VERIFY_REJECTED, "coinbase")
         total_out = 0
-        for out in tx.outputs:
-            if out.value < 0:
+        for out in tx.vout:
+            if out.nValue < 0:
                 raise TxRejected(RPC_VERIFY_REJECTED, "bad-txns-vout-negative")
-            if out.value > MAX_MONEY:
+            if out.nValue > MAX_MONEY:
                 raise TxRejected(RPC_VERIFY_REJECTED, "bad-txns-vout-toolarge")
-            total_out += out.value
+            total_out += out.nValue
             if total_out > MAX_MONEY:
                 raise TxRejected(RPC_VERIFY_REJECTED, "bad-txns-txouttotal-toolarge")
-        outpoints = [(i.prev_txid, i.prev_index) for i in tx.inputs]
+        outpoints = [(i.prevout.hash, i.prevout.n) for i in tx.vin]
         if len(set(outpoints)) != len(outpoints):
             raise TxRejected(RPC_VERIFY_REJECTED, "bad-txns-inputs-duplicate")
         # IsStandardTx (policy)
-        if not 1 <= tx.version <= 3:
+        if not 1 <= tx.nVersion <= 3:
             raise TxRejected(RPC_VERIFY_REJECTED, "version")
-        if tx.weight > MAX_STANDARD_TX_WEIGHT:
+        if sizes.weight > MAX_STANDARD_TX_WEIGHT:
             raise TxRejected(RPC_VERIFY_REJECTED, "tx-size")
-        if len(tx.serialize(with_witness=False)) < MIN_STANDARD_TX_NONWITNESS_SIZE:
+        if sizes.base_size < MIN_STANDARD_TX_NONWITNESS_SIZE:
             raise TxRejected(RPC_VERIFY_REJECTED, "tx-size-small")
         data_outputs = 0
-        for out in tx.outputs:
-            kind = script_type(out.script_pubkey)
+        for out in tx.vout:
+            script = bytes(out.scriptPubKey)
+            kind = script_type(script)
             if kind == "nulldata":
                 data_outputs += 1
-                if len(out.script_pubkey) > MAX_OP_RETURN_RELAY:
+                if len(script) > MAX_OP_RETURN_RELAY:
                     raise TxRejected(RPC_VERIFY_REJECTED, "scriptpubkey")
             elif kind in ("nonstandard", "witness_unknown", "multisig", "pubkey"):
                 raise TxRejected(RPC_VERIFY_REJECTED, "scriptpubkey")
-            elif out.value < dust_threshold(out.script_pubkey):
+            elif out.nValue < dust_threshold(script):
                 raise TxRejected(RPC_VERIFY_REJECTED, "dust")
         if data_outputs > 1:
             raise TxRejected(RPC_VERIFY_REJECTED, "multi-op-return")
         # IsFinalTx for the next block, with BIP113 median-time-past.
         next_height = chain.tip_height + 1
         mtp = chain.median_time_past()
-        if tx.locktime != 0:
-            limit = next_height if tx.locktime < LOCKTIME_THRESHOLD else mtp
-            if tx.locktime >= limit and any(i.sequence != SEQUENCE_FINAL for i in tx.inputs):
+        if tx.nLockTime != 0:
+            limit = next_height if tx.nLockTime < LOCKTIME_THRESHOLD else mtp
+            if tx.nLockTime >= limit and any(i.nSequence != SEQUENCE_FINAL for i in tx.vin):
                 raise TxRejected(RPC_VERIFY_REJECTED, "non-final")
         if txid in self.entries:
             raise TxRejected(RPC_VERIFY_ALREADY_IN_CHAIN, "txn-already-in-mempool")
@@ -170,7 +179,7 @@ class Mempool:
                 raise TxRejected(RPC_VERIFY_REJECTED, "txn-mempool-conflict")
             coin = self.lookup_coin(outpoint)
             if coin is None:
-                if any((txid, n) in chain.utxos for n in range(len(tx.outputs))):
+                if any((txid, n) in chain.utxos for n in range(len(tx.vout))):
                     raise TxRejected(RPC_VERIFY_ALREADY_IN_CHAIN, "txn-already-known")
                 raise TxRejected(RPC_VERIFY_ERROR, "bad-txns-inputs-missingorspent")
             if outpoint[0] in self.entries:
@@ -183,7 +192,7 @@ class Mempool:
                 )
             spent.append(coin)
         # BIP68 relative lock-times (CheckSequenceLocksAtTip).
-        if tx.version >= 2:
+        if tx.nVersion >= 2:
             self._check_sequence_locks(tx, spent, next_height, mtp)
         total_in = sum(c.value for c in spent)
         if total_in < total_out:
@@ -193,7 +202,7 @@ class Mempool:
                 f"value in ({btc(total_in):.8f}) < value out ({btc(total_out):.8f})",
             )
         fee = total_in - total_out
-        vsize = tx.vsize
+        vsize = sizes.vsize
         min_fee = vsize * MIN_RELAY_FEE_PER_KVB // 1000
         if fee < min_fee and not bypass_limits:
             raise TxRejected(RPC_VERIFY_REJECTED, "min relay fee not met", f"{fee} < {min_fee}")
@@ -202,31 +211,33 @@ class Mempool:
             if fee > max_fee:
                 raise TxRejected(RPC_VERIFY_ERROR, "max-fee-exceeded")
         # Relay policy on signatures, then consensus scripts through the kernel.
-        witnesses = tx.witnesses or tuple(() for _ in tx.inputs)
-        for txin, coin, witness in zip(tx.inputs, spent, witnesses, strict=True):
-            check_input_policy(coin.script, txin.script_sig, witness)
+        for index, (txin, coin) in enumerate(zip(tx.vin, spent, strict=True)):
+            check_input_policy(coin.script, bytes(txin.scriptSig), witness_stack(tx, index))
         spent_outputs = [(c.script, c.value) for c in spent]
         try:
-            ktx, txdata, _ = prepare_transaction(tx.serialize(), spent_outputs)
+            ktx, txdata, _ = prepare_transaction(sizes.serialized, spent_outputs)
             for index in range(len(spent_outputs)):
                 kernel_verify_input(ktx, index, spent_outputs, txdata=txdata)
         except ScriptVerifyError as exc:
             raise TxRejected(RPC_VERIFY_REJECTED, exc.reason) from exc
         except ValueError as exc:
             raise TxRejected(RPC_DESERIALIZATION_ERROR, "TX decode failed", str(exc)) from exc
-        return MempoolEntry(tx, fee, self.clock(), chain.tip_height, parents)
+        return MempoolEntry(
+            tx, txid, sizes.wtxid, vsize, sizes.weight, fee, self.clock(), chain.tip_height,
+            parents,
+        )
 
     def _check_sequence_locks(
-        self, tx: Tx, spent: list[Coin], next_height: int, mtp: int
+        self, tx: CTransaction, spent: list[Coin], next_height: int, mtp: int
     ) -> None:
         chain = self.chain
         min_height = -1
         min_time = -1
-        for txin, coin in zip(tx.inputs, spent, strict=True):
-            if txin.sequence & SEQUENCE_DISABLE_FLAG:
+        for txin, coin in zip(tx.vin, spent, strict=True):
+            if txin.nSequence & SEQUENCE_DISABLE_FLAG:
                 continue
-            value = txin.sequence & SEQUENCE_MASK
-            if txin.sequence & SEQUENCE_TYPE_FLAG:
+            value = txin.nSequence & SEQUENCE_MASK
+            if txin.nSequence & SEQUENCE_TYPE_FLAG:
                 base_height = max(0, min(coin.height, next_height) - 1)
                 base = chain.median_time_past(chain.active[base_height])
                 min_time = max(min_time, base + (value << 9) - 1)
@@ -236,16 +247,16 @@ class Mempool:
             raise TxRejected(RPC_VERIFY_REJECTED, "non-BIP68-final")
 
     def _insert(self, entry: MempoolEntry) -> None:
-        txid = entry.tx.txid
+        txid = entry.txid
         self.entries[txid] = entry
-        for txin in entry.tx.inputs:
-            self.spent[(txin.prev_txid, txin.prev_index)] = txid
+        for txin in entry.tx.vin:
+            self.spent[(txin.prevout.hash, txin.prevout.n)] = txid
 
     def _persist(self, entry: MempoolEntry) -> None:
         self._seq += 1
         self.chain.db.execute(
             "INSERT OR REPLACE INTO mempool VALUES (?, ?, ?, ?)",
-            (entry.tx.txid, self._seq, entry.tx.serialize(), entry.time),
+            (entry.txid, self._seq, bytes(entry.tx.serialize()), entry.time),
         )
 
     def add(self, entry: MempoolEntry) -> None:
@@ -254,7 +265,7 @@ class Mempool:
             self._persist(entry)
         self._insert(entry)
 
-    def accept(self, tx: Tx, max_fee_rate: Decimal | None = None) -> MempoolEntry:
+    def accept(self, tx: CTransaction, max_fee_rate: Decimal | None = None) -> MempoolEntry:
         """Check and add ``tx`` (the caller holds the node's lock)."""
         entry = self.check(tx, max_fee_rate)
         self.add(entry)
@@ -267,8 +278,8 @@ class Mempool:
         dropped: list[tuple[bytes]] = []
         for txid, raw, when in rows:
             try:
-                entry = self.check(Tx.parse(bytes(raw)), None)
-            except (NodeRpcError, DecodeError) as exc:
+                entry = self.check(decode_canonical(bytes(raw)), None)
+            except (NodeRpcError, ValueError) as exc:
                 log.info("dropping saved mempool transaction: %s", exc)
                 dropped.append((bytes(txid),))
                 continue
@@ -297,9 +308,9 @@ class Mempool:
 
     def _rebuild_spent(self) -> None:
         self.spent = {
-            (txin.prev_txid, txin.prev_index): txid
+            (txin.prevout.hash, txin.prevout.n): txid
             for txid, entry in self.entries.items()
-            for txin in entry.tx.inputs
+            for txin in entry.tx.vin
         }
         for entry in self.entries.values():
             entry.parents &= self.entries.keys()
@@ -313,13 +324,13 @@ class Mempool:
         for block in update.connected:
             rates: list[int] = []
             spent: set[Outpoint] = set()
-            for tx in block.txs[1:]:
-                entry = self.entries.pop(tx.txid, None)
+            for tx, txid in zip(block.vtx[1:], block_txids(block)[1:], strict=True):
+                entry = self.entries.pop(txid, None)
                 if entry is not None:
-                    removed.append(tx.txid)
-                    rates.append(entry.fee * 1000 // tx.vsize)
-                spent.update((i.prev_txid, i.prev_index) for i in tx.inputs)
-            self.fees.record(block.hash, rates)
+                    removed.append(txid)
+                    rates.append(entry.fee * 1000 // entry.vsize)
+                spent.update((i.prevout.hash, i.prevout.n) for i in tx.vin)
+            self.fees.record(block.GetHash(), rates)
             for outpoint in spent:
                 other = self.spent.get(outpoint)
                 if other is not None and other in self.entries:
@@ -329,22 +340,24 @@ class Mempool:
 
     def _after_reorg(self, update: ChainUpdate) -> None:
         for block in update.disconnected:
-            self.fees.forget(block.hash)
+            self.fees.forget(block.GetHash())
         candidates = [
-            (tx, True) for block in reversed(update.disconnected) for tx in block.txs[1:]
-        ] + [(entry.tx, False) for entry in self.entries.values()]
+            (tx, txid, True)
+            for block in reversed(update.disconnected)
+            for tx, txid in zip(block.vtx[1:], block_txids(block)[1:], strict=True)
+        ] + [(entry.tx, entry.txid, False) for entry in self.entries.values()]
         times = {txid: entry.time for txid, entry in self.entries.items()}
         self.entries = {}
         self.spent = {}
         db = self.chain.db
         db.execute("DELETE FROM mempool")
-        for tx, from_block in candidates:
-            if tx.txid in self.entries:
+        for tx, txid, from_block in candidates:
+            if txid in self.entries:
                 continue
             try:
                 entry = self.check(tx, None, bypass_limits=from_block)
             except NodeRpcError:
                 continue
-            entry.time = times.get(tx.txid, entry.time)
+            entry.time = times.get(txid, entry.time)
             self._insert(entry)
             self._persist(entry)

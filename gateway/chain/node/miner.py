@@ -12,11 +12,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from gateway.chain.blocks import Block, Tx, TxOut, assemble_block, block_subsidy
+from bitcoin.core import CBlock, CTransaction, CTxOut
+from bitcoin.core.script import CScript
+
+from gateway.chain.blocks import assemble_block, block_subsidy
 from gateway.chain.node.chainstate import ChainState
 from gateway.chain.node.common import RPC_VERIFY_ERROR, NodeRpcError
 from gateway.chain.node.mempool import Mempool
 from gateway.chain.node.validation import BlockValidator
+from gateway.protocol.tx import txid
 
 #: BIP141 block weight limit, and what the header and coinbase need of it
 #: (Bitcoin Core's block assembler reserves 4,000 WU the same way).
@@ -45,7 +49,7 @@ class Miner:
         """``max(MTP + 1, now)``: the earliest valid time, or the clock."""
         return max(self.chain.median_time_past() + 1, self.clock())
 
-    def mempool_block_txs(self) -> list[Tx]:
+    def mempool_block_txs(self) -> list[CTransaction]:
         """Mempool transactions for the next block, within ``max_block_weight``.
 
         Acceptance order is a valid topological order (parents are accepted
@@ -54,29 +58,28 @@ class Miner:
         (``bad-blk-weight``) and never misses a parent.
         """
         budget = self.max_block_weight - BLOCK_RESERVED_WEIGHT
-        chosen: list[Tx] = []
+        chosen: list[CTransaction] = []
         left: set[bytes] = set()
         for entry in self.mempool.entries.values():
-            tx = entry.tx
-            weight = tx.weight
-            if weight > budget or entry.parents & left:
-                left.add(tx.txid)
+            if entry.weight > budget or entry.parents & left:
+                left.add(entry.txid)
                 continue
-            chosen.append(tx)
-            budget -= weight
+            chosen.append(entry.tx)
+            budget -= entry.weight
         return chosen
 
     def assemble(
-        self, script: bytes, txs: list[Tx], *, block_time: int | None = None, fees: int = 0
-    ) -> Block:
+        self, script: bytes, txs: list[CTransaction], *, block_time: int | None = None,
+        fees: int = 0,
+    ) -> CBlock:
         """A block on the tip with ``txs`` whose coinbase pays subsidy + ``fees`` to ``script``."""
         chain = self.chain
         height = chain.tip_height + 1
         when = max(chain.median_time_past() + 1, block_time or self.clock())
-        outputs = [TxOut(block_subsidy(height) + fees, script)]
+        outputs = [CTxOut(block_subsidy(height) + fees, CScript(script))]
         block = assemble_block(chain.tip_hash, height, when, txs, outputs)
         extra = 0
-        while block.hash in chain.headers:
+        while block.GetHash() in chain.headers:
             # The same parent, time, payee and transactions as a block already
             # stored (mined again after an invalidateblock within one second):
             # an extra nonce in the coinbase makes it a new block, as Core's
@@ -88,9 +91,9 @@ class Miner:
         return block
 
     async def mine(
-        self, script: bytes, txs: list[Tx], *, block_time: int | None = None,
+        self, script: bytes, txs: list[CTransaction], *, block_time: int | None = None,
         fees: int | None = None,
-    ) -> Block:
+    ) -> CBlock:
         """Assemble, submit and connect one block; -25 with the kernel's reason if refused.
 
         ``fees`` defaults to the mempool fees of ``txs`` (what Core's
@@ -98,9 +101,8 @@ class Miner:
         template from an empty mempool there.
         """
         if fees is None:
-            fees = sum(
-                entry.fee for tx in txs if (entry := self.mempool.entries.get(tx.txid))
-            )
+            entries = self.mempool.entries
+            fees = sum(entry.fee for tx in txs if (entry := entries.get(txid(tx))))
         block = self.assemble(script, txs, block_time=block_time, fees=fees)
         outcome, reason = await self.validator.submit(block)
         if outcome != "connected":

@@ -9,9 +9,11 @@ is not yet durable. Stale blocks (off the active chain) stay readable with
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from gateway.chain.blocks import Tx
+from bitcoin.core import CTransaction
+
+from gateway.chain.blocks import block_txids
 from gateway.chain.node.chainstate import ChainState
 from gateway.chain.node.common import (
     RPC_INVALID_ADDRESS_OR_KEY,
@@ -25,10 +27,9 @@ from gateway.chain.node.common import (
     script_json,
     tx_json,
 )
+from gateway.chain.node.context import NodeContext
 from gateway.chain.node.store import BlockInfo
-
-if TYPE_CHECKING:
-    from gateway.chain.node.embedded import EmbeddedNode
+from gateway.protocol.tx import measure
 
 _NO_TX_IN_BLOCK = (
     "No such transaction found in the provided block. Use gettransaction for wallet transactions."
@@ -49,7 +50,7 @@ _GENESIS_COINBASE = bytes.fromhex(
 class ChainRpc:
     """``getblock``, ``getrawtransaction``, ``invalidateblock``... over a node."""
 
-    def __init__(self, node: EmbeddedNode) -> None:
+    def __init__(self, node: NodeContext) -> None:
         self.node = node
 
     @property
@@ -142,19 +143,18 @@ class ChainRpc:
         block = self._chain.block(info.hash)
         out = self._header_json(info)
         # Core's block sizes: without witnesses, with them, and BIP141 weight.
-        stripped = len(raw) - sum(
-            len(t.serialize()) - len(t.serialize(with_witness=False)) for t in block.txs
-        )
+        sizes = [measure(t) for t in block.vtx]
+        stripped = len(raw) - sum(s.size - s.base_size for s in sizes)
         out["strippedsize"] = stripped
         out["size"] = len(raw)
         out["weight"] = stripped * 3 + len(raw)
         if verbosity == 1:
-            out["tx"] = [t.txid[::-1].hex() for t in block.txs]
+            out["tx"] = [s.txid[::-1].hex() for s in sizes]
         else:
             txs = []
-            for t in block.txs:
-                item = tx_json(t)
-                item["hex"] = t.serialize().hex()
+            for t, s in zip(block.vtx, sizes, strict=True):
+                item = tx_json(t, s)
+                item["hex"] = s.serialized.hex()
                 txs.append(item)
             out["tx"] = txs
         return out
@@ -208,14 +208,14 @@ class ChainRpc:
                 "The genesis block coinbase is not considered an ordinary transaction and "
                 "cannot be retrieved",
             )
-        tx: Tx | None = None
+        tx: CTransaction | None = None
         info: BlockInfo | None = None
         given = blockhash is not None
         if given:
             info = self._chain.headers.get(hex_to_hash(blockhash, "parameter 3"))
             if info is None:
                 raise NodeRpcError(RPC_INVALID_ADDRESS_OR_KEY, "Block hash not found")
-            tx = next((t for t in chain.block(info.hash).txs if t.txid == key), None)
+            tx = self._find_tx(info, key)
             if tx is None:
                 raise NodeRpcError(RPC_INVALID_ADDRESS_OR_KEY, _NO_TX_IN_BLOCK)
         else:
@@ -225,7 +225,7 @@ class ChainRpc:
             elif chain.txindex is not None and key in chain.txindex:
                 info = chain.headers.get(chain.txindex[key])
                 if info is not None:
-                    tx = next((t for t in chain.block(info.hash).txs if t.txid == key), None)
+                    tx = self._find_tx(info, key)
             if tx is None:
                 raise NodeRpcError(
                     RPC_INVALID_ADDRESS_OR_KEY,
@@ -236,8 +236,9 @@ class ChainRpc:
         out: dict[str, Any] = {}
         if given:
             out["in_active_chain"] = chain.is_active(info.hash) if info else False
-        out.update(tx_json(tx))
-        out["hex"] = tx.serialize().hex()
+        sizes = measure(tx)
+        out.update(tx_json(tx, sizes))
+        out["hex"] = sizes.serialized.hex()
         if info is not None:
             out["blockhash"] = info.hash[::-1].hex()
             if chain.is_active(info.hash):
@@ -246,6 +247,11 @@ class ChainRpc:
             else:
                 out["confirmations"] = 0
         return out
+
+    def _find_tx(self, info: BlockInfo, key: bytes) -> CTransaction | None:
+        block = self._chain.block(info.hash)
+        txids = block_txids(block)
+        return next((t for t, h in zip(block.vtx, txids, strict=True) if h == key), None)
 
     async def rpc_decoderawtransaction(self, hexstring: Any, iswitness: Any = None) -> Any:
         """Decode a raw transaction."""

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import asyncio
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from gateway.chain.blocks import Block, DecodeError, Tx, TxOut
+from bitcoin.core import CTransaction, CTxOut
+from bitcoin.core.script import CScript
+
+from gateway.chain.blocks import block_hash_hex, parse_block
 from gateway.chain.node import store
 from gateway.chain.node.common import (
     DEFAULT_MAX_FEE_RATE,
@@ -35,11 +38,11 @@ from gateway.chain.node.common import (
     output_script,
     parse_amount,
 )
+from gateway.chain.node.context import NodeContext
 from gateway.chain.node.mempool import MempoolEntry
 from gateway.chain.node.walletops import WALLET_FEE_RATE
-
-if TYPE_CHECKING:
-    from gateway.chain.node.embedded import EmbeddedNode
+from gateway.protocol.tx import measure
+from gateway.protocol.tx import txid as tx_id
 
 _ESTIMATE_MODES = ("unset", "economical", "conservative")
 #: Core's setmocktime bound: the seconds in std::chrono::nanoseconds::max().
@@ -49,7 +52,7 @@ _MAX_MOCKTIME = 9_223_372_036
 class NodeRpc:
     """The state-changing half of the RPC surface, plus mempool and wallet views."""
 
-    def __init__(self, node: EmbeddedNode) -> None:
+    def __init__(self, node: NodeContext) -> None:
         self.node = node
 
     # -- mempool ---------------------------------------------------------------
@@ -57,11 +60,12 @@ class NodeRpc:
     async def rpc_sendrawtransaction(self, hexstring: Any, maxfeerate: Any = None) -> str:
         """Validate and relay (here: add to the mempool); return the txid."""
         tx = decode_tx_hex(hexstring)
+        key = tx_id(tx)
         rate = DEFAULT_MAX_FEE_RATE if maxfeerate is None else fee_rate_param(maxfeerate)
         mempool = self.node.mempool
 
         async def accept() -> None:
-            if tx.txid in mempool.entries:
+            if key in mempool.entries:
                 return  # Core: already in the mempool is success
             try:
                 mempool.accept(tx, rate)
@@ -78,7 +82,7 @@ class NodeRpc:
                 raise
 
         await self.node.exclusive(accept)
-        return tx.txid[::-1].hex()
+        return key[::-1].hex()
 
     async def rpc_testmempoolaccept(
         self, rawtxs: Any, maxfeerate: Any = None
@@ -92,7 +96,10 @@ class NodeRpc:
         txs = [decode_tx_hex(raw) for raw in rawtxs]
         results = []
         for tx in txs:
-            item: dict[str, Any] = {"txid": tx.txid[::-1].hex(), "wtxid": tx.wtxid[::-1].hex()}
+            sizes = measure(tx)
+            item: dict[str, Any] = {
+                "txid": sizes.txid[::-1].hex(), "wtxid": sizes.wtxid[::-1].hex()
+            }
             try:
                 entry = self.node.mempool.check(tx, rate)
             except TxRejected as exc:
@@ -100,7 +107,7 @@ class NodeRpc:
                 item["reject-reason"] = exc.reason
             else:
                 item["allowed"] = True
-                item["vsize"] = tx.vsize
+                item["vsize"] = sizes.vsize
                 item["fees"] = {"base": btc(entry.fee)}
             results.append(item)
         return results
@@ -108,13 +115,13 @@ class NodeRpc:
     def _entry_json(self, txid: bytes, entry: MempoolEntry) -> dict[str, Any]:
         children = self.node.mempool.children(txid)
         return {
-            "vsize": entry.tx.vsize,
-            "weight": entry.tx.weight,
+            "vsize": entry.vsize,
+            "weight": entry.weight,
             "time": entry.time,
             "height": entry.height,
             "descendantcount": 1 + len(children),
             "ancestorcount": 1 + len(entry.parents),
-            "wtxid": entry.tx.wtxid[::-1].hex(),
+            "wtxid": entry.wtxid[::-1].hex(),
             "fees": {
                 "base": btc(entry.fee),
                 "modified": btc(entry.fee),
@@ -148,7 +155,7 @@ class NodeRpc:
         return {
             "loaded": True,
             "size": len(entries),
-            "bytes": sum(e.tx.vsize for e in entries),
+            "bytes": sum(e.vsize for e in entries),
             "total_fee": btc(sum(e.fee for e in entries)),
             "mempoolminfee": btc(1000),
             "minrelaytxfee": btc(1000),
@@ -218,7 +225,7 @@ class NodeRpc:
             hashes = []
             for _ in range(nblocks):
                 block = await miner.mine(script, miner.mempool_block_txs())
-                hashes.append(block.hash_hex)
+                hashes.append(block_hash_hex(block))
             return hashes
 
         return await self.node.exclusive(mine)
@@ -238,7 +245,7 @@ class NodeRpc:
         if not isinstance(transactions, list):
             raise NodeRpcError(RPC_TYPE_ERROR, "transactions must be an array")
         mempool = self.node.mempool
-        txs: list[Tx] = []
+        txs: list[CTransaction] = []
         for item in transactions:
             if isinstance(item, str) and len(item) == 64:
                 entry = mempool.entries.get(hex_to_hash(item, "txid"))
@@ -260,17 +267,17 @@ class NodeRpc:
         async def generate() -> dict[str, str]:
             if not submit:
                 block = miner.assemble(script, txs)
-                return {"hash": block.hash_hex, "hex": block.serialize().hex()}
+                return {"hash": block_hash_hex(block), "hex": block.serialize().hex()}
             block = await miner.mine(script, txs, fees=0)
-            return {"hash": block.hash_hex}
+            return {"hash": block_hash_hex(block)}
 
         return await self.node.exclusive(generate)
 
     async def rpc_submitblock(self, hexdata: Any, dummy: Any = None) -> str | None:
         """Process a serialized block: null when connected, else Core's BIP22 result string."""
         try:
-            block = Block.parse(bytes.fromhex(hexdata))
-        except (ValueError, TypeError, DecodeError) as exc:
+            block = parse_block(bytes.fromhex(hexdata))
+        except (ValueError, TypeError) as exc:
             raise NodeRpcError(RPC_DESERIALIZATION_ERROR, "Block decode failed") from exc
         outcome, reason = await self.node.exclusive(
             lambda: self.node.validator.submit(block)
@@ -372,16 +379,16 @@ class NodeRpc:
         wallet = self.node.wallet
 
         async def send() -> str:
-            funded, fee, _ = wallet.fund(Tx(2, (), (TxOut(value, script),), 0), rate)
+            template = CTransaction([], [CTxOut(value, CScript(script))], 0, 2)
+            funded, fee, _ = wallet.fund(template, rate)
             if subtractfeefromamount:
-                outs = list(funded.outputs)
-                outs[0] = TxOut(value - fee, script)
-                funded = Tx(funded.version, funded.inputs, tuple(outs), funded.locktime)
+                outs = list(funded.vout)
+                outs[0] = CTxOut(value - fee, CScript(script))
+                funded = CTransaction(funded.vin, outs, funded.nLockTime, funded.nVersion)
             signed, unsigned = wallet.sign(funded)
             if unsigned:
                 raise NodeRpcError(RPC_MISC_ERROR, "Signing transaction failed")
-            self.node.mempool.accept(signed, None)
-            return signed.txid[::-1].hex()
+            return self.node.mempool.accept(signed, None).txid[::-1].hex()
 
         return await self.node.exclusive(send)
 
@@ -419,11 +426,11 @@ class NodeRpc:
         if unsigned:
             out["errors"] = [
                 {
-                    "txid": tx.inputs[i].prev_txid[::-1].hex(),
-                    "vout": tx.inputs[i].prev_index,
+                    "txid": tx.vin[i].prevout.hash[::-1].hex(),
+                    "vout": tx.vin[i].prevout.n,
                     "witness": [],
-                    "scriptSig": tx.inputs[i].script_sig.hex(),
-                    "sequence": tx.inputs[i].sequence,
+                    "scriptSig": tx.vin[i].scriptSig.hex(),
+                    "sequence": tx.vin[i].nSequence,
                     "error": "Input not found or already spent",
                 }
                 for i in unsigned

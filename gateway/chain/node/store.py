@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.chain.blocks import Tx
+from gateway.protocol.tx import decode_canonical, txid
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +121,11 @@ def _upgrade_tables(db: sqlite3.Connection) -> None:
             db.executescript(SCHEMA)
             for seq, raw, when in rows:
                 try:
-                    txid = Tx.parse(bytes(raw)).txid
+                    key = txid(decode_canonical(bytes(raw)))
                 except ValueError:
                     continue
                 db.execute(
-                    "INSERT OR IGNORE INTO mempool VALUES (?, ?, ?, ?)", (txid, seq, raw, when)
+                    "INSERT OR IGNORE INTO mempool VALUES (?, ?, ?, ?)", (key, seq, raw, when)
                 )
     if "height" in _columns(db, "txindex"):
         # Was txid -> height on the only chain there was; now txid -> block hash.

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from gateway.chain.blocks import Block
+from bitcoin.core import CBlock
+
+from gateway.chain.blocks import header_bytes
 from gateway.chain.node import store
 from gateway.chain.node.chainstate import FLUSH_INTERVAL, ChainState, OnUpdate
 from gateway.chain.node.common import RPC_DATABASE_ERROR, NodeRpcError, block_work
@@ -26,7 +28,7 @@ class BlockValidator:
         self.chain = chain
         self.on_update = on_update
 
-    async def submit(self, block: Block) -> tuple[str, str | None]:
+    async def submit(self, block: CBlock) -> tuple[str, str | None]:
         """Process a new block; return ``(outcome, reason)``.
 
         ``outcome`` is ``connected`` (on the active chain now), ``side``
@@ -35,24 +37,24 @@ class BlockValidator:
         ``refused`` (with the kernel's reason; the block is not kept).
         """
         chain = self.chain
-        block_hash = block.hash
+        block_hash = block.GetHash()
         known = chain.headers.get(block_hash)
         if known is not None:
             if chain.is_invalid(block_hash):
                 return "duplicate-invalid", None
             return ("duplicate" if chain.is_active(block_hash) else "duplicate-inconclusive"), None
-        parent = chain.headers.get(block.prev_hash)
+        parent = chain.headers.get(block.hashPrevBlock)
         if parent is None:
             return "refused", "prev-blk-not-found"
         if chain.is_invalid(parent.hash):
             return "refused", "bad-prevblk"
-        raw = block.serialize()
+        raw = bytes(block.serialize())
         db = chain.db
         with db:  # write-ahead: the kernel never holds a block node.sqlite lacks
             db.execute(
                 "INSERT OR REPLACE INTO blocks (hash, height, prev, status, ntx, raw)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
-                (block_hash, parent.height + 1, block.prev_hash, PENDING, len(block.txs), raw),
+                (block_hash, parent.height + 1, block.hashPrevBlock, PENDING, len(block.vtx), raw),
             )
         await chain.feed(chain.unknown_ancestors(parent.hash))
         _, reason = await asyncio.to_thread(chain.kernel.process_block, raw)
@@ -60,10 +62,11 @@ class BlockValidator:
         connected = kernel.height_of(block_hash) is not None
         side = not connected and reason is not None and reason.startswith("inconclusive")
         if connected or side:
+            chain.remember(block)
             chain.add_header(
                 BlockInfo(
-                    block_hash, parent.height + 1, block.prev_hash, block.header,
-                    len(block.txs), parent.chainwork + block_work(_bits(block)), VALID,
+                    block_hash, parent.height + 1, block.hashPrevBlock, header_bytes(block),
+                    len(block.vtx), parent.chainwork + block_work(block.nBits), VALID,
                 )
             )
             if side:
@@ -137,6 +140,3 @@ class BlockValidator:
         if store.meta(chain.db, "kernel_wipe") is not None:
             await chain.flush()
 
-
-def _bits(block: Block) -> int:
-    return int.from_bytes(block.header[72:76], "little")

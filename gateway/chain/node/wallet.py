@@ -2,8 +2,9 @@
 
 Keys are random 32-byte secrets kept in the node's SQLite file; signatures
 are RFC 6979 ECDSA from libsecp256k1 (always low-S, strict DER, BIP62/BIP66)
-over the BIP143 digest. Addresses are not made here: the project has one
-codec, ``gateway.protocol.scripts`` (BIP173/BIP350, Base58Check).
+over the BIP143 digest of ``gateway.protocol.sighash``, the one the channel
+core signs with. Addresses are not made here: the project has one codec,
+``gateway.protocol.scripts`` (BIP173/BIP350, Base58Check).
 """
 
 from __future__ import annotations
@@ -12,15 +13,11 @@ import os
 import sqlite3
 
 import coincurve
+from bitcoin.core import CTransaction
 
-from gateway.chain.blocks import (
-    SIGHASH_ALL,
-    Tx,
-    bip143_sighash,
-    hash160,
-    p2wpkh_script,
-    p2wpkh_script_code,
-)
+from gateway.protocol.scripts import hash160, p2wpkh_script_pubkey
+from gateway.protocol.sighash import SIGHASH_ALL, bip143_digest, p2wpkh_script_code
+from gateway.protocol.tx import with_witness, witness_stack
 
 
 def script_type(script: bytes) -> str:
@@ -79,7 +76,7 @@ class Wallet:
     def new_script(self) -> bytes:
         """Create, persist (committed at once) and return a new P2WPKH scriptPubKey."""
         key = coincurve.PrivateKey(os.urandom(32))
-        script = p2wpkh_script(hash160(key.public_key.format(compressed=True)))
+        script = p2wpkh_script_pubkey(hash160(key.public_key.format(compressed=True)))
         with self._db:
             self._db.execute(
                 "INSERT INTO wallet_keys (secret, script) VALUES (?, ?)", (key.secret, script)
@@ -91,25 +88,24 @@ class Wallet:
         """The first key's script (created on demand): premine and mining rewards go here."""
         return self.scripts[0] if self._keys else self.new_script()
 
-    def sign(self, tx: Tx, spent: list[tuple[bytes, int] | None]) -> tuple[Tx, list[int]]:
+    def sign(
+        self, tx: CTransaction, spent: list[tuple[bytes, int] | None]
+    ) -> tuple[CTransaction, list[int]]:
         """Sign every input whose spent output (``(script, value)``) pays this wallet.
 
         Returns the new transaction and the indexes of inputs left unsigned.
         Existing witnesses of other inputs are kept.
         """
-        witnesses: list[tuple[bytes, ...]] = (
-            list(tx.witnesses) if tx.witnesses else [() for _ in tx.inputs]
-        )
+        witnesses = [witness_stack(tx, index) for index in range(len(tx.vin))]
         unsigned: list[int] = []
         for index, prevout in enumerate(spent):
             if prevout is None or prevout[0] not in self._keys:
-                if not witnesses[index] and not tx.inputs[index].script_sig:
+                if not witnesses[index] and not tx.vin[index].scriptSig:
                     unsigned.append(index)
                 continue
             script, value = prevout
             key = self._keys[script]
-            digest = bip143_sighash(tx, index, p2wpkh_script_code(script[2:]), value)
+            digest = bip143_digest(tx, index, p2wpkh_script_code(script[2:]), value, SIGHASH_ALL)
             signature = key.sign(digest, hasher=None) + bytes((SIGHASH_ALL,))
             witnesses[index] = (signature, key.public_key.format(compressed=True))
-        signed = Tx(tx.version, tx.inputs, tx.outputs, tx.locktime, tuple(witnesses))
-        return signed, unsigned
+        return with_witness(tx, witnesses), unsigned

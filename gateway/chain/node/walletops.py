@@ -9,7 +9,9 @@ chain.
 
 from __future__ import annotations
 
-from gateway.chain.blocks import Tx, TxIn, TxOut
+from bitcoin.core import COutPoint, CTransaction, CTxIn, CTxOut
+from bitcoin.core.script import CScript
+
 from gateway.chain.node.common import (
     COINBASE_MATURITY,
     RPC_INVALID_ADDRESS_OR_KEY,
@@ -50,35 +52,35 @@ class NodeWallet:
         for txid, entry in entries.items():
             # Only outputs of transactions the wallet itself funded are trusted.
             if not all(
-                (i.prev_txid, i.prev_index) in chain.wallet_utxos or i.prev_txid in entries
-                for i in entry.tx.inputs
+                (i.prevout.hash, i.prevout.n) in chain.wallet_utxos or i.prevout.hash in entries
+                for i in entry.tx.vin
             ):
                 continue
-            for n, out in enumerate(entry.tx.outputs):
-                if self.keys.owns(out.script_pubkey) and (txid, n) not in spent:
-                    coin = Coin(out.value, out.script_pubkey, next_height, False)
+            for n, out in enumerate(entry.tx.vout):
+                if self.keys.owns(out.scriptPubKey) and (txid, n) not in spent:
+                    coin = Coin(out.nValue, bytes(out.scriptPubKey), next_height, False)
                     coins.append(((txid, n), coin))
         return coins
 
     def fund(
-        self, tx: Tx, fee_rate: int, change_position: int | None = None
-    ) -> tuple[Tx, int, int]:
+        self, tx: CTransaction, fee_rate: int, change_position: int | None = None
+    ) -> tuple[CTransaction, int, int]:
         """Add wallet inputs and a change output to cover outputs + fee at ``fee_rate`` sat/vB."""
         preset: list[Coin] = []
-        for txin in tx.inputs:
-            coin = self.mempool.lookup_coin((txin.prev_txid, txin.prev_index))
+        for txin in tx.vin:
+            coin = self.mempool.lookup_coin((txin.prevout.hash, txin.prevout.n))
             if coin is None:
                 raise NodeRpcError(RPC_INVALID_ADDRESS_OR_KEY, "Unable to find UTXO for input")
             preset.append(coin)
-        target = sum(o.value for o in tx.outputs)
+        target = sum(o.nValue for o in tx.vout)
         have = sum(c.value for c in preset)
-        used = {(i.prev_txid, i.prev_index) for i in tx.inputs}
+        used = {(i.prevout.hash, i.prevout.n) for i in tx.vin}
         candidates = sorted(
             (c for c in self.spendable() if c[0] not in used), key=lambda item: -item[1].value
         )
-        inputs = list(tx.inputs)
+        inputs = list(tx.vin)
         change_script = self.keys.default_script()
-        out_vbytes = sum(9 + len(o.script_pubkey) for o in tx.outputs)
+        out_vbytes = sum(9 + len(o.scriptPubKey) for o in tx.vout)
         while True:
             # P2WPKH input <= 68 vB with a 72-byte signature; change output 31 vB.
             vsize = 11 + 68 * len(inputs) + out_vbytes + 31
@@ -88,25 +90,25 @@ class NodeWallet:
             if not candidates:
                 raise NodeRpcError(RPC_WALLET_INSUFFICIENT_FUNDS, "Insufficient funds")
             outpoint, coin = candidates.pop(0)
-            inputs.append(TxIn(outpoint[0], outpoint[1], b"", 0xFFFFFFFD))
+            inputs.append(CTxIn(COutPoint(outpoint[0], outpoint[1]), CScript(), 0xFFFFFFFD))
             have += coin.value
-        outputs = list(tx.outputs)
+        outputs = list(tx.vout)
         change = have - target - fee
         position = -1
         if change >= dust_threshold(change_script):
             position = len(outputs) if change_position is None else change_position
             if not 0 <= position <= len(outputs):
                 raise NodeRpcError(RPC_INVALID_PARAMETER, "changePosition out of bounds")
-            outputs.insert(position, TxOut(change, change_script))
+            outputs.insert(position, CTxOut(change, CScript(change_script)))
         else:
             fee += change
-        funded = Tx(tx.version, tuple(inputs), tuple(outputs), tx.locktime, ())
+        funded = CTransaction(inputs, outputs, tx.nLockTime, tx.nVersion)
         return funded, fee, position
 
-    def sign(self, tx: Tx) -> tuple[Tx, list[int]]:
+    def sign(self, tx: CTransaction) -> tuple[CTransaction, list[int]]:
         """Sign the inputs spending wallet coins; return the tx and the unsigned indexes."""
         spent: list[tuple[bytes, int] | None] = []
-        for txin in tx.inputs:
-            coin = self.mempool.lookup_coin((txin.prev_txid, txin.prev_index))
+        for txin in tx.vin:
+            coin = self.mempool.lookup_coin((txin.prevout.hash, txin.prevout.n))
             spent.append(None if coin is None else (coin.script, coin.value))
         return self.keys.sign(tx, spent)
