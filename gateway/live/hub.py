@@ -1,0 +1,516 @@
+"""The live hub: one live stream's clock, renditions, viewers and end.
+
+See the package docstring (:mod:`gateway.live`) for the theory of operation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import av
+from av.audio.frame import AudioFrame
+from av.video.frame import VideoFrame
+
+from gateway.live.encode import (
+    KeyframePolicy,
+    OpusEncoder,
+    Pipeline,
+    PipelineStats,
+    Vp8Encoder,
+    fit_size,
+)
+from gateway.live.fmp4 import Fmp4Packager, FragmentLog, LiveFragment
+from gateway.live.ice import IceConfig
+from gateway.live.sdp import Offer, validate_offer
+
+if TYPE_CHECKING:
+    from gateway.live.record import Recorder, Recording
+    from gateway.live.viewer import LiveViewer
+    from gateway.media.catalog import MediaItem
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["audio", "video"]
+State = Literal["waiting", "live", "ended"]
+
+
+@dataclass(frozen=True)
+class LiveConfig:
+    """Tunables of one live stream (defaults suit the issue's targets)."""
+
+    #: Length of one live interval, the unit a viewer pays for (a "chunk"
+    #: in protocol.md section 7's sense); also the GOP and MSE fragment length.
+    interval_ms: int = 1000
+    #: Renditions are scaled down to this many lines (never up).
+    max_height: int = 360
+    #: WebRTC rendition: VP8 and Opus.
+    video_bitrate: int = 500_000
+    audio_bitrate: int = 48_000
+    #: MSE rendition (fMP4): H.264 and AAC; off when False.
+    mse: bool = True
+    mse_video_bitrate: int = 600_000
+    mse_audio_bitrate: int = 96_000
+    #: Keyframes asked for by viewers come at most this often; a viewer
+    #: joining or resuming starts at a keyframe at most this old instead.
+    keyframe_gap_ms: int = 100
+    #: A viewer whose next packet is this far behind the newest one (its
+    #: connection is slower than the stream) skips ahead to a keyframe.
+    max_viewer_lag_ms: int = 1000
+    #: Frames an encoder may fall behind by before the oldest is dropped
+    #: (they arrive in bursts after network jitter; an encoder's first frame
+    #: also waits for it to open).
+    video_queue: int = 8
+    audio_queue: int = 25
+    #: Encoded packets kept per WebRTC rendition.
+    backlog_ms: int = 3000
+    #: MSE fragments kept in memory for readers.
+    fragments_kept: int = 8
+    #: The publisher is gone when no media came for this long.
+    idle_timeout_s: float = 5.0
+    #: ... or when no media came this long after the ingest was set up.
+    start_timeout_s: float = 20.0
+    #: With a kind announced but not arriving, the MSE rendition starts
+    #: without it this long after the first frame.
+    mse_wait_ms: int = 2000
+
+
+@dataclass(slots=True)
+class EncodedPacket:
+    """One encoded frame of a WebRTC rendition, shared by every viewer.
+
+    ``packet`` is the very ``av.Packet`` aiortc's sender packetizes for each
+    viewer (read only: its bytes, ``pts`` and ``time_base``).
+    """
+
+    seq: int
+    kind: Kind
+    live_ms: int
+    keyframe: bool
+    packet: av.Packet
+    size: int
+
+
+class Rendition:
+    """The recent encoded packets of one kind, and the viewers waiting for more."""
+
+    def __init__(self, kind: Kind, backlog_ms: int) -> None:
+        self.kind = kind
+        self.backlog_ms = backlog_ms
+        self.packets: deque[EncodedPacket] = deque()
+        self.next_seq = 0
+        self.closed = False
+        self._waiters: set[asyncio.Future[None]] = set()
+
+    def publish(self, packet: av.Packet, live_ms: int, keyframe: bool) -> EncodedPacket:
+        """Append a packet and wake the readers."""
+        encoded = EncodedPacket(self.next_seq, self.kind, live_ms, keyframe, packet, packet.size)
+        self.next_seq += 1
+        self.packets.append(encoded)
+        while self.packets and live_ms - self.packets[0].live_ms > self.backlog_ms:
+            self.packets.popleft()
+        self._wake()
+        return encoded
+
+    def close(self) -> None:
+        """No more packets: readers see the end."""
+        self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()
+
+    def waiter(self) -> asyncio.Future[None]:
+        """A future resolved at the next packet (or the end)."""
+        future = asyncio.get_running_loop().create_future()
+        self._waiters.add(future)
+        return future
+
+    def discard(self, waiter: asyncio.Future[None]) -> None:
+        """Forget a waiter (its reader was woken otherwise or cancelled)."""
+        self._waiters.discard(waiter)
+
+    def get(self, seq: int) -> EncodedPacket | None:
+        """The packet ``seq`` if still held (the oldest held if ``seq`` is older)."""
+        if not self.packets or seq >= self.next_seq:
+            return None
+        first = self.packets[0].seq
+        return self.packets[max(0, seq - first)]
+
+    @property
+    def newest(self) -> EncodedPacket | None:
+        """The newest packet."""
+        return self.packets[-1] if self.packets else None
+
+    def keyframe_since(self, live_ms: int, before_ms: int) -> EncodedPacket | None:
+        """The newest keyframe at or after ``live_ms`` and before ``before_ms``."""
+        for packet in reversed(self.packets):
+            if packet.live_ms < live_ms:
+                return None
+            if packet.keyframe and packet.live_ms < before_ms:
+                return packet
+        return None
+
+
+@dataclass
+class HubStats:
+    """What the hub did so far (for tests, the dashboard and ``gateway bench --live``)."""
+
+    video_frames_in: int = 0
+    audio_frames_in: int = 0
+    #: Per rendition: frames submitted, encoded, dropped (``vp8``, ``opus``,
+    #: ``h264``, ``aac``).
+    renditions: dict[str, PipelineStats] = field(default_factory=dict)
+    keyframes: int = 0
+    keyframe_requests: int = 0
+    fragments: int = 0
+
+    def encodes(self, name: str) -> int:
+        """How many frames rendition ``name`` encoded."""
+        stats = self.renditions.get(name)
+        return stats.encoded if stats is not None else 0
+
+
+class _TrackClock:
+    """Maps one ingest track's frame timestamps to live milliseconds.
+
+    A track's timestamps (RTP, RFC 3550 section 5.1, unwrapped by aiortc)
+    keep the publisher's spacing of frames; they are anchored to the live
+    clock at the track's first frame and re-anchored when they drift from
+    the arrival time by more than ``tolerance_ms`` (publisher paused,
+    clock jumped). Live times of one track strictly increase.
+    """
+
+    def __init__(self, tolerance_ms: int = 500) -> None:
+        self.tolerance_ms = tolerance_ms
+        self._anchor: tuple[float, int] | None = None  # (media seconds, live ms)
+        self._last = -1
+
+    def live_ms(self, media_seconds: float | None, arrival_ms: int) -> int:
+        if media_seconds is None:
+            ms = arrival_ms
+        else:
+            if self._anchor is None:
+                self._anchor = (media_seconds, arrival_ms)
+            ms = self._anchor[1] + round((media_seconds - self._anchor[0]) * 1000)
+            if abs(ms - arrival_ms) > self.tolerance_ms:
+                self._anchor = (media_seconds, arrival_ms)
+                ms = arrival_ms
+        ms = max(ms, self._last + 1)
+        self._last = ms
+        return ms
+
+
+class LiveHub:
+    """One live stream: decoded frames in, one encode per rendition, many viewers out.
+
+    Feed it with :class:`~gateway.live.ingest.LiveIngest` (or
+    :meth:`push_video`/:meth:`push_audio`); add viewers with
+    :meth:`add_viewer`; read the MSE path from :attr:`mse`; stop it with
+    :meth:`end`. Create it inside a running event loop.
+    """
+
+    def __init__(
+        self,
+        live_id: str,
+        config: LiveConfig | None = None,
+        *,
+        ice: IceConfig | None = None,
+        recording: Recording | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.live_id = live_id
+        self.config = config or LiveConfig()
+        self.ice = ice or IceConfig()
+        self.stats = HubStats()
+        self.state: State = "waiting"
+        self.end_reason: str | None = None
+        self.ended = asyncio.Event()
+        self.video = Rendition("video", self.config.backlog_ms)
+        self.audio = Rendition("audio", self.config.backlog_ms)
+        self.mse = FragmentLog(self.config.fragments_kept)
+        self.viewers: set[LiveViewer] = set()
+        self.recorded: MediaItem | None = None
+        self._clock = clock
+        self._created = clock()
+        self._t0: float | None = None
+        self._last_media: float | None = None
+        self._expected: frozenset[str] = frozenset({"audio", "video"})
+        self._end_callbacks: list[Callable[[str], object]] = []
+        self._video_clock = _TrackClock()
+        self._audio_clock = _TrackClock()
+        cfg = self.config
+        self._vp8_keyframes = KeyframePolicy(cfg.interval_ms, cfg.keyframe_gap_ms)
+        self._h264_keyframes = KeyframePolicy(cfg.interval_ms, cfg.interval_ms)
+        self._vp8: Pipeline[tuple[VideoFrame, int], list[av.Packet]] | None = None
+        self._opus: Pipeline[tuple[AudioFrame, int], list[av.Packet]] | None = None
+        self._h264: Pipeline[tuple[VideoFrame, int], list[av.Packet]] | None = None
+        self._aac: Pipeline[tuple[AudioFrame, int], list[av.Packet]] | None = None
+        self._packager: Fmp4Packager | None = None
+        self._video_size: tuple[int, int] | None = None
+        self._mse_gave_up = not cfg.mse
+        self._recorder: Recorder | None = None
+        if recording is not None and recording.enabled:
+            from gateway.live.record import Recorder
+
+            self._recorder = Recorder(recording)
+        self._ending: asyncio.Task[None] | None = None
+
+    # -- the live clock and its intervals --
+
+    def now_ms(self) -> int:
+        """The live time now: milliseconds since the stream's first frame (0 before)."""
+        if self._t0 is None:
+            return 0
+        return int((self._clock() - self._t0) * 1000)
+
+    def interval_of(self, live_ms: int) -> int:
+        """The interval holding ``live_ms`` (interval ``k`` is ``[k, k + 1)`` intervals)."""
+        return live_ms // self.config.interval_ms
+
+    def interval_start(self, interval: int) -> int:
+        """Where interval ``interval`` starts, in live ms."""
+        return interval * self.config.interval_ms
+
+    @property
+    def idle_s(self) -> float:
+        """Seconds since the last media frame (or since the hub was created)."""
+        last = self._last_media if self._last_media is not None else self._created
+        return self._clock() - last
+
+    # -- input --
+
+    def expect(self, kinds: frozenset[str]) -> None:
+        """The kinds the publisher announced (its offer); the MSE rendition waits for them."""
+        self._expected = kinds
+
+    def _arrival_ms(self) -> int:
+        now = self._clock()
+        if self._t0 is None:
+            self._t0 = now
+            self.state = "live"
+        self._last_media = now
+        return int((now - self._t0) * 1000)
+
+    def push_video(self, frame: VideoFrame) -> int | None:
+        """Take one decoded video frame; returns its live time (None once ended)."""
+        if self.state == "ended":
+            return None
+        live_ms = self._video_clock.live_ms(frame.time, self._arrival_ms())
+        self.stats.video_frames_in += 1
+        if self._video_size is None:
+            self._start_video(frame)
+        assert self._vp8 is not None
+        self._vp8.submit((frame, live_ms))
+        self._start_mse_if_ready(live_ms)
+        if self._h264 is not None:
+            self._h264.submit((frame, live_ms))
+        return live_ms
+
+    def push_audio(self, frame: AudioFrame) -> int | None:
+        """Take one decoded audio frame; returns its live time (None once ended)."""
+        if self.state == "ended":
+            return None
+        live_ms = self._audio_clock.live_ms(frame.time, self._arrival_ms())
+        self.stats.audio_frames_in += 1
+        if self._opus is None:
+            self._start_audio()
+        assert self._opus is not None
+        self._opus.submit((frame, live_ms))
+        self._start_mse_if_ready(live_ms)
+        if self._aac is not None:
+            self._aac.submit((frame, live_ms))
+        return live_ms
+
+    def request_keyframe(self) -> None:
+        """Ask the WebRTC video rendition for a keyframe soon (coalesced, rate-limited)."""
+        self.stats.keyframe_requests += 1
+        self._vp8_keyframes.request()
+
+    # -- renditions --
+
+    def _start_video(self, frame: VideoFrame) -> None:
+        cfg = self.config
+        self._video_size = fit_size(frame.width, frame.height, cfg.max_height)
+        encoder = Vp8Encoder(*self._video_size, cfg.video_bitrate)
+        policy = self._vp8_keyframes
+
+        def work(item: tuple[VideoFrame, int]) -> list[av.Packet]:
+            frame, live_ms = item
+            return encoder.encode(frame, live_ms, policy.decide(live_ms))
+
+        def deliver(item: tuple[VideoFrame, int], packets: list[av.Packet]) -> None:
+            for packet in packets:
+                if packet.is_keyframe:
+                    self.stats.keyframes += 1
+                self.video.publish(packet, item[1], packet.is_keyframe)
+
+        self._vp8 = Pipeline("vp8", work, deliver, depth=cfg.video_queue)
+        self.stats.renditions["vp8"] = self._vp8.stats
+
+    def _start_audio(self) -> None:
+        encoder = OpusEncoder(self.config.audio_bitrate)
+
+        def work(item: tuple[AudioFrame, int]) -> list[av.Packet]:
+            return encoder.encode(*item)
+
+        def deliver(item: tuple[AudioFrame, int], packets: list[av.Packet]) -> None:
+            for packet in packets:
+                self.audio.publish(packet, max(0, round((packet.pts or 0) * 1000 / 48_000)), True)
+
+        self._opus = Pipeline("opus", work, deliver, depth=self.config.audio_queue)
+        self.stats.renditions["opus"] = self._opus.stats
+
+    def _start_mse_if_ready(self, live_ms: int) -> None:
+        """Start the fMP4 rendition once the announced kinds have shown up.
+
+        Its tracks are fixed when it starts (an MP4 header lists them), so it
+        waits for each announced kind, or ``mse_wait_ms`` of live time, then
+        starts with the kinds that came.
+        """
+        if self._packager is not None or self._mse_gave_up:
+            return
+        has_video = self._video_size is not None
+        has_audio = self._opus is not None
+        complete = ("video" not in self._expected or has_video) and (
+            "audio" not in self._expected or has_audio
+        )
+        if not complete and live_ms < self.config.mse_wait_ms:
+            return
+        cfg = self.config
+        try:
+            packager = Fmp4Packager(
+                video_size=self._video_size,
+                audio=has_audio,
+                video_bitrate=cfg.mse_video_bitrate,
+                audio_bitrate=cfg.mse_audio_bitrate,
+                interval_ms=cfg.interval_ms,
+                now_ms=self.now_ms,
+                on_fragment=self._got_fragment,
+            )
+        except (av.FFmpegError, ValueError) as exc:
+            log.warning("live %s: no MSE rendition: %s", self.live_id, exc)
+            self._mse_gave_up = True
+            return
+        self._packager = packager
+        assert packager.init_segment is not None
+        self.mse.set_init(packager.init_segment, packager.mime)
+        if self._recorder is not None:
+            self._recorder.start(packager.init_segment, packager.mime)
+        if packager.video is not None:
+            policy = self._h264_keyframes
+
+            def video_work(item: tuple[VideoFrame, int]) -> list[av.Packet]:
+                frame, live_ms = item
+                return packager.encode_video(frame, live_ms, policy.decide(live_ms))
+
+            self._h264 = Pipeline(
+                "h264",
+                video_work,
+                lambda _, packets: packager.mux(packets),
+                depth=cfg.video_queue,
+            )
+            self.stats.renditions["h264"] = self._h264.stats
+        if packager.audio is not None:
+            self._aac = Pipeline(
+                "aac",
+                lambda item: packager.encode_audio(*item),
+                lambda _, packets: packager.mux(packets),
+                depth=cfg.audio_queue,
+            )
+            self.stats.renditions["aac"] = self._aac.stats
+
+    def _got_fragment(self, fragment: LiveFragment) -> None:
+        self.stats.fragments += 1
+        self.mse.append(fragment)
+        if self._recorder is not None:
+            self._recorder.add(fragment)
+
+    # -- viewers --
+
+    async def add_viewer(self, offer: str | Offer) -> LiveViewer:
+        """A new WebRTC viewer from its SDP offer (it sends the offer, WHEP-style).
+
+        The offer is validated (``role="viewer"``: VP8 and/or Opus to
+        receive); :attr:`LiveViewer.answer` is the SDP answer to send back.
+        The viewer gets nothing until :meth:`LiveViewer.allow` says up to
+        which live time it may.
+        """
+        from gateway.live.viewer import LiveViewer
+
+        if self.state == "ended":
+            raise RuntimeError(f"live stream {self.live_id} has ended")
+        if isinstance(offer, str):
+            offer = validate_offer(offer, role="viewer")
+        viewer = LiveViewer(self)
+        self.viewers.add(viewer)
+        try:
+            await viewer.accept(offer)
+        except BaseException:
+            self.viewers.discard(viewer)
+            await viewer.close()
+            raise
+        return viewer
+
+    def _viewer_closed(self, viewer: LiveViewer) -> None:
+        self.viewers.discard(viewer)
+
+    # -- the end --
+
+    def on_end(self, callback: Callable[[str], object]) -> None:
+        """Call ``callback(reason)`` when the stream ends (at once if it has)."""
+        if self.end_reason is not None:
+            callback(self.end_reason)
+        else:
+            self._end_callbacks.append(callback)
+
+    async def end(self, reason: str = "stopped") -> None:
+        """End the stream: flush the renditions, tell viewers, finish the recording.
+
+        ``reason``: ``stopped`` (the publisher said so: WHIP ``DELETE``) or
+        ``lost`` (its connection failed or its media stopped). Idempotent;
+        returns once everything is done.
+        """
+        if self._ending is None:
+            self.end_reason = reason
+            self.state = "ended"
+            self._ending = asyncio.get_running_loop().create_task(self._end())
+        await asyncio.shield(self._ending)
+
+    async def _end(self) -> None:
+        reason = self.end_reason or "stopped"
+        for callback in self._end_callbacks:
+            try:
+                callback(reason)
+            except Exception:
+                log.exception("live %s: end callback failed", self.live_id)
+        for pipeline in (self._vp8, self._opus):
+            if pipeline is not None:
+                await pipeline.close(drain=False)
+        self.video.close()
+        self.audio.close()
+        await asyncio.gather(
+            *(viewer._end(reason) for viewer in list(self.viewers)), return_exceptions=True
+        )
+        packager = self._packager
+        if packager is not None:
+            if self._h264 is not None:
+                packager.mux(await self._h264.close(flush=packager.flush_video) or [])
+            if self._aac is not None:
+                packager.mux(await self._aac.close(flush=packager.flush_audio) or [])
+            packager.close()
+        self.mse.end()
+        if self._recorder is not None:
+            try:
+                self.recorded = await self._recorder.finish()
+            except Exception:
+                log.exception("live %s: the recording could not be saved", self.live_id)
+        self.ended.set()
