@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,8 +31,13 @@ from typing import Generic, TypeVar
 import av
 from av.audio.frame import AudioFrame
 from av.video.frame import PictureType, VideoFrame
+from av.video.reformatter import VideoReformatter
 
 log = logging.getLogger(__name__)
+
+#: Encoders created in this process, by codec (``vp8``, ``opus``, ``h264``,
+#: ``aac``): tests and benches check that viewers add none.
+ENCODERS_CREATED: Counter[str] = Counter()
 
 #: Encoders take timestamps in live milliseconds.
 MS = Fraction(1, 1000)
@@ -53,28 +58,38 @@ def fit_size(width: int, height: int, max_height: int) -> tuple[int, int]:
     return max(2, width // 2 * 2), max(2, height // 2 * 2)
 
 
-def private_frame(frame: VideoFrame, width: int, height: int) -> VideoFrame:
-    """``frame`` as yuv420p at ``width`` x ``height``, in a frame of its own.
+class FrameFitter:
+    """Gives one rendition its own yuv420p copy of a decoded frame, at its size.
 
-    Several renditions encode the same decoded frame at once, each setting
-    ``pts`` and ``pict_type`` on its input: PyAV's ``reformat`` returns the
-    frame itself when nothing changes, so that case is copied.
+    Several renditions encode the same decoded frame at once, each in its
+    thread, and each sets ``pts`` and ``pict_type`` on its input. PyAV's
+    ``VideoFrame.reformat`` keeps one scaler per *source* frame, which two
+    threads would then share (a crash), and returns the frame itself when
+    nothing changes; so each rendition has its own scaler, and an unchanged
+    frame is copied.
     """
-    out = frame.reformat(width=width, height=height, format="yuv420p")
-    if out is frame:
-        out = VideoFrame(width, height, "yuv420p")
-        for source, dest in zip(frame.planes, out.planes, strict=True):
-            if source.line_size == dest.line_size:
-                dest.update(bytes(source))
-            else:  # different padding: copy row by row
-                rows = bytes(source)
-                view = memoryview(rows)
-                data = b"".join(
-                    view[r * source.line_size : r * source.line_size + dest.line_size]
-                    for r in range(dest.height)
-                )
-                dest.update(data.ljust(dest.buffer_size, b"\0"))
-    return out
+
+    def __init__(self, width: int, height: int) -> None:
+        self.width, self.height = width, height
+        self._reformatter = VideoReformatter()
+
+    def __call__(self, frame: VideoFrame) -> VideoFrame:
+        out = self._reformatter.reformat(
+            frame, width=self.width, height=self.height, format="yuv420p"
+        )
+        if out is frame:
+            out = VideoFrame(self.width, self.height, "yuv420p")
+            for source, dest in zip(frame.planes, out.planes, strict=True):
+                if source.line_size == dest.line_size:
+                    dest.update(bytes(source))
+                else:  # different padding: copy row by row
+                    view = memoryview(bytes(source))
+                    data = b"".join(
+                        view[r * source.line_size : r * source.line_size + dest.line_size]
+                        for r in range(dest.height)
+                    )
+                    dest.update(data.ljust(dest.buffer_size, b"\0"))
+        return out
 
 
 class KeyframePolicy:
@@ -149,11 +164,13 @@ class Vp8Encoder:
             "partitions": "0",
         }
         self._codec = codec
+        self._fit = FrameFitter(width, height)
         self.frames = 0
+        ENCODERS_CREATED[self.name] += 1
 
     def encode(self, frame: VideoFrame, live_ms: int, keyframe: bool) -> list[av.Packet]:
         """Encode one frame at ``live_ms`` (runs in the rendition's thread)."""
-        own = private_frame(frame, self.width, self.height)
+        own = self._fit(frame)
         own.pts = live_ms
         own.time_base = MS
         # Decoders mark their keyframes I; libvpx would copy that (design.md,
@@ -231,6 +248,7 @@ class OpusEncoder:
         self._stamper = AudioStamper(OPUS_RATE)
         self._first_pts: int | None = None
         self.frames = 0
+        ENCODERS_CREATED[self.name] += 1
 
     def encode(self, frame: AudioFrame, live_ms: int) -> list[av.Packet]:
         """Resample and encode one decoded frame starting at ``live_ms``."""

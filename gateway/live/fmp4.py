@@ -20,6 +20,13 @@ fragment is ready about one interval after its start. Audio alone is cut by
 duration. ``max_interleave_delta`` bounds how long the muxer waits for a
 stalled track.
 
+Both tracks start at the packager's origin (the first video frame it
+takes): FFmpeg's mp4 muxer, having written its ``moov`` before any sample
+(``empty_moov``), moves a track whose first timestamp is not zero to zero,
+which would put audio and video out of step. So the muxer is given times
+counted from the origin, the first audio frame is stamped at it, and
+fragment times are given back on the live clock.
+
 The muxer's output is split at top-level boxes as it arrives. Each
 fragment's start and duration are read from its own boxes (``tfdt`` and the
 sample durations of ``trun``/``tfhd``/``trex``, ISO/IEC 14496-12 section 8.8)
@@ -41,7 +48,7 @@ import av
 from av.audio.frame import AudioFrame
 from av.video.frame import PictureType, VideoFrame
 
-from gateway.live.encode import MS, AudioStamper, private_frame
+from gateway.live.encode import ENCODERS_CREATED, MS, AudioStamper, FrameFitter
 from gateway.media.segment import AAC_LC_CODECS, avc1_codecs
 
 AAC_RATE = 48_000
@@ -244,12 +251,14 @@ class Fmp4Packager:
         video_bitrate: int,
         audio_bitrate: int,
         interval_ms: int,
+        origin_ms: int,
         now_ms: Callable[[], int],
         on_fragment: Callable[[LiveFragment], None],
         frame_rate: int = 30,
     ) -> None:
         if video_size is None and not audio:
             raise ValueError("an fMP4 rendition needs audio or video")
+        self.origin_ms = origin_ms
         self._now_ms = now_ms
         self._on_fragment = on_fragment
         self.init_segment: bytes | None = None
@@ -288,6 +297,8 @@ class Fmp4Packager:
             video.codec_context.time_base = MS
             video.time_base = MS
             self.video = video
+            self._fit = FrameFitter(*video_size)
+            ENCODERS_CREATED["h264"] += 1
         if audio:
             sound = self._container.add_stream("aac", rate=AAC_RATE, layout="stereo")
             sound.bit_rate = audio_bitrate
@@ -298,6 +309,7 @@ class Fmp4Packager:
             )
             self._stamper = AudioStamper(AAC_RATE)
             self._first_audio_pts: int | None = None
+            ENCODERS_CREATED["aac"] += 1
         # Opens both encoders and writes the header: the init segment.
         self._container.start_encoding()
         if self.video is not None:
@@ -315,8 +327,8 @@ class Fmp4Packager:
     def encode_video(self, frame: VideoFrame, live_ms: int, keyframe: bool) -> list[av.Packet]:
         """Encode one video frame at ``live_ms``; ``keyframe`` forces an IDR."""
         assert self.video is not None
-        own = private_frame(frame, self.video.width, self.video.height)
-        own.pts = live_ms
+        own = self._fit(frame)
+        own.pts = max(0, live_ms - self.origin_ms)
         own.time_base = MS
         own.pict_type = PictureType.I if keyframe else PictureType.NONE
         self.video_frames += 1
@@ -325,7 +337,9 @@ class Fmp4Packager:
     def encode_audio(self, frame: AudioFrame, live_ms: int) -> list[av.Packet]:
         """Resample and encode one audio frame starting at ``live_ms``."""
         assert self.audio is not None
-        self._stamper.anchor(live_ms)
+        if self._stamper.next_pts is None:
+            self._stamper.next_pts = 0  # every track starts at the origin
+        self._stamper.anchor(max(0, live_ms - self.origin_ms))
         packets: list[av.Packet] = []
         for out in self._resampler.resample(frame):
             self._stamper.stamp(out)
@@ -380,7 +394,8 @@ class Fmp4Packager:
         track = self._timing_track if self._timing_track in times else min(times)
         start, end = times[track]
         scale = self._tracks.get(track, _Track(1000, 0)).timescale
-        start_ms, end_ms = start * 1000 // scale, end * 1000 // scale
+        start_ms = self.origin_ms + start * 1000 // scale
+        end_ms = self.origin_ms + end * 1000 // scale
         fragment = LiveFragment(
             self._index, start_ms, max(0, end_ms - start_ms), moof + mdat, self._now_ms()
         )

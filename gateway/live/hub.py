@@ -238,6 +238,8 @@ class LiveHub:
         self.audio = Rendition("audio", self.config.backlog_ms)
         self.mse = FragmentLog(self.config.fragments_kept)
         self.viewers: set[LiveViewer] = set()
+        #: The ingest feeding this hub (one publisher per live stream).
+        self.publisher: object | None = None
         self.recorded: MediaItem | None = None
         self._clock = clock
         self._created = clock()
@@ -310,7 +312,7 @@ class LiveHub:
             self._start_video(frame)
         assert self._vp8 is not None
         self._vp8.submit((frame, live_ms))
-        self._start_mse_if_ready(live_ms)
+        self._start_mse_if_ready(live_ms, "video")
         if self._h264 is not None:
             self._h264.submit((frame, live_ms))
         return live_ms
@@ -325,7 +327,7 @@ class LiveHub:
             self._start_audio()
         assert self._opus is not None
         self._opus.submit((frame, live_ms))
-        self._start_mse_if_ready(live_ms)
+        self._start_mse_if_ready(live_ms, "audio")
         if self._aac is not None:
             self._aac.submit((frame, live_ms))
         return live_ms
@@ -369,12 +371,13 @@ class LiveHub:
         self._opus = Pipeline("opus", work, deliver, depth=self.config.audio_queue)
         self.stats.renditions["opus"] = self._opus.stats
 
-    def _start_mse_if_ready(self, live_ms: int) -> None:
+    def _start_mse_if_ready(self, live_ms: int, kind: Kind) -> None:
         """Start the fMP4 rendition once the announced kinds have shown up.
 
         Its tracks are fixed when it starts (an MP4 header lists them), so it
         waits for each announced kind, or ``mse_wait_ms`` of live time, then
-        starts with the kinds that came.
+        starts with the kinds that came, at a video frame when there is
+        video: that frame's time is the origin both tracks start from.
         """
         if self._packager is not None or self._mse_gave_up:
             return
@@ -385,6 +388,8 @@ class LiveHub:
         )
         if not complete and live_ms < self.config.mse_wait_ms:
             return
+        if has_video and kind != "video":
+            return
         cfg = self.config
         try:
             packager = Fmp4Packager(
@@ -393,6 +398,7 @@ class LiveHub:
                 video_bitrate=cfg.mse_video_bitrate,
                 audio_bitrate=cfg.mse_audio_bitrate,
                 interval_ms=cfg.interval_ms,
+                origin_ms=live_ms,
                 now_ms=self.now_ms,
                 on_fragment=self._got_fragment,
             )

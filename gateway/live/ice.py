@@ -98,6 +98,26 @@ async def prepare_gathering(pc: RTCPeerConnection, ice: IceConfig) -> None:
         connection._local_candidates_end = True
 
 
+def keep_reachable_candidates(sdp: str, ice: IceConfig) -> str:
+    """``sdp`` without the remote candidates a loopback-bound gateway cannot use.
+
+    A gateway gathering on loopback alone can pair only with loopback
+    candidates; the others (LAN addresses, mDNS ``.local`` names, RFC 8839
+    section 5.1) would only make aioice send checks, or multicast DNS queries,
+    that cannot succeed. Unchanged when ``ice`` is not loopback.
+    """
+    if not ice.loopback:
+        return sdp
+    kept = []
+    for line in sdp.split("\r\n"):
+        if line.startswith("a=candidate:"):
+            fields = line.split(" ")
+            if len(fields) < 5 or not is_loopback(fields[4]):
+                continue
+        kept.append(line)
+    return "\r\n".join(kept)
+
+
 def _gatherers(pc: RTCPeerConnection) -> list[RTCIceGatherer]:
     """The distinct ICE gatherers of ``pc``'s transceivers and data channel transport."""
     transports = [t.receiver.transport for t in pc.getTransceivers() if not t.stopped]

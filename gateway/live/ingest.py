@@ -32,7 +32,7 @@ from av.audio.frame import AudioFrame
 from av.video.frame import VideoFrame
 
 from gateway.live.hub import LiveHub
-from gateway.live.ice import prepare_gathering
+from gateway.live.ice import keep_reachable_candidates, prepare_gathering
 from gateway.live.sdp import Offer, validate_offer
 
 log = logging.getLogger(__name__)
@@ -62,14 +62,18 @@ class LiveIngest:
         A string offer is validated first (:class:`~gateway.live.sdp.OfferError`
         names what is wrong).
         """
-        if hub.state != "waiting":
+        if hub.state == "ended":
+            raise RuntimeError(f"live stream {hub.live_id} has ended")
+        if hub.publisher is not None:
             raise RuntimeError(f"live stream {hub.live_id} already has a publisher")
         if isinstance(offer, str):
             offer = validate_offer(offer, role="publisher")
         ingest = cls(hub, offer)
+        hub.publisher = ingest
         try:
             await ingest._negotiate()
         except BaseException:
+            hub.publisher = None
             await ingest.pc.close()
             raise
         return ingest
@@ -88,7 +92,8 @@ class LiveIngest:
             if pc.connectionState in ("failed", "closed") and not self._stopping:
                 await self._lost(f"connection {pc.connectionState}")
 
-        await pc.setRemoteDescription(RTCSessionDescription(self.offer.sdp, "offer"))
+        sdp = keep_reachable_candidates(self.offer.sdp, hub.ice)
+        await pc.setRemoteDescription(RTCSessionDescription(sdp, "offer"))
         wanted = {section.mid for section in self.offer.media}
         for transceiver in pc.getTransceivers():
             # The gateway only receives (RFC 9725: the publisher sends).

@@ -20,8 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCPeerConnection, RTCRtpReceiver, RTCSessionDescription
+from aiortc.codecs.vpx import VpxPayloadDescriptor
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.rtp import RtpPacket
 from av.audio.frame import AudioFrame
 from av.video.frame import VideoFrame
 
@@ -191,7 +193,14 @@ class ReceivedFrame:
 
 @dataclass
 class ProbeViewer:
-    """A viewer peer that records what it decodes (stamp, time, keyframe)."""
+    """A viewer peer that records what it decodes (stamp, time, keyframe).
+
+    aiortc decodes VP8 with libvpx, which does not mark keyframes in the
+    frames it returns, so keyframes are read from the RTP payload instead
+    (RFC 7741 section 4.3: the VP8 payload header's inverse key frame bit)
+    by wrapping the video receiver's ``_handle_rtp_packet``; a decoded frame
+    is a keyframe if its timestamp is one of theirs.
+    """
 
     ice: IceConfig = LOOPBACK
     video: bool = True
@@ -204,14 +213,36 @@ class ProbeViewer:
     def __post_init__(self) -> None:
         self.pc = RTCPeerConnection(self.ice.configuration())
         self._readers: list[asyncio.Task[None]] = []
+        self._keyframe_times: set[int] = set()
+        self._rtx_payload_types: set[int] = set()
+        self._first_rtp_time: int | None = None
         if self.video:
-            self.pc.addTransceiver("video", direction="recvonly")
+            receiver = self.pc.addTransceiver("video", direction="recvonly").receiver
+            self._watch_keyframes(receiver)
         if self.audio:
             self.pc.addTransceiver("audio", direction="recvonly")
 
         @self.pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
             self._readers.append(asyncio.create_task(self._read(track)))
+
+    def _watch_keyframes(self, receiver: RTCRtpReceiver) -> None:
+        handle = receiver._handle_rtp_packet
+
+        async def handle_and_note(packet: RtpPacket, arrival_time_ms: int) -> None:
+            try:
+                descriptor, data = VpxPayloadDescriptor.parse(packet.payload)
+            except ValueError:
+                descriptor, data = None, b""
+            if descriptor is not None and packet.payload_type not in self._rtx_payload_types:
+                if self._first_rtp_time is None:
+                    self._first_rtp_time = packet.timestamp
+                keyframe = descriptor.partition_start and descriptor.partition_id == 0
+                if keyframe and data and not data[0] & 1:
+                    self._keyframe_times.add((packet.timestamp - self._first_rtp_time) % (1 << 32))
+            await handle(packet, arrival_time_ms)
+
+        setattr(receiver, "_handle_rtp_packet", handle_and_note)  # noqa: B010
 
     async def offer(self) -> str:
         """The SDP offer to receive the live stream."""
@@ -222,13 +253,21 @@ class ProbeViewer:
     async def accept(self, answer: str) -> None:
         """Apply the gateway's SDP answer."""
         await self.pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+        # Retransmissions (RFC 4588) carry an original sequence number first.
+        self._rtx_payload_types = {
+            codec.payloadType
+            for transceiver in self.pc.getTransceivers()
+            for codec in transceiver._codecs
+            if codec.mimeType.lower() == "video/rtx" and codec.payloadType is not None
+        }
 
     async def _read(self, track: MediaStreamTrack) -> None:
         try:
             while True:
                 frame = await track.recv()
                 if isinstance(frame, VideoFrame):
-                    received = ReceivedFrame(time.monotonic(), read_stamp(frame), frame.key_frame)
+                    keyframe = frame.pts in self._keyframe_times
+                    received = ReceivedFrame(time.monotonic(), read_stamp(frame), keyframe)
                     self.frames.append(received)
                     if self.on_frame is not None:
                         self.on_frame(received)

@@ -47,7 +47,7 @@ from aiortc import RTCPeerConnection, RTCRtpTransceiver, RTCSessionDescription
 from aiortc.codecs import is_rtx
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from gateway.live.ice import prepare_gathering
+from gateway.live.ice import keep_reachable_candidates, prepare_gathering
 from gateway.live.sdp import Offer
 
 if TYPE_CHECKING:
@@ -207,7 +207,8 @@ class LiveViewer:
     async def accept(self, offer: Offer) -> str:
         """Answer the viewer's validated offer; returns (and keeps) the SDP answer."""
         pc = self.pc
-        await pc.setRemoteDescription(RTCSessionDescription(offer.sdp, "offer"))
+        sdp = keep_reachable_candidates(offer.sdp, self.hub.ice)
+        await pc.setRemoteDescription(RTCSessionDescription(sdp, "offer"))
         transceivers = pc.getTransceivers()
         wanted = {section.mid: section for section in offer.media}
         for index, transceiver in enumerate(transceivers):
@@ -266,7 +267,9 @@ class LiveViewer:
         self._blocked_callbacks.append(callback)
 
     def _blocked(self, interval: int) -> None:
-        if self.waiting_interval == interval:
+        # Audio and video reach the edge at slightly different times: report
+        # each interval once, in order.
+        if self.waiting_interval is not None and interval <= self.waiting_interval:
             return
         self.waiting_interval = interval
         for callback in self._blocked_callbacks:
