@@ -301,3 +301,16 @@ def test_rendition_size_and_frame_fitting() -> None:
     copy = FrameFitter(320, 240)(frame)
     assert copy is not frame and bytes(copy.planes[0]) == bytes(frame.planes[0])
     assert FrameFitter(160, 120)(frame).width == 160
+
+
+async def test_live_bench_runs_and_reports() -> None:
+    """The measurement runs end to end (its figures are for people, not asserted)."""
+    from gateway.bench.live import measure
+
+    result = await measure(
+        3, 1.0, width=320, height=240, warmup_s=0.5, baseline_s=0.5, settle_s=0.5, probes=2
+    )
+    assert result.viewers == 3 and result.probes == 2
+    assert result.frames_published > 0 and result.video_packets > 0
+    assert result.hub_encodes["vp8"] > 0 and result.latency_p50_ms > 0
+    assert "glass-to-glass" in result.report()

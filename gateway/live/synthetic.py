@@ -193,20 +193,31 @@ class ReceivedFrame:
 
 @dataclass
 class ProbeViewer:
-    """A viewer peer that records what it decodes (stamp, time, keyframe).
+    """A viewer peer that records what it receives (stamp, time, keyframe).
 
     aiortc decodes VP8 with libvpx, which does not mark keyframes in the
     frames it returns, so keyframes are read from the RTP payload instead
     (RFC 7741 section 4.3: the VP8 payload header's inverse key frame bit)
     by wrapping the video receiver's ``_handle_rtp_packet``; a decoded frame
-    is a keyframe if its timestamp is one of theirs.
+    is a keyframe if its timestamp is one of theirs. The wrapper also counts
+    RTP packets and sequence gaps (RFC 3550 section A.3).
+
+    With ``decode=False`` the viewer is still a real peer (ICE, DTLS, SRTP)
+    but stops at RTP: packets are counted and not decoded, and a video
+    frame is recorded (without a number) when its last packet, the one with
+    the marker bit (RFC 7741 section 4.1), arrives. Many such viewers cost a
+    bench's client far less than decoding ones.
     """
 
     ice: IceConfig = LOOPBACK
     video: bool = True
     audio: bool = True
+    decode: bool = True
     frames: list[ReceivedFrame] = field(default_factory=list)
     audio_frames: int = 0
+    #: Video RTP packets received, and how many were missing in between.
+    video_packets: int = 0
+    lost_packets: int = 0
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     on_frame: Callable[[ReceivedFrame], None] | None = None
 
@@ -216,33 +227,57 @@ class ProbeViewer:
         self._keyframe_times: set[int] = set()
         self._rtx_payload_types: set[int] = set()
         self._first_rtp_time: int | None = None
+        self._last_seq: int | None = None
         if self.video:
             receiver = self.pc.addTransceiver("video", direction="recvonly").receiver
-            self._watch_keyframes(receiver)
+            self._watch_video(receiver)
         if self.audio:
-            self.pc.addTransceiver("audio", direction="recvonly")
+            receiver = self.pc.addTransceiver("audio", direction="recvonly").receiver
+            if not self.decode:
+                self._count_audio(receiver)
 
         @self.pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
             self._readers.append(asyncio.create_task(self._read(track)))
 
-    def _watch_keyframes(self, receiver: RTCRtpReceiver) -> None:
+    def _watch_video(self, receiver: RTCRtpReceiver) -> None:
         handle = receiver._handle_rtp_packet
 
         async def handle_and_note(packet: RtpPacket, arrival_time_ms: int) -> None:
+            if packet.payload_type in self._rtx_payload_types:
+                if self.decode:
+                    await handle(packet, arrival_time_ms)
+                return
             try:
                 descriptor, data = VpxPayloadDescriptor.parse(packet.payload)
             except ValueError:
-                descriptor, data = None, b""
-            if descriptor is not None and packet.payload_type not in self._rtx_payload_types:
-                if self._first_rtp_time is None:
-                    self._first_rtp_time = packet.timestamp
-                keyframe = descriptor.partition_start and descriptor.partition_id == 0
-                if keyframe and data and not data[0] & 1:
-                    self._keyframe_times.add((packet.timestamp - self._first_rtp_time) % (1 << 32))
-            await handle(packet, arrival_time_ms)
+                return
+            self.video_packets += 1
+            if self._last_seq is not None:
+                self.lost_packets += (packet.sequence_number - self._last_seq - 1) % (1 << 16)
+            self._last_seq = packet.sequence_number
+            if self._first_rtp_time is None:
+                self._first_rtp_time = packet.timestamp
+            start = descriptor.partition_start and descriptor.partition_id == 0
+            keyframe = bool(start and data and not data[0] & 1)
+            if keyframe:
+                self._keyframe_times.add((packet.timestamp - self._first_rtp_time) % (1 << 32))
+            if self.decode:
+                await handle(packet, arrival_time_ms)
+            elif packet.marker:
+                mapped = (packet.timestamp - self._first_rtp_time) % (1 << 32)
+                received = ReceivedFrame(time.monotonic(), None, mapped in self._keyframe_times)
+                self.frames.append(received)
+                if self.on_frame is not None:
+                    self.on_frame(received)
 
         setattr(receiver, "_handle_rtp_packet", handle_and_note)  # noqa: B010
+
+    def _count_audio(self, receiver: RTCRtpReceiver) -> None:
+        async def count(packet: RtpPacket, arrival_time_ms: int) -> None:
+            self.audio_frames += 1
+
+        setattr(receiver, "_handle_rtp_packet", count)  # noqa: B010
 
     async def offer(self) -> str:
         """The SDP offer to receive the live stream."""
