@@ -291,6 +291,14 @@ async def test_a_second_publisher_or_a_late_viewer_is_refused() -> None:
         await probe.close()
 
 
+async def test_ending_the_hub_hangs_up_on_the_publisher() -> None:
+    async with live() as state:
+        await wait_until(lambda: state.hub.state == "live", 10, "media")
+        await state.hub.end("stopped")
+        await wait_until(lambda: state.ingest.pc.connectionState == "closed", 5, "hang-up")
+        assert state.hub.end_reason == "stopped" and state.hub.ended.is_set()
+
+
 def test_rendition_size_and_frame_fitting() -> None:
     assert fit_size(1920, 1080, 360) == (640, 360)
     assert fit_size(321, 241, 360) == (320, 240)

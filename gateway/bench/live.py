@@ -85,6 +85,8 @@ class LiveBenchResult:
     latency_max_ms: float
     hub_dropped: int
     hub_encodes: dict[str, int]
+    #: Per rendition: CPU seconds per second spent encoding during the run.
+    encoder_cpu: dict[str, float]
     viewer_skipped: int
 
     def report(self) -> str:
@@ -105,6 +107,7 @@ class LiveBenchResult:
                 f"  glass-to-glass (decoding viewers): p50 {self.latency_p50_ms:.0f} ms, "
                 f"p95 {self.latency_p95_ms:.0f} ms, p99 {self.latency_p99_ms:.0f} ms, "
                 f"max {self.latency_max_ms:.0f} ms",
+                f"  encoders (core each): {self.encoder_cpu}",
                 f"  hub: encodes {self.hub_encodes}, frames dropped by encoders "
                 f"{self.hub_dropped}, packets skipped for slow viewers {self.viewer_skipped}",
             ]
@@ -144,6 +147,8 @@ async def _gateway(conn: Connection) -> None:
             stats = hub.stats
             summary = {
                 "encodes": {name: s.encoded for name, s in stats.renditions.items()},
+                "encoder_cpu_s": {name: s.cpu_s for name, s in stats.renditions.items()},
+                "live_s": hub.now_ms() / 1000,
                 "dropped": sum(s.dropped for s in stats.renditions.values()),
                 "skipped": sum(v.stats.skipped for v in viewers),
             }
@@ -279,6 +284,10 @@ async def measure(
         latency_max_ms=max(latencies, default=float("nan")),
         hub_dropped=summary["dropped"],
         hub_encodes=summary["encodes"],
+        encoder_cpu={
+            name: round(cpu / max(summary["live_s"], 1e-9), 3)
+            for name, cpu in summary["encoder_cpu_s"].items()
+        },
         viewer_skipped=summary["skipped"],
     )
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -276,6 +277,8 @@ class PipelineStats:
     submitted: int = 0
     encoded: int = 0
     dropped: int = 0
+    #: CPU seconds the encoder thread spent encoding.
+    cpu_s: float = 0.0
 
 
 class Pipeline(Generic[T, R]):
@@ -326,7 +329,7 @@ class Pipeline(Generic[T, R]):
                 continue
             item = self._queue.popleft()
             try:
-                result = await loop.run_in_executor(self._executor, self._work, item)
+                result = await loop.run_in_executor(self._executor, self._timed, item)
             except (av.FFmpegError, ValueError) as exc:
                 # One bad frame (say, an odd size mid-stream) must not stop
                 # the rendition: count it as dropped and go on.
@@ -335,6 +338,13 @@ class Pipeline(Generic[T, R]):
                 continue
             self.stats.encoded += 1
             self._deliver(item, result)
+
+    def _timed(self, item: T) -> R:
+        start = time.thread_time()
+        try:
+            return self._work(item)
+        finally:
+            self.stats.cpu_s += time.thread_time() - start
 
     async def close(self, *, drain: bool = True, flush: Callable[[], R] | None = None) -> R | None:
         """Stop taking items; finish the queued ones (``drain``) or drop them.

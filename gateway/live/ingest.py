@@ -53,6 +53,7 @@ class LiveIngest:
         self.answer: str | None = None
         self._readers: list[asyncio.Task[None]] = []
         self._watch: asyncio.Task[None] | None = None
+        self._closing: asyncio.Task[None] | None = None
         self._stopping = False
 
     @classmethod
@@ -102,6 +103,7 @@ class LiveIngest:
         await pc.setLocalDescription(await pc.createAnswer())
         self.answer = pc.localDescription.sdp
         self._watch = asyncio.create_task(self._watchdog(), name="live-in-watch")
+        hub.on_end(self._hub_ended)
 
     async def _read(self, track: MediaStreamTrack) -> None:
         hub = self.hub
@@ -143,17 +145,23 @@ class LiveIngest:
         await self._shutdown("stopped")
 
     async def _shutdown(self, reason: str) -> None:
-        if self._stopping:
-            await self.hub.end(reason)
-            return
-        self._stopping = True
-        current = asyncio.current_task()
-        for task in [*self._readers, self._watch]:
-            if task is not None and task is not current:
-                task.cancel()
-        await self.pc.close()
-        for task in [*self._readers, self._watch]:
-            if task is not None and task is not current:
-                with contextlib.suppress(asyncio.CancelledError, MediaStreamError):
-                    await task
+        if not self._stopping:
+            self._stopping = True
+            await self._close_peer()
         await self.hub.end(reason)
+
+    def _hub_ended(self, reason: str) -> None:
+        """The hub ended by itself (:meth:`LiveHub.end`): hang up on the publisher."""
+        if not self._stopping:
+            self._stopping = True
+            self._closing = asyncio.get_running_loop().create_task(self._close_peer())
+
+    async def _close_peer(self) -> None:
+        current = asyncio.current_task()
+        tasks = [t for t in [*self._readers, self._watch] if t is not None and t is not current]
+        for task in tasks:
+            task.cancel()
+        await self.pc.close()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, MediaStreamError):
+                await task
