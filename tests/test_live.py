@@ -161,6 +161,28 @@ async def test_an_unpaid_viewer_stops_within_an_interval_and_resumes_at_a_keyfra
         )
 
 
+async def test_a_late_viewer_starts_at_a_keyframe_and_a_pli_gets_one() -> None:
+    async with live() as state:
+        hub = state.hub
+        await wait_until(lambda: hub.now_ms() > 1300, 10, "live 1.3 s")  # mid-interval
+        probe, viewer = await state.viewer(10**9)
+        await wait_until(lambda: len(probe.frames) > 5, 5, "frames at the late viewer")
+        assert probe.frames[0].keyframe and probe.frames[0].number is not None
+        assert viewer.stats.join_ms is not None and viewer.stats.join_ms < 1000
+        # A picture loss indication (RFC 4585 section 6.3.1) from the viewer
+        # makes the encoder send a keyframe it would not have sent otherwise.
+        assert viewer.answer is not None
+        video = viewer.answer[viewer.answer.index("m=video") :]
+        ssrc = int(video.split("a=ssrc:", 1)[1].split(" ", 1)[0])
+        receiver = next(t.receiver for t in probe.pc.getTransceivers() if t.kind == "video")
+        await wait_until(lambda: hub.now_ms() % 1000 < 400, 2, "early in an interval")
+        keyframes, requests = hub.stats.keyframes, hub.stats.keyframe_requests
+        await receiver._send_rtcp_pli(ssrc)
+        await wait_until(lambda: hub.stats.keyframes > keyframes, 0.5, "a keyframe after PLI")
+        assert hub.stats.keyframe_requests > requests
+        print(f"\njoin -> first keyframe handed to aiortc: {viewer.stats.join_ms:.1f} ms")
+
+
 def decoded_video(init: bytes, data: bytes) -> list[av.VideoFrame]:
     with av.open(io.BytesIO(init + data)) as container:
         return list(container.decode(video=0))

@@ -74,6 +74,9 @@ class ViewerStats:
     #: For each resume (blocked, then allowed): ms from ``allow()`` to the
     #: first video keyframe handed to aiortc.
     resume_ms: list[float] = field(default_factory=list)
+    #: ms from the video sender's first request for media (the connection is
+    #: up) to the first keyframe handed to it.
+    join_ms: float | None = None
 
 
 class ForwardTrack(MediaStreamTrack):
@@ -89,6 +92,7 @@ class ForwardTrack(MediaStreamTrack):
         self._sought = False
         self._blocked = False
         self._waiter: asyncio.Future[None] | None = None
+        self._first_recv: float | None = None
 
     def kick(self) -> None:
         """Wake a waiting ``recv()`` to look again (the allowance changed)."""
@@ -116,6 +120,8 @@ class ForwardTrack(MediaStreamTrack):
     async def recv(self) -> av.Packet:
         """The next packet this viewer may have (waits for it)."""
         viewer, rendition = self._viewer, self._rendition
+        if self._first_recv is None:
+            self._first_recv = time.monotonic()
         while True:
             if self.readyState != "live" or viewer.ended.is_set():
                 raise MediaStreamError
@@ -150,6 +156,8 @@ class ForwardTrack(MediaStreamTrack):
                 if not packet.keyframe:
                     continue
                 self._need_keyframe = False
+                if viewer.stats.join_ms is None and self._first_recv is not None:
+                    viewer.stats.join_ms = (time.monotonic() - self._first_recv) * 1000
             viewer._sent(packet)
             return packet.packet
 
