@@ -58,10 +58,12 @@ class Live:
 
 @asynccontextmanager
 async def live(
-    config: LiveConfig | None = None, recording: Recording | None = None
+    config: LiveConfig | None = None,
+    recording: Recording | None = None,
+    video_codec: str | None = None,
 ) -> AsyncIterator[Live]:
     hub = LiveHub("test-live", config, ice=LOOPBACK, recording=recording)
-    publisher = SyntheticPublisher()
+    publisher = SyntheticPublisher(video_codec=video_codec)
     ingest = await LiveIngest.start(hub, await publisher.offer())
     assert ingest.answer is not None
     await publisher.accept(ingest.answer)
@@ -112,6 +114,17 @@ async def test_two_viewers_share_one_encode_per_rendition() -> None:
             f"encodes {[(n, s.encoded) for n, s in stats.renditions.items()]}, "
             f"viewer frames {len(probe1.frames)}, {len(probe2.frames)}"
         )
+
+
+async def test_an_h264_publisher_like_obs_is_taken() -> None:
+    """OBS Studio sends H.264 over WHIP: decoded once, forwarded as VP8."""
+    async with live(video_codec="video/H264") as state:
+        assert "H264/90000" in (state.ingest.answer or "")
+        assert "VP8/90000" not in (state.ingest.answer or "")
+        probe, _ = await state.viewer(10**9)
+        await wait_until(lambda: len(probe.frames) > 20, 10, "frames from an H.264 ingest")
+        numbers = [f.number for f in probe.frames]
+        assert None not in numbers and numbers == sorted(numbers)
 
 
 async def test_an_unpaid_viewer_stops_within_an_interval_and_resumes_at_a_keyframe() -> None:

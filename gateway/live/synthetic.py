@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from aiortc import RTCPeerConnection, RTCRtpReceiver, RTCSessionDescription
+from aiortc import RTCPeerConnection, RTCRtpReceiver, RTCRtpSender, RTCSessionDescription
 from aiortc.codecs.vpx import VpxPayloadDescriptor
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtp import RtpPacket
@@ -147,7 +147,10 @@ class ToneAudioTrack(MediaStreamTrack):
 
 
 class SyntheticPublisher:
-    """A WHIP-style publisher: an aiortc peer sending stamped video and a tone."""
+    """A WHIP-style publisher: an aiortc peer sending stamped video and a tone.
+
+    ``video_codec`` (e.g. ``"video/H264"``) restricts what it offers for video.
+    """
 
     def __init__(
         self,
@@ -157,6 +160,7 @@ class SyntheticPublisher:
         fps: int = 30,
         audio: bool = True,
         video: bool = True,
+        video_codec: str | None = None,
         ice: IceConfig = LOOPBACK,
     ) -> None:
         self.ice = ice
@@ -165,7 +169,16 @@ class SyntheticPublisher:
         self.audio = ToneAudioTrack() if audio else None
         for track in (self.video, self.audio):
             if track is not None:
-                self.pc.addTransceiver(track, direction="sendonly")
+                transceiver = self.pc.addTransceiver(track, direction="sendonly")
+                if track.kind == "video" and video_codec is not None:
+                    # e.g. "video/H264", as OBS Studio sends over WHIP.
+                    transceiver.setCodecPreferences(
+                        [
+                            codec
+                            for codec in RTCRtpSender.getCapabilities("video").codecs
+                            if codec.mimeType.lower() in (video_codec.lower(), "video/rtx")
+                        ]
+                    )
 
     async def offer(self) -> str:
         """The SDP offer to POST to the WHIP endpoint."""
