@@ -22,6 +22,7 @@ import pytest
 
 from gateway.live import LOOPBACK, LiveConfig, LiveFragment, LiveHub, LiveIngest, LiveViewer
 from gateway.live.encode import ENCODERS_CREATED, FrameFitter, fit_size
+from gateway.live.fmp4 import Fmp4Packager
 from gateway.live.record import Recording
 from gateway.live.synthetic import ProbeViewer, ReceivedFrame, SyntheticPublisher, read_stamp
 from gateway.media.catalog import Catalog, add_publisher
@@ -332,6 +333,40 @@ async def test_ending_the_hub_hangs_up_on_the_publisher() -> None:
         await state.hub.end("stopped")
         await wait_until(lambda: state.ingest.pc.connectionState == "closed", 5, "hang-up")
         assert state.hub.end_reason == "stopped" and state.hub.ended.is_set()
+
+
+def test_fmp4_packager_survives_timestamps_going_back() -> None:
+    """Audio input behind its sample clock is stamped on; a repeated time is dropped."""
+    fragments: list[LiveFragment] = []
+    packager = Fmp4Packager(
+        video_size=(320, 240),
+        audio=True,
+        video_bitrate=300_000,
+        audio_bitrate=64_000,
+        interval_ms=1000,
+        origin_ms=500,
+        now_ms=lambda: 0,
+        on_fragment=fragments.append,
+    )
+    frame = av.VideoFrame(320, 240, "yuv420p")
+    for plane in frame.planes:
+        plane.update(bytes([90]) * plane.buffer_size)
+    sound = av.AudioFrame(format="s16", layout="stereo", samples=960)
+    sound.planes[0].update(bytes(sound.planes[0].buffer_size))
+    sound.sample_rate = 48_000
+    times = [500 + 33 * i for i in range(80)]
+    times[40] = times[39]  # a repeated video time
+    for i, ms in enumerate(times):
+        packager.mux(packager.encode_video(frame, ms, keyframe=i % 30 == 0))
+        # Audio "arrives" with live times jumping back by half a second.
+        packager.mux(packager.encode_audio(sound, ms - (500 if i > 50 else 0)))
+    packager.mux(packager.flush_video())
+    packager.mux(packager.flush_audio())
+    packager.close()
+    assert packager.refused == 1  # the repeated video time; audio never went back
+    assert len(fragments) >= 2 and fragments[0].start_ms == 500
+    for before, after in itertools.pairwise(fragments):
+        assert after.start_ms == before.end_ms
 
 
 def test_rendition_size_and_frame_fitting() -> None:

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import multiprocessing
 import os
 import statistics
@@ -121,6 +122,7 @@ def _pin(cpus: set[int]) -> None:
 
 def _gateway_main(conn: Connection, pin: bool) -> None:
     """The gateway process: answers offers from the pipe until told to stop."""
+    faulthandler.enable()
     if pin:
         _pin({0})
     asyncio.run(_gateway(conn))
@@ -189,9 +191,15 @@ async def measure(
     process.start()
     loop = asyncio.get_running_loop()
 
+    def answer() -> Any:
+        while not ours.poll(0.2):
+            if not process.is_alive():
+                raise RuntimeError(f"the gateway process died (exit code {process.exitcode})")
+        return ours.recv()
+
     async def call(*message: Any) -> Any:
         ours.send(message)
-        return await loop.run_in_executor(None, ours.recv)
+        return await loop.run_in_executor(None, answer)
 
     publisher = SyntheticPublisher(width=width, height=height, fps=fps)
     peers: list[ProbeViewer] = []

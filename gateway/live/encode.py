@@ -189,7 +189,7 @@ class AudioStamper:
 
     Resampled frames come out regrouped (Opus takes 20 ms, AAC 1024
     samples), so output frames are stamped by counting samples from the
-    first input's live time; a jump of the live timeline beyond
+    first input's live time; a jump forward of the live timeline beyond
     :data:`AUDIO_RESYNC_MS` re-anchors the count.
     """
 
@@ -198,11 +198,19 @@ class AudioStamper:
         self.next_pts: int | None = None
         self._shift: int | None = None
 
-    def anchor(self, live_ms: int, buffered: int = 0) -> None:
-        """Note the next input starts at ``live_ms`` (``buffered`` samples still queued)."""
-        start = live_ms * self.rate // 1000 - buffered
-        if self.next_pts is None or abs(start - self.next_pts) * 1000 > AUDIO_RESYNC_MS * self.rate:
+    def anchor(self, live_ms: int) -> None:
+        """Note the next input starts at ``live_ms``.
+
+        Only forward: a gap (the publisher paused, frames were dropped) moves
+        the count on; input running ahead of the live clock is stamped on in
+        sequence, since a timestamp going back would be refused by the muxer
+        (and would play audio twice).
+        """
+        start = live_ms * self.rate // 1000
+        if self.next_pts is None:
             self.next_pts = max(0, start)
+        elif (start - self.next_pts) * 1000 > AUDIO_RESYNC_MS * self.rate:
+            self.next_pts = start
 
     def stamp(self, frame: AudioFrame) -> None:
         """Give ``frame`` the next timestamp and advance."""
@@ -337,7 +345,10 @@ class Pipeline(Generic[T, R]):
                 log.warning("live %s: frame not encoded: %s", self.name, exc)
                 continue
             self.stats.encoded += 1
-            self._deliver(item, result)
+            try:
+                self._deliver(item, result)
+            except Exception:
+                log.exception("live %s: encoded frame not delivered", self.name)
 
     def _timed(self, item: T) -> R:
         start = time.thread_time()

@@ -37,6 +37,7 @@ MediaSource will see, and consecutive fragments join without gap.
 from __future__ import annotations
 
 import asyncio
+import logging
 import struct
 import time
 from collections import deque
@@ -50,6 +51,8 @@ from av.video.frame import PictureType, VideoFrame
 
 from gateway.live.encode import ENCODERS_CREATED, MS, AudioStamper, FrameFitter
 from gateway.media.segment import AAC_LC_CODECS, avc1_codecs
+
+log = logging.getLogger(__name__)
 
 AAC_RATE = 48_000
 AAC_FRAME_SAMPLES = 1024
@@ -320,6 +323,8 @@ class Fmp4Packager:
         self.mime = f'{kind}/mp4; codecs="{", ".join(codecs)}"'
         self.video_frames = 0
         self.audio_frames = 0
+        self.refused = 0
+        self._last_dts: dict[int, int] = {}
         self._closed = False
 
     # -- encoding (renditions' threads) --
@@ -368,15 +373,36 @@ class Fmp4Packager:
     # -- muxing (event loop) --
 
     def mux(self, packets: list[av.Packet]) -> None:
-        """Give encoded packets to the muxer; completed fragments are reported."""
-        if not self._closed:
-            self._container.mux(packets)
+        """Give encoded packets to the muxer; completed fragments are reported.
+
+        A packet whose decode time does not follow its stream's last one is
+        dropped (counted in ``refused``): the muxer would refuse it, and the
+        stream must go on.
+        """
+        if self._closed:
+            return
+        for packet in packets:
+            stream = packet.stream.index
+            dts = packet.dts if packet.dts is not None else packet.pts
+            last = self._last_dts.get(stream)
+            if dts is None or (last is not None and dts <= last):
+                self.refused += 1
+                continue
+            self._last_dts[stream] = dts
+            try:
+                self._container.mux(packet)
+            except av.FFmpegError as exc:
+                self.refused += 1
+                log.warning("live fMP4: packet refused by the muxer: %s", exc)
 
     def close(self) -> None:
         """Write what the muxer still holds (the last fragment) and close it."""
         if not self._closed:
             self._closed = True
-            self._container.close()
+            try:
+                self._container.close()
+            except av.FFmpegError as exc:
+                log.warning("live fMP4: the last fragment could not be written: %s", exc)
 
     # -- output --
 

@@ -493,6 +493,16 @@ class LiveHub:
 
     async def _end(self) -> None:
         reason = self.end_reason or "stopped"
+        try:
+            await self._finish(reason)
+        except Exception:
+            # Whatever failed, the stream has ended: waiters must hear it.
+            log.exception("live %s: ending did not complete", self.live_id)
+        finally:
+            self.mse.end()
+            self.ended.set()
+
+    async def _finish(self, reason: str) -> None:
         for callback in self._end_callbacks:
             try:
                 callback(reason)
@@ -513,10 +523,8 @@ class LiveHub:
             if self._aac is not None:
                 packager.mux(await self._aac.close(flush=packager.flush_audio) or [])
             packager.close()
-        self.mse.end()
         if self._recorder is not None:
             try:
                 self.recorded = await self._recorder.finish()
             except Exception:
                 log.exception("live %s: the recording could not be saved", self.live_id)
-        self.ended.set()
