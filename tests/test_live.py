@@ -23,6 +23,7 @@ import pytest
 from gateway.live import LOOPBACK, LiveConfig, LiveFragment, LiveHub, LiveIngest, LiveViewer
 from gateway.live.encode import ENCODERS_CREATED, FrameFitter, fit_size
 from gateway.live.fmp4 import Fmp4Packager
+from gateway.live.hub import TrackClock
 from gateway.live.record import Recording
 from gateway.live.synthetic import ProbeViewer, ReceivedFrame, SyntheticPublisher, read_stamp
 from gateway.media.catalog import Catalog, add_publisher
@@ -392,3 +393,17 @@ async def test_live_bench_runs_and_reports() -> None:
     assert result.frames_published > 0 and result.video_packets > 0
     assert result.hub_encodes["vp8"] > 0 and result.latency_p50_ms > 0
     assert "glass-to-glass" in result.report()
+
+
+def test_track_clock_keeps_the_publishers_spacing() -> None:
+    clock = TrackClock()
+    assert clock.live_ms(10.0, 0) == 0
+    assert clock.live_ms(10.033, 40) == 33  # jitter in arrival is ignored
+    # A late burst (the gateway was busy for a second): spacing is kept.
+    assert [clock.live_ms(10.066 + 0.033 * i, 1100) for i in range(3)] == [66, 99, 132]
+    # The publisher paused without advancing its clock: on to the arrival time.
+    assert clock.live_ms(10.2, 9000) == 9000
+    assert clock.live_ms(10.233, 9040) == 9033
+    # Its clock jumped ahead: continue just after the last frame.
+    assert clock.live_ms(500.0, 9070) == 9034
+    assert clock.live_ms(500.033, 9100) == 9067

@@ -179,31 +179,36 @@ class HubStats:
         return stats.encoded if stats is not None else 0
 
 
-class _TrackClock:
+class TrackClock:
     """Maps one ingest track's frame timestamps to live milliseconds.
 
     A track's timestamps (RTP, RFC 3550 section 5.1, unwrapped by aiortc)
     keep the publisher's spacing of frames; they are anchored to the live
-    clock at the track's first frame and re-anchored when they drift from
-    the arrival time by more than ``tolerance_ms`` (publisher paused,
-    clock jumped). Live times of one track strictly increase.
+    clock at the track's first frame. They are re-anchored only when they
+    part from the arrival time by more than ``tolerance_ms``: falling behind
+    (the publisher paused without advancing its clock) moves the track on to
+    the arrival time; jumping ahead (its clock jumped) continues just after
+    the last frame. A late burst (the gateway's own loop was busy) is not a
+    reason: the frames' own spacing is the truth. Live times of one track
+    strictly increase.
     """
 
-    def __init__(self, tolerance_ms: int = 500) -> None:
+    def __init__(self, tolerance_ms: int = 2000) -> None:
         self.tolerance_ms = tolerance_ms
         self._anchor: tuple[float, int] | None = None  # (media seconds, live ms)
         self._last = -1
 
     def live_ms(self, media_seconds: float | None, arrival_ms: int) -> int:
+        """The live time of a frame with timestamp ``media_seconds`` arriving at ``arrival_ms``."""
         if media_seconds is None:
-            ms = arrival_ms
+            ms = max(arrival_ms, self._last + 1)
         else:
             if self._anchor is None:
                 self._anchor = (media_seconds, arrival_ms)
             ms = self._anchor[1] + round((media_seconds - self._anchor[0]) * 1000)
-            if abs(ms - arrival_ms) > self.tolerance_ms:
-                self._anchor = (media_seconds, arrival_ms)
-                ms = arrival_ms
+            if ms < arrival_ms - self.tolerance_ms or ms > arrival_ms + self.tolerance_ms:
+                ms = max(arrival_ms, self._last + 1) if ms < arrival_ms else self._last + 1
+                self._anchor = (media_seconds, ms)
         ms = max(ms, self._last + 1)
         self._last = ms
         return ms
@@ -247,8 +252,8 @@ class LiveHub:
         self._last_media: float | None = None
         self._expected: frozenset[str] = frozenset({"audio", "video"})
         self._end_callbacks: list[Callable[[str], object]] = []
-        self._video_clock = _TrackClock()
-        self._audio_clock = _TrackClock()
+        self._video_clock = TrackClock()
+        self._audio_clock = TrackClock()
         cfg = self.config
         self._vp8_keyframes = KeyframePolicy(cfg.interval_ms, cfg.keyframe_gap_ms)
         self._h264_keyframes = KeyframePolicy(cfg.interval_ms, cfg.interval_ms)
