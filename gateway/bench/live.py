@@ -2,7 +2,8 @@
 
 Theory of operation
 -------------------
-Two processes on one machine, talking over loopback only:
+Two processes on one machine, talking over loopback only, each on uvloop
+as ``gateway serve`` is:
 
 * the *gateway*: a :class:`~gateway.live.LiveHub` with its WHIP ingest and
   one aiortc peer per viewer, started with :mod:`multiprocessing` (spawn);
@@ -54,6 +55,8 @@ import time
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 from typing import Any
+
+import uvloop
 
 from gateway.live import LOOPBACK, LiveConfig, LiveHub, LiveIngest, LiveViewer
 from gateway.live.synthetic import ProbeViewer, SyntheticPublisher
@@ -125,7 +128,9 @@ def _gateway_main(conn: Connection, pin: bool) -> None:
     faulthandler.enable()
     if pin:
         _pin({0})
-    asyncio.run(_gateway(conn))
+    # As `gateway serve` runs (gateway/server_cli.py): on uvloop.
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_gateway(conn))
 
 
 async def _gateway(conn: Connection) -> None:
@@ -313,17 +318,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON lines instead")
     args = parser.parse_args(argv)
     for count in args.viewers:
-        result = asyncio.run(
-            measure(
-                count,
-                args.seconds,
-                width=args.width,
-                height=args.height,
-                fps=args.fps,
-                probes=args.probes,
-                pin=not args.no_pin,
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            result = runner.run(
+                measure(
+                    count,
+                    args.seconds,
+                    width=args.width,
+                    height=args.height,
+                    fps=args.fps,
+                    probes=args.probes,
+                    pin=not args.no_pin,
+                )
             )
-        )
         if args.json:
             import json
 
