@@ -21,13 +21,13 @@ loopback address, candidates are gathered on that address alone
 Clock and intervals (:mod:`~gateway.live.hub`). Live time is milliseconds
 since the stream's first frame. Each track's frames keep the publisher's
 RTP timing (RFC 3550) anchored to their arrival. Live time is cut into
-numbered intervals of ``interval_ms`` (1 s): interval ``k`` is the
+numbered intervals of ``LiveConfig.interval_ms``: interval ``k`` is the
 payment layer's chunk ``k`` (protocol.md section 7). Both video renditions
 put a keyframe at the first frame of every interval.
 
 Decode once, encode once, fan out. Each rendition has one encoder in its
 own thread behind a drop-oldest queue (:mod:`~gateway.live.encode`): VP8
-(500 kbit/s, realtime) and Opus for WebRTC, H.264 and AAC for MSE. The
+(realtime, constant bitrate) and Opus for WebRTC, H.264 and AAC for MSE. The
 WebRTC renditions keep their recent packets (:class:`Rendition`); every
 viewer's aiortc sender reads the *same* ``av.Packet`` objects through a
 :class:`ForwardTrack` and only packetizes them (aiortc's ``RTCRtpSender``
