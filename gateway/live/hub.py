@@ -18,6 +18,7 @@ from av.audio.frame import AudioFrame
 from av.video.frame import VideoFrame
 
 from gateway.live.encode import (
+    OPUS_RATE,
     KeyframePolicy,
     OpusEncoder,
     Pipeline,
@@ -371,7 +372,8 @@ class LiveHub:
 
         def deliver(item: tuple[AudioFrame, int], packets: list[av.Packet]) -> None:
             for packet in packets:
-                self.audio.publish(packet, max(0, round((packet.pts or 0) * 1000 / 48_000)), True)
+                live_ms = max(0, round((packet.pts or 0) * 1000 / OPUS_RATE))
+                self.audio.publish(packet, live_ms, True)
 
         self._opus = Pipeline("opus", work, deliver, depth=self.config.audio_queue)
         self.stats.renditions["opus"] = self._opus.stats
