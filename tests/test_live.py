@@ -190,10 +190,20 @@ async def test_a_late_viewer_starts_at_a_keyframe_and_a_pli_gets_one() -> None:
         video = viewer.answer[viewer.answer.index("m=video") :]
         ssrc = int(video.split("a=ssrc:", 1)[1].split(" ", 1)[0])
         receiver = next(t.receiver for t in probe.pc.getTransceivers() if t.kind == "video")
-        await wait_until(lambda: hub.now_ms() % 1000 < 400, 2, "early in an interval")
-        keyframes, requests = hub.stats.keyframes, hub.stats.keyframe_requests
+        interval = hub.config.interval_ms
+        await wait_until(lambda: hub.now_ms() % interval < interval // 4, 2, "an interval's start")
+        sent_at, requests = hub.now_ms(), hub.stats.keyframe_requests
         await receiver._send_rtcp_pli(ssrc)
-        await wait_until(lambda: hub.stats.keyframes > keyframes, 0.5, "a keyframe after PLI")
+
+        def pli_keyframe() -> bool:
+            # A keyframe after the PLI in the same interval: not the one
+            # every interval starts with.
+            return any(
+                p.keyframe and p.live_ms > sent_at and p.live_ms // interval == sent_at // interval
+                for p in hub.video.packets
+            )
+
+        await wait_until(pli_keyframe, interval * 0.7 / 1000, "a keyframe after the PLI")
         assert hub.stats.keyframe_requests > requests
         print(f"\njoin -> first keyframe handed to aiortc: {viewer.stats.join_ms:.1f} ms")
 
@@ -223,8 +233,9 @@ async def test_mse_fragments_are_about_an_interval_and_each_decodes_alone() -> N
     for before, after in itertools.pairwise(fragments):
         assert after.start_ms == before.end_ms  # they join without gap
     for fragment in fragments[1:-1]:
-        assert abs(fragment.duration_ms - interval) <= 100, fragment.duration_ms
-        assert fragment.start_ms % interval < 100  # one interval each
+        # One interval each (a busy machine may drop an interval's first frame).
+        assert abs(fragment.duration_ms - interval) <= interval // 4, fragment.duration_ms
+        assert fragment.start_ms % interval < interval // 4
     lags = []
     for fragment in fragments:
         with av.open(io.BytesIO(init + fragment.data)) as container:
