@@ -230,6 +230,9 @@ async def test_mse_fragments_are_about_an_interval_and_each_decodes_alone() -> N
     assert hub.mse.mime.startswith('video/mp4; codecs="avc1.') and "mp4a.40.2" in hub.mse.mime
     interval = hub.config.interval_ms
     assert [f.index for f in fragments] == list(range(len(fragments)))
+    index, start_ms, duration_ms, data = fragments[1]  # unpacks like a catalog chunk
+    assert (index, start_ms, duration_ms) == (1, fragments[0].end_ms, fragments[1].duration_ms)
+    assert data == fragments[1].data
     for before, after in itertools.pairwise(fragments):
         assert after.start_ms == before.end_ms  # they join without gap
     for fragment in fragments[1:-1]:

@@ -80,6 +80,10 @@ class LiveFragment:
         """Where the next fragment starts."""
         return self.start_ms + self.duration_ms
 
+    def __iter__(self) -> Iterator[int | bytes]:
+        """``index, start_ms, duration_ms, data = fragment``, as a catalog chunk is described."""
+        return iter((self.index, self.start_ms, self.duration_ms, self.data))
+
 
 def iter_boxes(
     data: bytes, start: int = 0, end: int | None = None
