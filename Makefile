@@ -29,8 +29,10 @@ browser-deps:
 
 test: $(STAMP) browser-deps
 	$(BIN)/ruff check gateway player tests
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway player tests
+	$(BIN)/lint-imports
 	$(BIN)/mypy gateway player

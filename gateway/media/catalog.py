@@ -439,50 +439,134 @@ def publish(
     complete result replaces the old directory and catalog entry, so on any
     MediaError the catalog file is left unchanged.
     """
-    check_id(item_id, "item id")
-    if not title.strip():
-        raise MediaError("the title must not be empty")
-    for value, what in ((rate_msat, "rate_msat"), (free_ms, "free_ms")):
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_INT:
-            raise MediaError(f"{what} must be an integer >= 0")
+    _check_item(item_id, title, rate_msat, free_ms)
     if not source.is_file():
         raise MediaError(f"no such file: {source}")
     if publisher not in Catalog.load(media_dir).publishers:  # fail before any writing
         raise MediaError(f"unknown publisher {publisher!r} (add it with `gateway publisher add`)")
     with _writer_lock(media_dir):
         catalog = Catalog.load(media_dir)
-        staging = Path(tempfile.mkdtemp(prefix=f".staging-{item_id}-", dir=media_dir))
-        staging.chmod(0o755)  # mkdtemp makes it 0700; the server may run as another user
-        old: Path | None = None
+        staging = new_staging_dir(media_dir, item_id)
         try:
             segment(source, staging, preset=preset, crf=crf)
-            final = media_dir / item_id
-            if final.exists():
-                old = staging.with_name(staging.name + ".old")
-                final.rename(old)
-            staging.rename(final)
-            try:
-                item = MediaItem.from_manifest(
-                    Manifest.load(final),
-                    id=item_id,
-                    title=title.strip(),
-                    publisher=publisher,
-                    rate_msat=rate_msat,
-                    free_ms=free_ms,
-                    source=_source_name(media_dir, source),
-                    dir=item_id,
-                )
-                catalog.with_item(item).save()
-            except BaseException:
-                shutil.rmtree(final, ignore_errors=True)
-                if old is not None:
-                    old.rename(final)
-                    old = None
-                raise
+            item = _install(
+                media_dir,
+                catalog,
+                staging,
+                item_id=item_id,
+                title=title,
+                publisher=publisher,
+                rate_msat=rate_msat,
+                free_ms=free_ms,
+                source=_source_name(media_dir, source),
+            )
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+    return item
+
+
+def new_staging_dir(media_dir: Path, item_id: str) -> Path:
+    """A fresh hidden directory in ``media_dir`` to write an item's files into."""
+    media_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{item_id}-", dir=media_dir))
+    staging.chmod(0o755)  # mkdtemp makes it 0700; the server may run as another user
+    return staging
+
+
+def add_segmented(
+    media_dir: Path,
+    staging: Path,
+    *,
+    item_id: str,
+    title: str,
+    publisher: str,
+    rate_msat: int,
+    free_ms: int = DEFAULT_FREE_MS,
+    source: str,
+) -> MediaItem:
+    """Add (or replace) item ``item_id`` from files already segmented into ``staging``.
+
+    ``staging`` (from :func:`new_staging_dir`) holds a manifest, init segment
+    and chunks as :func:`~gateway.media.segment.segment` writes them (a live
+    recording writes them as the stream goes). It becomes the item's
+    directory; on any MediaError the catalog is left unchanged and
+    ``staging`` is removed.
+    """
+    try:
+        _check_item(item_id, title, rate_msat, free_ms)
+        with _writer_lock(media_dir):
+            catalog = Catalog.load(media_dir)
+            if publisher not in catalog.publishers:
+                raise MediaError(f"unknown publisher {publisher!r}")
+            return _install(
+                media_dir,
+                catalog,
+                staging,
+                item_id=item_id,
+                title=title,
+                publisher=publisher,
+                rate_msat=rate_msat,
+                free_ms=free_ms,
+                source=source,
+            )
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_item(item_id: str, title: str, rate_msat: int, free_ms: int) -> None:
+    check_id(item_id, "item id")
+    if not title.strip():
+        raise MediaError("the title must not be empty")
+    for value, what in ((rate_msat, "rate_msat"), (free_ms, "free_ms")):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_INT:
+            raise MediaError(f"{what} must be an integer >= 0")
+
+
+def _install(
+    media_dir: Path,
+    catalog: Catalog,
+    staging: Path,
+    *,
+    item_id: str,
+    title: str,
+    publisher: str,
+    rate_msat: int,
+    free_ms: int,
+    source: str,
+) -> MediaItem:
+    """Move ``staging`` to the item's directory and save the catalog (writer lock held).
+
+    An old directory of the same item is kept aside until the new catalog is
+    saved, and put back if anything fails.
+    """
+    final = media_dir / item_id
+    old: Path | None = None
+    try:
+        if final.exists():
+            old = staging.with_name(staging.name + ".old")
+            final.rename(old)
+        staging.rename(final)
+        try:
+            item = MediaItem.from_manifest(
+                Manifest.load(final),
+                id=item_id,
+                title=title.strip(),
+                publisher=publisher,
+                rate_msat=rate_msat,
+                free_ms=free_ms,
+                source=source,
+                dir=item_id,
+            )
+            catalog.with_item(item).save()
+        except BaseException:
+            shutil.rmtree(final, ignore_errors=True)
             if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+                old.rename(final)
+                old = None
+            raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     return item
 
 
