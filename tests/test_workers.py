@@ -233,8 +233,12 @@ def _admin_settle(sup: Supervisor, channel_id: str) -> tuple[int, Any]:
     """The operator's ``/api/admin/settle?channel=`` (blocking): status and JSON body."""
     token = (sup.datadir / "operator-token").read_text().strip()
     url = f"{sup.urls['web']}api/admin/settle?channel={channel_id}"
+    request = urllib.request.Request(
+        url, data=b"", method="POST", headers={"Authorization": f"Bearer {token}"}
+    )
     try:
-        return 200, _get(url, token, timeout=60)
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return 200, json.load(answer)
     except urllib.error.HTTPError as failed:
         return failed.code, json.load(failed)
 
