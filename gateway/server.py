@@ -32,7 +32,7 @@ from gateway.datadir import secure_datadir, write_private
 from gateway.funding import FundingDuty
 from gateway.handover import LinkError, WorkerRole
 from gateway.keys import MasterKey
-from gateway.ledger import Ledger, LiveChannel, Store
+from gateway.ledger import Ledger, LiveChannel, PgStore, Store, new_host_id, open_store
 from gateway.media.catalog import Catalog, MediaItem
 from gateway.media.library import Library
 from gateway.protocol.scripts import address_to_script_pubkey
@@ -101,11 +101,18 @@ class Gateway:
         self.datadir = Path(config.datadir)
         secure_datadir(self.datadir)
         self.library = Library(config.media)
+        #: This gateway host's name (``/api/health``; its holdings in a shared ledger).
+        self.host_id = host_name(config)
+        store, self.cluster = open_store(
+            config.store, self.datadir, host_id=self.host_id, lease_s=config.lease_s
+        )
+        self.master = MasterKey.load_or_create(config.master_key or self.datadir / "master.key")
         self.ledger = Ledger(
-            Store(self.datadir / "gateway.db"),
-            MasterKey.load_or_create(self.datadir / "master.key"),
+            store,
+            self.master,
             publisher_of=self.library.publisher_of,
             worker=worker,
+            cluster=self.cluster,
         )
         self.node: Any = None
         self.rpc: RpcClient
@@ -127,7 +134,7 @@ class Gateway:
         self.operator_token = config.operator_token or operator_token(self.datadir)
 
     @property
-    def store(self) -> Store:
+    def store(self) -> Store | PgStore:
         """The ledger's store (tests and the operator's tools read it)."""
         return self.ledger.store
 
@@ -160,6 +167,8 @@ class Gateway:
 
     async def _start(self, serve_sockets: bool, sock: socket.socket | None) -> None:
         await self.ledger.start()
+        if self.cluster is not None:  # refuse another master key before anything else
+            await self.cluster.agree("master", self.master.fingerprint())
         if self.config.rpc_url is None:
             from gateway.chain.node import EmbeddedNode
 
@@ -186,7 +195,12 @@ class Gateway:
         self.limits = self.config.limits.resolve(self.network)
         self.settle_depth = self.config.settle_depth(self.network)
         self.settle_window = self.config.settle_window(self.network, embedded=self.node is not None)
-        address = self.config.operator_address or await operator_address(self.rpc, self.datadir)
+        if self.cluster is not None:
+            address = await self._join_cluster()
+        else:
+            address = self.config.operator_address or await operator_address(
+                self.rpc, self.datadir
+            )
         self.operator_script = address_to_script_pubkey(address, self.network)
         self.watcher = ChainFollower(self.rpc)
         self.funding = FundingDuty(
@@ -225,6 +239,8 @@ class Gateway:
         self.watcher.on_block.append(self._save_checkpoint)
         self.watcher.on_reorg.append(self.funding.on_reorg)
         await self.funding.check(self.ledger.watched_fundings())
+        if self.cluster is not None:  # hand-overs, the lease, orphans: from now on
+            await self.cluster.start(self.ledger)
         await self.settler.start()
         self._session_context = SessionContext(
             ledger=self.ledger,
@@ -266,6 +282,29 @@ class Gateway:
                 ping_timeout=20,
             )
             self.port = self._server.sockets[0].getsockname()[1]
+            if self.cluster is not None:  # where the other hosts ask this one
+                self.cluster.url = f"http://{self.config.host}:{self.port}/"
+                await self.cluster.register()
+
+    async def _join_cluster(self) -> str:
+        """Take the cluster's operator address and token (set them if first); register."""
+        assert self.cluster is not None
+        address = await self.cluster.agree(
+            "operator_address",
+            self.config.operator_address,
+            lambda: operator_address(self.rpc, self.datadir),
+        )
+        local = self.operator_token
+
+        async def ours() -> str:
+            return local
+
+        token = await self.cluster.agree("operator_token", self.config.operator_token, ours)
+        if token != local:  # `gateway settle` reads the data dir's copy
+            write_private(self.datadir / "operator-token", token + "\n")
+            self.operator_token = token
+        await self.cluster.register()
+        return address
 
     async def stop(self) -> None:
         """Stop serving, then stop every part in reverse order (those that started)."""
@@ -274,6 +313,8 @@ class Gateway:
             await self._server.wait_closed()
         if hasattr(self, "settler"):
             await self.settler.stop()
+        if self.cluster is not None:
+            await self.cluster.stop()
         if hasattr(self, "watcher"):
             await self.watcher.stop()
         if hasattr(self, "rpc"):
@@ -334,6 +375,8 @@ class Gateway:
             return _json_response(HTTPStatus.OK, self.catalog.to_api())
         if path == "/api/admin/settle":
             return await self._admin_settle(request, query)
+        if path == "/api/admin/host":
+            return await self._admin_host(request, query)
         assert self._web_context is not None
         answer = await handle_http(self._web_context, request)
         if answer is not None:
@@ -361,11 +404,55 @@ class Gateway:
         failed = [item for item in items if "error" in item]
         return _json_response(HTTPStatus.OK, {"settled": settled, "failed": failed})
 
+    async def _admin_host(self, request: Request, query: str) -> Response:
+        """``/api/admin/host?what=…&args=JSON``: another host of the cluster asks this one."""
+        from urllib.parse import parse_qs
+
+        if request.headers.get("Authorization", "") != f"Bearer {self.operator_token}":
+            return _json_response(HTTPStatus.UNAUTHORIZED, {"error": "operator token required"})
+        q = {k: v[0] for k, v in parse_qs(query).items()}
+        what = q.get("what", "")
+        if what not in ("stats", "channels", "settle"):
+            return _json_response(HTTPStatus.BAD_REQUEST, {"error": f"cannot answer {what!r}"})
+        try:
+            answer = await self.answer(what, json.loads(q.get("args", "{}")))
+        except RpcException as exc:
+            return _json_response(HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(exc)})
+        return _json_response(HTTPStatus.OK, {"answer": answer})
+
+    async def _everywhere_hosts(self, what: str, whole: bool, args: dict[str, Any]) -> list[Any]:
+        """:meth:`answer` here and on every other live host of the cluster (gateway/peers.py).
+
+        ``whole``: a channel held by a host whose lease ran out (the leader
+        adopts it soon) or a host that does not answer makes it fail.
+        """
+        from gateway.peers import HostDown, ask_all
+
+        assert self.cluster is not None
+        hosts = await self.cluster.hosts()
+        others = [h for h in hosts if h["alive"] and h["host"] != self.host_id and h["url"]]
+        if whole:
+            orphans = await self.cluster.orphans()
+            if orphans:
+                raise LinkError(
+                    f"{len(orphans)} channel(s) are held by a gateway host that stopped "
+                    "answering; another host adopts them when its lease runs out: try again"
+                )
+        mine = await self.answer(what, args)
+        try:
+            theirs = await ask_all(others, self.operator_token, what, args, whole=whole)
+        except HostDown as exc:
+            raise LinkError(str(exc)) from None
+        return [mine, *theirs]
+
     async def everywhere(self, what: str, *, whole: bool = False, **args: Any) -> list[Any]:
         """:meth:`answer` ``what`` in every worker (just here without ``--workers``).
 
         ``whole``: wait for a restarting worker; see :meth:`Supervisor.everywhere`.
+        With a shared ledger: in every host of the cluster.
         """
+        if self.cluster is not None:
+            return await self._everywhere_hosts(what, whole, args)
         if self.worker is None:
             return [await self.answer(what, args)]
         answers = await self.worker.link.request("everywhere", what=what, args=args, whole=whole)
@@ -382,6 +469,7 @@ class Gateway:
                 return None
         if what == "stats":
             return {
+                "host": self.host_id,
                 "worker": self.worker.index if self.worker else 0,
                 "channels": len(self.channels),
                 "sessions": sum(self.sessions.values()),
@@ -396,6 +484,7 @@ class Gateway:
         stats = await self.everywhere("stats")
         return {
             "status": "ok",
+            "host": self.host_id,
             "network": self.network,
             "height": self.watcher.height,
             "channels": sum(s["channels"] for s in stats),
@@ -403,6 +492,10 @@ class Gateway:
             "workers": sorted(
                 ({k: s[k] for k in ("worker", "channels", "sessions")} for s in stats),
                 key=lambda s: s["worker"],
+            ),
+            "hosts": sorted(
+                ({k: s[k] for k in ("host", "channels", "sessions")} for s in stats),
+                key=lambda s: s["host"],
             ),
             "store": {
                 "commits": sum(s["commits"] for s in stats),
@@ -430,6 +523,24 @@ def urls(host: str, port: int, node: Any) -> dict[str, str]:
         found["cookie"] = str(node.cookie_path)
     return found
 
+
+
+def host_name(config: Config) -> str:
+    """This host's name: configured, else kept in ``DATADIR/host-id`` (shared ledger) or the
+    machine's name."""
+    import socket as sockets
+
+    if config.host_id:
+        return config.host_id
+    if not config.store:
+        return sockets.gethostname()
+    path = Path(config.datadir) / "host-id"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        name = new_host_id()
+        write_private(path, name + "\n")
+        return name
 
 
 class GatewayStartError(RuntimeError):

@@ -32,17 +32,24 @@ With ``gateway serve --workers N`` each worker's ledger holds its share of
 the channels; :meth:`Ledger.take_over` and :meth:`Ledger.release` hand a
 channel from one worker to another through the supervisor
 (:mod:`gateway.handover`).
+
+On PostgreSQL (``--store postgresql://…``) several gateway hosts share the
+ledger: each holds its share of the channels, and every write of a held
+channel is fenced by the channel's epoch (:mod:`gateway.ledger.cluster`). A
+write refused by the fence means another host took the channel over: the
+ledger drops it and its session hears ``session_replaced``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.handover import LinkError, WorkerRole
 from gateway.keys import MasterKey
@@ -52,8 +59,12 @@ from gateway.ledger.live import (
     ChannelReleased,
     LiveChannel,
 )
+from gateway.ledger.pg_store import Fenced, PgStore, is_postgres
 from gateway.ledger.reports import Reports
 from gateway.ledger.store import Op, Store
+
+if TYPE_CHECKING:
+    from gateway.ledger.cluster import Cluster
 from gateway.protocol.channel import (
     ChannelRecord,
     PaymentRecord,
@@ -101,13 +112,16 @@ class Ledger:
 
     def __init__(
         self,
-        store: Store,
+        store: Store | PgStore,
         master: MasterKey,
         *,
         publisher_of: Callable[[], dict[str, str]],
         worker: WorkerRole | None = None,
+        cluster: Cluster | None = None,
     ) -> None:
         self.store = store
+        #: Set on PostgreSQL: this host among the hosts sharing the ledger.
+        self.cluster = cluster
         #: The read side for pages and operators (gateway/ledger/reports.py).
         self.reports = Reports(store)
         self.master = master
@@ -138,7 +152,12 @@ class Ledger:
         grace from now (protocol.md section 8).
         """
         self.limits, self.watch = limits, watch
-        rows = self.store.read("SELECT * FROM channels ORDER BY id")
+        if self.cluster is not None:  # this host's channels (before a restart)
+            rows = self.store.read(
+                "SELECT * FROM channels WHERE holder = ? ORDER BY id", (self.cluster.host_id,)
+            )
+        else:
+            rows = self.store.read("SELECT * FROM channels ORDER BY id")
         largest = rows[-1]["id"] if rows else 0
         worker = self.worker
         self._next_index = worker.first_id_above(largest) if worker else largest + 1
@@ -180,8 +199,10 @@ class Ledger:
 
     # -- opening ----------------------------------------------------------------
 
-    def next_index(self) -> int:
+    async def next_index(self) -> int:
         """A fresh channel index: store row id and K2's BIP32 child (gateway/keys.py)."""
+        if self.cluster is not None:  # the database's sequence: unique across hosts
+            return await self.cluster.next_index()
         index = self._next_index
         # Workers allocate ids ≡ their index (mod N): no two derive one key.
         self._next_index += self.worker.count if self.worker else 1
@@ -253,18 +274,20 @@ class Ledger:
         live = LiveChannel(
             row_id=row_id, core=core, meter=ServerMeter(reserve=core.exit_fee), durable_paid=0
         )
-        await self.store.write(
-            [
-                _state_op(
-                    row_id,
-                    core,
-                    channel_id=core.channel_id,
-                    value=core.value,
-                    balance=core.balance,
-                    funded_at=time.time(),
-                )
-            ]
-        )
+        ops = [
+            _state_op(
+                row_id,
+                core,
+                channel_id=core.channel_id,
+                value=core.value,
+                balance=core.balance,
+                funded_at=time.time(),
+            )
+        ]
+        if self.cluster is not None:  # held here from its funding on, at epoch 1
+            ops.append(self.cluster.claim_op(row_id))
+            live.epoch = 1
+        await self.store.write(ops)
         self.hold(live)
         return live
 
@@ -276,7 +299,7 @@ class Ledger:
 
     async def state(self, live: LiveChannel, **extra: Any) -> None:
         """The core moved (confirm, lose its funding, void...): record its state."""
-        await self.store.write([_state_op(live.row_id, live.core, **extra)])
+        await self._write_held([live], [_state_op(live.row_id, live.core, **extra)])
 
     async def paid(self, live: LiveChannel, record: PaymentRecord) -> None:
         """Make an accepted increment durable, with the meter (the hot path).
@@ -320,9 +343,27 @@ class Ledger:
         written = set(live.dirty_media)
         live.dirty_media.clear()
         try:
-            await self.store.write([*ops, *self._delivery_ops(live, written)])
+            await self._write_held([live], [*ops, *self._delivery_ops(live, written)])
         except BaseException:
             live.dirty_media |= written
+            raise
+
+    async def _write_held(self, lives: Sequence[LiveChannel], ops: list[Op]) -> None:
+        """Write ``ops`` about channels held here: fenced when hosts share the ledger.
+
+        A write the fence refuses (another host took one of ``lives`` over)
+        takes effect in no part; those channels are dropped here, their
+        sessions told ``session_replaced``, and :class:`Fenced` is raised.
+        """
+        if self.cluster is None:
+            await self.store.write(ops)
+            return
+        fences = [self.cluster.fence_op(live.row_id, live.epoch) for live in lives]
+        try:
+            await self.store.write([*fences, *ops])
+        except Fenced:
+            for live in lives:
+                self.lost(live.row_id)
             raise
 
     def _delivery_ops(self, live: LiveChannel, media_changed: set[str]) -> list[Op]:
@@ -360,7 +401,7 @@ class Ledger:
 
     async def closed_unsettled(self, live: LiveChannel) -> None:
         """A closing channel with nothing to broadcast: the client refunds at expiry."""
-        await self.store.write([_state_op(live.row_id, live.core, closed_at=time.time())])
+        await self._write_held([live], [_state_op(live.row_id, live.core, closed_at=time.time())])
 
     async def batch_stored(
         self,
@@ -380,8 +421,12 @@ class Ledger:
         now = time.time()
         ops: list[Op] = [
             (
-                "INSERT OR REPLACE INTO settlements(txid, tx, fee, vsize, reserves, channels, "
-                "state, created_at) VALUES (?, ?, ?, ?, ?, ?, 'broadcast', ?)",
+                "INSERT INTO settlements(txid, tx, fee, vsize, reserves, channels, "
+                "state, created_at) VALUES (?, ?, ?, ?, ?, ?, 'broadcast', ?) "
+                "ON CONFLICT(txid) DO UPDATE SET tx = excluded.tx, fee = excluded.fee, "
+                "vsize = excluded.vsize, reserves = excluded.reserves, "
+                "channels = excluded.channels, state = excluded.state, "
+                "created_at = excluded.created_at",
                 (batch.txid, batch.tx.hex(), batch.fee, batch.vsize, batch.reserves,
                  len(lives), now),
             ),
@@ -389,8 +434,9 @@ class Ledger:
         for spk, amount in batch.server_outputs:
             ops.append(
                 (
-                    "INSERT OR REPLACE INTO payouts(txid, publisher, script, amount) "
-                    "VALUES (?, ?, ?, ?)",
+                    "INSERT INTO payouts(txid, publisher, script, amount) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT(txid, script) DO UPDATE SET publisher = excluded.publisher, "
+                    "amount = excluded.amount",
                     (batch.txid, owners.get(spk, "operator"), spk.hex(), amount),
                 )
             )
@@ -414,18 +460,20 @@ class Ledger:
                 fee = server_fee * gross // media_total if media_total else 0
                 ops.append(
                     (
-                        "INSERT OR REPLACE INTO earnings(txid, channel, media, gross, fee) "
-                        "VALUES (?, ?, ?, ?, ?)",
+                        "INSERT INTO earnings(txid, channel, media, gross, fee) "
+                        "VALUES (?, ?, ?, ?, ?) ON CONFLICT(txid, channel, media) DO UPDATE "
+                        "SET gross = excluded.gross, fee = excluded.fee",
                         (batch.txid, live.row_id, item, gross, fee),
                     )
                 )
-        await self.store.write(ops)
+        await self._write_held(lives, ops)
         if self.watch is not None:
             self.watch.watch_txid(batch.txid)
 
     async def batch_abandoned(self, txid: str, lives: Sequence[LiveChannel]) -> None:
         """The node refused the batch for good: never broadcast again; its channels settle anew."""
-        await self.store.write(
+        await self._write_held(
+            lives,
             [
                 ("UPDATE settlements SET state = 'abandoned' WHERE txid = ?", (txid,)),
                 *(_state_op(live.row_id, live.core, settle_txid=None) for live in lives),
@@ -437,7 +485,8 @@ class Ledger:
     async def batch_confirmed(self, txid: str, height: int, lives: Sequence[LiveChannel]) -> None:
         """The batch is as deep as a settlement must be: its channels are closed."""
         now = time.time()
-        await self.store.write(
+        await self._write_held(
+            lives,
             [
                 (
                     "UPDATE settlements SET state = 'confirmed', confirmed_height = ? "
@@ -455,20 +504,34 @@ class Ledger:
 
     async def refunded(self, live: LiveChannel) -> None:
         """The client's refund spent the funding output (that deep)."""
-        await self.store.write([_state_op(live.row_id, live.core, closed_at=time.time())])
+        await self._write_held([live], [_state_op(live.row_id, live.core, closed_at=time.time())])
 
-    def broadcast_batches(self) -> dict[str, bytes]:
-        """Stored batches not yet confirmed nor abandoned: txid -> transaction."""
+    def broadcast_batches(self, *, held_only: bool = False) -> dict[str, bytes]:
+        """Stored batches not yet confirmed nor abandoned: txid -> transaction.
+
+        ``held_only``: when hosts share the ledger, only those of channels held here.
+        """
+        if held_only and self.cluster is not None:
+            txids = {c.core.settlement_txid for c in self.channels.values()}
+            found = {t: self.batch_tx(t) for t in txids if t is not None}
+            return {t: tx for t, tx in found.items() if tx is not None}
         return {
             row["txid"]: bytes.fromhex(row["tx"])
             for row in self.store.read("SELECT txid, tx FROM settlements WHERE state = 'broadcast'")
         }
 
+    def batch_tx(self, txid: str) -> bytes | None:
+        """The stored transaction of batch ``txid``, if it is still to be followed."""
+        rows = self.store.read(
+            "SELECT tx FROM settlements WHERE txid = ? AND state = 'broadcast'", (txid,)
+        )
+        return bytes.fromhex(rows[0]["tx"]) if rows else None
+
     # -- the chain checkpoint ---------------------------------------------------------
 
     def checkpoint(self) -> tuple[int, str] | None:
         """The last block the chain follower read (height, hash), if any."""
-        rows = self.store.read("SELECT value FROM meta WHERE key = 'chain_checkpoint'")
+        rows = self.store.read("SELECT value FROM meta WHERE key = ?", (self._checkpoint_key,))
         if not rows:
             return None
         height, _, block_hash = str(rows[0]["value"]).partition(":")
@@ -478,8 +541,21 @@ class Ledger:
         """Remember the last block read (where the next start reads from)."""
         value = f"{height}:{block_hash}"
         await self.store.write(
-            [("INSERT OR REPLACE INTO meta(key, value) VALUES ('chain_checkpoint', ?)", (value,))]
+            [
+                (
+                    "INSERT INTO meta(key, value) VALUES (?, ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    (self._checkpoint_key, value),
+                )
+            ]
         )
+
+    @property
+    def _checkpoint_key(self) -> str:
+        # Each host follows the chain through its own node client: its own checkpoint.
+        if self.cluster is None:
+            return "chain_checkpoint"
+        return f"chain_checkpoint:{self.cluster.host_id}"
 
     # -- hand-over between workers (gateway/handover.py) --------------------------------
 
@@ -545,6 +621,105 @@ class Ledger:
             self.drop(live)
         return True
 
+    # -- hand-over between hosts (gateway/ledger/cluster.py) ------------------------------
+
+    @property
+    def shared(self) -> bool:
+        """Whether other processes hold channels of this ledger (workers or hosts)."""
+        return self.worker is not None or self.cluster is not None
+
+    async def _take_from_host(self, stored: LiveChannel) -> LiveChannel:
+        assert self.cluster is not None
+        states = tuple(s.value for s in SETTLEABLE)
+        holding = await self.cluster.acquire(stored.row_id, states)
+        if holding is None:
+            raise ProtocolError(
+                ErrorCode.BUSY, "the channel is being handed between gateways; resume again"
+            )
+        held = self.channels.get(stored.channel_id)
+        if held is not None:  # another session here took it meanwhile
+            return held
+        fresh = self.load_stored(stored.channel_id)
+        assert fresh is not None
+        if holding.holder != self.cluster.host_id or fresh.core.state not in SETTLEABLE:
+            return fresh
+        fresh.disconnected_at = time.time()
+        self.hold(fresh)
+        log.info("channel %s taken over (epoch %d)", fresh.channel_id, fresh.epoch)
+        return fresh
+
+    def held(self) -> dict[int, int]:
+        """row id -> epoch of every channel held here (the cluster checks them)."""
+        return {live.row_id: live.epoch for live in self.channels.values()}
+
+    async def release_to(self, row_id: int, host: str) -> None:
+        """Another host asks for channel ``row_id`` (a resume there): hand it over.
+
+        As :meth:`release`: the session ends (``session_replaced``), then the
+        meter and the new holder are written in one fenced write. A closing
+        channel stays here (its settlement is in flight); the asking host
+        sees it closing and answers its client so.
+        """
+        assert self.cluster is not None
+        live = next((c for c in self.channels.values() if c.row_id == row_id), None)
+        if live is None:
+            return
+        async with live.lock:
+            if self.channels.get(live.channel_id) is not live or live.released:
+                return
+            if live.core.state not in SETTLEABLE:
+                return
+            session, live.session = live.session, None
+            if session is not None:
+                session.replaced()
+            live.disconnected_at = live.disconnected_at or time.time()
+            await self._write_with_meter(
+                live,
+                [
+                    ("UPDATE channels SET bill = ?, disconnected_at = ? WHERE id = ?",
+                     (live.meter.bill, live.disconnected_at, live.row_id)),
+                    self.cluster.hand_op(row_id, host),
+                ],
+            )
+            live.released = True
+            self.drop(live)
+        log.info("channel %s handed to host %s", live.channel_id, host)
+
+    def lost(self, row_id: int) -> None:
+        """Another host took channel ``row_id`` (the fence or the lease check said so).
+
+        Whatever this host wrote of it is durable or was refused whole; its
+        session ends with ``session_replaced`` and the channel is forgotten here.
+        """
+        live = next((c for c in self.channels.values() if c.row_id == row_id), None)
+        if live is None or live.released:
+            return
+        live.released = True
+        session, live.session = live.session, None
+        if session is not None:
+            session.replaced()
+        self.drop(live)
+
+    async def adopt(self, row_id: int) -> LiveChannel | None:
+        """The leader takes a channel whose host died (its lease ran out) and holds it.
+
+        Its settlement duty then settles it after the resume grace, from now,
+        unless its viewer resumes it somewhere first.
+        """
+        assert self.cluster is not None
+        holding = await self.cluster.holding(row_id)
+        if holding is None or (holding.holder_alive and holding.holder is not None):
+            return None
+        if await self.cluster.take(row_id, holding.epoch) is None:
+            return None  # another host took it first
+        rows = await self.store.fetch("SELECT * FROM channels WHERE id = ?", (row_id,))
+        live = self._restore(rows[0])
+        live.disconnected_at = time.time()
+        if live.core.state in LIVE_STATES and live.channel_id not in self.channels:
+            self.hold(live)
+            log.info("adopted channel %s of a dead host (epoch %d)", live.channel_id, live.epoch)
+        return live
+
     def _restore(self, row: Any) -> LiveChannel:
         """Rebuild a :class:`LiveChannel` from its row (restart recovery, section 8)."""
         assert self.limits is not None
@@ -585,6 +760,7 @@ class Ledger:
             media_bill={d["media"]: d["bill"] for d in deliveries},
             durable_paid=core.paid,
             disconnected_at=row["disconnected_at"],
+            epoch=row["epoch"] if self.cluster is not None else 0,
         )
 
     # -- what the web pages and the operator read ----------------------------------------
@@ -595,8 +771,23 @@ class Ledger:
         return {"commits": self.store.commits, "requests": self.store.requests}
 
 
-def list_channels(db: Path) -> list[dict[str, Any]]:
-    """Every stored channel, read-only (``gateway channels`` beside a running gateway)."""
+def list_channels(db: Path | str) -> list[dict[str, Any]]:
+    """Every stored channel, read-only (``gateway channels`` beside a running gateway).
+
+    ``db``: the SQLite file, or a ``postgresql://`` URL of the shared ledger.
+    """
+    if isinstance(db, str) and is_postgres(db):
+        store = PgStore(db, name="paystream-channels")
+        try:
+            return [
+                dict(r)
+                for r in store.read(
+                    "SELECT id, channel_id, kind, state, value, balance, seq, expiry, "
+                    "settle_txid, holder FROM channels ORDER BY id"
+                )
+            ]
+        finally:
+            asyncio.run(store.close())
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     conn.row_factory = sqlite3.Row
     try:
