@@ -32,7 +32,15 @@ from gateway.datadir import secure_datadir, write_private
 from gateway.funding import FundingDuty
 from gateway.handover import LinkError, WorkerRole
 from gateway.keys import MasterKey
-from gateway.ledger import Ledger, LiveChannel, PgStore, Store, new_host_id, open_store
+from gateway.ledger import (
+    ClusterError,
+    Ledger,
+    LiveChannel,
+    PgStore,
+    Store,
+    new_host_id,
+    open_store,
+)
 from gateway.media.catalog import Catalog, MediaItem
 from gateway.media.library import Library
 from gateway.protocol.scripts import address_to_script_pubkey
@@ -168,7 +176,10 @@ class Gateway:
     async def _start(self, serve_sockets: bool, sock: socket.socket | None) -> None:
         await self.ledger.start()
         if self.cluster is not None:  # refuse another master key before anything else
-            await self.cluster.agree("master", self.master.fingerprint())
+            try:
+                await self.cluster.agree("master_key", self.master.fingerprint())
+            except ClusterError as exc:
+                raise GatewayStartError(str(exc)) from None
         if self.config.rpc_url is None:
             from gateway.chain.node import EmbeddedNode
 
@@ -196,7 +207,10 @@ class Gateway:
         self.settle_depth = self.config.settle_depth(self.network)
         self.settle_window = self.config.settle_window(self.network, embedded=self.node is not None)
         if self.cluster is not None:
-            address = await self._join_cluster()
+            try:
+                address = await self._join_cluster()
+            except ClusterError as exc:
+                raise GatewayStartError(str(exc)) from None
         else:
             address = self.config.operator_address or await operator_address(
                 self.rpc, self.datadir

@@ -153,7 +153,7 @@ class Cluster:
         stored = str(rows[0]["value"])
         if explicit and stored != explicit:
             hint = {
-                "master": "give every host the same master key (--master-key FILE)",
+                "master_key": "give every host the same master key (--master-key FILE)",
                 "operator_token": "leave operator_token unset: the cluster has one",
             }.get(key, f"the cluster's is {stored}")
             raise ClusterError(f"this host's {key.replace('_', ' ')} is not the cluster's: {hint}")

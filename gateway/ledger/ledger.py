@@ -575,10 +575,13 @@ class Ledger:
         The supervisor has the holder end its session and make the meter
         durable first, so the copy loaded here afterwards is complete. Answers
         the stored copy if the channel closed meanwhile (the holder kept it).
+        On PostgreSQL the holder is another host (gateway/ledger/cluster.py).
         """
-        assert self.worker is not None
         if stored.core.state not in SETTLEABLE:
             return stored
+        if self.cluster is not None:
+            return await self._take_from_host(stored)
+        assert self.worker is not None
         try:
             acquired = await self.worker.link.request("acquire", row=stored.row_id)
         except LinkError:
