@@ -69,3 +69,81 @@ async def check_settled_once(rpc: RpcClient, rows: list[dict[str, Any]]) -> set[
         txid, vout = row["channel_id"].split(":")
         assert spends.get((txid, int(vout))) == 1, row["channel_id"]
     return txids
+
+
+class Host:
+    """``gateway serve`` as a real process: one host of a cluster on ``dsn``.
+
+    Its own data dir and port; the shared node (``rpc_url``), store and master
+    key; short leases so tests see take-overs within seconds.
+    """
+
+    def __init__(self, tmp: Any, name: str, media: Any, *, dsn: str, node: Any, key: Any,
+                 lease_s: float = 3.0, grace_s: int = 60) -> None:
+        self.tmp, self.name = tmp / name, name
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.datadir = self.tmp / "gw"
+        self.args = [
+            "serve", "--datadir", str(self.datadir), "--port", "0", "--media", str(media),
+            "--rpc-url", node.rpc_url, "--rpc-cookie", str(node.cookie_path),
+            "--store", dsn, "--master-key", str(key), "--host-id", name,
+        ]
+        self.env = {
+            "PAYSTREAM_LEASE_S": str(lease_s),
+            "PAYSTREAM_SETTLE_INTERVAL_S": "0.2",
+            "PAYSTREAM_LIMITS_RESUME_GRACE_S": str(grace_s),
+            # Every test viewer comes from 127.0.0.1.
+            "PAYSTREAM_MAX_UNFUNDED_PER_IP": "500",
+            "PAYSTREAM_MAX_SESSIONS_PER_IP": "500",
+        }
+        self.proc: Any = None
+        self.info: dict[str, Any] = {}
+
+    @property
+    def log(self) -> str:
+        return (self.tmp / "gateway.log").read_text()
+
+    async def start(self) -> Host:
+        import asyncio
+        import json
+        import os
+        import subprocess
+        import time
+
+        from helpers_stack import bin_path
+
+        (self.datadir / "gateway.json").unlink(missing_ok=True)
+        self.proc = subprocess.Popen(
+            [bin_path("gateway"), *self.args], stdout=(self.tmp / "gateway.log").open("ab"),
+            stderr=subprocess.STDOUT, cwd=self.tmp, env={**os.environ, **self.env},
+        )
+        deadline = time.monotonic() + 60
+        while not (self.datadir / "gateway.json").exists():
+            assert self.proc.poll() is None, self.log
+            assert time.monotonic() < deadline, self.log
+            await asyncio.sleep(0.05)
+        self.info = json.loads((self.datadir / "gateway.json").read_text())
+        return self
+
+    @property
+    def ws(self) -> str:
+        return str(self.info["ws"])
+
+    def signal(self, sig: int) -> None:
+        import os
+
+        os.kill(self.proc.pid, sig)
+
+    def stop(self) -> None:
+        import signal
+        import subprocess
+
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGCONT)
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
