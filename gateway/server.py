@@ -515,6 +515,8 @@ class Gateway:
                 "commits": sum(s["commits"] for s in stats),
                 "requests": sum(s["requests"] for s in stats),
             },
+            # With a shared ledger: this host's own store figures.
+            **({"own_store": self.ledger.stats} if self.cluster is not None else {}),
         }
 
     def _tag_response(

@@ -407,3 +407,41 @@ def _resolve(future: asyncio.Future[list[int]], outcome: list[int] | BaseExcepti
         future.set_exception(outcome)
     else:
         future.set_result(outcome)
+
+
+# -- for `gateway bench --store` -------------------------------------------------------
+
+
+async def scratch_database(dsn: str, name: str) -> str:
+    """Create database ``name`` on ``dsn``'s server (a bench run's own); its URL."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    conn = await connect(dsn, "paystream-bench")
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+async def drop_database(dsn: str, name: str) -> None:
+    """Drop a bench run's database (``WITH (FORCE)``: its hosts are gone)."""
+    conn = await connect(dsn, "paystream-bench")
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+async def backend_pids(dsn: str, prefix: str) -> list[int]:
+    """PIDs of the server processes serving connections named ``prefix…`` (bench CPU)."""
+    conn = await connect(dsn, "paystream-bench")
+    try:
+        rows = await conn.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE application_name LIKE $1", prefix + "%"
+        )
+    finally:
+        await conn.close()
+    return [int(r["pid"]) for r in rows]
