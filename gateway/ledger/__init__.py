@@ -4,7 +4,8 @@ reads or writes their state (see :mod:`gateway.ledger.ledger`)."""
 from pathlib import Path
 
 from gateway.ledger.cluster import Cluster, ClusterError, new_host_id
-from gateway.ledger.ledger import SETTLEABLE, ChainWatch, Ledger, list_channels
+from gateway.ledger.handoff import SETTLEABLE
+from gateway.ledger.ledger import ChainWatch, Ledger, list_channels
 from gateway.ledger.live import (
     FUNDED_STATES,
     LIVE_STATES,
