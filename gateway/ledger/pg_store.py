@@ -10,7 +10,9 @@ in one place). What differs, and why:
   before ``paid``" (protocol.md section 7) holds as with SQLite's fsync.
 * **Group commit.** Writes queue; one writer task takes every queued
   request, runs them in ONE transaction and commits; the next batch gathers
-  meanwhile. Requests of the same shape (the same statements, the hot path's
+  meanwhile, and its statements run on a second connection while the first
+  batch's ``COMMIT`` waits for the WAL flush (as SQLite's fsync runs beside
+  the next batch's statements). Requests of the same shape (the same statements, the hot path's
   ``paid``) run position by position through ``executemany``, which asyncpg
   pipelines: a batch of a hundred increments costs a few round trips, not
   two hundred (docs/performance.md, "Choosing the driver"). The ledger's
@@ -53,6 +55,11 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 _UPGRADE_LOCK = 0x5061_7973_7472_6D31  # "Paystrm1"
 #: The SQLSTATE ``paystream_fence`` raises (migrations/0001_schema.sql).
 FENCE_SQLSTATE = "PSF01"
+#: Writer connections: while one batch commits (the WAL flush) the next
+#: one's statements run on the other. A write that touches a row of the
+#: batch committing waits for that commit (the row's lock), so the batches'
+#: order holds wherever it matters.
+WRITERS = 2
 #: Seconds any one statement may take before the store gives up on it.
 COMMAND_TIMEOUT_S = 30.0
 #: A host stopped (SIGSTOP) inside a transaction would keep its row locks, and
@@ -227,7 +234,11 @@ class PgStore:
         self.name = name
         self._queue: list[_Request] = []
         self._writer_task: asyncio.Task[None] | None = None
-        self._writer: asyncpg.Connection | None = None
+        #: Writer connections not in a transaction (None: to be made anew).
+        self._free: asyncio.Queue[asyncpg.Connection | None] = asyncio.Queue()
+        self._writers: list[asyncpg.Connection] = []
+        #: Batches being committed.
+        self._ending: set[asyncio.Future[None]] = set()
         self._pool: asyncpg.Pool | None = None
         self._closed = False
         self.commits = 0
@@ -245,7 +256,9 @@ class PgStore:
 
     async def start(self) -> None:
         """Open the writer connection and the read pool (call once, from the event loop)."""
-        self._writer = await connect(self.dsn, self.name)
+        self._writers = [await connect(self.dsn, self.name) for _ in range(WRITERS)]
+        for conn in self._writers:
+            self._free.put_nowait(conn)
         self._pool = await asyncpg.create_pool(
             self.dsn, min_size=1, max_size=4, command_timeout=COMMAND_TIMEOUT_S,
             server_settings=_server_settings(self.name),
@@ -259,9 +272,13 @@ class PgStore:
         if self._writer_task is not None:
             with contextlib.suppress(Exception):
                 await self._writer_task
-        if self._writer is not None:
-            with contextlib.suppress(Exception):
-                await self._writer.close(timeout=5)
+        if self._ending:
+            await asyncio.gather(*self._ending, return_exceptions=True)
+        while not self._free.empty():
+            conn = self._free.get_nowait()
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close(timeout=5)
         if self._pool is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._pool.close(), 10)
@@ -298,7 +315,7 @@ class PgStore:
         Raises the statement's error if it failed (then none of ``ops`` took
         effect); :class:`Fenced` if the fence refused it.
         """
-        if self._closed or self._writer is None:
+        if self._closed or not self._writers:
             raise StoreClosed("the store is closed")
         request = _Request(list(ops), asyncio.get_running_loop().create_future())
         self._queue.append(request)
@@ -307,41 +324,69 @@ class PgStore:
         return await request.future
 
     async def _write_loop(self) -> None:
+        """Batch after batch: the statements of one run while the last one commits."""
         # One yield first: writers woken in this loop iteration join the batch.
         await asyncio.sleep(0)
         while self._queue:
+            conn = await self._free.get()  # a connection whose last commit ended
+            if not self._queue:
+                self._free.put_nowait(conn)
+                break
             batch, self._queue = self._queue, []
-            results = await self._write_batch(batch)
-            self.commits += 1
-            self.requests += len(results)
-            for request, outcome in results:
-                _resolve(request.future, outcome)
-
-    async def _write_batch(self, batch: list[_Request]) -> _Results:
-        try:
-            conn = self._writer
-            if conn is None or conn.is_closed():
-                conn = self._writer = await connect(self.dsn, self.name)
-            transaction = conn.transaction()
-            await transaction.start()
+            try:
+                if conn is None or conn.is_closed():
+                    conn = await connect(self.dsn, self.name)
+                transaction = conn.transaction()
+                await transaction.start()
+            except Exception as exc:  # no connection: nothing is written, say so
+                self._free.put_nowait(None)
+                self._done(batch, [(request, exc) for request in batch])
+                continue
             try:
                 results = await self._execute(conn, batch)
-            except BaseException:
-                await transaction.rollback()
-                raise
-            if all(isinstance(outcome, BaseException) for _, outcome in results):
+            except BaseException as exc:
+                task = asyncio.ensure_future(self._end(conn, transaction, batch, exc))
+            else:
+                task = asyncio.ensure_future(self._end(conn, transaction, batch, results))
+            self._ending.add(task)
+            task.add_done_callback(self._ending.discard)
+
+    async def _end(
+        self,
+        conn: asyncpg.Connection,
+        transaction: Any,
+        batch: list[_Request],
+        outcome: _Results | BaseException,
+    ) -> None:
+        """Commit (or roll back) one batch, resolve its waiters, free its connection.
+
+        A batch whose every request failed is rolled back. If the connection
+        or the commit fails, nothing of the batch is known durable: every
+        waiter learns it, nothing paid is released, and the connection is
+        made anew for a later batch.
+        """
+        results: _Results
+        try:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            if all(isinstance(o, BaseException) for _, o in outcome):
                 await transaction.rollback()
             else:
                 await transaction.commit()
-            return results
-        except Exception as exc:
-            # The connection or the commit failed: nothing is known durable,
-            # every waiter learns it, nothing paid is released.
-            if self._writer is not None and not self._writer.is_closed():
-                with contextlib.suppress(Exception):
-                    await self._writer.close(timeout=1)
-            self._writer = None
-            return [(request, exc) for request in batch]
+            results = outcome
+        except BaseException as exc:  # the task's end: every waiter must hear of it
+            with contextlib.suppress(Exception):
+                await conn.close(timeout=1)
+            conn = None
+            results = [(request, exc) for request in batch]
+        self._free.put_nowait(conn)
+        self._done(batch, results)
+
+    def _done(self, batch: list[_Request], results: _Results) -> None:
+        self.commits += 1
+        self.requests += len(batch)
+        for request, outcome in results:
+            _resolve(request.future, outcome)
 
     async def _execute(self, conn: asyncpg.Connection, batch: list[_Request]) -> _Results:
         """Every request in the open transaction: grouped at once, else one by one."""
