@@ -390,14 +390,21 @@ class PgStore:
 
     async def _execute(self, conn: asyncpg.Connection, batch: list[_Request]) -> _Results:
         """Every request in the open transaction: grouped at once, else one by one."""
+        if len(batch) == 1:
+            # Alone, it needs no savepoint: if it fails the transaction is
+            # rolled back whole. Two round trips fewer per commit at low load.
+            try:
+                await _run_grouped(conn, batch)
+            except (asyncpg.PostgresError, OverflowError, TypeError, ValueError) as exc:
+                return [(batch[0], _error(exc))]
+            return [(batch[0], [0] * len(batch[0].ops))]
         try:
             async with conn.transaction():  # a savepoint
                 for run in _runs(batch):
                     await _run_grouped(conn, run)
             return [(request, [0] * len(request.ops)) for request in batch]
-        except (asyncpg.PostgresError, OverflowError, TypeError, ValueError) as exc:
-            if len(batch) == 1:
-                return [(batch[0], _error(exc))]
+        except (asyncpg.PostgresError, OverflowError, TypeError, ValueError):
+            pass  # rolled back to the savepoint: now one by one
         results: _Results = []
         for request in batch:
             try:
