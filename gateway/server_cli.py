@@ -210,13 +210,18 @@ def _print_demo_hint(config: Config) -> None:
 
 def _channels(args: argparse.Namespace) -> int:
     from gateway.cli import CliError
-    from gateway.ledger import list_channels
+    from gateway.ledger import SchemaError, list_channels
 
     config = load_config(args)
     path = config.datadir / "gateway.db"
     if not config.store and not path.exists():
         raise CliError(f"no gateway data in {config.datadir} (run `gateway serve` first)")
-    items = list_channels(config.store or path)
+    try:
+        items = list_channels(config.store or path)
+    except SchemaError as exc:
+        raise CliError(str(exc)) from None
+    except OSError as exc:
+        raise CliError(f"cannot read the store: {exc}") from None
     for item in items:
         # No balance yet means nothing paid; a zero balance means all of it was.
         value, balance = item["value"] or 0, item["balance"]

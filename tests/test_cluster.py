@@ -9,6 +9,7 @@ are in test_cluster_hosts.py.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from test_workers import resume
 from gateway.keys import MasterKey
 from gateway.ledger import upgrade
 from gateway.protocol.errors import ErrorCode
-from gateway.protocol.messages import Error
+from gateway.protocol.messages import Closed, Error
 from gateway.server import Gateway, GatewayStartError
 
 
@@ -142,3 +143,60 @@ async def test_a_paused_holders_write_is_refused_by_the_fence_and_the_meter_stay
     assert live_a.channel_id not in a.channels
     closed = await second.close_channel()
     assert closed.paid == second.channel.paid
+
+
+async def test_the_leader_adopts_and_settles_the_channels_of_a_dead_host(
+    hosts, node, rpc, pg_dsn
+):
+    """Host A dies with a channel whose viewer left (no resume comes); once A's
+    lease ran out the leader, B, adopts it and settles it after the resume grace."""
+    a = await hosts("host-a")
+    b = await hosts("host-b")
+    viewer = Viewer(url(a), rpc)
+    await viewer.connect()
+    await viewer.open_and_fund()
+    await viewer.play_and_pay("clip", chunks=6)
+    await viewer.disconnect()
+    # A dies: its duties stop, its lease is no longer renewed, and its
+    # connections drop (the leader's lock, if A had it, goes with its own).
+    a.cluster._loop_task.cancel()
+    await a.settler.stop()
+    for conn in (a.cluster._leader_conn, a.cluster._listener):
+        if conn is not None:
+            await conn.close()
+    b.settler.settings = dataclasses.replace(b.settler.settings, resume_grace_s=1)
+    for _ in range(200):
+        rows = ledger_rows(pg_dsn)
+        if rows[0]["holder"] == "host-b" and rows[0]["state"] == "closing":
+            break
+        await asyncio.sleep(0.1)
+    assert rows[0]["holder"] == "host-b", rows[0]
+    await mine(rpc)
+    for _ in range(100):
+        (row,) = ledger_rows(pg_dsn)
+        if row["state"] == "closed":
+            break
+        await mine(rpc)
+        await asyncio.sleep(0.2)
+    assert row["value"] - row["balance"] == viewer.channel.paid
+    await check_settled_once(rpc, [row])
+
+
+async def test_settle_and_health_on_one_host_cover_the_cluster(hosts, node, rpc, pg_dsn):
+    """The operator's settle asked of host A settles a channel host B holds;
+    A's health counts B's sessions and names both hosts."""
+    a = await hosts("host-a")
+    b = await hosts("host-b")
+    viewer = Viewer(url(b), rpc)
+    await viewer.connect()
+    await viewer.open_and_fund()
+    await viewer.play_and_pay("clip", chunks=6)
+    health = await a.health()
+    assert [h["host"] for h in health["hosts"]] == ["host-a", "host-b"]
+    assert health["channels"] == 1 and health["sessions"] == 1
+    answers = await a.everywhere("settle", whole=True, channel=None)
+    settled = [item for answer in answers if answer for item in answer]
+    assert [s["channel_id"] for s in settled] == [viewer.channel.outpoint.channel_id]
+    assert settled[0]["paid"] == viewer.channel.paid and settled[0]["txid"]
+    closed = await viewer.expect(Closed)
+    assert closed.txid == settled[0]["txid"]

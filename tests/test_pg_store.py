@@ -96,3 +96,18 @@ async def test_the_fence_refuses_a_write_after_a_take_over(pg_dsn):
     finally:
         for store in stores:
             await store.close()
+
+
+def test_gateway_db_upgrade_and_channels_on_a_postgresql_store(pg_dsn, capsys, tmp_path):
+    from gateway.cli import main
+
+    assert main(["channels", "--store", pg_dsn, "--datadir", str(tmp_path)]) == 1
+    assert "gateway db upgrade" in capsys.readouterr().err
+    assert main(["db", "upgrade", "--store", pg_dsn, "--datadir", str(tmp_path)]) == 0
+    assert "0001_schema" in capsys.readouterr().out
+    assert main(["db", "upgrade", "--store", pg_dsn, "--datadir", str(tmp_path)]) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert main(["channels", "--json", "--store", pg_dsn, "--datadir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == "[]"
+    assert main(["db", "upgrade", "--datadir", str(tmp_path)]) == 1
+    assert "needs --store" in capsys.readouterr().err

@@ -245,7 +245,11 @@ class PgStore:
         self.requests = 0
         self._reader = _Reader(dsn, name)
         # Refuse at once, before anything starts, a database not upgraded.
-        self._reader._call(self._check())
+        try:
+            self._reader._call(self._check())
+        except BaseException:
+            self._reader.close()
+            raise
 
     async def _check(self) -> None:
         conn = await connect(self.dsn, self.name)
