@@ -5,7 +5,7 @@ cover every channel of the cluster: the host asked answers for itself and
 asks each other live host (the ``hosts`` table names their URLs) at
 ``GET /api/admin/host?what=…`` with the cluster's operator token, which
 every host shares. This is the cluster's counterpart of the supervisor's
-fan-out between workers (gateway/workers.py).
+fan-out between workers (gateway/workers.py). It also names this host (:func:`host_name`).
 """
 
 from __future__ import annotations
@@ -13,10 +13,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 import aiohttp
+
+from gateway.datadir import write_private
+
+if TYPE_CHECKING:
+    from gateway.config import Config
+    from gateway.ledger import Cluster
 
 log = logging.getLogger(__name__)
 
@@ -61,3 +70,49 @@ async def ask_all(
         else:
             found.append(answer)
     return found
+
+
+async def everywhere_in_cluster(
+    cluster: Cluster,
+    token: str,
+    answer: Callable[[str, dict[str, Any]], Awaitable[Any]],
+    what: str,
+    args: dict[str, Any],
+    *,
+    whole: bool,
+) -> list[Any]:
+    """``answer(what, args)`` here and on every other live host of ``cluster``.
+
+    ``whole`` (the operator's settle): a channel held by a host whose lease
+    ran out (the leader adopts it soon) or a host that does not answer
+    raises :class:`HostDown`.
+    """
+    hosts = await cluster.hosts()
+    others = [h for h in hosts if h["alive"] and h["host"] != cluster.host_id and h["url"]]
+    if whole:
+        orphans = await cluster.orphans()
+        if orphans:
+            raise HostDown(
+                f"{len(orphans)} channel(s) are held by a gateway host that stopped "
+                "answering; another host adopts them when its lease runs out: try again"
+            )
+    mine = await answer(what, args)
+    return [mine, *await ask_all(others, token, what, args, whole=whole)]
+
+
+def host_name(config: Config) -> str:
+    """This host's name: configured, else kept in ``DATADIR/host-id`` (shared ledger)
+    or the machine's name."""
+    from gateway.ledger import new_host_id
+
+    if config.host_id:
+        return config.host_id
+    if not config.store:
+        return socket.gethostname()
+    path = Path(config.datadir) / "host-id"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        name = new_host_id()
+        write_private(path, name + "\n")
+        return name

@@ -38,11 +38,11 @@ from gateway.ledger import (
     LiveChannel,
     PgStore,
     Store,
-    new_host_id,
     open_store,
 )
 from gateway.media.catalog import Catalog, MediaItem
 from gateway.media.library import Library
+from gateway.peers import host_name
 from gateway.protocol.scripts import address_to_script_pubkey
 from gateway.protocol.settlement import feerate
 from gateway.session import Session, SessionContext
@@ -110,7 +110,7 @@ class Gateway:
         secure_datadir(self.datadir)
         self.library = Library(config.media)
         #: This gateway host's name (``/api/health``; its holdings in a shared ledger).
-        self.host_id = host_name(config)
+        self.host_id = host_name(config)  # gateway/peers.py
         store, self.cluster = open_store(
             config.store, self.datadir, host_id=self.host_id, lease_s=config.lease_s
         )
@@ -434,31 +434,6 @@ class Gateway:
             return _json_response(HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(exc)})
         return _json_response(HTTPStatus.OK, {"answer": answer})
 
-    async def _everywhere_hosts(self, what: str, whole: bool, args: dict[str, Any]) -> list[Any]:
-        """:meth:`answer` here and on every other live host of the cluster (gateway/peers.py).
-
-        ``whole``: a channel held by a host whose lease ran out (the leader
-        adopts it soon) or a host that does not answer makes it fail.
-        """
-        from gateway.peers import HostDown, ask_all
-
-        assert self.cluster is not None
-        hosts = await self.cluster.hosts()
-        others = [h for h in hosts if h["alive"] and h["host"] != self.host_id and h["url"]]
-        if whole:
-            orphans = await self.cluster.orphans()
-            if orphans:
-                raise LinkError(
-                    f"{len(orphans)} channel(s) are held by a gateway host that stopped "
-                    "answering; another host adopts them when its lease runs out: try again"
-                )
-        mine = await self.answer(what, args)
-        try:
-            theirs = await ask_all(others, self.operator_token, what, args, whole=whole)
-        except HostDown as exc:
-            raise LinkError(str(exc)) from None
-        return [mine, *theirs]
-
     async def everywhere(self, what: str, *, whole: bool = False, **args: Any) -> list[Any]:
         """:meth:`answer` ``what`` in every worker (just here without ``--workers``).
 
@@ -466,7 +441,14 @@ class Gateway:
         With a shared ledger: in every host of the cluster.
         """
         if self.cluster is not None:
-            return await self._everywhere_hosts(what, whole, args)
+            from gateway.peers import HostDown, everywhere_in_cluster
+
+            try:
+                return await everywhere_in_cluster(
+                    self.cluster, self.operator_token, self.answer, what, args, whole=whole
+                )
+            except HostDown as exc:  # answered 503 like a worker that is down
+                raise LinkError(str(exc)) from None
         if self.worker is None:
             return [await self.answer(what, args)]
         answers = await self.worker.link.request("everywhere", what=what, args=args, whole=whole)
@@ -539,24 +521,6 @@ def urls(host: str, port: int, node: Any) -> dict[str, str]:
         found["cookie"] = str(node.cookie_path)
     return found
 
-
-
-def host_name(config: Config) -> str:
-    """This host's name: configured, else kept in ``DATADIR/host-id`` (shared ledger) or the
-    machine's name."""
-    import socket as sockets
-
-    if config.host_id:
-        return config.host_id
-    if not config.store:
-        return sockets.gethostname()
-    path = Path(config.datadir) / "host-id"
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        name = new_host_id()
-        write_private(path, name + "\n")
-        return name
 
 
 class GatewayStartError(RuntimeError):
