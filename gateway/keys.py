@@ -11,6 +11,7 @@ BIP32 hardened derivation is a dozen lines over HMAC-SHA512 and coincurve; the
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 import secrets
@@ -47,6 +48,14 @@ class MasterKey:
         if tweak >= _CURVE_ORDER or child == 0:  # BIP32: probability < 2^-127
             raise ValueError(f"child {index}' is invalid; use the next index")
         return child.to_bytes(32, "big")
+
+    def fingerprint(self) -> str:
+        """A public name of this key (hex): gateway hosts sharing a ledger compare it.
+
+        A hash of the master public key, so it reveals nothing of the seed.
+        """
+        public = coincurve.PrivateKey(self._key).public_key.format(compressed=True)
+        return hashlib.sha256(b"paystream master key\x00" + public).hexdigest()[:32]
 
     def channel_key(self, index: int) -> tuple[bytes, bytes]:
         """``(private key, compressed public key)`` of channel ``index``'s K2."""

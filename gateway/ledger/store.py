@@ -449,6 +449,10 @@ class Store:
         """Run a read-only query on the reader connection."""
         return self._reader.execute(sql, params).fetchall()
 
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """:meth:`read`, for callers that await (the PostgreSQL store's reads are async)."""
+        return self.read(sql, params)
+
 
 def _run_ops(conn: sqlite3.Connection, ops: list[Op]) -> list[int]:
     return [conn.execute(sql, params).lastrowid or 0 for sql, params in ops]
