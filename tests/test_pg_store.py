@@ -111,3 +111,31 @@ def test_gateway_db_upgrade_and_channels_on_a_postgresql_store(pg_dsn, capsys, t
     assert capsys.readouterr().out.strip() == "[]"
     assert main(["db", "upgrade", "--datadir", str(tmp_path)]) == 1
     assert "needs --store" in capsys.readouterr().err
+
+
+async def test_unfunded_channels_are_found_by_their_script_and_expire(pg_dsn, tmp_path):
+    """Migration 0002: the lookup and the expiry of unfunded channels (issue 14,
+    item 2) work on the shared ledger as on SQLite."""
+    import time
+
+    from gateway.keys import MasterKey
+    from gateway.ledger import Ledger, Reports
+
+    await upgrade(pg_dsn)
+    store = PgStore(pg_dsn)
+    await store.start()
+    try:
+        now = time.time()
+        insert = (
+            "INSERT INTO channels(id, kind, state, created_at, funding_script) "
+            "VALUES (?, 'cltv', 'open', ?, ?)"
+        )
+        await store.write([(insert, (1, now - 3600, "aa")), (insert, (2, now, "bb"))])
+        reports = Reports(store)
+        assert reports.unfunded_channel(bytes.fromhex("aa"))["id"] == 1  # type: ignore[index]
+        ledger = Ledger(store, MasterKey.load_or_create(tmp_path / "m.key"), publisher_of=dict)
+        await ledger.expire_unfunded(now - 60)
+        assert reports.unfunded_channel(bytes.fromhex("aa")) is None  # abandoned
+        assert reports.unfunded_channel(bytes.fromhex("bb"))["id"] == 2  # type: ignore[index]
+    finally:
+        await store.close()
