@@ -46,7 +46,7 @@ from typing import Any
 import asyncpg
 
 from gateway.ledger.live import ChannelReleased
-from gateway.ledger.store import Op, StoreClosed
+from gateway.ledger.store import Op, StoreClosed, resolve
 
 log = logging.getLogger(__name__)
 
@@ -390,7 +390,7 @@ class PgStore:
         self.commits += 1
         self.requests += len(batch)
         for request, outcome in results:
-            _resolve(request.future, outcome)
+            resolve(request.future, outcome)
 
     async def _execute(self, conn: asyncpg.Connection, batch: list[_Request]) -> _Results:
         """Every request in the open transaction: grouped at once, else one by one."""
@@ -454,15 +454,6 @@ def _error(exc: BaseException) -> BaseException:
     if getattr(exc, "sqlstate", None) == FENCE_SQLSTATE:
         return Fenced(str(getattr(exc, "message", exc)))
     return exc
-
-
-def _resolve(future: asyncio.Future[list[int]], outcome: list[int] | BaseException) -> None:
-    if future.done():  # the waiter was cancelled; the write still happened
-        return
-    if isinstance(outcome, BaseException):
-        future.set_exception(outcome)
-    else:
-        future.set_result(outcome)
 
 
 # -- for `gateway bench --store` -------------------------------------------------------
