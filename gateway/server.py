@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiortc import RTCIceServer
 
 from gateway.chain.rpc import RpcClient, RpcException
 from gateway.chain.watch import REORG_WINDOW, ChainFollower
@@ -33,6 +34,8 @@ from gateway.funding import FundingDuty
 from gateway.handover import LinkError, WorkerRole
 from gateway.keys import MasterKey
 from gateway.ledger import Ledger, LiveChannel, Store
+from gateway.live.ice import IceConfig
+from gateway.live.onair import OnAir
 from gateway.media.catalog import Catalog, MediaItem
 from gateway.media.library import Library
 from gateway.protocol.scripts import address_to_script_pubkey
@@ -105,6 +108,8 @@ class Gateway:
         self.half_open = 0
         self.port = config.port
         self.operator_token = config.operator_token or operator_token(self.datadir)
+        #: Live items being published here (WHIP; gateway/live/onair.py).
+        self.on_air = OnAir(config.media, ice=ice_config(config))
 
     @property
     def store(self) -> Store:
@@ -223,6 +228,7 @@ class Gateway:
             admit=self.admit,
             handshake_timeout_s=self.config.handshake_timeout_s,
             unpaid_timeout_s=self.config.unpaid_timeout_s,
+            on_air=self.on_air,
         )
         self._web_context = WebContext(
             ledger=self.ledger,
@@ -234,6 +240,8 @@ class Gateway:
             limits=self.limits,
             operator_token=self.operator_token,
             everywhere=self.everywhere,
+            on_air=self.on_air,
+            publisher_token=MasterKey.load_or_create(self.datadir / "master.key").publisher_token,
         )
         if serve_sockets:
             await self._serve(sock)
@@ -270,6 +278,7 @@ class Gateway:
 
     async def stop(self) -> None:
         """Stop serving, then stop every part in reverse order (those that started)."""
+        await self.on_air.stop()  # live viewers get `end` while their sockets are up
         if self._runner is not None:
             await self._runner.cleanup()
         if hasattr(self, "settler"):
@@ -343,7 +352,7 @@ class Gateway:
         return json_response(HTTPStatus.OK, await self.health())
 
     async def _catalog(self, request: web.Request) -> web.Response:
-        return json_response(HTTPStatus.OK, self.library.current().to_api())
+        return json_response(HTTPStatus.OK, self.library.current().to_api(self.on_air.on_air()))
 
     async def _admin_settle(self, request: web.Request) -> web.Response:
         """``POST /api/admin/settle[?channel=ID]`` with the operator token (``gateway settle``).
@@ -515,6 +524,12 @@ class GatewayStartError(RuntimeError):
 def _log_failure(task: asyncio.Future[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.warning("could not save the chain checkpoint: %s", task.exception())
+
+
+def ice_config(config: Config) -> IceConfig:
+    """The live peers' ICE settings: ``ice_servers``, and loopback when served there."""
+    servers = [RTCIceServer(url.strip()) for url in config.ice_servers.split(",") if url.strip()]
+    return IceConfig(servers=tuple(servers), host=config.host)
 
 
 def operator_token(datadir: Path) -> str:

@@ -26,7 +26,8 @@ Two aiortc details follow from sending pre-encoded packets:
 
 Gating: a track forwards a packet only if its live time is before the
 viewer's allowance (:meth:`LiveViewer.allow`); at the first packet beyond it
-the track reports the viewer blocked at that interval and drops packets
+the track reports the viewer blocked at that interval (a callback that
+allows the interval at once lets that packet through) and drops packets
 until the allowance grows. Video then resumes at a keyframe: one at most
 ``keyframe_gap_ms`` old if the hub has it (sent at once), else the next one,
 requested from the encoder.
@@ -169,7 +170,12 @@ class ForwardTrack(MediaStreamTrack):
                 continue
             if packet.live_ms >= viewer.allowed_until_ms:
                 self._block(packet)
-                continue
+                # A blocked callback may allow it at once (a free or prepaid
+                # interval): then it goes out, video if it is a keyframe.
+                if packet.live_ms >= viewer.allowed_until_ms or (
+                    self._need_keyframe and not packet.keyframe
+                ):
+                    continue
             self._blocked = False
             if self._need_keyframe:
                 if not packet.keyframe:

@@ -19,6 +19,8 @@ every failure (JSON for programs, a page for people). The handlers get a
   ``package-lock.json``; no CDN and no bundler at run time. A strict
   Content-Security-Policy allows only this origin's scripts plus the import
   map's own hash.
+* ``POST /whip/<live-id>`` and ``DELETE /whip/<live-id>/<session>``: a
+  publisher goes live and stops (WHIP, RFC 9725; ``whip``).
 * ``POST /api/faucet`` exists only on regtest: it pays the funding address of
   a channel that was opened and not yet funded (nothing else), once, an
   amount inside the advertised limits, from the node's wallet; with
@@ -61,6 +63,7 @@ from gateway.web.http import (
     vendor_file,
 )
 from gateway.web.pages import catalog_page, dashboard_page, exit_estimate, watch_page
+from gateway.web.whip import whip_delete, whip_post
 
 __all__ = ["CSP", "WebContext", "add_routes", "errors", "exit_estimate"]
 
@@ -69,7 +72,7 @@ log = logging.getLogger(__name__)
 Handler = Callable[[WebContext, web.Request], Awaitable[web.StreamResponse]]
 
 #: Paths programs ask: their errors are JSON, never a page.
-_PROGRAM_PATHS = ("/api/", "/web/", "/paystream/")
+_PROGRAM_PATHS = ("/api/", "/web/", "/paystream/", "/whip/")
 
 
 def add_routes(app: web.Application, ctx: WebContext) -> None:
@@ -94,6 +97,8 @@ def add_routes(app: web.Application, ctx: WebContext) -> None:
     route("GET", "/api/channel/{channel_id}", channel_api)
     for name, (method, _) in DASHBOARD.items():
         route(method, f"/api/dashboard/{name}", dashboard_api)
+    route("POST", "/whip/{live_id}", whip_post)
+    route("DELETE", "/whip/{live_id}/{session}", whip_delete)
 
 
 @web.middleware

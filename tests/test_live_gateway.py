@@ -1,0 +1,343 @@
+"""Live items through the gateway (issue 16): catalog, WHIP, and the paid session.
+
+A real gateway (embedded node, real SQLite, aiohttp on 127.0.0.1), a real
+aiortc publisher over WHIP (:class:`SyntheticPublisher`), and viewers on
+the paystream WebSocket: MSE (live fMP4 fragments as paid chunks) and
+WebRTC (``play.webrtc``, an aiortc :class:`ProbeViewer` receiving).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.cli import main
+from gateway.keys import MasterKey
+from gateway.live.synthetic import ProbeViewer, SyntheticPublisher
+from gateway.media.catalog import Catalog, add_live
+from gateway.protocol.messages import (
+    Closed,
+    Due,
+    End,
+    Error,
+    Interval,
+    Paid,
+    Play,
+    Stream,
+    WebrtcAnswer,
+)
+from gateway.server import Gateway
+from tests.conftest_gateway import Viewer, node_rpc, ws_url
+
+LIVE = "match"
+RATE_MSAT = 300_000  # 300 sat per live second
+FREE_MS = 2000
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def live_gateway(gateway_factory: Any, media_copy: Path) -> Gateway:
+    add_live(media_copy, LIVE, title="The match", publisher="studio",
+             rate_msat=RATE_MSAT, free_ms=FREE_MS)
+    gw: Gateway = await gateway_factory()
+    return gw
+
+
+def token(gw: Gateway, publisher: str = "studio") -> str:
+    return MasterKey.load_or_create(gw.datadir / "master.key").publisher_token(publisher)
+
+
+def base(gw: Gateway) -> str:
+    return f"http://127.0.0.1:{gw.port}"
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def whip(
+    http: aiohttp.ClientSession, gw: Gateway, sdp: str, *, live: str = LIVE,
+    auth: str | None = "good", content_type: str = "application/sdp",
+) -> tuple[int, str, str | None]:
+    headers = {"Content-Type": content_type}
+    if auth == "good":
+        headers["Authorization"] = f"Bearer {token(gw)}"
+    elif auth is not None:
+        headers["Authorization"] = auth
+    async with http.post(f"{base(gw)}/whip/{live}", data=sdp.encode(), headers=headers) as r:
+        return r.status, await r.text(), r.headers.get("Location")
+
+
+async def go_live(http: aiohttp.ClientSession, gw: Gateway) -> tuple[SyntheticPublisher, str]:
+    publisher = SyntheticPublisher()
+    status, answer, location = await whip(http, gw, await publisher.offer())
+    assert status == 201, answer
+    assert location is not None and location.startswith(f"/whip/{LIVE}/")
+    await publisher.accept(answer)
+    await wait_until(lambda: gw.on_air.hub(LIVE) is not None
+                     and gw.on_air.hubs[LIVE].mse.latest is not None, 20, "the first fragment")
+    return publisher, location
+
+
+async def stop_live(http: aiohttp.ClientSession, gw: Gateway, location: str) -> int:
+    headers = {"Authorization": f"Bearer {token(gw)}"}
+    async with http.delete(f"{base(gw)}{location}", headers=headers) as r:
+        return r.status
+
+
+async def catalog_entry(http: aiohttp.ClientSession, gw: Gateway) -> dict[str, Any]:
+    async with http.get(f"{base(gw)}/api/catalog") as r:
+        entries = await r.json()
+    return next(e for e in entries if e["id"] == LIVE)
+
+
+def test_live_and_publisher_token_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    media, data = tmp_path / "m", tmp_path / "d"
+    address = "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080"
+    assert main(["publisher", "add", "pub", "--name", "Pub", "--address", address,
+                 "--media", str(media), "--datadir", str(data)]) == 0
+    printed = capsys.readouterr().out.split("WHIP bearer token: ")[1].strip()
+    assert main(["publisher", "token", "pub", "--media", str(media), "--datadir", str(data)]) == 0
+    assert capsys.readouterr().out.strip() == printed  # the same token, shown again
+    assert printed == MasterKey.load_or_create(data / "master.key").publisher_token("pub")
+    assert main(["publisher", "token", "nobody", "--media", str(media),
+                 "--datadir", str(data)]) == 1
+    assert "unknown publisher 'nobody'" in capsys.readouterr().err
+    args = ["live", "add", "gig", "--title", "Gig", "--rate", "2", "--free", "5",
+            "--media", str(media)]
+    before = (media / "catalog.toml").read_bytes()
+    assert main([*args, "--publisher", "nobody"]) == 1  # one line, catalog unchanged
+    assert (media / "catalog.toml").read_bytes() == before
+    assert main([*args, "--publisher", "pub", "--no-record"]) == 0
+    gig = Catalog.load(media).live["gig"]
+    assert (gig.rate_msat, gig.free_ms, gig.record, gig.title) == (2000, 5000, False, "Gig")
+    assert Catalog.load(media).to_api() == [{
+        "id": "gig", "title": "Gig", "publisher": "pub", "rate": 2, "rate_msat": 2000,
+        "free_seconds": 5, "live": True, "on_air": False}]
+
+
+async def test_whip_refusals_and_on_air(live_gateway: Gateway, http: aiohttp.ClientSession) -> None:
+    gw = live_gateway
+    assert (await catalog_entry(http, gw))["on_air"] is False
+    probe = SyntheticPublisher()
+    offer = await probe.offer()
+    try:
+        assert (await whip(http, gw, offer, live="nothing"))[0] == 404
+        assert (await whip(http, gw, offer, auth=None))[0] == 401
+        status, body, _ = await whip(http, gw, offer, auth="Bearer wrong")
+        assert status == 401 and "token" in body
+        # Another publisher's token does not open this one's live item.
+        assert (await whip(http, gw, offer, auth=f"Bearer {token(gw, 'label')}"))[0] == 401
+        assert (await whip(http, gw, offer, content_type="text/plain"))[0] == 415
+        status, body, _ = await whip(http, gw, "v=0\r\nthis is not sdp\r\n")
+        assert status == 400 and "SDP" in body
+        assert gw.on_air.on_air() == set()  # nothing refused started anything
+    finally:
+        await probe.close()
+    publisher, location = await go_live(http, gw)
+    try:
+        assert (await catalog_entry(http, gw))["on_air"] is True
+        second = SyntheticPublisher()
+        status, body, _ = await whip(http, gw, await second.offer())
+        await second.close()
+        assert status == 409, body
+        assert await stop_live(http, gw, location) == 200
+        assert (await catalog_entry(http, gw))["on_air"] is False
+        assert await stop_live(http, gw, location) == 404
+    finally:
+        await publisher.close()
+
+
+async def funded_viewer(gw: Gateway) -> Viewer:
+    viewer = Viewer(ws_url(gw), node_rpc(gw))
+    await viewer.connect()
+    await viewer.open_and_fund(value=20_000)
+    return viewer
+
+
+async def test_mse_live_items_are_paid_chunks(
+    live_gateway: Gateway, http: aiohttp.ClientSession
+) -> None:
+    """MSE: the live fragments go out as ordinary chunks, paid as any chunk."""
+    gw = live_gateway
+    publisher, location = await go_live(http, gw)
+    viewer = await funded_viewer(gw)
+    channel = viewer.channel
+    assert channel is not None
+    try:
+        await viewer.send(Play(media=LIVE))
+        stream = await viewer.expect(Stream)
+        assert stream.live is True and stream.mime.startswith("video/mp4")
+        assert (stream.rate_msat, stream.free_ms) == (RATE_MSAT, FREE_MS)
+        channel.on_stream(stream)
+        paid_media = 0
+        while paid_media < 2:  # through the free seconds into two paid fragments
+            msg = await viewer.recv()
+            if isinstance(msg, Due):
+                if msg.index >= 0:
+                    paid_media += 1
+                await viewer.send(channel.pay_due(msg))
+            elif isinstance(msg, Paid):
+                channel.on_paid(msg)
+            assert not isinstance(msg, Error | End), msg
+        fragments = [chunk for chunk, _ in viewer.media if chunk.index >= 0]
+        assert viewer.media[0][0].index == -1  # the init segment first
+        # Consecutive live fragments, each about one interval.
+        indexes = [chunk.index for chunk in fragments]
+        assert indexes == list(range(indexes[0], indexes[0] + len(indexes)))
+        assert await stop_live(http, gw, location) == 200
+        # The publisher stopped: `end`, and the due left unpaid is never billed.
+        while True:
+            msg = await viewer.recv()
+            if isinstance(msg, Due):
+                continue  # not paid: that fragment never goes out
+            if isinstance(msg, Paid):
+                channel.on_paid(msg)
+            if isinstance(msg, End):
+                assert msg.reason == "finished"
+                break
+        live = next(iter(gw.channels.values()))
+        delivered = sum(chunk.duration_ms for chunk, _ in viewer.media if chunk.index >= 0)
+        assert live.meter.delivered_ms[LIVE] == delivered
+        billed_ms = delivered - FREE_MS
+        closed = await viewer.close_channel()
+        assert isinstance(closed, Closed)
+        # Exactly the media delivered beyond the free seconds, and the reserve.
+        assert closed.paid == closed.exit_fee + -(-RATE_MSAT * billed_ms // 1_000_000)
+    finally:
+        await viewer.disconnect()
+        await publisher.close()
+
+
+class RtcWatcher:
+    """A session viewer watching over WebRTC: pays when told, counts frames."""
+
+    def __init__(self, viewer: Viewer) -> None:
+        self.viewer = viewer
+        self.probe = ProbeViewer()
+        self.paying = True
+        self.intervals: list[Interval] = []
+        self.dues: list[Due] = []
+        self.unpaid: Due | None = None
+        self.end: End | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> Stream:
+        viewer, channel = self.viewer, self.viewer.channel
+        assert channel is not None
+        await viewer.send(Play(media=LIVE, webrtc=await self.probe.offer()))
+        stream = await viewer.expect(Stream)
+        assert stream.live is True
+        channel.on_stream(stream)
+        answer = await viewer.expect(WebrtcAnswer)
+        await self.probe.accept(answer.sdp)
+        self.task = asyncio.create_task(self._run())
+        return stream
+
+    async def _run(self) -> None:
+        channel = self.viewer.channel
+        assert channel is not None
+        while True:
+            msg = await self.viewer.recv(timeout=60)
+            if isinstance(msg, Interval):
+                channel.on_chunk(msg)
+                self.intervals.append(msg)
+            elif isinstance(msg, Due):
+                self.dues.append(msg)
+                if self.paying:
+                    await self.viewer.send(channel.pay_due(msg))
+                else:
+                    self.unpaid = msg
+            elif isinstance(msg, Paid):
+                channel.on_paid(msg)
+            elif isinstance(msg, End):
+                self.end = msg
+                return
+            else:
+                raise AssertionError(f"unexpected {msg}")
+
+    async def pay_again(self) -> None:
+        channel = self.viewer.channel
+        assert channel is not None
+        self.paying = True
+        if self.unpaid is not None:
+            due, self.unpaid = self.unpaid, None
+            await self.viewer.send(channel.pay_due(due))
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+            self.task = None
+        await self.probe.close()
+
+
+async def test_webrtc_live_flows_only_while_paid(
+    live_gateway: Gateway, http: aiohttp.ClientSession
+) -> None:
+    """WebRTC: free seconds, then each interval flows once paid; unpaid, media stops."""
+    gw = live_gateway
+    publisher, location = await go_live(http, gw)
+    viewer = await funded_viewer(gw)
+    watcher = RtcWatcher(viewer)
+    channel = viewer.channel
+    assert channel is not None
+    try:
+        await watcher.start()
+        frames = watcher.probe.frames
+        # Through the free seconds into paid intervals: media flows.
+        await wait_until(lambda: sum(d.index >= 0 for d in watcher.dues) >= 2, 20,
+                         "two paid intervals")
+        count = len(frames)
+        await wait_until(lambda: len(frames) > count + 10, 10, "frames while paid")
+        assert gw.on_air.tally(LIVE).viewers == 1
+        # Payments stop: media stops within an interval.
+        watcher.paying = False
+        await wait_until(lambda: watcher.unpaid is not None, 5, "an unpaid due")
+        await asyncio.sleep(0.5)  # what was in flight arrives
+        stalled = len(frames)
+        await asyncio.sleep(1.5)
+        assert len(frames) <= stalled + 1  # aiortc's jitter buffer holds one frame back
+        # Paid again: media flows again, from a keyframe.
+        await watcher.pay_again()
+        await wait_until(lambda: len(frames) > stalled + 10, 5, "frames after paying again")
+        assert any(f.keyframe for f in frames[stalled:])
+        # The publisher drops (no DELETE): `end`; an interval not paid is not billed.
+        watcher.paying = False
+        await wait_until(lambda: watcher.unpaid is not None, 5, "an unpaid due")
+        await publisher.close()
+        await wait_until(lambda: watcher.end is not None, 15, "end after the publisher left")
+        assert watcher.end is not None and watcher.end.reason == "finished"
+        live = next(iter(gw.channels.values()))
+        allowed_ms = sum(i.duration_ms for i in watcher.intervals)
+        assert live.meter.delivered_ms[LIVE] == allowed_ms
+        tally = gw.on_air.tally(LIVE)
+        assert tally.paid_ms == allowed_ms - FREE_MS
+        assert tally.viewers == 0
+        await watcher.stop()
+        closed = await viewer.close_channel()
+        assert closed.paid == closed.exit_fee + -(-RATE_MSAT * (allowed_ms - FREE_MS) // 1_000_000)
+        assert closed.paid == channel.meter.figure  # the client's own bill agrees
+        assert (await catalog_entry(http, gw))["on_air"] is False
+        del location
+    finally:
+        await watcher.stop()
+        await viewer.disconnect()
+        await publisher.close()
