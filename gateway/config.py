@@ -118,7 +118,7 @@ class Config:
     operator_token: str = ""
     #: STUN/TURN servers for live WebRTC peers (comma-separated URLs, e.g.
     #: "stun:stun.example.org:3478"); empty: host candidates only, right for a
-    #: gateway with a public address and for loopback (gateway/live/ice.py).
+    #: gateway with a public address and for loopback (gateway/ice.py).
     ice_servers: str = ""
     #: Gateway processes sharing the port and the store (``gateway/workers.py``);
     #: 1 runs everything in one process.

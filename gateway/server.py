@@ -32,9 +32,9 @@ from gateway.config import Config, ConfigError, trusted_networks
 from gateway.datadir import secure_datadir, write_private
 from gateway.funding import FundingDuty
 from gateway.handover import LinkError, WorkerRole
+from gateway.ice import IceConfig
 from gateway.keys import MasterKey
 from gateway.ledger import Ledger, LiveChannel, Store
-from gateway.live.ice import IceConfig
 from gateway.live.onair import OnAir
 from gateway.media.catalog import Catalog, MediaItem
 from gateway.media.library import Library

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import av
 import pytest
 
 from gateway.cli import main
@@ -34,6 +35,10 @@ from gateway.protocol.messages import (
     WebrtcAnswer,
 )
 from gateway.server import Gateway
+from player.client import Player
+from player.keystore import Keystore
+from player.wallet import Wallet
+from player.webrtc import WebrtcReceiver
 from tests.conftest_gateway import Viewer, node_rpc, ws_url
 
 LIVE = "match"
@@ -341,3 +346,33 @@ async def test_webrtc_live_flows_only_while_paid(
         await watcher.stop()
         await viewer.disconnect()
         await publisher.close()
+
+
+async def test_player_play_webrtc_writes_the_live_media_to_a_file(
+    live_gateway: Gateway, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """``player play --webrtc``: aiortc receives, the file decodes, the bill is the intervals."""
+    gw = live_gateway
+    publisher, location = await go_live(http, gw)
+    out = tmp_path / "live.mkv"
+    player = Player(ws_url(gw), Keystore(tmp_path / "player"), wallet=Wallet(node_rpc(gw)),
+                    budget=20_000, buffer_s=None, webrtc=WebrtcReceiver(ws_url(gw), out))
+    try:
+        result = await player.play(LIVE, duration_ms=FREE_MS + 2000)
+    finally:
+        await stop_live(http, gw, location)
+        await publisher.close()
+    assert result.reason == "duration" and result.closed
+    assert result.chunks == (FREE_MS + 2000) // 1000  # one per live interval
+    exit_fee = result.channel.exit_fee
+    assert result.paid == exit_fee + -(-RATE_MSAT * 2000 // 1_000_000)
+    with av.open(str(out)) as container:
+        frames = sum(1 for _ in container.decode(video=0))
+    assert frames > 30  # seconds of video at the publisher's 30 frames a second
+    # The live stream was recorded into the catalog at the live item's rate.
+    await wait_until(lambda: any(i.startswith(f"{LIVE}-") for i in Catalog.load(
+        gw.config.media).items), 20, "the recording")
+    recorded = next(i for i in Catalog.load(gw.config.media).items.values()
+                    if i.id.startswith(f"{LIVE}-"))
+    assert (recorded.rate_msat, recorded.free_ms) == (RATE_MSAT, FREE_MS)
+    assert recorded.duration_ms > 2000

@@ -16,7 +16,7 @@ only receives. aiortc decodes each track once (its receiver's decoder
 thread); the ingest hands every decoded frame to the hub. Peers use only the
 configured ICE servers (none by default); when the gateway serves on a
 loopback address, candidates are gathered on that address alone
-(:mod:`~gateway.live.ice`: aioice leaves loopback out by default).
+(:mod:`gateway.ice`: aioice leaves loopback out by default).
 
 Clock and intervals (:mod:`~gateway.live.hub`). Live time is milliseconds
 since the stream's first frame. Each track's frames keep the publisher's
@@ -70,9 +70,9 @@ What this package does not do: HTTP (the WHIP and viewer endpoints),
 protocol messages, metering and payment. Those call this API.
 """
 
+from gateway.ice import LOOPBACK, IceConfig
 from gateway.live.fmp4 import FragmentLog, LiveFragment
 from gateway.live.hub import HubStats, LiveHub
-from gateway.live.ice import LOOPBACK, IceConfig
 from gateway.live.ingest import LiveIngest
 from gateway.live.record import Recording
 from gateway.live.rendition import EncodedPacket, LiveConfig, Rendition

@@ -21,8 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.ice import IceConfig
 from gateway.live.hub import LiveHub
-from gateway.live.ice import IceConfig
 from gateway.live.ingest import LiveIngest
 from gateway.live.record import Recording
 from gateway.live.rendition import LiveConfig

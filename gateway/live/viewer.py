@@ -48,7 +48,7 @@ from aiortc import RTCPeerConnection, RTCRtpTransceiver, RTCSessionDescription
 from aiortc.codecs import is_rtx
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from gateway.live.ice import IceConfig, keep_reachable_candidates, prepare_gathering
+from gateway.ice import IceConfig, keep_reachable_candidates, prepare_gathering
 from gateway.live.rendition import EncodedPacket, LiveConfig, Rendition
 from gateway.live.sdp import Offer
 
