@@ -106,6 +106,14 @@ async def stop_live(http: aiohttp.ClientSession, gw: Gateway, location: str) -> 
         return r.status
 
 
+async def dashboard_live(http: aiohttp.ClientSession, gw: Gateway) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {gw.operator_token}"}
+    async with http.get(f"{base(gw)}/api/dashboard/live", headers=headers) as r:
+        assert r.status == 200
+        body = await r.json()
+    return next(i for i in body["items"] if i["id"] == LIVE)
+
+
 async def catalog_entry(http: aiohttp.ClientSession, gw: Gateway) -> dict[str, Any]:
     async with http.get(f"{base(gw)}/api/catalog") as r:
         entries = await r.json()
@@ -158,6 +166,9 @@ async def test_whip_refusals_and_on_air(live_gateway: Gateway, http: aiohttp.Cli
     publisher, location = await go_live(http, gw)
     try:
         assert (await catalog_entry(http, gw))["on_air"] is True
+        figures = await dashboard_live(http, gw)
+        assert figures["on_air"] is True and figures["token"] == token(gw)
+        assert figures["whip"] == f"/whip/{LIVE}"
         second = SyntheticPublisher()
         status, body, _ = await whip(http, gw, await second.offer())
         await second.close()
@@ -313,6 +324,9 @@ async def test_webrtc_live_flows_only_while_paid(
         count = len(frames)
         await wait_until(lambda: len(frames) > count + 10, 10, "frames while paid")
         assert gw.on_air.tally(LIVE).viewers == 1
+        figures = await dashboard_live(http, gw)
+        assert figures["viewers"] == 1 and figures["paid_seconds"] >= 1
+        assert figures["earned_sat"] == gw.on_air.tally(LIVE).bill / 1_000_000
         # Payments stop: media stops within an interval.
         watcher.paying = False
         await wait_until(lambda: watcher.unpaid is not None, 5, "an unpaid due")

@@ -13,8 +13,9 @@ every failure (JSON for programs, a page for people). The handlers get a
 ``dashboard`` the operator; ``http`` is their plumbing.
 
 * Pages: ``/`` (the catalog, rendered here), ``/watch/<id>`` (the player),
-  ``/dashboard``. Each page carries an import map that points the browser's
-  bare module names (``@noble/curves/…``) at ``/web/vendor/…``, which serves
+  ``/dashboard``, ``/golive/<live-id>`` (a publisher's camera over WHIP).
+  Each page carries an import map that points the browser's bare module
+  names (``@noble/curves/…``) at ``/web/vendor/…``, which serves
   the files ``npm ci`` installed under ``player/web/node_modules`` — pinned by
   ``package-lock.json``; no CDN and no bundler at run time. A strict
   Content-Security-Policy allows only this origin's scripts plus the import
@@ -62,7 +63,13 @@ from gateway.web.http import (
     static_file,
     vendor_file,
 )
-from gateway.web.pages import catalog_page, dashboard_page, exit_estimate, watch_page
+from gateway.web.pages import (
+    catalog_page,
+    dashboard_page,
+    exit_estimate,
+    golive_page,
+    watch_page,
+)
 from gateway.web.whip import whip_delete, whip_post
 
 __all__ = ["CSP", "WebContext", "add_routes", "errors", "exit_estimate"]
@@ -88,6 +95,7 @@ def add_routes(app: web.Application, ctx: WebContext) -> None:
     route("GET", "/", catalog_page)
     route("GET", "/watch/{media}", watch_page)
     route("GET", "/dashboard", dashboard_page)
+    route("GET", "/golive/{live_id}", golive_page)
     route("GET", "/web/vendor/{rest:.+}", vendor_file)
     route("GET", "/web/{name}", static_file)
     route("POST", "/api/faucet", faucet_api)

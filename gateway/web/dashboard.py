@@ -227,10 +227,41 @@ async def set_rate(ctx: WebContext, q: dict[str, str]) -> dict[str, Any]:
             "free_ms": item.free_ms}
 
 
+async def live(ctx: WebContext, q: dict[str, str]) -> dict[str, Any]:
+    """Per live item, as it happens (this process, since it started): on air,
+    viewers now, paid seconds and what they earned (the section 7 bill), and
+    where and with which token its publisher goes live (WHIP).
+
+    The ledger's figures (``earnings``) include live items too, durably, as
+    of each channel's last payment.
+    """
+    catalog = ctx.library.current()
+    on_air = ctx.on_air.on_air() if ctx.on_air is not None else set()
+    items = []
+    for lid in sorted(catalog.live):
+        item = catalog.live[lid]
+        tally = ctx.on_air.tally(lid) if ctx.on_air is not None else None
+        items.append(
+            {
+                "id": lid,
+                "title": item.title,
+                "publisher": item.publisher,
+                "on_air": lid in on_air,
+                "viewers": tally.viewers if tally else 0,
+                "paid_seconds": tally.paid_ms / 1000 if tally else 0,
+                "earned_sat": _sat(tally.bill) if tally else 0,
+                "whip": f"/whip/{lid}",
+                "token": ctx.publisher_token(item.publisher) if ctx.publisher_token else None,
+            }
+        )
+    return {"items": items}
+
+
 DASHBOARD: dict[str, tuple[str, Any]] = {
     "earnings": ("GET", earnings),
     "channels": ("GET", channels),
     "settlements": ("GET", settlements),
     "rates": ("GET", rates),
     "rate": ("POST", set_rate),
+    "live": ("GET", live),
 }
