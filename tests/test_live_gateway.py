@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ import aiohttp
 import av
 import pytest
 
+from gateway.chain.watch import btc_to_sat
 from gateway.cli import main
 from gateway.keys import MasterKey
 from gateway.live.synthetic import ProbeViewer, SyntheticPublisher
@@ -34,12 +36,14 @@ from gateway.protocol.messages import (
     Stream,
     WebrtcAnswer,
 )
+from gateway.protocol.scripts import address_to_script_pubkey
 from gateway.server import Gateway
 from player.client import Player
 from player.keystore import Keystore
 from player.wallet import Wallet
 from player.webrtc import WebrtcReceiver
-from tests.conftest_gateway import Viewer, node_rpc, ws_url
+from tests.conftest_gateway import PUBLISHERS, Viewer, node_rpc, ws_url
+from tests.helpers_chain import get_transaction
 
 LIVE = "match"
 RATE_MSAT = 300_000  # 300 sat per live second
@@ -390,3 +394,42 @@ async def test_player_play_webrtc_writes_the_live_media_to_a_file(
                     if i.id.startswith(f"{LIVE}-"))
     assert (recorded.rate_msat, recorded.free_ms) == (RATE_MSAT, FREE_MS)
     assert recorded.duration_ms > 2000
+
+
+async def test_player_play_takes_a_live_item_through_mediasource_unchanged(
+    live_gateway: Gateway, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """``player play`` (no --webrtc): the live fragments are chunks like a file's."""
+    gw = live_gateway
+    publisher, location = await go_live(http, gw)
+    out = io.BytesIO()
+    player = Player(ws_url(gw), Keystore(tmp_path / "player"), wallet=Wallet(node_rpc(gw)),
+                    budget=20_000, buffer_s=None, out=out)
+    try:
+        result = await player.play(LIVE, max_chunks=6)
+    finally:
+        await stop_live(http, gw, location)
+        await publisher.close()
+    assert result.reason == "max_chunks" and result.closed
+    # Free fragments first, then paid ones: paid is what was delivered past the free ms.
+    row = gw.store.read("SELECT delivered_ms, publisher FROM deliveries WHERE media = ?", [LIVE])
+    assert len(row) == 1 and row[0]["publisher"] == "studio"
+    charged_ms = row[0]["delivered_ms"] - FREE_MS
+    assert charged_ms > 0
+    assert result.paid == result.channel.exit_fee + -(-RATE_MSAT * charged_ms // 1_000_000)
+    # Settled: the live item's publisher is paid what viewers paid for its seconds.
+    assert result.closed_txid is not None
+    rpc = node_rpc(gw)
+    tx = await get_transaction(rpc, result.closed_txid)
+    await rpc.close()
+    outputs = {o["scriptPubKey"]["hex"]: btc_to_sat(o["value"]) for o in tx["vout"]}
+    fee = gw.store.read("SELECT fee FROM settlements WHERE txid = ?", [result.closed_txid])[0][0]
+    studio = address_to_script_pubkey(PUBLISHERS["studio"], "regtest").hex()
+    assert outputs[studio] == result.paid - fee
+    with av.open(io.BytesIO(out.getvalue())) as container:
+        frames = sum(1 for _ in container.decode(video=0))
+    assert frames > 60  # six fragments of a 30 fps stream, decoded from the file
+    # The catalog page lists the live item, and says whether it is on air.
+    async with http.get(f"{base(gw)}/") as r:
+        page = await r.text()
+    assert f'data-live="{LIVE}"' in page and "off air" in page
