@@ -506,6 +506,10 @@ def _check_play(args: argparse.Namespace) -> dict[str, Any]:
     """
     check_gateway_url(args.url)
     item = catalog_item(args.url, args.media)
+    if args.webrtc and not item.get("live"):
+        raise PlayerError(f"--webrtc is for live items; {args.media} is not one (drop --webrtc)")
+    if args.webrtc and args.out == "-":
+        raise PlayerError("--webrtc writes a file: --out FILE, not -")
     duration_ms = item.get("duration_ms")
     if isinstance(duration_ms, int) and (args.start_ms or 0) > duration_ms:
         raise PlayerError(
@@ -519,8 +523,6 @@ async def _play(args: argparse.Namespace, store: Keystore, item: dict[str, Any])
     wallet = _wallet(args, required=False)
     receiver: WebrtcReceiver | None = None
     if args.webrtc:
-        if args.out == "-":
-            raise PlayerError("--webrtc writes a file: --out FILE, not -")
         receiver = WebrtcReceiver(args.url, Path(args.out) if args.out else None)
         out, must_close = None, False
     else:

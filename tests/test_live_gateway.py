@@ -38,6 +38,7 @@ from gateway.protocol.messages import (
 )
 from gateway.protocol.scripts import address_to_script_pubkey
 from gateway.server import Gateway
+from player import cli as player_cli
 from player.client import Player
 from player.keystore import Keystore
 from player.wallet import Wallet
@@ -433,3 +434,13 @@ async def test_player_play_takes_a_live_item_through_mediasource_unchanged(
     async with http.get(f"{base(gw)}/") as r:
         page = await r.text()
     assert f'data-live="{LIVE}"' in page and "off air" in page
+
+
+async def test_player_webrtc_on_a_file_item_is_refused_before_any_money_moves(
+    live_gateway: Gateway, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "player"
+    args = ["play", ws_url(live_gateway), "clip", "--webrtc", "--data-dir", str(data)]
+    assert await asyncio.to_thread(player_cli.main, args) == 1
+    assert "--webrtc is for live items; clip is not one" in capsys.readouterr().err
+    assert not live_gateway.channels  # no channel opened, nothing funded
