@@ -175,6 +175,16 @@ async def test_browser_publishes_over_whip_and_a_browser_watches_over_webrtc(
                                           gateway_stopped)
         await close_and_check_bill(viewer, "window.paystream.deliveredMs")
         await viewer.screenshot("live-webrtc-viewer.png")
+        # The dashboard shows the live item as it happens: on air, the seconds paid.
+        await viewer.get(url(gw, "/dashboard"))
+        await viewer.type("#token", gw.operator_token)
+        await viewer.click("#login button")
+        row = await viewer.wait_for(
+            "window.paystreamDashboard.data.live && "
+            "document.querySelector('#live tbody tr')?.innerText", what="the live table")
+        tally = gw.on_air.tally(LIVE)
+        assert "on air" in row and f"{tally.paid_ms / 1000:.0f}" in row
+        assert str(tally.bill / 1_000_000).rstrip("0").rstrip(".") in row
     finally:
         await stop_live(publisher)
     # The item is off air, and its viewers were told.

@@ -444,3 +444,27 @@ async def test_player_webrtc_on_a_file_item_is_refused_before_any_money_moves(
     assert await asyncio.to_thread(player_cli.main, args) == 1
     assert "--webrtc is for live items; clip is not one" in capsys.readouterr().err
     assert not live_gateway.channels  # no channel opened, nothing funded
+
+
+async def test_dashboard_adds_a_live_item(live_gateway: Gateway,
+                                          http: aiohttp.ClientSession) -> None:
+    gw = live_gateway
+    endpoint = f"{base(gw)}/api/dashboard/live_add"
+    headers = {"Authorization": f"Bearer {gw.operator_token}"}
+    form = {"id": "gig", "title": "Gig", "publisher": "label", "rate": "1.5",
+            "free_seconds": "10", "record": "0"}
+    async with http.post(endpoint, data=form) as r:
+        assert r.status == 401
+    before = (gw.config.media / "catalog.toml").read_bytes()
+    async with http.post(endpoint, data={**form, "publisher": "nobody"}, headers=headers) as r:
+        assert r.status == 400 and "unknown publisher" in (await r.json())["error"]
+    async with http.post(endpoint, data={**form, "id": "clip"}, headers=headers) as r:
+        assert r.status == 400  # a media item's id
+    assert (gw.config.media / "catalog.toml").read_bytes() == before
+    async with http.post(endpoint, data=form, headers=headers) as r:
+        assert r.status == 200, await r.text()
+    async with http.get(f"{base(gw)}/api/catalog") as r:
+        gig = next(e for e in await r.json() if e["id"] == "gig")
+    assert gig == {"id": "gig", "title": "Gig", "publisher": "label", "rate": 1.5,
+                   "rate_msat": 1500, "free_seconds": 10, "live": True, "on_air": False}
+    assert Catalog.load(gw.config.media).live["gig"].record is False

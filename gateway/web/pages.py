@@ -312,6 +312,15 @@ _DASHBOARD_BODY = """<h1>Dashboard</h1>
   the earnings tables count live items too, as of each channel's last payment.
   OBS Studio: Settings → Stream → Service: WHIP, Server: the WHIP server, Bearer Token:
   the token. Or go live from this browser.</p>
+  <form id="live-add">
+    <label>Id <input id="live-id" required></label>
+    <label>Title <input id="live-title-in"></label>
+    <label>Publisher <input id="live-publisher" required></label>
+    <label>Rate sat/s <input id="live-rate" class="rate" required></label>
+    <label>Free s <input id="live-free" class="rate" value="60"></label>
+    <label><input id="live-record" type="checkbox" checked> Record</label>
+    <button type="submit">Add live item</button>
+  </form>
   <h2>Rates</h2>
   <table id="rates"><thead><tr><th>Item</th><th>Rate sat/s</th><th>Free s</th><th></th>
   </tr></thead><tbody></tbody></table>

@@ -195,6 +195,21 @@ setInterval(() => {
   if (!$('dash').hidden && dash.data.live) loadLive().catch(() => {});
 }, 2000);
 
+$('live-add').addEventListener('submit', async (ev) => {
+  ev.preventDefault();
+  const q = new URLSearchParams({ id: $('live-id').value.trim(),
+    title: $('live-title-in').value.trim(), publisher: $('live-publisher').value.trim(),
+    rate: $('live-rate').value.trim(), free_seconds: $('live-free').value.trim(),
+    record: $('live-record').checked ? '1' : '0' });
+  try {
+    await api('live_add', { method: 'POST', query: `?${q}` });
+    await loadLive();
+    $('dash-status').textContent = `Live item ${q.get('id')} added`;
+  } catch (e) {
+    $('dash-status').textContent = `Live item not added: ${e.message}`;
+  }
+});
+
 function showLogin(message) {
   $('dash').hidden = true;
   $('login').hidden = false;
