@@ -67,7 +67,11 @@ fragments (written to disk as they came) become a catalog item at the same
 rate.
 
 What this package does not do: HTTP (the WHIP and viewer endpoints),
-protocol messages, metering and payment. Those call this API.
+protocol messages, metering and payment. Those call this API:
+``gateway/web/whip.py`` (WHIP, into :class:`~gateway.live.onair.OnAir`, the
+hubs on air in a gateway process) and ``gateway/session_live.py`` (a
+session's viewer: fragments as paid chunks, or a :class:`LiveViewer` allowed
+interval by interval as it is paid; protocol.md section 11).
 """
 
 from gateway.ice import LOOPBACK, IceConfig
