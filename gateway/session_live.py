@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from typing import TYPE_CHECKING, Protocol
 
 from gateway.live import LiveHub, LiveViewer, OfferError, validate_offer
@@ -81,7 +80,6 @@ class Session(Protocol):
 
     async def _stop_stream(self, *, send_end: bool = False) -> None: ...
 
-log = logging.getLogger(__name__)
 
 #: Seconds a ``due`` sent before the stream ended waits for its ``pay``.
 END_GRACE_S = 2.0
@@ -236,6 +234,7 @@ async def _stream_webrtc(
     #: The interval the viewer is stopped at for want of payment.
     waiting: int | None = None
     done = -1  # the last interval allowed
+    closing = False
 
     def allow(index: int, quote: Quote) -> None:
         nonlocal done
@@ -255,7 +254,7 @@ async def _stream_webrtc(
         # Called from a track's recv() as it reaches the edge: no await here,
         # so a free or prepaid interval is allowed before the packet is dropped.
         nonlocal waiting
-        if waiting is not None or index <= done:
+        if closing or waiting is not None or index <= done:
             return
         quote = _quote(live, item, index, interval_ms)
         if live.durable_paid >= quote.total and live.core.state is ServerState.READY:
@@ -308,10 +307,18 @@ async def _stream_webrtc(
             await session._send(*out)
         if viewer.ended.is_set() and live.core.state is ServerState.READY:
             session._streaming_media = None
-            await session._send(*outbox, End(media=item.id, reason="finished"))
+            out, outbox[:] = [*outbox, End(media=item.id, reason="finished")], []
+            await session._send(*out)
     except ConnectionClosed:
         pass
     finally:
+        closing = True
         tally.viewers -= 1
+        # Stopped (stop, another play, a closed channel): intervals allowed and
+        # metered since the last send are announced, before the `end` that
+        # follows, or the client's bill would part from ours (section 7).
+        if outbox:
+            with contextlib.suppress(Exception):
+                await session._send(*[m for m in outbox if isinstance(m, Interval)])
         with contextlib.suppress(Exception):
             await asyncio.shield(viewer.close())

@@ -33,6 +33,7 @@ from gateway.protocol.messages import (
     Interval,
     Paid,
     Play,
+    Stop,
     Stream,
     WebrtcAnswer,
 )
@@ -468,3 +469,32 @@ async def test_dashboard_adds_a_live_item(live_gateway: Gateway,
     assert gig == {"id": "gig", "title": "Gig", "publisher": "label", "rate": 1.5,
                    "rate_msat": 1500, "free_seconds": 10, "live": True, "on_air": False}
     assert Catalog.load(gw.config.media).live["gig"].record is False
+
+
+async def test_stop_over_webrtc_keeps_both_bills_equal(
+    live_gateway: Gateway, http: aiohttp.ClientSession
+) -> None:
+    """``stop`` mid-stream: every interval the gateway metered was announced first."""
+    gw = live_gateway
+    publisher, location = await go_live(http, gw)
+    viewer = await funded_viewer(gw)
+    watcher = RtcWatcher(viewer)
+    channel = viewer.channel
+    assert channel is not None
+    try:
+        await watcher.start()
+        await wait_until(lambda: len(watcher.intervals) >= 3, 20, "three intervals")
+        await viewer.send(Stop())
+        await wait_until(lambda: watcher.end is not None, 10, "end")
+        assert watcher.end is not None and watcher.end.reason == "stopped"
+        live = next(iter(gw.channels.values()))
+        assert live.meter.delivered_ms[LIVE] == sum(i.duration_ms for i in watcher.intervals)
+        assert gw.on_air.tally(LIVE).viewers == 0
+        await watcher.stop()
+        closed = await viewer.close_channel()
+        assert closed.paid == channel.meter.figure
+    finally:
+        await watcher.stop()
+        await viewer.disconnect()
+        await stop_live(http, gw, location)
+        await publisher.close()
