@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install browser-deps
+.PHONY: demo test lint install browser-deps pg-deps
 
 $(STAMP): pyproject.toml player/web/package-lock.json
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,16 @@ browser-deps:
 	  else echo "browser tests need: sudo apt-get install chromium chromium-driver"; fi; \
 	fi
 
-test: $(STAMP) browser-deps
+# Debian's PostgreSQL for the shared-ledger tests (installed when root); the
+# tests start their own cluster in a temp dir (tests/conftest_pg.py).
+pg-deps:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; \
+	  else echo "PostgreSQL tests need: sudo apt-get install postgresql"; fi; \
+	fi
+
+test: $(STAMP) browser-deps pg-deps
 	$(BIN)/ruff check gateway player tests
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q

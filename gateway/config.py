@@ -123,6 +123,19 @@ class Config:
     #: Gateway processes sharing the port and the store (``gateway/workers.py``);
     #: 1 runs everything in one process.
     workers: int = 1
+    #: The channel ledger: empty for the SQLite file in the data dir (one
+    #: box), or ``postgresql://…`` for a ledger several gateway hosts share
+    #: (gateway/ledger/cluster.py).
+    store: str = ""
+    #: The master key's seed file (default ``DATADIR/master.key``); hosts
+    #: sharing a PostgreSQL ledger must all have the same one.
+    master_key: Path | None = None
+    #: This host's name in a shared ledger (default: made once, kept in
+    #: ``DATADIR/host-id``).
+    host_id: str = ""
+    #: Seconds a host's lease on its channels lasts without renewal (shared
+    #: ledger): a host silent that long is taken for dead.
+    lease_s: float = 10.0
 
     @classmethod
     def load(cls, path: Path | None, env: Mapping[str, str] | None = None) -> Config:
@@ -184,6 +197,15 @@ class Config:
                 self.settle_window_s is None or self.settle_window_s >= 0,
             ),
             ("workers must be 1-64", 1 <= self.workers <= 64),
+            (
+                "store must be empty (SQLite) or a postgresql:// URL",
+                not self.store or self.store.startswith(("postgresql://", "postgres://")),
+            ),
+            (
+                "with a PostgreSQL store run one process per host (--workers 1) and add hosts",
+                not self.store or self.workers == 1,
+            ),
+            ("lease_s must be >= 1", self.lease_s >= 1),
             (
                 "limits need 546 <= min_value <= max_value",
                 DUST_LIMIT <= lim.min_value <= lim.max_value,

@@ -12,6 +12,7 @@ BIP32 hardened derivation is a dozen lines over HMAC-SHA512 and coincurve; the
 from __future__ import annotations
 
 import base64
+import hashlib
 import hmac
 import os
 import secrets
@@ -60,6 +61,14 @@ class MasterKey:
         """
         digest = hmac.digest(self._key, b"paystream token\0" + label.encode(), "sha256")
         return base64.urlsafe_b64encode(digest[:24]).decode()
+
+    def fingerprint(self) -> str:
+        """A public name of this key (hex): gateway hosts sharing a ledger compare it.
+
+        A hash of the master public key, so it reveals nothing of the seed.
+        """
+        public = coincurve.PrivateKey(self._key).public_key.format(compressed=True)
+        return hashlib.sha256(b"paystream master key\x00" + public).hexdigest()[:32]
 
     def channel_key(self, index: int) -> tuple[bytes, bytes]:
         """``(private key, compressed public key)`` of channel ``index``'s K2."""

@@ -34,10 +34,18 @@ from gateway.funding import FundingDuty
 from gateway.handover import LinkError, WorkerRole
 from gateway.ice import IceConfig
 from gateway.keys import MasterKey
-from gateway.ledger import Ledger, LiveChannel, Store
+from gateway.ledger import (
+    ClusterError,
+    Ledger,
+    LiveChannel,
+    PgStore,
+    Store,
+    open_store,
+)
 from gateway.live.onair import OnAir
 from gateway.media.catalog import Catalog, MediaItem
 from gateway.media.library import Library
+from gateway.peers import host_name
 from gateway.protocol.scripts import address_to_script_pubkey
 from gateway.protocol.settlement import feerate
 from gateway.session import Session, SessionContext
@@ -81,11 +89,18 @@ class Gateway:
         self.datadir = Path(config.datadir)
         secure_datadir(self.datadir)
         self.library = Library(config.media)
+        #: This gateway host's name (``/api/health``; its holdings in a shared ledger).
+        self.host_id = host_name(config)  # gateway/peers.py
+        store, self.cluster = open_store(
+            config.store, self.datadir, host_id=self.host_id, lease_s=config.lease_s
+        )
+        self.master = MasterKey.load_or_create(config.master_key or self.datadir / "master.key")
         self.ledger = Ledger(
-            Store(self.datadir / "gateway.db"),
-            MasterKey.load_or_create(self.datadir / "master.key"),
+            store,
+            self.master,
             publisher_of=self.library.publisher_of,
             worker=worker,
+            cluster=self.cluster,
         )
         self.node: Any = None
         self.rpc: RpcClient
@@ -112,7 +127,7 @@ class Gateway:
         self.on_air = OnAir(config.media, ice=ice_config(config))
 
     @property
-    def store(self) -> Store:
+    def store(self) -> Store | PgStore:
         """The ledger's store (tests and the operator's tools read it)."""
         return self.ledger.store
 
@@ -145,6 +160,11 @@ class Gateway:
 
     async def _start(self, serve_sockets: bool, sock: socket.socket | None) -> None:
         await self.ledger.start()
+        if self.cluster is not None:  # refuse another master key before anything else
+            try:
+                await self.cluster.agree("master_key", self.master.fingerprint())
+            except ClusterError as exc:
+                raise GatewayStartError(str(exc)) from None
         if self.config.rpc_url is None:
             from gateway.chain.node import EmbeddedNode
 
@@ -171,7 +191,15 @@ class Gateway:
         self.limits = self.config.limits.resolve(self.network)
         self.settle_depth = self.config.settle_depth(self.network)
         self.settle_window = self.config.settle_window(self.network, embedded=self.node is not None)
-        address = self.config.operator_address or await operator_address(self.rpc, self.datadir)
+        if self.cluster is not None:
+            try:
+                address = await self._join_cluster()
+            except ClusterError as exc:
+                raise GatewayStartError(str(exc)) from None
+        else:
+            address = self.config.operator_address or await operator_address(
+                self.rpc, self.datadir
+            )
         self.operator_script = address_to_script_pubkey(address, self.network)
         self.watcher = ChainFollower(self.rpc)
         self.funding = FundingDuty(
@@ -212,6 +240,8 @@ class Gateway:
         self.watcher.on_block.append(self._save_checkpoint)
         self.watcher.on_reorg.append(self.funding.on_reorg)
         await self.funding.check(self.ledger.watched_fundings())
+        if self.cluster is not None:  # hand-overs, the lease, orphans: from now on
+            await self.cluster.start(self.ledger)
         await self.settler.start()
         self._session_context = SessionContext(
             ledger=self.ledger,
@@ -241,7 +271,7 @@ class Gateway:
             operator_token=self.operator_token,
             everywhere=self.everywhere,
             on_air=self.on_air,
-            publisher_token=MasterKey.load_or_create(self.datadir / "master.key").publisher_token,
+            publisher_token=self.master.publisher_token,
         )
         if serve_sockets:
             await self._serve(sock)
@@ -254,6 +284,7 @@ class Gateway:
         app.router.add_get("/api/health", self._health)
         app.router.add_get("/api/catalog", self._catalog)
         app.router.add_post("/api/admin/settle", self._admin_settle)
+        app.router.add_post("/api/admin/host", self._admin_host)
         assert self._web_context is not None
         add_routes(app, self._web_context)
         if self.worker is not None:
@@ -275,6 +306,29 @@ class Gateway:
         # The port the OS gave (port 0): the listening socket's own.
         server: Any = site._server
         self.port = server.sockets[0].getsockname()[1]
+        if self.cluster is not None:  # where the other hosts ask this one
+            self.cluster.url = f"http://{self.config.host}:{self.port}/"
+            await self.cluster.register()
+
+    async def _join_cluster(self) -> str:
+        """Take the cluster's operator address and token (set them if first); register."""
+        assert self.cluster is not None
+        address = await self.cluster.agree(
+            "operator_address",
+            self.config.operator_address,
+            lambda: operator_address(self.rpc, self.datadir),
+        )
+        local = self.operator_token
+
+        async def ours() -> str:
+            return local
+
+        token = await self.cluster.agree("operator_token", self.config.operator_token, ours)
+        if token != local:  # `gateway settle` reads the data dir's copy
+            write_private(self.datadir / "operator-token", token + "\n")
+            self.operator_token = token
+        await self.cluster.register()
+        return address
 
     async def stop(self) -> None:
         """Stop serving, then stop every part in reverse order (those that started)."""
@@ -283,6 +337,8 @@ class Gateway:
             await self._runner.cleanup()
         if hasattr(self, "settler"):
             await self.settler.stop()
+        if self.cluster is not None:
+            await self.cluster.stop()
         if hasattr(self, "watcher"):
             await self.watcher.stop()
         if hasattr(self, "rpc"):
@@ -359,8 +415,7 @@ class Gateway:
 
         Settling never waits on a client: each session is told in the background.
         """
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {self.operator_token}".encode()):
+        if not self._is_operator(request):
             return json_response(HTTPStatus.UNAUTHORIZED, {"error": "operator token required"})
         wanted = (await form_params(request)).get("channel")
         try:
@@ -379,11 +434,46 @@ class Gateway:
         failed = [item for item in items if "error" in item]
         return json_response(HTTPStatus.OK, {"settled": settled, "failed": failed})
 
+    def _is_operator(self, request: web.Request) -> bool:
+        """The request carries the operator token (compared in constant time)."""
+        given = request.headers.get("Authorization", "").encode()
+        return hmac.compare_digest(given, f"Bearer {self.operator_token}".encode())
+
+    async def _admin_host(self, request: web.Request) -> web.Response:
+        """``POST /api/admin/host`` (form ``what``, ``args`` as JSON): another host asks."""
+        if not self._is_operator(request):
+            return json_response(HTTPStatus.UNAUTHORIZED, {"error": "operator token required"})
+        params = await form_params(request)
+        what = params.get("what", "")
+        if what not in ("stats", "channels", "settle"):
+            return json_response(HTTPStatus.BAD_REQUEST, {"error": f"cannot answer {what!r}"})
+        try:
+            args = json.loads(params.get("args", "{}"))
+        except ValueError:
+            return json_response(HTTPStatus.BAD_REQUEST, {"error": "args must be a JSON object"})
+        if not isinstance(args, dict):
+            return json_response(HTTPStatus.BAD_REQUEST, {"error": "args must be a JSON object"})
+        try:
+            answer = await self.answer(what, args)
+        except RpcException as exc:
+            return json_response(HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(exc)})
+        return json_response(HTTPStatus.OK, {"answer": answer})
+
     async def everywhere(self, what: str, *, whole: bool = False, **args: Any) -> list[Any]:
         """:meth:`answer` ``what`` in every worker (just here without ``--workers``).
 
         ``whole``: wait for a restarting worker; see :meth:`Supervisor.everywhere`.
+        With a shared ledger: in every host of the cluster.
         """
+        if self.cluster is not None:
+            from gateway.peers import HostDown, everywhere_in_cluster
+
+            try:
+                return await everywhere_in_cluster(
+                    self.cluster, self.operator_token, self.answer, what, args, whole=whole
+                )
+            except HostDown as exc:  # answered 503 like a worker that is down
+                raise LinkError(str(exc)) from None
         if self.worker is None:
             return [await self.answer(what, args)]
         answers = await self.worker.link.request("everywhere", what=what, args=args, whole=whole)
@@ -400,6 +490,7 @@ class Gateway:
                 return None
         if what == "stats":
             return {
+                "host": self.host_id,
                 "worker": self.worker.index if self.worker else 0,
                 "channels": len(self.channels),
                 "sessions": sum(self.sessions.values()),
@@ -414,6 +505,7 @@ class Gateway:
         stats = await self.everywhere("stats")
         return {
             "status": "ok",
+            "host": self.host_id,
             "network": self.network,
             "height": self.watcher.height,
             "channels": sum(s["channels"] for s in stats),
@@ -422,10 +514,16 @@ class Gateway:
                 ({k: s[k] for k in ("worker", "channels", "sessions")} for s in stats),
                 key=lambda s: s["worker"],
             ),
+            "hosts": sorted(
+                ({k: s[k] for k in ("host", "channels", "sessions")} for s in stats),
+                key=lambda s: s["host"],
+            ),
             "store": {
                 "commits": sum(s["commits"] for s in stats),
                 "requests": sum(s["requests"] for s in stats),
             },
+            # With a shared ledger: this host's own store figures.
+            **({"own_store": self.ledger.stats} if self.cluster is not None else {}),
         }
 
     async def _tag_response(self, request: web.Request, response: web.StreamResponse) -> None:

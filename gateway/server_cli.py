@@ -24,6 +24,7 @@ def register_cli(sub: Any) -> None:
     """Add the gateway's operating commands to the ``gateway`` CLI."""
     serve = sub.add_parser("serve", help="run the gateway (and the embedded node)")
     _common(serve)
+    _store(serve)
     _chain(serve)
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="WebSocket/HTTP port (default 8080; 0 = any)")
@@ -39,6 +40,15 @@ def register_cli(sub: Any) -> None:
         help="allow --min-conf 0 on mainnet (a viewer could double-spend its funding)",
     )
     serve.add_argument("--workers", type=int, help="gateway processes sharing the port (default 1)")
+    serve.add_argument(
+        "--master-key", type=Path,
+        help="the master key's seed file (default DATADIR/master.key); every host sharing "
+        "a PostgreSQL store needs the same one",
+    )
+    serve.add_argument(
+        "--host-id", help="this host's name in a shared store (default: made once, in "
+        "DATADIR/host-id)",
+    )
     serve.add_argument("--demo", action="store_true", help="print a ready-to-paste player line")
     loud = serve.add_mutually_exclusive_group()
     loud.add_argument(
@@ -50,6 +60,7 @@ def register_cli(sub: Any) -> None:
 
     channels = sub.add_parser("channels", help="list channels and their states")
     _common(channels)
+    _store(channels)
     channels.add_argument("--json", action="store_true", help="machine-readable output")
     channels.set_defaults(func=_channels)
 
@@ -64,10 +75,28 @@ def register_cli(sub: Any) -> None:
     settle.add_argument("channel", nargs="?", help="txid:vout (default: every ready channel)")
     settle.set_defaults(func=_settle)
 
+    db = sub.add_parser("db", help="the shared PostgreSQL ledger's schema")
+    db_sub = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)
+    upgrade = db_sub.add_parser(
+        "upgrade", help="apply the schema migrations the PostgreSQL store lacks",
+        description="Brings the database named by --store (or the config's store) to this "
+        "gateway's schema version; gateway serve refuses a database not upgraded.",
+    )
+    _common(upgrade)
+    _store(upgrade)
+    upgrade.set_defaults(func=_db_upgrade)
+
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--datadir", type=Path, help="gateway data dir (default ./data)")
     parser.add_argument("--config", type=Path, help="TOML config file")
+
+
+def _store(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--store", help="channel ledger: postgresql://… shared by several gateway hosts "
+        "(default: the SQLite file in the data dir)",
+    )
 
 
 def _chain(parser: argparse.ArgumentParser) -> None:
@@ -98,6 +127,9 @@ def load_config(args: argparse.Namespace) -> Config:
         "rpc_port": getattr(args, "rpc_port", None),
         "block_interval": getattr(args, "block_interval", None),
         "workers": getattr(args, "workers", None),
+        "store": getattr(args, "store", None),
+        "master_key": getattr(args, "master_key", None),
+        "host_id": getattr(args, "host_id", None),
         "allow_zero_conf": getattr(args, "allow_zero_conf", None),
     }
     for name, value in flags.items():
@@ -149,6 +181,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _run(config: Config) -> None:
+    from gateway.ledger import ClusterError, SchemaError
     from gateway.media.segment import MediaError
     from gateway.server import GatewayStartError, run_gateway
     from gateway.workers import WorkerStartError, run_supervisor
@@ -160,7 +193,7 @@ def _run(config: Config) -> None:
             runner.run(run_supervisor(config) if config.workers > 1 else run_gateway(config))
     except OSError as exc:
         raise CliError(f"cannot start: {exc.strerror or exc}") from None
-    except (WorkerStartError, MediaError, GatewayStartError) as exc:
+    except (WorkerStartError, MediaError, GatewayStartError, ClusterError, SchemaError) as exc:
         raise CliError(f"cannot start: {exc}") from None
 
 
@@ -176,13 +209,18 @@ def _print_demo_hint(config: Config) -> None:
 
 
 def _channels(args: argparse.Namespace) -> int:
-    from gateway.ledger import list_channels
+    from gateway.ledger import SchemaError, list_channels
 
     config = load_config(args)
     path = config.datadir / "gateway.db"
-    if not path.exists():
+    if not config.store and not path.exists():
         raise CliError(f"no gateway data in {config.datadir} (run `gateway serve` first)")
-    items = list_channels(path)
+    try:
+        items = list_channels(config.store or path)
+    except SchemaError as exc:
+        raise CliError(str(exc)) from None
+    except OSError as exc:
+        raise CliError(f"cannot read the store: {exc}") from None
     for item in items:
         # No balance yet means nothing paid; a zero balance means all of it was.
         value, balance = item["value"] or 0, item["balance"]
@@ -197,6 +235,27 @@ def _channels(args: argparse.Namespace) -> int:
             f"{i['id']:>4}  {i['channel_id'] or '-':<68} {i['kind']:<8} {i['state']:<13} "
             f"{i['value'] or 0:>10} {i['paid']:>9}  {i['settle_txid'] or '-'}"
         )
+    return 0
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    """``gateway db upgrade``: apply the PostgreSQL ledger's migrations."""
+    from gateway.cli import CliError
+    from gateway.ledger import is_postgres, upgrade
+
+    config = load_config(args)
+    if not is_postgres(config.store):
+        raise CliError("gateway db upgrade needs --store postgresql://… (the SQLite file "
+                       "upgrades itself when gateway serve opens it)")
+    try:
+        applied = asyncio.run(upgrade(config.store))
+    except OSError as exc:
+        raise CliError(f"cannot reach the database: {exc}") from None
+    except Exception as exc:  # the driver's errors: say which, in one line
+        raise CliError(f"upgrade failed: {type(exc).__name__}: {exc}") from None
+    for name in applied:
+        print(f"applied {name}")
+    print("the schema is up to date" if not applied else f"{len(applied)} migration(s) applied")
     return 0
 
 

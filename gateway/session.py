@@ -40,7 +40,7 @@ from typing import Any
 from gateway.chain.rpc import RpcError, RpcVerifyAlreadyInChain
 from gateway.chain.watch import ChainFollower
 from gateway.funding import FundingDuty, funding_status
-from gateway.ledger import Ledger, LiveChannel
+from gateway.ledger import ChannelReleased, Ledger, LiveChannel
 from gateway.live.onair import OnAir
 from gateway.media.catalog import MediaItem
 from gateway.media.library import Library
@@ -283,7 +283,7 @@ class Session:
         if not ledger.take_unfunded_slot(self.peer, self.ctx.max_unfunded_per_ip):
             raise ProtocolError(ErrorCode.BUSY, "too many unfunded channels from this address")
         try:
-            row_id = ledger.next_index()
+            row_id = await ledger.next_index()
             core = ServerChannel.open(
                 msg,
                 server_privkey=ledger.channel_key(row_id),
@@ -519,10 +519,10 @@ class Session:
         if live is None:
             raise ProtocolError(ErrorCode.CHANNEL_UNKNOWN, "the gateway has no such channel")
         now, height = int(time.time()), self.ctx.follower.height
-        if ledger.worker is not None and ledger.channels.get(live.channel_id) is not live:
-            # Another worker may hold it: check the resume on the stored copy
-            # first, so that a bad proof cannot take the channel from its
-            # session (gateway/workers.py).
+        if ledger.shared and ledger.channels.get(live.channel_id) is not live:
+            # Another worker (or host) may hold it: check the resume on the
+            # stored copy first, so that a bad proof cannot take the channel
+            # from its session (gateway/workers.py, gateway/ledger/cluster.py).
             live.core.check_resume(msg, nonce=self.nonce, now=now, tip_height=height)
             live = await self.ctx.ledger.take_over(live)
         live.core.check_resume(msg, nonce=self.nonce, now=now, tip_height=height)
@@ -751,7 +751,14 @@ class Session:
             record = core.receive_payment(
                 msg, now=int(time.time()), tip_height=self.ctx.follower.height
             )
-            await self.ctx.ledger.paid(live, record)
+            try:
+                await self.ctx.ledger.paid(live, record)
+            except ChannelReleased:
+                # Another host took the channel over: the fence refused this
+                # increment whole and our session hears session_replaced.
+                log.warning("pay on %s refused: another gateway holds the channel",
+                            live.channel_id)
+                return
             core.commit_payment(record)
         if self._parked:
             # The streamer sends it, before the chunk it pays for, in one write.
@@ -767,7 +774,10 @@ class Session:
         if self._funding is not None:
             self._funding.cancel()
         if self.live is not None:
-            closed = await self.ctx.settler.close(self.live, reason="close")
+            try:
+                closed = await self.ctx.settler.close(self.live, reason="close")
+            except ChannelReleased:  # another host holds it now: session_replaced is said
+                return
         else:
             core = await self._drop_pending()  # nothing funded: closed, txid null
             assert core is not None

@@ -147,7 +147,7 @@ class Settler:
 
     async def start(self) -> None:
         """Load the stored batches, run one round now (restart recovery), then keep running."""
-        self._batches.update(self.ledger.broadcast_batches())
+        self._batches.update(self.ledger.broadcast_batches(held_only=True))
         await self._sweep_unfunded()
         await self.tick()
         self._rounds.start()
@@ -205,6 +205,8 @@ class Settler:
                 await self.settle_queue()
             except RpcException:
                 log.warning("settlement batch failed; will retry", exc_info=True)
+            except ChannelReleased:  # another host took one: the rest settle next round
+                log.warning("a channel of the batch was taken over; settling the rest again")
 
     async def _sweep_unfunded(self) -> None:
         """Abandon unfunded channels no session holds any more (what a crash left)."""
@@ -233,7 +235,13 @@ class Settler:
                 settle_by = self._enqueue(live, urgent=urgent)
         if settle_by is not None and self.window == 0:
             # No window to wait for company: settle now, answer with the txid.
-            await self.settle_queue()
+            try:
+                await self.settle_queue()
+            except ChannelReleased:
+                if live.released:
+                    raise
+                # Another channel of the batch was taken over by another
+                # host; this one is queued again and settles next round.
         pending = core.state is ServerState.CLOSING and core.settlement_txid is None
         return core.closed_message(int(settle_by) + 1 if pending and settle_by else None)
 
@@ -317,7 +325,11 @@ class Settler:
                 # for the next round, as due as it was.
                 for q in queued:
                     core = q.live.core
-                    if core.state is ServerState.CLOSING and core.settlement_txid is None:
+                    if (
+                        core.state is ServerState.CLOSING
+                        and core.settlement_txid is None
+                        and not q.live.released
+                    ):
                         self._queue.setdefault(q.live.channel_id, q)
                 raise
 
@@ -363,9 +375,16 @@ class Settler:
         for live in in_batch:
             live.core.settled_in(batch.txid)
         owners = self._owners(in_batch)
-        await self.ledger.batch_stored(
-            batch, in_batch, [claimed[c.channel_id] for c in in_batch], owners
-        )
+        try:
+            await self.ledger.batch_stored(
+                batch, in_batch, [claimed[c.channel_id] for c in in_batch], owners
+            )
+        except BaseException:
+            # Not stored, so never broadcast: its channels settle again (the
+            # queue takes them back), those another host took excepted.
+            for live in in_batch:
+                live.core.unsettle()
+            raise
         self._batches[batch.txid] = batch.tx
         log.info(
             "settlement %s: %d channel(s), %d vB, fee %d sat (%.2f sat/vB)",
@@ -457,6 +476,10 @@ class Settler:
         """
         follower = self.follower
         members = self._members(txid)
+        if txid not in self._batches:  # a batch of a channel adopted from another host
+            tx = self.ledger.batch_tx(txid)
+            if tx is not None:
+                self._batches[txid] = tx
         seen = follower.confirmed(txid)
         if seen is not None:
             if follower.depth(seen) >= self.settings.depth:

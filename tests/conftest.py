@@ -1,3 +1,3 @@
 """Shared pytest fixtures."""
 
-pytest_plugins = ["conftest_node", "conftest_gateway", "conftest_browser"]
+pytest_plugins = ["conftest_node", "conftest_gateway", "conftest_browser", "conftest_pg"]

@@ -112,6 +112,11 @@ class BenchOptions:
     close_concurrency: int = 256
     workdir: Path | None = None
     workers: int = 1
+    #: ``postgresql://…``: a server where the bench may create databases
+    #: (one per run, dropped after); empty: the SQLite store.
+    store: str = ""
+    #: Gateway hosts sharing the PostgreSQL store (each ``gateway serve``).
+    hosts: int = 1
 
 
 # -- the CLI -----------------------------------------------------------------------
@@ -151,6 +156,13 @@ def register_cli(sub: Any) -> None:
                         help="increments each viewer signs ahead (default: enough for the run)")
     parser.add_argument("--workers", type=int, default=1, metavar="W",
                         help="gateway processes (gateway serve --workers; default 1)")
+    parser.add_argument(
+        "--store", metavar="URL",
+        help="postgresql://… of a server where the bench may create (and drop) a database "
+        "per run: runs SQLite on one host, then PostgreSQL on one host and on --hosts hosts",
+    )
+    parser.add_argument("--hosts", type=int, default=1, metavar="H",
+                        help="with --store: gateway hosts sharing the ledger (default 1)")
     parser.add_argument("--no-pin", dest="pin", action="store_false",
                         help="do not pin the gateway to CPU 0 and the load to the others")
     parser.add_argument("--close-concurrency", type=int, default=256, metavar="C",
@@ -214,6 +226,8 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         close_concurrency=args.close_concurrency,
         workdir=args.workdir,
         workers=args.workers,
+        store=args.store or "",
+        hosts=args.hosts,
     )
     checks = [
         (opts.viewers >= 1, "--viewers must be at least 1"),
@@ -226,6 +240,11 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         (opts.presign >= 0, "--presign must be >= 0"),
         (opts.close_concurrency >= 1, "--close-concurrency must be at least 1"),
         (1 <= opts.workers <= 64, "--workers must be between 1 and 64"),
+        (1 <= opts.hosts <= 16, "--hosts must be between 1 and 16"),
+        (opts.hosts == 1 or bool(opts.store), "--hosts needs --store postgresql://…"),
+        (not opts.store or opts.workers == 1, "--store runs one process per host: --workers 1"),
+        (opts.clients >= opts.hosts or opts.viewers >= opts.hosts,
+         "--viewers must be at least --hosts"),
     ]
     for ok, message in checks:
         if not ok:
@@ -249,13 +268,17 @@ def _run_cli(args: argparse.Namespace) -> int:
         return 0
     opts = options_from_args(args)
     try:
-        result = asyncio.run(run_bench(opts, log=None if args.json else _progress))
+        if opts.store:
+            from gateway.bench.hosts import format_comparison, run_comparison
+
+            result = asyncio.run(run_comparison(opts, log=None if args.json else _progress))
+            text = format_comparison(result)
+        else:
+            result = asyncio.run(run_bench(opts, log=None if args.json else _progress))
+            text = format_table(result)
     except BenchError as exc:
         raise CliError(str(exc)) from None
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(format_table(result))
+    print(json.dumps(result, indent=2) if args.json else text)
     return 0
 
 
@@ -470,6 +493,27 @@ def _health(web: str) -> dict[str, Any]:
         return result
 
 
+def _store_stats(healths: list[dict[str, Any]]) -> dict[str, int]:
+    """Commits and writes of every host's store, summed (each host answers for itself only
+    when asked directly: with a shared ledger its health sums the cluster's, so take one
+    host's own figures)."""
+    commits = requests = 0
+    for health in healths:
+        mine = health.get("own_store", health["store"])
+        commits += mine["commits"]
+        requests += mine["requests"]
+    return {"commits": commits, "requests": requests}
+
+
+async def _server_pids(opts: BenchOptions) -> list[int]:
+    """The PostgreSQL server processes serving the hosts (their CPU is the store's)."""
+    if not opts.store:
+        return []
+    from gateway.ledger.pg_store import backend_pids
+
+    return await backend_pids(opts.store, "paystream-bench-")
+
+
 def _cpu_split(pin: bool, workers: int) -> tuple[set[int] | None, set[int] | None]:
     """(gateway CPUs, everything else): a core per gateway worker and one core left
     for the rest, or no pinning (``--no-pin``, or too few cores for that)."""
@@ -561,7 +605,8 @@ async def _run(
 ) -> dict[str, Any]:
     from gateway.chain.rpc import RpcClient
 
-    gw_cpus, other_cpus = _cpu_split(opts.pin, opts.workers)
+    # A PostgreSQL server needs cores of its own too: with --store nothing is pinned.
+    gw_cpus, other_cpus = _cpu_split(opts.pin and not opts.store, opts.workers)
     if other_cpus:
         os.sched_setaffinity(0, other_cpus)
     presign = opts.presign or _presign_count(opts)
@@ -578,28 +623,38 @@ async def _run(
     rpc_url = await _wait_for("the node", lambda: cookie.exists() and _rpc_url_from(node_log),
                               node, node_log)
 
-    say("starting the gateway")
-    gw_dir = workdir / "gw"
-    gw_dir.mkdir(exist_ok=True)
-    # Per-address limits sized for N viewers from 127.0.0.1 (they protect a
-    # public gateway from one host; here one host is the audience).
-    (gw_dir / "gateway.toml").write_text(
-        f"max_sessions_per_ip = {opts.viewers + 64}\n"
-        f"max_unfunded_per_ip = {opts.viewers + 64}\n"
-        f"idle_timeout_s = 600.0\n"
-        f"settle_interval_s = 1.0\n"
-        "[limits]\nmin_conf = 0\nresume_grace_s = 3600\n"
-    )
-    gw_log = workdir / "gateway.log"
-    gateway = _spawn(
-        [*GATEWAY, "serve", "--datadir", str(gw_dir), "--port", "0", "--media", str(media),
-         "--rpc-url", rpc_url, "--rpc-cookie", str(cookie), "--workers", str(opts.workers)],
-        gw_log, gw_cpus,
-    )
-    procs.append(gateway)
-    info_path = gw_dir / "gateway.json"
-    await _wait_for("the gateway", info_path.exists, gateway, gw_log)
-    info = json.loads(info_path.read_text())
+    say("starting the gateway" + (f" ({opts.hosts} hosts)" if opts.hosts > 1 else ""))
+    gateways: list[subprocess.Popen[bytes]] = []
+    infos: list[dict[str, Any]] = []
+    for host in range(opts.hosts):
+        gw_dir = workdir / ("gw" if host == 0 else f"gw{host}")
+        gw_dir.mkdir(exist_ok=True)
+        # Per-address limits sized for N viewers from 127.0.0.1 (they protect a
+        # public gateway from one host; here one host is the audience).
+        (gw_dir / "gateway.toml").write_text(
+            f"max_sessions_per_ip = {opts.viewers + 64}\n"
+            f"max_unfunded_per_ip = {opts.viewers + 64}\n"
+            f"idle_timeout_s = 600.0\n"
+            f"settle_interval_s = 1.0\n"
+            "[limits]\nmin_conf = 0\nresume_grace_s = 3600\n"
+        )
+        gw_log = workdir / ("gateway.log" if host == 0 else f"gateway{host}.log")
+        shared = []
+        if opts.store:  # one ledger, one master key, a name per host
+            shared = ["--store", opts.store, "--master-key", str(workdir / "master.key"),
+                      "--host-id", f"bench-{host}"]
+        gateway = _spawn(
+            [*GATEWAY, "serve", "--datadir", str(gw_dir), "--port", "0", "--media", str(media),
+             "--rpc-url", rpc_url, "--rpc-cookie", str(cookie), "--workers", str(opts.workers),
+             *shared],
+            gw_log, gw_cpus,
+        )
+        procs.append(gateway)
+        info_path = gw_dir / "gateway.json"
+        await _wait_for("the gateway", info_path.exists, gateway, gw_log)
+        gateways.append(gateway)
+        infos.append(json.loads(info_path.read_text()))
+    gateway = gateways[0]
 
     say("measuring the crypto ceiling on the gateway's core")
     if gw_cpus:
@@ -608,13 +663,13 @@ async def _run(
     if other_cpus:
         os.sched_setaffinity(0, other_cpus)
 
-    rss_idle = rss_bytes(gateway.pid)
+    rss_idle = sum(rss_bytes(g.pid) for g in gateways)
     say(f"opening and funding {opts.viewers} channels ({opts.clients} load generator(s))")
     shares = [opts.viewers // opts.clients + (i < opts.viewers % opts.clients)
               for i in range(opts.clients)]
     for i, share in enumerate(shares):
         cfg = LoadConfig(
-            url=info["ws"], rpc_url=rpc_url, rpc_cookie=str(cookie), viewers=share,
+            url=infos[i % len(infos)]["ws"], rpc_url=rpc_url, rpc_cookie=str(cookie), viewers=share,
             media=MEDIA_ID, rate_msat=opts.rate_msat, chunk_ms=opts.chunk_ms,
             paced=opts.paced, presign=presign, close_concurrency=opts.close_concurrency,
             seed=i, funding_lock=str(workdir / "funding.lock"),
@@ -633,7 +688,7 @@ async def _run(
     readies = await asyncio.gather(*(lg.expect("ready", 600 + opts.viewers / 10)
                                      for lg in loadgens))
     setup_s = time.monotonic() - t_setup
-    rss_ready = rss_bytes(gateway.pid)
+    rss_ready = sum(rss_bytes(g.pid) for g in gateways)
     # Confirm the funding transactions now (not timed), so that the blocks
     # after the run hold settlements only.
     rpc = RpcClient(rpc_url, cookie_path=cookie)
@@ -641,7 +696,8 @@ async def _run(
         await rpc.call("generatetoaddress", 1, await rpc.call("getnewaddress"))
     finally:
         await rpc.close()
-    health_before = _health(info["web"])
+    health_before = _store_stats([_health(i["web"]) for i in infos])
+    server_pids = await _server_pids(opts)
 
     say(f"running: {opts.warmup:g} s warm-up, {opts.seconds:g} s timed")
     start = time.monotonic() + 0.3
@@ -649,8 +705,10 @@ async def _run(
     for lg in loadgens:
         await lg.send({"cmd": "go", "start": start, "window": list(window)})
     await asyncio.sleep(max(0.0, window[0] - time.monotonic()))
-    gateway_pids = process_tree(gateway.pid)  # the supervisor and its workers
+    # Every host, with its workers (a supervisor's children).
+    gateway_pids = [p for g in gateways for p in process_tree(g.pid)]
     disk0, cpu0 = tree_total(gateway_pids, write_bytes), tree_total(gateway_pids, cpu_seconds)
+    server_cpu0 = tree_total(server_pids, cpu_seconds)
     node_cpu0, wall0 = cpu_seconds(node.pid), time.monotonic()
     lg_cpu0, steal0 = sum(cpu_seconds(lg.proc.pid) for lg in loadgens), steal_seconds()
     await asyncio.sleep(max(0.0, window[1] - time.monotonic()))
@@ -658,10 +716,11 @@ async def _run(
         tree_total(gateway_pids, cpu_seconds), cpu_seconds(node.pid), time.monotonic()
     )
     disk1 = tree_total(gateway_pids, write_bytes)
+    server_cpu1 = tree_total(server_pids, cpu_seconds)
     lg_cpu1, steal1 = sum(cpu_seconds(lg.proc.pid) for lg in loadgens), steal_seconds()
-    rss_run = rss_bytes(gateway.pid)
+    rss_run = sum(rss_bytes(g.pid) for g in gateways)
     dones = await asyncio.gather(*(lg.expect("done", 120) for lg in loadgens))
-    health_after = _health(info["web"])
+    health_after = _store_stats([_health(i["web"]) for i in infos])
 
     say("closing every channel")
     for lg in loadgens:
@@ -701,8 +760,8 @@ async def _run(
         for code, n in d["errors"].items():
             errors[code] = errors.get(code, 0) + n
     inc_rate = increments / window_s
-    commits = health_after["store"]["commits"] - health_before["store"]["commits"]
-    requests = health_after["store"]["requests"] - health_before["store"]["requests"]
+    commits = health_after["commits"] - health_before["commits"]
+    requests = health_after["requests"] - health_before["requests"]
     return {
         "mode": "paced" if opts.paced else "throughput",
         "viewers": opts.viewers,
@@ -712,6 +771,8 @@ async def _run(
         "rate_sat_per_s": opts.rate_msat / 1000,
         "load_generators": opts.clients,
         "gateway_workers": opts.workers,
+        "store": "postgresql" if opts.store else "sqlite",
+        "hosts": opts.hosts,
         "cpu_split": {
             "cores": os.cpu_count(),
             "gateway": sorted(gw_cpus) if gw_cpus else "any",
@@ -735,6 +796,7 @@ async def _run(
                 round((disk1 - disk0) / increments) if increments else None
             ),
         },
+        "store_server_cpu_cores": round((server_cpu1 - server_cpu0) / window_s, 3),
         "load_generator_cpu_cores": round((lg_cpu1 - lg_cpu0) / window_s, 3),
         "node_cpu_cores": round((node_cpu1 - node_cpu0) / window_s, 3),
         "cpu_steal_s": round(steal1 - steal0, 2),

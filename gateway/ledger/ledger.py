@@ -32,35 +32,46 @@ With ``gateway serve --workers N`` each worker's ledger holds its share of
 the channels; :meth:`Ledger.take_over` and :meth:`Ledger.release` hand a
 channel from one worker to another through the supervisor
 (:mod:`gateway.handover`).
+
+On PostgreSQL (``--store postgresql://…``) several gateway hosts share the
+ledger: each holds its share of the channels, and every write of a held
+channel is fenced by the channel's epoch (:mod:`gateway.ledger.cluster`). A
+write refused by the fence means another host took the channel over: the
+ledger drops it and its session hears ``session_replaced``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from gateway.handover import LinkError, WorkerRole
+from gateway.handover import WorkerRole
 from gateway.keys import MasterKey
+from gateway.ledger.handoff import HandOver
 from gateway.ledger.live import (
     FUNDED_STATES,
     LIVE_STATES,
     ChannelReleased,
     LiveChannel,
 )
+from gateway.ledger.pg_store import Fenced, PgStore, is_postgres
 from gateway.ledger.reports import Reports
 from gateway.ledger.store import Op, Store
+
+if TYPE_CHECKING:
+    from gateway.ledger.cluster import Cluster
 from gateway.protocol.channel import (
     ChannelRecord,
     PaymentRecord,
     ServerChannel,
     ServerState,
 )
-from gateway.protocol.errors import ErrorCode, ProtocolError
 from gateway.protocol.messages import Limits
 from gateway.protocol.metering import ServerMeter
 from gateway.protocol.settlement import Batch, ChannelClaim
@@ -70,8 +81,6 @@ __all__ = ["ChainWatch", "ChannelReleased", "Ledger", "LiveChannel", "list_chann
 
 log = logging.getLogger(__name__)
 
-#: States from which a channel may be settled or handed over.
-SETTLEABLE = (ServerState.READY, ServerState.FUNDING)
 
 
 class ChainWatch(Protocol):
@@ -96,18 +105,21 @@ def _state_op(row_id: int, core: ServerChannel, **extra: Any) -> Op:
     return (f"UPDATE channels SET {assignments} WHERE id = ?", (*columns.values(), row_id))
 
 
-class Ledger:
+class Ledger(HandOver):
     """This process's channels and every change of them, made durable (module docstring)."""
 
     def __init__(
         self,
-        store: Store,
+        store: Store | PgStore,
         master: MasterKey,
         *,
         publisher_of: Callable[[], dict[str, str]],
         worker: WorkerRole | None = None,
+        cluster: Cluster | None = None,
     ) -> None:
         self.store = store
+        #: Set on PostgreSQL: this host among the hosts sharing the ledger.
+        self.cluster = cluster
         #: The read side for pages and operators (gateway/ledger/reports.py).
         self.reports = Reports(store)
         self.master = master
@@ -138,7 +150,12 @@ class Ledger:
         grace from now (protocol.md section 8).
         """
         self.limits, self.watch = limits, watch
-        rows = self.store.read("SELECT * FROM channels ORDER BY id")
+        if self.cluster is not None:  # this host's channels (before a restart)
+            rows = self.store.read(
+                "SELECT * FROM channels WHERE holder = ? ORDER BY id", (self.cluster.host_id,)
+            )
+        else:
+            rows = self.store.read("SELECT * FROM channels ORDER BY id")
         largest = rows[-1]["id"] if rows else 0
         worker = self.worker
         self._next_index = worker.first_id_above(largest) if worker else largest + 1
@@ -180,8 +197,10 @@ class Ledger:
 
     # -- opening ----------------------------------------------------------------
 
-    def next_index(self) -> int:
+    async def next_index(self) -> int:
         """A fresh channel index: store row id and K2's BIP32 child (gateway/keys.py)."""
+        if self.cluster is not None:  # the database's sequence: unique across hosts
+            return await self.cluster.next_index()
         index = self._next_index
         # Workers allocate ids ≡ their index (mod N): no two derive one key.
         self._next_index += self.worker.count if self.worker else 1
@@ -284,18 +303,20 @@ class Ledger:
         live = LiveChannel(
             row_id=row_id, core=core, meter=ServerMeter(reserve=core.exit_fee), durable_paid=0
         )
-        await self.store.write(
-            [
-                _state_op(
-                    row_id,
-                    core,
-                    channel_id=core.channel_id,
-                    value=core.value,
-                    balance=core.balance,
-                    funded_at=time.time(),
-                )
-            ]
-        )
+        ops = [
+            _state_op(
+                row_id,
+                core,
+                channel_id=core.channel_id,
+                value=core.value,
+                balance=core.balance,
+                funded_at=time.time(),
+            )
+        ]
+        if self.cluster is not None:  # held here from its funding on, at epoch 1
+            ops.append(self.cluster.claim_op(row_id))
+            live.epoch = 1
+        await self.store.write(ops)
         self.hold(live)
         return live
 
@@ -307,7 +328,7 @@ class Ledger:
 
     async def state(self, live: LiveChannel, **extra: Any) -> None:
         """The core moved (confirm, lose its funding, void...): record its state."""
-        await self.store.write([_state_op(live.row_id, live.core, **extra)])
+        await self._write_held([live], [_state_op(live.row_id, live.core, **extra)])
 
     async def paid(self, live: LiveChannel, record: PaymentRecord) -> None:
         """Make an accepted increment durable, with the meter (the hot path).
@@ -351,9 +372,27 @@ class Ledger:
         written = set(live.dirty_media)
         live.dirty_media.clear()
         try:
-            await self.store.write([*ops, *self._delivery_ops(live, written)])
+            await self._write_held([live], [*ops, *self._delivery_ops(live, written)])
         except BaseException:
             live.dirty_media |= written
+            raise
+
+    async def _write_held(self, lives: Sequence[LiveChannel], ops: list[Op]) -> None:
+        """Write ``ops`` about channels held here: fenced when hosts share the ledger.
+
+        A write the fence refuses (another host took one of ``lives`` over)
+        takes effect in no part; those channels are dropped here, their
+        sessions told ``session_replaced``, and :class:`Fenced` is raised.
+        """
+        if self.cluster is None:
+            await self.store.write(ops)
+            return
+        fences = [self.cluster.fence_op(live.row_id, live.epoch) for live in lives]
+        try:
+            await self.store.write([*fences, *ops])
+        except Fenced:
+            for live in lives:
+                self.lost(live.row_id)
             raise
 
     def _delivery_ops(self, live: LiveChannel, media_changed: set[str]) -> list[Op]:
@@ -391,7 +430,7 @@ class Ledger:
 
     async def closed_unsettled(self, live: LiveChannel) -> None:
         """A closing channel with nothing to broadcast: the client refunds at expiry."""
-        await self.store.write([_state_op(live.row_id, live.core, closed_at=time.time())])
+        await self._write_held([live], [_state_op(live.row_id, live.core, closed_at=time.time())])
 
     async def batch_stored(
         self,
@@ -411,8 +450,12 @@ class Ledger:
         now = time.time()
         ops: list[Op] = [
             (
-                "INSERT OR REPLACE INTO settlements(txid, tx, fee, vsize, reserves, channels, "
-                "state, created_at) VALUES (?, ?, ?, ?, ?, ?, 'broadcast', ?)",
+                "INSERT INTO settlements(txid, tx, fee, vsize, reserves, channels, "
+                "state, created_at) VALUES (?, ?, ?, ?, ?, ?, 'broadcast', ?) "
+                "ON CONFLICT(txid) DO UPDATE SET tx = excluded.tx, fee = excluded.fee, "
+                "vsize = excluded.vsize, reserves = excluded.reserves, "
+                "channels = excluded.channels, state = excluded.state, "
+                "created_at = excluded.created_at",
                 (batch.txid, batch.tx.hex(), batch.fee, batch.vsize, batch.reserves,
                  len(lives), now),
             ),
@@ -420,8 +463,9 @@ class Ledger:
         for spk, amount in batch.server_outputs:
             ops.append(
                 (
-                    "INSERT OR REPLACE INTO payouts(txid, publisher, script, amount) "
-                    "VALUES (?, ?, ?, ?)",
+                    "INSERT INTO payouts(txid, publisher, script, amount) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT(txid, script) DO UPDATE SET publisher = excluded.publisher, "
+                    "amount = excluded.amount",
                     (batch.txid, owners.get(spk, "operator"), spk.hex(), amount),
                 )
             )
@@ -445,18 +489,20 @@ class Ledger:
                 fee = server_fee * gross // media_total if media_total else 0
                 ops.append(
                     (
-                        "INSERT OR REPLACE INTO earnings(txid, channel, media, gross, fee) "
-                        "VALUES (?, ?, ?, ?, ?)",
+                        "INSERT INTO earnings(txid, channel, media, gross, fee) "
+                        "VALUES (?, ?, ?, ?, ?) ON CONFLICT(txid, channel, media) DO UPDATE "
+                        "SET gross = excluded.gross, fee = excluded.fee",
                         (batch.txid, live.row_id, item, gross, fee),
                     )
                 )
-        await self.store.write(ops)
+        await self._write_held(lives, ops)
         if self.watch is not None:
             self.watch.watch_txid(batch.txid)
 
     async def batch_abandoned(self, txid: str, lives: Sequence[LiveChannel]) -> None:
         """The node refused the batch for good: never broadcast again; its channels settle anew."""
-        await self.store.write(
+        await self._write_held(
+            lives,
             [
                 ("UPDATE settlements SET state = 'abandoned' WHERE txid = ?", (txid,)),
                 *(_state_op(live.row_id, live.core, settle_txid=None) for live in lives),
@@ -468,7 +514,8 @@ class Ledger:
     async def batch_confirmed(self, txid: str, height: int, lives: Sequence[LiveChannel]) -> None:
         """The batch is as deep as a settlement must be: its channels are closed."""
         now = time.time()
-        await self.store.write(
+        await self._write_held(
+            lives,
             [
                 (
                     "UPDATE settlements SET state = 'confirmed', confirmed_height = ? "
@@ -486,20 +533,34 @@ class Ledger:
 
     async def refunded(self, live: LiveChannel) -> None:
         """The client's refund spent the funding output (that deep)."""
-        await self.store.write([_state_op(live.row_id, live.core, closed_at=time.time())])
+        await self._write_held([live], [_state_op(live.row_id, live.core, closed_at=time.time())])
 
-    def broadcast_batches(self) -> dict[str, bytes]:
-        """Stored batches not yet confirmed nor abandoned: txid -> transaction."""
+    def broadcast_batches(self, *, held_only: bool = False) -> dict[str, bytes]:
+        """Stored batches not yet confirmed nor abandoned: txid -> transaction.
+
+        ``held_only``: when hosts share the ledger, only those of channels held here.
+        """
+        if held_only and self.cluster is not None:
+            txids = {c.core.settlement_txid for c in self.channels.values()}
+            found = {t: self.batch_tx(t) for t in txids if t is not None}
+            return {t: tx for t, tx in found.items() if tx is not None}
         return {
             row["txid"]: bytes.fromhex(row["tx"])
             for row in self.store.read("SELECT txid, tx FROM settlements WHERE state = 'broadcast'")
         }
 
+    def batch_tx(self, txid: str) -> bytes | None:
+        """The stored transaction of batch ``txid``, if it is still to be followed."""
+        rows = self.store.read(
+            "SELECT tx FROM settlements WHERE txid = ? AND state = 'broadcast'", (txid,)
+        )
+        return bytes.fromhex(rows[0]["tx"]) if rows else None
+
     # -- the chain checkpoint ---------------------------------------------------------
 
     def checkpoint(self) -> tuple[int, str] | None:
         """The last block the chain follower read (height, hash), if any."""
-        rows = self.store.read("SELECT value FROM meta WHERE key = 'chain_checkpoint'")
+        rows = self.store.read("SELECT value FROM meta WHERE key = ?", (self._checkpoint_key,))
         if not rows:
             return None
         height, _, block_hash = str(rows[0]["value"]).partition(":")
@@ -509,8 +570,21 @@ class Ledger:
         """Remember the last block read (where the next start reads from)."""
         value = f"{height}:{block_hash}"
         await self.store.write(
-            [("INSERT OR REPLACE INTO meta(key, value) VALUES ('chain_checkpoint', ?)", (value,))]
+            [
+                (
+                    "INSERT INTO meta(key, value) VALUES (?, ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    (self._checkpoint_key, value),
+                )
+            ]
         )
+
+    @property
+    def _checkpoint_key(self) -> str:
+        # Each host follows the chain through its own node client: its own checkpoint.
+        if self.cluster is None:
+            return "chain_checkpoint"
+        return f"chain_checkpoint:{self.cluster.host_id}"
 
     # -- hand-over between workers (gateway/handover.py) --------------------------------
 
@@ -523,58 +597,6 @@ class Ledger:
         """
         rows = self.store.read("SELECT * FROM channels WHERE channel_id = ?", (channel_id,))
         return self._restore(rows[0]) if rows else None
-
-    async def take_over(self, stored: LiveChannel) -> LiveChannel:
-        """Become the holder of a live channel another worker holds.
-
-        The supervisor has the holder end its session and make the meter
-        durable first, so the copy loaded here afterwards is complete. Answers
-        the stored copy if the channel closed meanwhile (the holder kept it).
-        """
-        assert self.worker is not None
-        if stored.core.state not in SETTLEABLE:
-            return stored
-        try:
-            acquired = await self.worker.link.request("acquire", row=stored.row_id)
-        except LinkError:
-            raise ProtocolError(
-                ErrorCode.BUSY, "the channel is being handed between workers; resume again"
-            ) from None
-        held = self.channels.get(stored.channel_id)
-        if held is not None:  # another session here took it meanwhile
-            return held
-        fresh = self.load_stored(stored.channel_id)
-        assert fresh is not None
-        if not acquired or fresh.core.state not in SETTLEABLE:
-            return fresh
-        fresh.disconnected_at = time.time()
-        self.hold(fresh)
-        return fresh
-
-    async def release(self, row_id: int) -> bool:
-        """Hand channel ``row_id`` to another worker (the supervisor asks).
-
-        Ends its session (``session_replaced``, as a resume does in section 5)
-        and makes the meter durable, then forgets the channel. False if it is
-        closing: a settlement in flight stays with the worker that started it.
-        """
-        live = next((c for c in self.channels.values() if c.row_id == row_id), None)
-        if live is None:
-            return True
-        async with live.lock:  # no payment or settlement of it is half done
-            if self.channels.get(live.channel_id) is not live:
-                return True
-            if live.core.state not in SETTLEABLE:
-                return False
-            session, live.session = live.session, None
-            if session is not None:
-                session.replaced()  # its stream stops before the meter is written
-            live.disconnected_at = live.disconnected_at or time.time()
-            await self.meter_flushed(live, live.disconnected_at)
-            # Only once durable: if the write failed, it stays held here.
-            live.released = True
-            self.drop(live)
-        return True
 
     def _restore(self, row: Any) -> LiveChannel:
         """Rebuild a :class:`LiveChannel` from its row (restart recovery, section 8)."""
@@ -616,6 +638,7 @@ class Ledger:
             media_bill={d["media"]: d["bill"] for d in deliveries},
             durable_paid=core.paid,
             disconnected_at=row["disconnected_at"],
+            epoch=row["epoch"] if self.cluster is not None else 0,
         )
 
     # -- what the web pages and the operator read ----------------------------------------
@@ -626,8 +649,23 @@ class Ledger:
         return {"commits": self.store.commits, "requests": self.store.requests}
 
 
-def list_channels(db: Path) -> list[dict[str, Any]]:
-    """Every stored channel, read-only (``gateway channels`` beside a running gateway)."""
+def list_channels(db: Path | str) -> list[dict[str, Any]]:
+    """Every stored channel, read-only (``gateway channels`` beside a running gateway).
+
+    ``db``: the SQLite file, or a ``postgresql://`` URL of the shared ledger.
+    """
+    if isinstance(db, str) and is_postgres(db):
+        store = PgStore(db, name="paystream-channels")
+        try:
+            return [
+                dict(r)
+                for r in store.read(
+                    "SELECT id, channel_id, kind, state, value, balance, seq, expiry, "
+                    "settle_txid, holder FROM channels ORDER BY id"
+                )
+            ]
+        finally:
+            asyncio.run(store.close())
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     conn.row_factory = sqlite3.Row
     try:

@@ -69,6 +69,9 @@ class LiveChannel:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     #: Handed to another worker: this copy must not be settled or paid into.
     released: bool = False
+    #: The epoch of this host's holding (PostgreSQL; gateway/ledger/cluster.py):
+    #: every write of the channel is fenced by it.
+    epoch: int = 0
     #: The funding's confirmations when last asked (None: not unspent), the tip
     #: height when it was last seen, and since when it has been gone
     #: (gateway/funding.py).

@@ -379,7 +379,7 @@ class Store:
     def _finish(self, results: _Results) -> None:
         self.requests += len(results)
         for request, outcome in results:
-            _resolve(request.future, outcome)
+            resolve(request.future, outcome)
         assert self._loop is not None and self._idle is not None
         if self._queue:
             self._loop.call_soon(self._begin)
@@ -449,12 +449,17 @@ class Store:
         """Run a read-only query on the reader connection."""
         return self._reader.execute(sql, params).fetchall()
 
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """:meth:`read`, for callers that await (the PostgreSQL store's reads are async)."""
+        return self.read(sql, params)
+
 
 def _run_ops(conn: sqlite3.Connection, ops: list[Op]) -> list[int]:
     return [conn.execute(sql, params).lastrowid or 0 for sql, params in ops]
 
 
-def _resolve(future: asyncio.Future[list[int]], outcome: list[int] | BaseException) -> None:
+def resolve(future: asyncio.Future[list[int]], outcome: list[int] | BaseException) -> None:
+    """Answer a writer's ``future`` with its row ids or its error (both stores)."""
     if future.done():  # the waiter was cancelled; the write still happened
         return
     if isinstance(outcome, BaseException):

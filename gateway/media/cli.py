@@ -78,6 +78,12 @@ def _add_datadir_option(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="gateway data dir holding master.key (default $PAYSTREAM_DATADIR or ./data)",
     )
+    parser.add_argument(
+        "--master-key",
+        type=Path,
+        metavar="PATH",
+        help="the master key file, when the gateway runs with --master-key",
+    )
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
@@ -140,10 +146,17 @@ def _datadir(args: argparse.Namespace) -> Path:
     return Path(args.datadir or os.environ.get("PAYSTREAM_DATADIR", "data"))
 
 
-def publisher_token(datadir: Path, publisher_id: str) -> str:
-    """Publisher ``publisher_id``'s WHIP bearer token, from the data dir's master key."""
-    secure_datadir(datadir)
-    return MasterKey.load_or_create(datadir / "master.key").publisher_token(publisher_id)
+def publisher_token(datadir: Path, publisher_id: str, master_key: Path | None = None) -> str:
+    """Publisher ``publisher_id``'s WHIP bearer token, from the gateway's master key.
+
+    The key is ``master_key`` (``gateway serve --master-key``) or the data
+    dir's ``master.key``.
+    """
+    if master_key is None:
+        secure_datadir(datadir)
+    return MasterKey.load_or_create(master_key or datadir / "master.key").publisher_token(
+        publisher_id
+    )
 
 
 def cmd_publisher_add(args: argparse.Namespace) -> int:
@@ -154,8 +167,9 @@ def cmd_publisher_add(args: argparse.Namespace) -> int:
     datadir = _datadir(args)
     # The token comes from the gateway's master key: made here only in a
     # data dir named on purpose, never in a stray ./data.
-    if args.datadir is not None or (datadir / "master.key").exists():
-        print(f"WHIP bearer token: {publisher_token(datadir, publisher.id)}")
+    if args.datadir is not None or args.master_key is not None or (datadir / "master.key").exists():
+        token = publisher_token(datadir, publisher.id, args.master_key)
+        print(f"WHIP bearer token: {token}")
     else:
         print(f"WHIP bearer token: `gateway publisher token {publisher.id} --datadir DIR`")
     return 0
@@ -167,7 +181,7 @@ def cmd_publisher_token(args: argparse.Namespace) -> int:
         catalog = Catalog.load(args.media)
     if args.id not in catalog.publishers:
         raise CliError(f"unknown publisher {args.id!r} (add it with `gateway publisher add`)")
-    print(publisher_token(_datadir(args), args.id))
+    print(publisher_token(_datadir(args), args.id, args.master_key))
     return 0
 
 

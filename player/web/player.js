@@ -61,6 +61,9 @@ let template = null;
 let meter = new ps.ClientMeter();
 let pendingChunk = null;
 let pendingDue = null;
+// The `pay` being stored and sent: a `close` goes after it, so the gateway
+// settles the page's last figure (protocol.md section 8: the last pay it received).
+let paying = null;
 let queue = Promise.resolve();
 let leaving = false;
 let deliveredEndMs = 0;
@@ -534,8 +537,16 @@ async function tryPay() {
   app.balance = balance;
   meter.paid(due);
   pendingDue = null;
-  await saveChannel(); // durable before it leaves: never sign this seq twice
-  send({ type: 'pay', seq: app.seq, balance, sig: ps.bytesToHex(sig) });
+  const seq = app.seq;
+  paying = (async () => {
+    await saveChannel(); // durable before it leaves: never sign this seq twice
+    send({ type: 'pay', seq, balance, sig: ps.bytesToHex(sig) });
+  })();
+  try {
+    await paying;
+  } finally {
+    paying = null;
+  }
   updateOverlay();
 }
 
@@ -556,9 +567,10 @@ function overcharged(e) {
   closeChannel();
 }
 
-function closeChannel() {
+async function closeChannel() {
   if (app.closed || !app.channelId) return;
-  app.state = 'closing';
+  app.state = 'closing'; // no new pay from here
+  if (paying) await paying.catch(() => {});
   send({ type: 'close' });
 }
 
