@@ -116,6 +116,10 @@ class Config:
     #: without it the gateway refuses to start there with unconfirmed funding.
     allow_zero_conf: bool = False
     operator_token: str = ""
+    #: STUN/TURN servers for live WebRTC peers (comma-separated URLs, e.g.
+    #: "stun:stun.example.org:3478"); empty: host candidates only, right for a
+    #: gateway with a public address and for loopback (gateway/ice.py).
+    ice_servers: str = ""
     #: Gateway processes sharing the port and the store (``gateway/workers.py``);
     #: 1 runs everything in one process.
     workers: int = 1

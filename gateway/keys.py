@@ -11,6 +11,7 @@ BIP32 hardened derivation is a dozen lines over HMAC-SHA512 and coincurve; the
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import os
@@ -49,6 +50,18 @@ class MasterKey:
             raise ValueError(f"child {index}' is invalid; use the next index")
         return child.to_bytes(32, "big")
 
+    def token(self, label: str) -> str:
+        """A bearer token for ``label`` derived from the master key, never stored.
+
+        HMAC-SHA256 keyed with the master private key over a tagged label
+        (e.g. ``publisher/demo``): shown again whenever asked (``gateway
+        publisher token``), checked by recomputing it (in constant time), and
+        unrelated to any channel key (BIP32 children are HMAC-SHA512 over the
+        chain code, a different key and message).
+        """
+        digest = hmac.digest(self._key, b"paystream token\0" + label.encode(), "sha256")
+        return base64.urlsafe_b64encode(digest[:24]).decode()
+
     def fingerprint(self) -> str:
         """A public name of this key (hex): gateway hosts sharing a ledger compare it.
 
@@ -61,6 +74,10 @@ class MasterKey:
         """``(private key, compressed public key)`` of channel ``index``'s K2."""
         priv = self.derive_hardened(index)
         return priv, coincurve.PrivateKey(priv).public_key.format(compressed=True)
+
+    def publisher_token(self, publisher_id: str) -> str:
+        """The WHIP bearer token of publisher ``publisher_id`` (RFC 9725 section 4.1)."""
+        return self.token(f"publisher/{publisher_id}")
 
     @classmethod
     def load_or_create(cls, path: Path) -> MasterKey:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiortc import RTCIceServer
 
 from gateway.chain.rpc import RpcClient, RpcException
 from gateway.chain.watch import REORG_WINDOW, ChainFollower
@@ -31,6 +32,7 @@ from gateway.config import Config, ConfigError, trusted_networks
 from gateway.datadir import secure_datadir, write_private
 from gateway.funding import FundingDuty
 from gateway.handover import LinkError, WorkerRole
+from gateway.ice import IceConfig
 from gateway.keys import MasterKey
 from gateway.ledger import (
     ClusterError,
@@ -40,6 +42,7 @@ from gateway.ledger import (
     Store,
     open_store,
 )
+from gateway.live.onair import OnAir
 from gateway.media.catalog import Catalog, MediaItem
 from gateway.media.library import Library
 from gateway.peers import host_name
@@ -120,6 +123,8 @@ class Gateway:
         self.half_open = 0
         self.port = config.port
         self.operator_token = config.operator_token or operator_token(self.datadir)
+        #: Live items being published here (WHIP; gateway/live/onair.py).
+        self.on_air = OnAir(config.media, ice=ice_config(config))
 
     @property
     def store(self) -> Store | PgStore:
@@ -253,6 +258,7 @@ class Gateway:
             admit=self.admit,
             handshake_timeout_s=self.config.handshake_timeout_s,
             unpaid_timeout_s=self.config.unpaid_timeout_s,
+            on_air=self.on_air,
         )
         self._web_context = WebContext(
             ledger=self.ledger,
@@ -264,6 +270,8 @@ class Gateway:
             limits=self.limits,
             operator_token=self.operator_token,
             everywhere=self.everywhere,
+            on_air=self.on_air,
+            publisher_token=self.master.publisher_token,
         )
         if serve_sockets:
             await self._serve(sock)
@@ -324,6 +332,7 @@ class Gateway:
 
     async def stop(self) -> None:
         """Stop serving, then stop every part in reverse order (those that started)."""
+        await self.on_air.stop()  # live viewers get `end` while their sockets are up
         if self._runner is not None:
             await self._runner.cleanup()
         if hasattr(self, "settler"):
@@ -399,7 +408,7 @@ class Gateway:
         return json_response(HTTPStatus.OK, await self.health())
 
     async def _catalog(self, request: web.Request) -> web.Response:
-        return json_response(HTTPStatus.OK, self.library.current().to_api())
+        return json_response(HTTPStatus.OK, self.library.current().to_api(self.on_air.on_air()))
 
     async def _admin_settle(self, request: web.Request) -> web.Response:
         """``POST /api/admin/settle[?channel=ID]`` with the operator token (``gateway settle``).
@@ -613,6 +622,12 @@ class GatewayStartError(RuntimeError):
 def _log_failure(task: asyncio.Future[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.warning("could not save the chain checkpoint: %s", task.exception())
+
+
+def ice_config(config: Config) -> IceConfig:
+    """The live peers' ICE settings: ``ice_servers``, and loopback when served there."""
+    servers = [RTCIceServer(url.strip()) for url in config.ice_servers.split(",") if url.strip()]
+    return IceConfig(servers=tuple(servers), host=config.host)
 
 
 def operator_token(datadir: Path) -> str:

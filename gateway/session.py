@@ -41,6 +41,7 @@ from gateway.chain.rpc import RpcError, RpcVerifyAlreadyInChain
 from gateway.chain.watch import ChainFollower
 from gateway.funding import FundingDuty, funding_status
 from gateway.ledger import ChannelReleased, Ledger, LiveChannel
+from gateway.live.onair import OnAir
 from gateway.media.catalog import MediaItem
 from gateway.media.library import Library
 from gateway.protocol.channel import ServerChannel, ServerState
@@ -71,6 +72,7 @@ from gateway.protocol.messages import (
 )
 from gateway.protocol.metering import INIT_SEGMENT
 from gateway.protocol.transactions import Outpoint
+from gateway.session_live import play_live
 from gateway.settlement import Settler
 from gateway.wsconn import Connection, ConnectionClosed
 
@@ -107,6 +109,8 @@ class SessionContext:
     handshake_timeout_s: float = 10.0
     #: Seconds a session may sit on its own unpaid ``due`` saying nothing.
     unpaid_timeout_s: float = 60.0
+    #: The live items on air in this process (None: no live items).
+    on_air: OnAir | None = None
 
 
 class Session:
@@ -627,6 +631,12 @@ class Session:
             raise ProtocolError(
                 ErrorCode.CHANNEL_EXPIRING, "the channel is inside its settle margin"
             )
+        live_item = self.ctx.library.current().live.get(msg.media)
+        if live_item is not None:  # live pay-per-view (section 11)
+            await play_live(self, live, live_item, msg)
+            return
+        if msg.webrtc is not None:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "play.webrtc is for live items only")
         item = self.ctx.library.item(msg.media)
         if item is None:
             raise ProtocolError(ErrorCode.MEDIA_UNKNOWN, f"no media {msg.media!r} in the catalog")

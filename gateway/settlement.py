@@ -557,7 +557,7 @@ class Settler:
         weights: dict[bytes, int] = {}
         owner: dict[bytes, str] = {}
         for media, bill in sorted(live.media_bill.items()):
-            item = catalog.items.get(media)
+            item = catalog.items.get(media) or catalog.live.get(media)  # live: protocol.md 11
             publisher = catalog.publishers.get(item.publisher) if item else None
             if publisher is None or bill <= 0:
                 continue  # removed from the catalog: its share goes to the operator

@@ -48,6 +48,7 @@ from player.settlement import (
     unsettled_text,
 )
 from player.wallet import Wallet, WalletError
+from player.webrtc import WebrtcReceiver
 
 __all__ = [
     "EXIT_BAD_SETTLEMENT",
@@ -409,6 +410,12 @@ def _parser() -> argparse.ArgumentParser:
         "--keep-open", action="store_true", help="on stop, disconnect instead of closing"
     )
     play.add_argument("--new-channel", action="store_true", help="do not resume a stored channel")
+    play.add_argument(
+        "--webrtc",
+        action="store_true",
+        help="a live item: receive it over WebRTC (aiortc), paying per live second; --out "
+        "FILE gets the media in the container its extension names (e.g. live.mkv)",
+    )
     pace = play.add_mutually_exclusive_group()
     pace.add_argument(
         "--buffer",
@@ -499,6 +506,10 @@ def _check_play(args: argparse.Namespace) -> dict[str, Any]:
     """
     check_gateway_url(args.url)
     item = catalog_item(args.url, args.media)
+    if args.webrtc and not item.get("live"):
+        raise PlayerError(f"--webrtc is for live items; {args.media} is not one (drop --webrtc)")
+    if args.webrtc and args.out == "-":
+        raise PlayerError("--webrtc writes a file: --out FILE, not -")
     duration_ms = item.get("duration_ms")
     if isinstance(duration_ms, int) and (args.start_ms or 0) > duration_ms:
         raise PlayerError(
@@ -510,7 +521,12 @@ def _check_play(args: argparse.Namespace) -> dict[str, Any]:
 
 async def _play(args: argparse.Namespace, store: Keystore, item: dict[str, Any]) -> int:
     wallet = _wallet(args, required=False)
-    out, must_close = _open_out(args.out)
+    receiver: WebrtcReceiver | None = None
+    if args.webrtc:
+        receiver = WebrtcReceiver(args.url, Path(args.out) if args.out else None)
+        out, must_close = None, False
+    else:
+        out, must_close = _open_out(args.out)
     line = ProgressLine(sys.stderr)
 
     def terms(channel: ClientChannel, terms: Terms) -> None:
@@ -557,6 +573,7 @@ async def _play(args: argparse.Namespace, store: Keystore, item: dict[str, Any])
             out=out,
             on_progress=line,
             buffer_s=None if args.no_pace else args.buffer,
+            webrtc=receiver,
         )
         loop = asyncio.get_running_loop()
         interrupts = 0

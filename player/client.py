@@ -64,6 +64,7 @@ from gateway.protocol.messages import (
     Fund,
     Funding,
     Hello,
+    Interval,
     Limits,
     Message,
     Paid,
@@ -76,6 +77,7 @@ from gateway.protocol.messages import (
     ServerMessage,
     Stream,
     Terms,
+    WebrtcAnswer,
     encode,
     parse_server_message,
 )
@@ -86,6 +88,7 @@ from gateway.protocol.signatures import sign_digest
 from gateway.protocol.transactions import DUST_LIMIT, Outpoint, build_refund, parse_tx
 from player.keystore import ChannelState, Keystore, StoredChannel
 from player.wallet import FundingTx, Wallet, WalletError
+from player.webrtc import WebrtcReceiver
 
 __all__ = [
     "AGENT",
@@ -440,6 +443,7 @@ class Player:
         on_resume: Callable[[StoredChannel, ClientChannel], None] | None = None,
         max_feerate: Fraction = DEFAULT_MAX_FEERATE,
         on_terms: Callable[[ClientChannel, Terms], None] | None = None,
+        webrtc: WebrtcReceiver | None = None,
     ) -> None:
         self.url = check_gateway_url(url)
         if budget < 1:
@@ -471,6 +475,8 @@ class Player:
         #: Called with a new channel's accepted terms before any money moves:
         #: to say what the session costs, or to refuse by raising :class:`PlayerError`.
         self.on_terms = on_terms
+        #: Receive a live item over WebRTC (protocol.md section 11) instead of chunks.
+        self.webrtc = webrtc
         self._playback = Playback(paced=buffer_s is not None)
         self._stop = asyncio.Event()
         self._ws: ClientConnection | None = None
@@ -878,7 +884,8 @@ class Player:
             else None
         )
         try:
-            await self._send(Play(media=media, start_ms=start_ms))
+            offer = await self.webrtc.offer() if self.webrtc is not None else None
+            await self._send(Play(media=media, start_ms=start_ms, webrtc=offer))
             while not reason:
                 msg = await self._recv(None)
                 if isinstance(msg, bytes):
@@ -935,6 +942,22 @@ class Player:
                     if channel.meter.bill != bill:
                         self.store.record_bill(rec.id, channel.meter.bill)
                     pending = msg
+                elif isinstance(msg, WebrtcAnswer) and self.webrtc is not None:
+                    await self.webrtc.accept(msg.sdp)
+                elif isinstance(msg, Interval):
+                    # A live interval flows over WebRTC: metered as a chunk (section 11).
+                    bill = channel.meter.bill
+                    channel.on_chunk(msg)
+                    if channel.meter.bill != bill:
+                        self.store.record_bill(rec.id, channel.meter.bill)
+                    chunks += 1
+                    received_ms += msg.duration_ms
+                    media_ms = msg.start_ms + msg.duration_ms
+                    self._report(media_ms=media_ms, chunks=chunks)
+                    if max_chunks is not None and chunks >= max_chunks:
+                        reason = "max_chunks"
+                    elif duration_ms is not None and received_ms >= duration_ms:
+                        reason = "duration"
                 elif isinstance(msg, Due):
                     await self._pace(playback)
                     if not await self._pay(channel, rec, msg):
@@ -974,6 +997,8 @@ class Player:
         finally:
             if ticker is not None:
                 ticker.cancel()
+            if self.webrtc is not None:
+                await self.webrtc.close()
         # A spent channel is closed; one that only reached this run's cap stays open.
         if keep_open and (reason != "budget" or channel.budget < (channel.value or 0)):
             self._report(status="disconnected")

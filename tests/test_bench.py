@@ -136,3 +136,15 @@ def test_economics_table_comes_from_kernel_checked_batches(capsys: pytest.Captur
         assert hundred["fee_per_channel"] / hundred["vbytes_per_channel"] >= rate
     for even in result["break_even"]:
         assert even["v2_batch_of_100"] < even["v2_alone"] < even["v1_one_tx_per_channel"]
+
+
+def test_live_mode_reports_every_figure(capsys: pytest.CaptureFixture[str]) -> None:
+    """``gateway bench --live``: WebRTC viewers of one stream; figures present and sane."""
+    r = _run(capsys, "--live", "--viewers", "2", "--seconds", "1", "--no-pin")
+    assert r["viewers"] == 2 and r["video_packets"] > 0
+    assert r["gateway_cpu"] > 0 and r["viewers_per_core"] > 0
+    assert 0 <= r["latency_p50_ms"] <= r["latency_p99_ms"] <= r["latency_max_ms"]
+    assert 0 < r["pay_to_media_p50_ms"] <= r["pay_to_media_max_ms"]
+    assert r["mse_behind_max_ms"] > 0
+    # One encode per rendition, whatever the number of viewers.
+    assert set(r["hub_encodes"]) == {"vp8", "opus", "h264", "aac"}

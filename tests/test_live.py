@@ -20,7 +20,15 @@ from pathlib import Path
 import av
 import pytest
 
-from gateway.live import LOOPBACK, LiveConfig, LiveFragment, LiveHub, LiveIngest, LiveViewer
+from gateway.live import (
+    LOOPBACK,
+    EncodedPacket,
+    LiveConfig,
+    LiveFragment,
+    LiveHub,
+    LiveIngest,
+    LiveViewer,
+)
 from gateway.live.encode import ENCODERS_CREATED, FrameFitter, fit_size
 from gateway.live.fmp4 import Fmp4Packager
 from gateway.live.hub import TrackClock
@@ -127,6 +135,35 @@ async def test_an_h264_publisher_like_obs_is_taken() -> None:
         await wait_until(lambda: len(probe.frames) > 20, 10, "frames from an H.264 ingest")
         numbers = [f.number for f in probe.frames]
         assert None not in numbers and numbers == sorted(numbers)
+
+
+async def test_a_prompt_payment_at_the_edge_loses_no_audio_packet() -> None:
+    """Paid as the viewer reaches an interval (the session's due is answered at
+    once): the audio packets held back at the edge are sent after all.
+
+    The resume window (``keyframe_gap_ms``) is wide here so that a loaded
+    machine's slow loop cannot turn the prompt payment into a late one.
+    """
+    async with live(LiveConfig(keyframe_gap_ms=1000)) as state:
+        _, viewer = await state.viewer()
+        sent: list[int] = []
+        forward = viewer._sent
+
+        def note(packet: EncodedPacket) -> None:
+            if packet.kind == "audio":
+                sent.append(packet.seq)
+            forward(packet)
+
+        viewer._sent = note  # type: ignore[method-assign]
+
+        def pay_soon(interval: int) -> None:  # a durable pay a few ms later
+            asyncio.get_running_loop().call_later(0.05, viewer.allow_interval, interval)
+
+        viewer.on_blocked(pay_soon)
+        viewer.allow_interval(0)
+        await wait_until(lambda: viewer.stats.last_live_ms.get("audio", 0) > 3500, 15,
+                         "three paid edges")
+        assert sent == list(range(sent[0], sent[0] + len(sent))), "an audio packet was lost"
 
 
 async def test_an_unpaid_viewer_stops_within_an_interval_and_resumes_at_a_keyframe() -> None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
+from gateway.ice import keep_reachable_candidates
 from gateway.live import LOOPBACK, LiveHub, LiveIngest, OfferError, validate_offer
-from gateway.live.ice import keep_reachable_candidates
 from gateway.live.sdp import MAX_OFFER_BYTES
 from gateway.live.synthetic import ProbeViewer, SyntheticPublisher
 

@@ -171,12 +171,35 @@ def register_cli(sub: Any) -> None:
                         help="keep data dirs and logs here (default: a temp dir, removed)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument(
+        "--live", action="store_true",
+        help="instead: N WebRTC viewers of one live stream (aiortc publisher and viewers "
+        "over loopback): viewers per core, glass-to-glass latency, pay->media, CPU per "
+        "viewer, how far behind the MSE fragments are (gateway/bench/live.py)",
+    )
+    parser.add_argument(
         "--economics", action="store_true",
         help="instead: what settling a channel costs, single or batched, at 1, 5 and 20 "
         "sat/vB, from real signed transactions checked by libbitcoinkernel "
         "(docs/economics.md)",
     )
     parser.set_defaults(func=_run_cli)
+
+
+def _run_live(args: argparse.Namespace) -> int:
+    """``gateway bench --live --viewers N [--seconds S] [--json] [--no-pin]``."""
+    import uvloop
+
+    from gateway.bench import live
+
+    if args.viewers < 1:
+        raise CliError("--viewers must be at least 1")
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        result = runner.run(live.measure(args.viewers, args.seconds, pin=args.pin))
+    if args.json:
+        print(json.dumps({**asdict(result), "viewers_per_core": result.viewers_per_core}))
+    else:
+        print(result.report())
+    return 0
 
 
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
@@ -230,6 +253,8 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
 
 
 def _run_cli(args: argparse.Namespace) -> int:
+    if args.live:
+        return _run_live(args)
 
     if args.economics:
         from gateway.bench import economics

@@ -1,4 +1,4 @@
-"""``gateway bench --live`` (to come): the live media core's cost per viewer, measured.
+"""``gateway bench --live``: the live media core's cost per viewer, measured.
 
 Theory of operation
 -------------------
@@ -37,6 +37,14 @@ processes). aiortc's receivers hold each video frame until the first packet
 of the next one arrives (its jitter buffer finds a frame's end that way), at
 the ingest and again at the viewer, so each adds about one frame interval
 that a browser, which uses the RTP marker bit, does not.
+
+Pay→media: after the window the decoding viewers are stopped at the live
+edge (:meth:`LiveViewer.allow` with the live time now, as an unpaid
+interval does) for ``pause_s``, then allowed again (as a durable ``pay``
+does); the figure is the time from that allowance to the first frame
+captured after the pause that each viewer decodes (``rounds`` times). The
+MSE path's lag is how far behind live each fMP4 fragment's start is when it
+becomes available (:attr:`LiveFragment.ready_ms`).
 
 The client's own CPU use is reported too: a client that saturates its cores
 loses frames and adds latency the gateway did not cause.
@@ -92,6 +100,19 @@ class LiveBenchResult:
     #: Per rendition: CPU seconds per second spent encoding during the run.
     encoder_cpu: dict[str, float]
     viewer_skipped: int
+    #: From a viewer's allowance growing (a paid interval) to its first decoded
+    #: frame captured after the pause (decoding viewers, every round).
+    pay_to_media_p50_ms: float = float("nan")
+    pay_to_media_max_ms: float = float("nan")
+    #: How far behind live an MSE fragment's start is when it is ready (max).
+    mse_behind_max_ms: float = float("nan")
+
+    @property
+    def viewers_per_core(self) -> float:
+        """Viewers one core carries beside the stream's own decode and encodes."""
+        if self.gateway_cpu_per_viewer <= 0:
+            return float("inf")
+        return max(0.0, 1.0 - self.gateway_cpu_baseline) / self.gateway_cpu_per_viewer
 
     def report(self) -> str:
         """A few lines for people."""
@@ -102,6 +123,8 @@ class LiveBenchResult:
                 f"  gateway CPU: {self.gateway_cpu:.3f} core "
                 f"(no viewer: {self.gateway_cpu_baseline:.3f}), "
                 f"per viewer {self.gateway_cpu_per_viewer * 1000:.2f} ms/s",
+                f"  viewers per gateway core (beside the stream's encodes): "
+                f"{self.viewers_per_core:.0f}",
                 f"  client CPU:  {self.client_cpu:.3f} core (publisher + probe viewers)",
                 f"  video RTP packets lost: {self.video_packets_lost} of "
                 f"{self.video_packets} ({self.viewers_with_loss} viewers with any loss)",
@@ -111,6 +134,10 @@ class LiveBenchResult:
                 f"  glass-to-glass (decoding viewers): p50 {self.latency_p50_ms:.0f} ms, "
                 f"p95 {self.latency_p95_ms:.0f} ms, p99 {self.latency_p99_ms:.0f} ms, "
                 f"max {self.latency_max_ms:.0f} ms",
+                f"  pay->media (decoding viewers): p50 {self.pay_to_media_p50_ms:.0f} ms, "
+                f"max {self.pay_to_media_max_ms:.0f} ms",
+                f"  MSE fragments ready at most {self.mse_behind_max_ms / 1000:.2f} s "
+                "behind live",
                 f"  encoders (core each): {self.encoder_cpu}",
                 f"  hub: encodes {self.hub_encodes}, frames dropped by encoders "
                 f"{self.hub_dropped}, packets skipped for slow viewers {self.viewer_skipped}",
@@ -150,6 +177,15 @@ async def _gateway(conn: Connection) -> None:
             conn.send(viewer.answer)
         elif command == "cpu":
             conn.send((time.process_time(), time.monotonic()))
+        elif command == "block":  # as an unpaid interval: nothing past the live edge
+            for index in args[0]:
+                viewers[index].allow(hub.now_ms())
+            conn.send(time.monotonic())
+        elif command == "pay":  # as a durable pay: media again
+            paid_at = time.monotonic()
+            for index in args[0]:
+                viewers[index].allow(2**53 - 1)
+            conn.send(paid_at)
         elif command == "stop":
             stats = hub.stats
             summary = {
@@ -158,11 +194,45 @@ async def _gateway(conn: Connection) -> None:
                 "live_s": hub.now_ms() / 1000,
                 "dropped": sum(s.dropped for s in stats.renditions.values()),
                 "skipped": sum(v.stats.skipped for v in viewers),
+                "mse_behind_ms": [f.ready_ms - f.start_ms for f in hub.mse.recent()],
             }
             if ingest is not None:
                 await ingest.stop()
             conn.send(summary)
             return
+
+
+async def _pay_to_media(
+    call: Any,
+    peers: list[ProbeViewer],
+    decoding: list[int],
+    rounds: int,
+    pause_s: float,
+    publisher: SyntheticPublisher,
+) -> list[float]:
+    """ms from each allowance (a paid interval) to the first new frame decoded, per probe.
+
+    A frame counts only if it was captured after the viewer was stopped: the
+    last frame before a pause comes out of aiortc's receiver when media
+    resumes (design.md, "Traps").
+    """
+    assert publisher.video is not None
+    sent = publisher.video.sent
+    figures: list[float] = []
+    for _ in range(rounds):
+        blocked_at = await call("block", decoding)
+        await asyncio.sleep(pause_s)
+        paid_at = await call("pay", decoding)
+        await asyncio.sleep(1.0)
+        for index in decoding:
+            fresh = [
+                f.at
+                for f in peers[index].frames
+                if f.at > paid_at and f.number in sent and sent[f.number] > blocked_at + 0.1
+            ]
+            if fresh:
+                figures.append((min(fresh) - paid_at) * 1000)
+    return figures
 
 
 def _percentile(values: list[float], fraction: float) -> float:
@@ -184,6 +254,8 @@ async def measure(
     settle_s: float = 2.0,
     probes: int = 4,
     pin: bool = True,
+    rounds: int = 3,
+    pause_s: float = 1.5,
 ) -> LiveBenchResult:
     """Run the gateway in a child process and measure it with ``viewers`` viewers."""
     if not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2:
@@ -242,6 +314,8 @@ async def measure(
         ]
         client_cpu = (time.process_time() - client0) / (end - start)
         gateway_cpu = (cpu3 - cpu2) / (t3 - t2)
+        pay_to_media = await _pay_to_media(call, peers, sorted(decoding), rounds, pause_s,
+                                           publisher)
         summary = await call("stop")
     finally:
         for peer in peers:
@@ -302,6 +376,9 @@ async def measure(
             for name, cpu in summary["encoder_cpu_s"].items()
         },
         viewer_skipped=summary["skipped"],
+        pay_to_media_p50_ms=_percentile(pay_to_media, 0.50),
+        pay_to_media_max_ms=max(pay_to_media, default=float("nan")),
+        mse_behind_max_ms=float(max(summary["mse_behind_ms"], default=float("nan"))),
     )
 
 

@@ -16,7 +16,7 @@ only receives. aiortc decodes each track once (its receiver's decoder
 thread); the ingest hands every decoded frame to the hub. Peers use only the
 configured ICE servers (none by default); when the gateway serves on a
 loopback address, candidates are gathered on that address alone
-(:mod:`~gateway.live.ice`: aioice leaves loopback out by default).
+(:mod:`gateway.ice`: aioice leaves loopback out by default).
 
 Clock and intervals (:mod:`~gateway.live.hub`). Live time is milliseconds
 since the stream's first frame. Each track's frames keep the publisher's
@@ -67,12 +67,16 @@ fragments (written to disk as they came) become a catalog item at the same
 rate.
 
 What this package does not do: HTTP (the WHIP and viewer endpoints),
-protocol messages, metering and payment. Those call this API.
+protocol messages, metering and payment. Those call this API:
+``gateway/web/whip.py`` (WHIP, into :class:`~gateway.live.onair.OnAir`, the
+hubs on air in a gateway process) and ``gateway/session_live.py`` (a
+session's viewer: fragments as paid chunks, or a :class:`LiveViewer` allowed
+interval by interval as it is paid; protocol.md section 11).
 """
 
+from gateway.ice import LOOPBACK, IceConfig
 from gateway.live.fmp4 import FragmentLog, LiveFragment
 from gateway.live.hub import HubStats, LiveHub
-from gateway.live.ice import LOOPBACK, IceConfig
 from gateway.live.ingest import LiveIngest
 from gateway.live.record import Recording
 from gateway.live.rendition import EncodedPacket, LiveConfig, Rendition

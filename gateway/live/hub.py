@@ -16,6 +16,7 @@ import av
 from av.audio.frame import AudioFrame
 from av.video.frame import VideoFrame
 
+from gateway.ice import IceConfig
 from gateway.live.encode import (
     OPUS_RATE,
     KeyframePolicy,
@@ -26,7 +27,6 @@ from gateway.live.encode import (
     fit_size,
 )
 from gateway.live.fmp4 import Fmp4Packager, FragmentLog, LiveFragment
-from gateway.live.ice import IceConfig
 from gateway.live.rendition import Kind, LiveConfig, Rendition
 from gateway.live.sdp import Offer, validate_offer
 

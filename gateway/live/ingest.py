@@ -31,8 +31,8 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av.audio.frame import AudioFrame
 from av.video.frame import VideoFrame
 
+from gateway.ice import keep_reachable_candidates, prepare_gathering
 from gateway.live.hub import LiveHub
-from gateway.live.ice import keep_reachable_candidates, prepare_gathering
 from gateway.live.sdp import Offer, validate_offer
 
 log = logging.getLogger(__name__)

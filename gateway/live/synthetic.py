@@ -27,7 +27,7 @@ from aiortc.rtp import RtpPacket
 from av.audio.frame import AudioFrame
 from av.video.frame import VideoFrame
 
-from gateway.live.ice import LOOPBACK, IceConfig, prepare_gathering
+from gateway.ice import LOOPBACK, IceConfig, prepare_gathering
 
 STAMP_BITS = 16
 STAMP_BLOCK = 16

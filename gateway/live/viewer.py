@@ -26,10 +26,13 @@ Two aiortc details follow from sending pre-encoded packets:
 
 Gating: a track forwards a packet only if its live time is before the
 viewer's allowance (:meth:`LiveViewer.allow`); at the first packet beyond it
-the track reports the viewer blocked at that interval and drops packets
+the track reports the viewer blocked at that interval (a callback that
+allows the interval at once lets that packet through) and drops packets
 until the allowance grows. Video then resumes at a keyframe: one at most
 ``keyframe_gap_ms`` old if the hub has it (sent at once), else the next one,
-requested from the encoder.
+requested from the encoder; audio resumes at the first packet it held back
+if that is at most ``keyframe_gap_ms`` old (a prompt payment loses no
+audio), else at the newest.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from aiortc import RTCPeerConnection, RTCRtpTransceiver, RTCSessionDescription
 from aiortc.codecs import is_rtx
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from gateway.live.ice import IceConfig, keep_reachable_candidates, prepare_gathering
+from gateway.ice import IceConfig, keep_reachable_candidates, prepare_gathering
 from gateway.live.rendition import EncodedPacket, LiveConfig, Rendition
 from gateway.live.sdp import Offer
 
@@ -110,6 +113,9 @@ class ForwardTrack(MediaStreamTrack):
         self._need_keyframe = rendition.kind == "video"
         self._sought = False
         self._blocked = False
+        #: Audio: the first packet held back at the allowance's edge, sent
+        #: after all if the allowance grows while it is recent.
+        self._held: int | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._first_recv: float | None = None
 
@@ -146,6 +152,8 @@ class ForwardTrack(MediaStreamTrack):
                 raise MediaStreamError
             if self._need_keyframe and not self._sought:
                 self._seek_keyframe()
+            if self._held is not None:
+                self._resume_audio()
             packet = rendition.get(self._cursor)
             if packet is None:
                 if rendition.closed:
@@ -169,8 +177,14 @@ class ForwardTrack(MediaStreamTrack):
                 continue
             if packet.live_ms >= viewer.allowed_until_ms:
                 self._block(packet)
-                continue
+                # A blocked callback may allow it at once (a free or prepaid
+                # interval): then it goes out, video if it is a keyframe.
+                if packet.live_ms >= viewer.allowed_until_ms or (
+                    self._need_keyframe and not packet.keyframe
+                ):
+                    continue
             self._blocked = False
+            self._held = None
             if self._need_keyframe:
                 if not packet.keyframe:
                     continue
@@ -197,9 +211,23 @@ class ForwardTrack(MediaStreamTrack):
         else:
             viewer.hub.request_keyframe()
 
+    def _resume_audio(self) -> None:
+        """Allowed again soon after the edge (a prompt pay): lose no audio packet."""
+        viewer, rendition = self._viewer, self._rendition
+        held = rendition.get(self._held) if self._held is not None else None
+        newest = rendition.newest
+        if held is None or held.seq != self._held or newest is None:
+            self._held = None  # fell out of the backlog
+        elif held.live_ms < viewer.allowed_until_ms:
+            if newest.live_ms - held.live_ms <= viewer.hub.config.keyframe_gap_ms:
+                self._cursor = min(self._cursor, held.seq)
+            self._held = None
+
     def _block(self, packet: EncodedPacket) -> None:
         if not self._blocked:
             self._blocked = True
+            if self.kind == "audio":
+                self._held = packet.seq
             if self.kind == "video":
                 self._need_keyframe, self._sought = True, False
         self._viewer._blocked(self._viewer.hub.interval_of(packet.live_ms))

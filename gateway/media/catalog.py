@@ -24,6 +24,14 @@ Layout of a media directory (``media/`` by default)::
     source = "/path/to/input.mp4"
     dir = "sample-video"
 
+    [live.match]                    # a live item (issue 16): no media files;
+    title = "The match"             # its media comes from its publisher over
+    publisher = "demo"              # WHIP while it is on air
+    rate_msat = 2000
+    rate = 2
+    free_ms = 60000
+    record = true                   # recorded into the catalog when it ends
+
 A :class:`Catalog` is an immutable snapshot; writers build a new one and
 :meth:`Catalog.save` replaces the file atomically (temp file, fsync,
 ``os.replace``), so a failed command leaves the old file byte for byte.
@@ -202,12 +210,59 @@ class MediaItem:
 
 
 @dataclass(frozen=True)
+class LiveItem:
+    """A live item: priced like a media item, its media comes from a publisher (WHIP).
+
+    Item and live ids share one namespace (``play`` names either).
+    ``record``: the stream becomes an ordinary item when it ends
+    (gateway/live/record.py).
+    """
+
+    id: str
+    title: str
+    publisher: str
+    rate_msat: int
+    free_ms: int
+    record: bool = True
+
+    @property
+    def rate(self) -> int | float:
+        """The rate in sat/s (an int when whole)."""
+        return _thousandths_to_number(self.rate_msat)
+
+    def to_api(self, on_air: bool = False) -> dict[str, Any]:
+        """This live item as one entry of ``GET /api/catalog``."""
+        return {
+            "id": self.id,
+            "title": self.title,
+            "publisher": self.publisher,
+            "rate": self.rate,
+            "rate_msat": self.rate_msat,
+            "free_seconds": _thousandths_to_number(self.free_ms),
+            "live": True,
+            "on_air": on_air,
+        }
+
+    def to_toml(self) -> dict[str, Any]:
+        """This live item's table in ``catalog.toml``."""
+        return {
+            "title": self.title,
+            "publisher": self.publisher,
+            "rate_msat": self.rate_msat,
+            "rate": self.rate,
+            "free_ms": self.free_ms,
+            "record": self.record,
+        }
+
+
+@dataclass(frozen=True)
 class Catalog:
     """A snapshot of ``catalog.toml`` and the manifests it points to."""
 
     media_dir: Path
     publishers: Mapping[str, Publisher] = field(default_factory=dict)
     items: Mapping[str, MediaItem] = field(default_factory=dict)
+    live: Mapping[str, LiveItem] = field(default_factory=dict)
     #: ``st_mtime_ns`` of the file this was loaded from (None: no file).
     mtime_ns: int | None = None
 
@@ -243,9 +298,16 @@ class Catalog:
                 iid: _item_from_toml(media_dir, iid, table, publishers)
                 for iid, table in _table(data, "items").items()
             }
+            live = {
+                lid: _live_from_toml(lid, table, publishers)
+                for lid, table in _table(data, "live").items()
+            }
+            both = sorted(set(items) & set(live))
+            if both:
+                raise MediaError(f"{both[0]!r} is both an item and a live item")
         except MediaError as exc:
             raise MediaError(f"{path}: {exc}") from exc
-        return cls(media_dir, publishers, items, mtime_ns)
+        return cls(media_dir, publishers, items, live, mtime_ns)
 
     def reload_if_changed(self) -> Catalog:
         """This snapshot, or a fresh one if ``catalog.toml`` changed since it was read."""
@@ -255,9 +317,14 @@ class Catalog:
             mtime_ns = None
         return self if mtime_ns == self.mtime_ns else Catalog.load(self.media_dir)
 
-    def to_api(self) -> list[dict[str, Any]]:
-        """The body of ``GET /api/catalog``: one entry per item, sorted by id."""
-        return [self.items[iid].to_api() for iid in sorted(self.items)]
+    def to_api(self, on_air: frozenset[str] | set[str] = frozenset()) -> list[dict[str, Any]]:
+        """The body of ``GET /api/catalog``: one entry per item, sorted by id.
+
+        Live items carry ``live: true`` and ``on_air`` (their id is in ``on_air``).
+        """
+        entries = [self.items[iid].to_api() for iid in self.items]
+        entries += [item.to_api(item.id in on_air) for item in self.live.values()]
+        return sorted(entries, key=lambda entry: str(entry["id"]))
 
     def with_publisher(self, publisher: Publisher) -> Catalog:
         """A copy with ``publisher`` added or replaced."""
@@ -267,7 +334,17 @@ class Catalog:
         """A copy with ``item`` added or replaced (its publisher must exist)."""
         if item.publisher not in self.publishers:
             raise MediaError(f"unknown publisher {item.publisher!r}")
+        if item.id in self.live:
+            raise MediaError(f"{item.id!r} is a live item")
         return replace(self, items={**self.items, item.id: item})
+
+    def with_live(self, item: LiveItem) -> Catalog:
+        """A copy with live item ``item`` added or replaced (its publisher must exist)."""
+        if item.publisher not in self.publishers:
+            raise MediaError(f"unknown publisher {item.publisher!r}")
+        if item.id in self.items:
+            raise MediaError(f"{item.id!r} is already a media item")
+        return replace(self, live={**self.live, item.id: item})
 
     def to_toml(self) -> str:
         """The catalog file's text."""
@@ -278,6 +355,8 @@ class Catalog:
             },
             "items": {iid: self.items[iid].to_toml() for iid in sorted(self.items)},
         }
+        if self.live:
+            data["live"] = {lid: self.live[lid].to_toml() for lid in sorted(self.live)}
         return tomli_w.dumps(data)
 
     def save(self) -> None:
@@ -320,13 +399,10 @@ def _publisher_from_toml(pid: str, table: Any) -> Publisher:
     return Publisher(pid, _field(table, "name", where, str), _field(table, "address", where, str))
 
 
-def _item_from_toml(
-    media_dir: Path, iid: str, table: Any, publishers: Mapping[str, Publisher]
-) -> MediaItem:
-    where = f"item {iid!r}"
-    check_id(iid, "item id")
-    if not isinstance(table, Mapping):
-        raise MediaError(f"{where} must be a table")
+def _price_from_toml(
+    where: str, table: Mapping[str, Any], publishers: Mapping[str, Publisher]
+) -> tuple[str, int, int]:
+    """(publisher, rate_msat, free_ms) of an item's or a live item's table."""
     publisher = _field(table, "publisher", where, str)
     if publisher not in publishers:
         raise MediaError(f"{where}: unknown publisher {publisher!r}")
@@ -343,6 +419,17 @@ def _item_from_toml(
     free_ms = table.get("free_ms", DEFAULT_FREE_MS)
     if not isinstance(free_ms, int) or isinstance(free_ms, bool) or free_ms < 0:
         raise MediaError(f"{where}: free_ms must be an integer >= 0")
+    return publisher, rate_msat, free_ms
+
+
+def _item_from_toml(
+    media_dir: Path, iid: str, table: Any, publishers: Mapping[str, Publisher]
+) -> MediaItem:
+    where = f"item {iid!r}"
+    check_id(iid, "item id")
+    if not isinstance(table, Mapping):
+        raise MediaError(f"{where} must be a table")
+    publisher, rate_msat, free_ms = _price_from_toml(where, table, publishers)
     directory = check_id(_field(table, "dir", where, str), f"{where} dir")
     manifest = Manifest.load(media_dir / directory)
     return MediaItem.from_manifest(
@@ -354,6 +441,20 @@ def _item_from_toml(
         free_ms=free_ms,
         source=str(table.get("source", "")),
         dir=directory,
+    )
+
+
+def _live_from_toml(lid: str, table: Any, publishers: Mapping[str, Publisher]) -> LiveItem:
+    where = f"live item {lid!r}"
+    check_id(lid, "live id")
+    if not isinstance(table, Mapping):
+        raise MediaError(f"{where} must be a table")
+    publisher, rate_msat, free_ms = _price_from_toml(where, table, publishers)
+    record = table.get("record", True)
+    if not isinstance(record, bool):
+        raise MediaError(f"{where}: record must be true or false")
+    return LiveItem(
+        lid, _field(table, "title", where, str), publisher, rate_msat, free_ms, record
     )
 
 
@@ -411,6 +512,29 @@ def add_publisher(media_dir: Path, publisher_id: str, name: str, address: str) -
     with _writer_lock(media_dir):
         Catalog.load(media_dir).with_publisher(publisher).save()
     return publisher
+
+
+def add_live(
+    media_dir: Path,
+    live_id: str,
+    *,
+    title: str,
+    publisher: str,
+    rate_msat: int,
+    free_ms: int = DEFAULT_FREE_MS,
+    record: bool = True,
+) -> LiveItem:
+    """Add (or replace) live item ``live_id`` in the catalog and save it."""
+    _check_item(live_id, title, rate_msat, free_ms)
+    item = LiveItem(live_id, title.strip(), publisher, rate_msat, free_ms, record)
+    with _writer_lock(media_dir):
+        catalog = Catalog.load(media_dir)
+        if publisher not in catalog.publishers:
+            raise MediaError(
+                f"unknown publisher {publisher!r} (add it with `gateway publisher add`)"
+            )
+        catalog.with_live(item).save()
+    return item
 
 
 def _pays_on(address: str, network: str) -> bool:

@@ -1,4 +1,5 @@
-"""``gateway publish``, ``gateway publisher add``, ``gateway media sample|list``.
+"""``gateway publish``, ``gateway publisher add|token``, ``gateway live add``,
+``gateway media sample|list``.
 
 Wired into ``gateway/cli.py`` through :func:`register_cli`. Every failure the
 user caused (unknown publisher, missing or undecodable file, bad rate, bad
@@ -9,6 +10,7 @@ catalog file unchanged.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -16,11 +18,14 @@ from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
 
+from gateway.datadir import secure_datadir
 from gateway.errors import CliError
+from gateway.keys import MasterKey
 from gateway.media.catalog import (
     DEFAULT_FREE_MS,
     Catalog,
     MediaItem,
+    add_live,
     add_publisher,
     parse_rate,
     parse_seconds,
@@ -63,6 +68,21 @@ def _add_media_option(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MEDIA_DIR,
         metavar="DIR",
         help="media directory holding catalog.toml (default: ./media)",
+    )
+
+
+def _add_datadir_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--datadir",
+        type=Path,
+        metavar="DIR",
+        help="gateway data dir holding master.key (default $PAYSTREAM_DATADIR or ./data)",
+    )
+    parser.add_argument(
+        "--master-key",
+        type=Path,
+        metavar="PATH",
+        help="the master key file, when the gateway runs with --master-key",
     )
 
 
@@ -122,11 +142,65 @@ def _feerate(args: argparse.Namespace) -> Fraction:
     return feerate(str(args.feerate))
 
 
+def _datadir(args: argparse.Namespace) -> Path:
+    return Path(args.datadir or os.environ.get("PAYSTREAM_DATADIR", "data"))
+
+
+def publisher_token(datadir: Path, publisher_id: str, master_key: Path | None = None) -> str:
+    """Publisher ``publisher_id``'s WHIP bearer token, from the gateway's master key.
+
+    The key is ``master_key`` (``gateway serve --master-key``) or the data
+    dir's ``master.key``.
+    """
+    if master_key is None:
+        secure_datadir(datadir)
+    return MasterKey.load_or_create(master_key or datadir / "master.key").publisher_token(
+        publisher_id
+    )
+
+
 def cmd_publisher_add(args: argparse.Namespace) -> int:
-    """``gateway publisher add ID --name N --address ADDR``."""
+    """``gateway publisher add ID --name N --address ADDR``: also prints its WHIP token."""
     with _user_errors():
         publisher = add_publisher(args.media, args.id, args.name, args.address)
     print(f"publisher {publisher.id}: {publisher.name}, paid to {publisher.address}")
+    datadir = _datadir(args)
+    # The token comes from the gateway's master key: made here only in a
+    # data dir named on purpose, never in a stray ./data.
+    if args.datadir is not None or args.master_key is not None or (datadir / "master.key").exists():
+        token = publisher_token(datadir, publisher.id, args.master_key)
+        print(f"WHIP bearer token: {token}")
+    else:
+        print(f"WHIP bearer token: `gateway publisher token {publisher.id} --datadir DIR`")
+    return 0
+
+
+def cmd_publisher_token(args: argparse.Namespace) -> int:
+    """``gateway publisher token ID``: the publisher's WHIP bearer token again."""
+    with _user_errors():
+        catalog = Catalog.load(args.media)
+    if args.id not in catalog.publishers:
+        raise CliError(f"unknown publisher {args.id!r} (add it with `gateway publisher add`)")
+    print(publisher_token(_datadir(args), args.id, args.master_key))
+    return 0
+
+
+def cmd_live_add(args: argparse.Namespace) -> int:
+    """``gateway live add ID --title T --publisher P --rate R --free S [--no-record]``."""
+    with _user_errors():
+        item = add_live(
+            args.media,
+            args.id,
+            title=args.title or args.id,
+            publisher=args.publisher,
+            rate_msat=parse_rate(args.rate),
+            free_ms=parse_seconds(args.free),
+            record=args.record,
+        )
+    print(
+        f"live {item.id}: {item.rate} sat/s, {item.free_ms / 1000:g} s free, "
+        f"{'recorded' if item.record else 'not recorded'}; publish with WHIP to /whip/{item.id}"
+    )
     return 0
 
 
@@ -157,6 +231,11 @@ def cmd_media_list(args: argparse.Namespace) -> int:
             f"{item.id}\t{item.rate} sat/s\t{item.free_ms // 1000} s free\t"
             f"{item.duration_ms / 1000:.1f} s\t{item.publisher}\t{item.title}"
         )
+    for live in catalog.live.values():
+        print(
+            f"{live.id}\t{live.rate} sat/s\t{live.free_ms // 1000} s free\t"
+            f"live\t{live.publisher}\t{live.title}"
+        )
     return 0
 
 
@@ -185,7 +264,35 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--name", required=True, help="display name")
     p.add_argument("--address", required=True, help="payout address")
     _add_media_option(p)
+    _add_datadir_option(p)
     p.set_defaults(func=cmd_publisher_add)
+    p = publisher_sub.add_parser("token", help="show a publisher's WHIP bearer token")
+    p.add_argument("id", help="publisher id")
+    _add_media_option(p)
+    _add_datadir_option(p)
+    p.set_defaults(func=cmd_publisher_token)
+
+    p = subparsers.add_parser("live", help="live items (published over WHIP)")
+    live_sub = p.add_subparsers(dest="live_command", metavar="ACTION", required=True)
+    p = live_sub.add_parser("add", help="add or replace a live item")
+    p.add_argument("id", help="live id (a-z 0-9 . _ -): publish to /whip/ID")
+    p.add_argument("--title", help="title shown to viewers (default: the id)")
+    p.add_argument("--publisher", required=True, help="publisher id (see `publisher add`)")
+    p.add_argument("--rate", required=True, help="price in sat per second, e.g. 2 or 0.5")
+    p.add_argument(
+        "--free",
+        default=str(DEFAULT_FREE_MS // 1000),
+        metavar="SECONDS",
+        help="free seconds per channel (default: 60)",
+    )
+    p.add_argument(
+        "--no-record",
+        dest="record",
+        action="store_false",
+        help="do not record the stream into the catalog when it ends",
+    )
+    _add_media_option(p)
+    p.set_defaults(func=cmd_live_add)
 
     p = subparsers.add_parser("media", help="sample media and the catalog")
     media_sub = p.add_subparsers(dest="media_command", metavar="ACTION", required=True)

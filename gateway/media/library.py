@@ -82,5 +82,7 @@ class Library:
         catalog, mapping = self._publisher_of
         if catalog is not self.catalog:
             mapping = {iid: item.publisher for iid, item in self.catalog.items.items()}
+            # A live item's seconds pay its publisher as an item's do.
+            mapping.update({lid: item.publisher for lid, item in self.catalog.live.items()})
             self._publisher_of = (self.catalog, mapping)
         return mapping

@@ -61,6 +61,7 @@ from gateway.protocol.messages import (
     Closed,
     Due,
     Fund,
+    Interval,
     Limits,
     Open,
     Paid,
@@ -1029,8 +1030,8 @@ class ClientChannel:
         """``stream``: price and allowance for the metering (section 7)."""
         self.meter.on_stream(stream)
 
-    def on_chunk(self, chunk: Chunk) -> None:
-        """``chunk``: meter it (section 7)."""
+    def on_chunk(self, chunk: Chunk | Interval) -> None:
+        """``chunk`` or a live ``interval``: meter it (sections 7, 11)."""
         self.meter.on_chunk(chunk)
 
     def pay_due(self, due: Due) -> Pay:

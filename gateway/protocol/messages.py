@@ -65,6 +65,7 @@ __all__ = [
     "Fund",
     "Funding",
     "Hello",
+    "Interval",
     "Limits",
     "Message",
     "Open",
@@ -80,6 +81,7 @@ __all__ = [
     "Stop",
     "Stream",
     "Terms",
+    "WebrtcAnswer",
     "encode",
     "parse_client_message",
     "parse_server_message",
@@ -100,6 +102,8 @@ _MAX_SCRIPT: Final = 20_000
 _MAX_KEY: Final = 128
 _MAX_SIG: Final = 128
 _MAX_TEXT: Final = 1_000
+#: An SDP offer or answer (section 11): a browser's is a few kilobytes.
+_MAX_SDP: Final = 64_000
 
 #: ``hello.network`` values (section 6).
 NETWORKS: Final = frozenset({"regtest", "signet", "testnet", "main"})
@@ -440,6 +444,8 @@ class Play(Message):
 
     media: str = field(metadata=_wired(_MEDIA))
     start_ms: int = field(default=0, metadata=_wired(_UINT))
+    #: A live item over WebRTC (section 11): the viewer's SDP offer to receive.
+    webrtc: str | None = field(default=None, metadata=_wired(_Str(_MAX_SDP)))
 
 
 @_message("pay")
@@ -569,10 +575,32 @@ class Stream(Message):
     free_used_ms: int = field(metadata=_wired(_UINT))
     duration_ms: int = field(metadata=_wired(_UINT))
     chunks: int = field(metadata=_wired(_UINT))
+    #: A live item (section 11): no end known, ``duration_ms`` and ``chunks`` 0.
+    live: bool | None = field(default=None, metadata=_wired(_Bool()))
 
     def _check(self) -> None:
         if self.free_used_ms > self.free_ms:
             raise _bad("stream.free_used_ms", "above free_ms")
+
+
+@_message("webrtc_answer")
+@dataclass(frozen=True, slots=True)
+class WebrtcAnswer(Message):
+    """The gateway's SDP answer to ``play.webrtc`` (section 11)."""
+
+    media: str = field(metadata=_wired(_MEDIA))
+    sdp: str = field(metadata=_wired(_NonEmptyStr(_MAX_SDP)))
+
+
+@_message("interval")
+@dataclass(frozen=True, slots=True)
+class Interval(Message):
+    """Live interval ``index`` flows over WebRTC (section 11): a chunk without bytes."""
+
+    media: str = field(metadata=_wired(_MEDIA))
+    index: int = field(metadata=_wired(_UINT))
+    start_ms: int = field(metadata=_wired(_UINT))
+    duration_ms: int = field(metadata=_wired(_UINT))
 
 
 @_message("chunk")
@@ -668,6 +696,8 @@ ServerMessage = (
     | End
     | Closed
     | Error
+    | WebrtcAnswer
+    | Interval
 )
 
 _CLIENT_TYPES: Final[dict[str, type[Message]]] = {
@@ -688,6 +718,8 @@ _SERVER_TYPES: Final[dict[str, type[Message]]] = {
         End,
         Closed,
         Error,
+        WebrtcAnswer,
+        Interval,
     )
 }
 

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from gateway.protocol.errors import ErrorCode, ProtocolError
-from gateway.protocol.messages import Chunk, Due, Stream
+from gateway.protocol.messages import Chunk, Due, Interval, Stream
 
 __all__ = [
     "DEFAULT_FREE_MS",
@@ -253,8 +253,8 @@ class ClientMeter:
             )
         return charged_ms(self._used[media], duration_ms, self._free[media])
 
-    def on_chunk(self, chunk: Chunk) -> None:
-        """A ``chunk`` message: meter it unless a paid ``due`` already did."""
+    def on_chunk(self, chunk: Chunk | Interval) -> None:
+        """A ``chunk`` (or a live ``interval``, section 11): meter it unless a paid ``due`` did."""
         key = (chunk.media, chunk.index)
         if key == self._outstanding:
             self._outstanding = None

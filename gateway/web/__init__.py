@@ -13,12 +13,15 @@ every failure (JSON for programs, a page for people). The handlers get a
 ``dashboard`` the operator; ``http`` is their plumbing.
 
 * Pages: ``/`` (the catalog, rendered here), ``/watch/<id>`` (the player),
-  ``/dashboard``. Each page carries an import map that points the browser's
-  bare module names (``@noble/curves/…``) at ``/web/vendor/…``, which serves
+  ``/dashboard``, ``/golive/<live-id>`` (a publisher's camera over WHIP).
+  Each page carries an import map that points the browser's bare module
+  names (``@noble/curves/…``) at ``/web/vendor/…``, which serves
   the files ``npm ci`` installed under ``player/web/node_modules`` — pinned by
   ``package-lock.json``; no CDN and no bundler at run time. A strict
   Content-Security-Policy allows only this origin's scripts plus the import
   map's own hash.
+* ``POST /whip/<live-id>`` and ``DELETE /whip/<live-id>/<session>``: a
+  publisher goes live and stops (WHIP, RFC 9725; ``whip``).
 * ``POST /api/faucet`` exists only on regtest: it pays the funding address of
   a channel that was opened and not yet funded (nothing else), once, an
   amount inside the advertised limits, from the node's wallet; with
@@ -60,7 +63,14 @@ from gateway.web.http import (
     static_file,
     vendor_file,
 )
-from gateway.web.pages import catalog_page, dashboard_page, exit_estimate, watch_page
+from gateway.web.pages import (
+    catalog_page,
+    dashboard_page,
+    exit_estimate,
+    golive_page,
+    watch_page,
+)
+from gateway.web.whip import whip_delete, whip_post
 
 __all__ = ["CSP", "WebContext", "add_routes", "errors", "exit_estimate"]
 
@@ -69,7 +79,7 @@ log = logging.getLogger(__name__)
 Handler = Callable[[WebContext, web.Request], Awaitable[web.StreamResponse]]
 
 #: Paths programs ask: their errors are JSON, never a page.
-_PROGRAM_PATHS = ("/api/", "/web/", "/paystream/")
+_PROGRAM_PATHS = ("/api/", "/web/", "/paystream/", "/whip/")
 
 
 def add_routes(app: web.Application, ctx: WebContext) -> None:
@@ -85,6 +95,7 @@ def add_routes(app: web.Application, ctx: WebContext) -> None:
     route("GET", "/", catalog_page)
     route("GET", "/watch/{media}", watch_page)
     route("GET", "/dashboard", dashboard_page)
+    route("GET", "/golive/{live_id}", golive_page)
     route("GET", "/web/vendor/{rest:.+}", vendor_file)
     route("GET", "/web/{name}", static_file)
     route("POST", "/api/faucet", faucet_api)
@@ -94,6 +105,8 @@ def add_routes(app: web.Application, ctx: WebContext) -> None:
     route("GET", "/api/channel/{channel_id}", channel_api)
     for name, (method, _) in DASHBOARD.items():
         route(method, f"/api/dashboard/{name}", dashboard_api)
+    route("POST", "/whip/{live_id}", whip_post)
+    route("DELETE", "/whip/{live_id}/{session}", whip_delete)
 
 
 @web.middleware

@@ -8,6 +8,7 @@ from typing import Any
 
 from gateway.chain.watch import ChainFollower
 from gateway.ledger import Ledger
+from gateway.live.onair import OnAir
 from gateway.media.library import Library
 from gateway.protocol.messages import Limits
 from gateway.settlement import Settler
@@ -30,3 +31,7 @@ class WebContext:
     everywhere: Callable[..., Awaitable[list[Any]]]
     #: Funding addresses the demo faucet already paid (once per channel).
     faucet_paid: set[str] = field(default_factory=set)
+    #: The live items on air here (None: no live ingest), and each publisher's
+    #: WHIP bearer token (gateway/web/whip.py).
+    on_air: OnAir | None = None
+    publisher_token: Callable[[str], str] | None = None

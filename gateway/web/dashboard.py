@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.ledger import UNSETTLED_STATES
-from gateway.media.catalog import parse_rate, parse_seconds, set_price
+from gateway.media.catalog import add_live, parse_rate, parse_seconds, set_price
 from gateway.media.segment import MediaError
 from gateway.web.context import WebContext
 from gateway.web.http import HttpError, form_params, json_response, query_params
@@ -227,10 +227,66 @@ async def set_rate(ctx: WebContext, q: dict[str, str]) -> dict[str, Any]:
             "free_ms": item.free_ms}
 
 
+async def add_live_item(ctx: WebContext, q: dict[str, str]) -> dict[str, Any]:
+    """``POST …/live_add?id=ID&title=T&publisher=P&rate=R[&free_seconds=S][&record=0]``.
+
+    As ``gateway live add``: writes catalog.toml atomically; a bad field is a
+    400 with the reason and changes nothing.
+    """
+    try:
+        item = add_live(
+            ctx.library.catalog.media_dir,
+            q.get("id", ""),
+            title=q.get("title") or q.get("id", ""),
+            publisher=q.get("publisher", ""),
+            rate_msat=parse_rate(q.get("rate", "")),
+            free_ms=parse_seconds(q.get("free_seconds", "60")),
+            record=q.get("record", "1") not in ("0", "false"),
+        )
+    except MediaError as exc:
+        raise HttpError(HTTPStatus.BAD_REQUEST, str(exc)) from None
+    log.info("live item %s added (publisher %s)", item.id, item.publisher)
+    ctx.library.current()
+    return {"id": item.id, "rate_msat": item.rate_msat, "free_ms": item.free_ms,
+            "record": item.record, "whip": f"/whip/{item.id}"}
+
+
+async def live(ctx: WebContext, q: dict[str, str]) -> dict[str, Any]:
+    """Per live item, as it happens (this process, since it started): on air,
+    viewers now, paid seconds and what they earned (the section 7 bill), and
+    where and with which token its publisher goes live (WHIP).
+
+    The ledger's figures (``earnings``) include live items too, durably, as
+    of each channel's last payment.
+    """
+    catalog = ctx.library.current()
+    on_air = ctx.on_air.on_air() if ctx.on_air is not None else set()
+    items = []
+    for lid in sorted(catalog.live):
+        item = catalog.live[lid]
+        tally = ctx.on_air.tally(lid) if ctx.on_air is not None else None
+        items.append(
+            {
+                "id": lid,
+                "title": item.title,
+                "publisher": item.publisher,
+                "on_air": lid in on_air,
+                "viewers": tally.viewers if tally else 0,
+                "paid_seconds": tally.paid_ms / 1000 if tally else 0,
+                "earned_sat": _sat(tally.bill) if tally else 0,
+                "whip": f"/whip/{lid}",
+                "token": ctx.publisher_token(item.publisher) if ctx.publisher_token else None,
+            }
+        )
+    return {"items": items}
+
+
 DASHBOARD: dict[str, tuple[str, Any]] = {
     "earnings": ("GET", earnings),
     "channels": ("GET", channels),
     "settlements": ("GET", settlements),
     "rates": ("GET", rates),
     "rate": ("POST", set_rate),
+    "live": ("GET", live),
+    "live_add": ("POST", add_live_item),
 }

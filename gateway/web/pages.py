@@ -112,9 +112,39 @@ async def catalog_page(ctx: WebContext, request: web.Request) -> web.Response:
     )
     body = (
         f"<h1>Catalog</h1>\n<p>Network: {html.escape(ctx.network)}</p>\n{table}\n"
+        + _live_table(ctx)
         + _RECORDS_SECTION
     )
     return page("Catalog", body, "catalog.js", data={"network": ctx.network})
+
+
+def _live_table(ctx: WebContext) -> str:
+    """The live items: price, and whether each is on air now (``/api/catalog`` says the same)."""
+    catalog = ctx.library.current()
+    on_air = ctx.on_air.on_air() if ctx.on_air is not None else set()
+    rows = []
+    for lid in sorted(catalog.live):
+        item = catalog.live[lid]
+        publisher = catalog.publishers.get(item.publisher)
+        state = "on air" if lid in on_air else "off air"
+        rows.append(
+            f'<tr data-live="{html.escape(lid)}" data-on-air="{str(lid in on_air).lower()}">'
+            f'<td><a href="/watch/{html.escape(lid)}">{html.escape(item.title)}</a></td>'
+            f"<td>{html.escape(publisher.name if publisher else item.publisher)}</td>"
+            f'<td class="num">{item.rate_msat / 1000:g} sat/s</td>'
+            f'<td class="num">{item.free_ms / 1000:g} s</td>'
+            f'<td class="on-air">{state}</td></tr>'
+        )
+    if not rows:
+        return ""
+    return (
+        '<h2>Live</h2>\n<table id="live"><thead><tr><th>Title</th><th>Publisher</th>'
+        "<th>Price per second</th><th>Free</th><th>Now</th></tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table>\n"
+        '<p class="hint">A live item is paid per second watched, like any item, from the '
+        "first second after its free seconds; when the publisher stops it becomes an item "
+        "of the catalog (unless the publisher turned recording off).</p>\n"
+    )
 
 
 #: The viewer's channels kept in this browser (player/web/records.js fills it).
@@ -199,12 +229,51 @@ _WATCH_BODY = """<h1 id="title">{title}</h1>
 async def watch_page(ctx: WebContext, request: web.Request) -> web.Response:
     """``/watch/<id>``: the browser player (player/web/player.js)."""
     media = request.match_info["media"]
-    item = ctx.library.current().items.get(media)
+    catalog = ctx.library.current()
+    item = catalog.items.get(media) or catalog.live.get(media)
     if item is None:
         return not_found_page(f"No media {media!r} in the catalog.")
     body = _WATCH_BODY.replace("{title}", html.escape(item.title)) + _RECORDS_SECTION
+    live = "1" if media in catalog.live else ""
     return page(item.title, body, "player.js",
-                 data={"media": item.id, "network": ctx.network})
+                 data={"media": item.id, "network": ctx.network, "live": live})
+
+
+_GOLIVE_BODY = """<h1>Go live: <span id="live-title">{title}</span></h1>
+<p>Publish your camera and microphone to this live item over WHIP. Viewers pay
+per second they watch; <span id="live-record">{record}</span></p>
+<form id="golive-form">
+  <label>Publisher token <input id="golive-token" type="password" autocomplete="off"
+  required></label>
+  <button id="golive-start" type="submit">Go live</button>
+  <button id="golive-stop" type="button" hidden>Stop</button>
+</form>
+<p class="hint">The token is shown by <code>gateway publisher token {publisher}</code>.
+OBS Studio 30+ publishes the same way: Settings → Stream → Service: WHIP, Server:
+<code id="golive-url">/whip/{id}</code>, Bearer Token: the same token.</p>
+<video id="preview" muted playsinline autoplay></video>
+<p id="golive-status" class="status">Off air.</p>
+"""
+
+
+async def golive_page(ctx: WebContext, request: web.Request) -> web.Response:
+    """``/golive/<live-id>``: a publisher goes live from the browser (player/web/golive.js)."""
+    live_id = request.match_info["live_id"]
+    item = ctx.library.current().live.get(live_id)
+    if item is None:
+        return not_found_page(f"No live item {live_id!r} in the catalog.")
+    record = (
+        "when you stop, the stream becomes an item of the catalog at the same price."
+        if item.record
+        else "the stream is not recorded."
+    )
+    body = (
+        _GOLIVE_BODY.replace("{title}", html.escape(item.title))
+        .replace("{record}", record)
+        .replace("{publisher}", html.escape(item.publisher))
+        .replace("{id}", html.escape(item.id))
+    )
+    return page(f"Go live: {item.title}", body, "golive.js", data={"live": item.id})
 
 
 _DASHBOARD_BODY = """<h1>Dashboard</h1>
@@ -235,6 +304,23 @@ _DASHBOARD_BODY = """<h1>Dashboard</h1>
   <table id="items"><thead><tr><th>Item</th><th>Publisher</th><th>Billed sat</th>
   <th>Not yet settled sat</th><th>Lost sat</th><th>Settled sat</th><th>Fees sat</th>
   <th>Media seconds</th><th>Channels</th></tr></thead><tbody></tbody></table>
+  <h2>Live items</h2>
+  <table id="live"><thead><tr><th>Live item</th><th>Now</th><th>Viewers</th>
+  <th>Paid seconds</th><th>Earned sat</th><th>WHIP server</th><th>Bearer token</th>
+  <th></th></tr></thead><tbody></tbody></table>
+  <p class="hint">Live figures since the gateway started, updated every two seconds;
+  the earnings tables count live items too, as of each channel's last payment.
+  OBS Studio: Settings → Stream → Service: WHIP, Server: the WHIP server, Bearer Token:
+  the token. Or go live from this browser.</p>
+  <form id="live-add">
+    <label>Id <input id="live-id" required></label>
+    <label>Title <input id="live-title-in"></label>
+    <label>Publisher <input id="live-publisher" required></label>
+    <label>Rate sat/s <input id="live-rate" class="rate" required></label>
+    <label>Free s <input id="live-free" class="rate" value="60"></label>
+    <label><input id="live-record" type="checkbox" checked> Record</label>
+    <button type="submit">Add live item</button>
+  </form>
   <h2>Rates</h2>
   <table id="rates"><thead><tr><th>Item</th><th>Rate sat/s</th><th>Free s</th><th></th>
   </tr></thead><tbody></tbody></table>

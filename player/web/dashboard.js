@@ -120,6 +120,7 @@ async function load() {
     ['earnings', 'channels', 'settlements', 'rates'].map((n) => api(n)),
   );
   dash.data = { earnings, channels, settlements, rates };
+  await loadLive();
   fill('publishers', earnings.publishers, (r, p) => {
     cell(r, p.name);
     for (const k of ['billed_sat', 'unsettled_sat', 'lost_sat', 'settled_sat', 'fees_sat',
@@ -171,6 +172,43 @@ async function load() {
   dash.loaded += 1;
   $('dash-status').textContent = `Updated ${new Date().toLocaleTimeString()}`;
 }
+
+/** The live items' figures, as they happen (refreshed every two seconds). */
+async function loadLive() {
+  const live = await api('live');
+  dash.data.live = live;
+  fill('live', live.items, (r, i) => {
+    cell(r, i.title);
+    cell(r, i.on_air ? 'on air' : 'off air');
+    cell(r, i.viewers, 'num');
+    cell(r, i.paid_seconds.toFixed(0), 'num');
+    cell(r, i.earned_sat, 'num');
+    cell(r, `${location.origin}${i.whip}`).className = 'txid';
+    cell(r, i.token).className = 'txid';
+    const go = document.createElement('a');
+    Object.assign(go, { href: `/golive/${encodeURIComponent(i.id)}`, textContent: 'Go live' });
+    r.insertCell().append(go);
+  });
+}
+
+setInterval(() => {
+  if (!$('dash').hidden && dash.data.live) loadLive().catch(() => {});
+}, 2000);
+
+$('live-add').addEventListener('submit', async (ev) => {
+  ev.preventDefault();
+  const q = new URLSearchParams({ id: $('live-id').value.trim(),
+    title: $('live-title-in').value.trim(), publisher: $('live-publisher').value.trim(),
+    rate: $('live-rate').value.trim(), free_seconds: $('live-free').value.trim(),
+    record: $('live-record').checked ? '1' : '0' });
+  try {
+    await api('live_add', { method: 'POST', query: `?${q}` });
+    await loadLive();
+    $('dash-status').textContent = `Live item ${q.get('id')} added`;
+  } catch (e) {
+    $('dash-status').textContent = `Live item not added: ${e.message}`;
+  }
+});
 
 function showLogin(message) {
   $('dash').hidden = true;

@@ -1,6 +1,9 @@
 // The browser player (/watch/<id>): one WebSocket session of protocol.md,
 // MediaSource playback of the chunks it delivers, K1 and the channel records
-// in IndexedDB (records.js).
+// in IndexedDB (records.js). A live item plays over WebRTC when the browser
+// can (`play.webrtc`, protocol.md section 11: the media on a peer connection,
+// each live second paid on the session), else over MediaSource like a file
+// (`?mse=1` forces it).
 //
 // Money rules kept here (design.md, docs/web.md): the viewer confirms a
 // budget before any funding, after seeing what a session costs and what
@@ -32,6 +35,8 @@ const CHUNK_MAX_S = 2;
 const EXPIRY_BLOCKS = Number(params.get('expiry_blocks')) > 0
   ? Math.floor(Number(params.get('expiry_blocks'))) : null;
 const AGENT = 'paystream-web/0.2';
+/** Live items go over WebRTC unless the browser has none or `?mse=1`. */
+const RTC_WANTED = typeof RTCPeerConnection === 'function' && params.get('mse') !== '1';
 const RESUME_FAILURES = new Set(['channel_unknown', 'channel_closed', 'channel_expiring',
   'bad_signature', 'session_replaced']);
 
@@ -42,6 +47,8 @@ const app = {
   expiry: null, exitFee: 0, exitVbytes: 0, paid: 0, rateMsat: null, freeMs: null, stream: null,
   closed: null, overcharged: null, errors: [], resumed: false, funding: null, faucet: null,
   plays: [], lead: LEAD_S, freeLeftMs: null, reorgs: 0,
+  live: document.body.dataset.live === '1', transport: null, intervals: 0, framesDecoded: 0,
+  ended: false, watching: false, deliveredMs: 0,
 };
 window.paystream = app;
 
@@ -65,6 +72,9 @@ let awaitingStream = false;
 // Where the current stream started and how much of its free allowance was left then.
 let streamStartMs = 0;
 let catalog = [];
+/** The live item's peer connection (WebRTC transport), if any. */
+let rtc = null;
+let rtcWanted = RTC_WANTED;
 let chain = null;
 let follower = null;
 /** Records this page will not resume again (refused, or playing in another tab). */
@@ -267,7 +277,7 @@ const HANDLERS = {
     $('channel-controls').hidden = false;
     status(`Channel ${app.channelId} ready`);
     showLead();
-    play(app.media, Math.floor((video.currentTime || 0) * 1000));
+    await play(app.media, Math.floor((video.currentTime || 0) * 1000));
   },
 
   async stream(msg) {
@@ -282,13 +292,32 @@ const HANDLERS = {
     pendingDue = null;
     $('title').textContent = msg.title;
     document.title = `${msg.title} · Paystream`;
-    if (fresh) newMediaSource(msg.mime);
+    if (msg.live && app.transport === 'webrtc') {
+      // The media comes on the peer connection (webrtc_answer), not as chunks.
+    } else if (fresh || msg.live) {
+      newMediaSource(msg.mime);
+    }
     showLead();
     status(`Playing ${msg.title}`);
   },
 
   async chunk(msg) {
     pendingChunk = msg;
+  },
+
+  async webrtc_answer(msg) {
+    if (!rtc || msg.media !== app.media) return;
+    await rtc.setRemoteDescription({ type: 'answer', sdp: msg.sdp });
+  },
+
+  async interval(msg) {
+    // A live second flows on the peer connection: metered as a chunk (section 11).
+    meter.onChunk(msg);
+    app.intervals += 1;
+    app.deliveredMs += msg.duration_ms;
+    deliveredEndMs = msg.start_ms + msg.duration_ms;
+    if (app.key) await saveChannel();
+    updateOverlay();
   },
 
   async due(msg) {
@@ -304,7 +333,14 @@ const HANDLERS = {
   },
 
   async end(msg) {
-    if (msg.reason === 'finished' && msg.media === app.media) mse.ending = true;
+    if (msg.reason === 'finished' && msg.media === app.media) {
+      mse.ending = true;
+      if (app.stream?.live) {
+        app.ended = true;
+        closeRtc();
+        status(`${app.stream.title}: the live stream ended`);
+      }
+    }
     pump();
   },
 
@@ -363,6 +399,12 @@ const HANDLERS = {
       status('The funding lost its confirmations (reorg): waiting');
       return;
     }
+    if (msg.code === 'bad_message' && app.transport === 'webrtc' && app.state === 'ready') {
+      // The gateway cannot take this browser's offer: watch over MediaSource.
+      rtcWanted = false;
+      await play(app.media, 0);
+      return;
+    }
     if (msg.code === 'session_replaced') {
       app.state = 'replaced';
       $('channel-controls').hidden = true;
@@ -395,13 +437,73 @@ function makeTemplate(txid, vout) {
     changeScript);
 }
 
-function play(media, startMs = 0) {
+async function play(media, startMs = 0) {
   deliveredEndMs = startMs;
   streamStartMs = startMs;
   awaitingStream = true;
   pendingDue = null;
+  closeRtc();
+  const live = Boolean(catalog.find((i) => i.id === media)?.live);
   app.plays.push({ media, start_ms: startMs });
-  send({ type: 'play', media, start_ms: startMs });
+  if (live && rtcWanted) {
+    app.transport = 'webrtc';
+    send({ type: 'play', media, start_ms: startMs, webrtc: await rtcOffer() });
+  } else {
+    app.transport = 'mse';
+    send({ type: 'play', media, start_ms: startMs });
+  }
+}
+
+// -- WebRTC (live items) -------------------------------------------------------------
+
+/** A receive-only peer connection's complete offer (no trickle: section 11). */
+async function rtcOffer() {
+  const pc = new RTCPeerConnection({ iceServers: [] });
+  rtc = pc;
+  pc.addTransceiver('video', { direction: 'recvonly' });
+  pc.addTransceiver('audio', { direction: 'recvonly' });
+  const stream = new MediaStream();
+  pc.addEventListener('track', (ev) => {
+    stream.addTrack(ev.track);
+    if (video.srcObject !== stream) {
+      video.removeAttribute('src');
+      video.srcObject = stream;
+    }
+    startPlayback();
+  });
+  pc.addEventListener('connectionstatechange', () => {
+    if (pc === rtc && pc.connectionState === 'failed' && app.state === 'ready' && !app.ended) {
+      // No path for media (a firewall, no common address): MediaSource instead.
+      rtcWanted = false;
+      later(() => play(app.media, 0));
+    }
+  });
+  await pc.setLocalDescription(await pc.createOffer());
+  if (pc.iceGatheringState !== 'complete') {
+    await new Promise((resolve) => {
+      pc.addEventListener('icegatheringstatechange', () => {
+        if (pc.iceGatheringState === 'complete') resolve();
+      });
+    });
+  }
+  return pc.localDescription.sdp;
+}
+
+function closeRtc() {
+  if (!rtc) return;
+  rtc.close();
+  rtc = null;
+}
+
+/** Video frames decoded so far (getStats), for the overlay and the tests. */
+async function pollRtcStats() {
+  if (!rtc) return;
+  const stats = await rtc.getStats();
+  stats.forEach((report) => {
+    if (report.type === 'inbound-rtp' && report.kind === 'video') {
+      app.framesDecoded = report.framesDecoded ?? 0;
+    }
+  });
 }
 
 // -- paying ------------------------------------------------------------------------
@@ -410,7 +512,9 @@ async function tryPay() {
   const due = pendingDue;
   if (!due || app.state !== 'ready' || !template) return;
   // Pay as you watch: the next chunk only once less than LEAD_S of media is left.
-  if (deliveredEndMs / 1000 - video.currentTime >= LEAD_S) return;
+  // Over WebRTC the gateway asks for a live second only as it reaches it;
+  // a viewer who paused stops paying (and the gateway stops the media).
+  if (app.transport === 'webrtc' ? app.watching && video.paused : leadS() >= LEAD_S) return;
   try {
     meter.checkDue(due);
   } catch (e) {
@@ -446,6 +550,16 @@ async function tryPay() {
   updateOverlay();
 }
 
+/** Seconds of delivered media left to play. */
+function leadS() {
+  if (app.stream?.live) {
+    // A live fragment's media time is the packager's, not live time: the buffer says.
+    const n = video.buffered.length;
+    return n ? video.buffered.end(n - 1) - video.currentTime : 0;
+  }
+  return deliveredEndMs / 1000 - video.currentTime;
+}
+
 function overcharged(e) {
   app.overcharged = { total: e.due.total, figure: e.figure };
   pendingDue = null;
@@ -471,6 +585,7 @@ function newMediaSource(mime) {
   const source = new MediaSource();
   Object.assign(mse, { source, buffer: null, mime, queue: [], ending: false });
   autoplayTried = false;
+  video.srcObject = null;
   mse.open = new Promise((resolve) => source.addEventListener('sourceopen', resolve,
     { once: true }));
   video.src = URL.createObjectURL(source);
@@ -479,7 +594,10 @@ function newMediaSource(mime) {
 async function onMedia(chunk, bytes) {
   if (chunk.size !== bytes.length) throw new Error('chunk size mismatch');
   meter.onChunk(chunk);
-  if (chunk.index >= 0) deliveredEndMs = chunk.start_ms + chunk.duration_ms;
+  if (chunk.index >= 0) {
+    deliveredEndMs = chunk.start_ms + chunk.duration_ms;
+    app.deliveredMs += chunk.duration_ms;
+  }
   // A chunk sent without a due is billed too: keep the bill a reload resumes from.
   if (app.key && chunk.index >= 0) await saveChannel();
   mse.queue.push(bytes);
@@ -487,7 +605,7 @@ async function onMedia(chunk, bytes) {
   if (!mse.buffer) {
     // The whole length, so that the controls show it and a seek past what
     // was delivered is not clamped to the buffered end.
-    if (app.stream && Number.isNaN(mse.source.duration)) {
+    if (app.stream && !app.stream.live && Number.isNaN(mse.source.duration)) {
       mse.source.duration = app.stream.duration_ms / 1000;
     }
     mse.buffer = mse.source.addSourceBuffer(mse.mime);
@@ -501,6 +619,9 @@ async function onMedia(chunk, bytes) {
 function pump() {
   const { buffer, source } = mse;
   if (!buffer || buffer.updating) return;
+  if (app.stream?.live && video.buffered.length && video.currentTime < video.buffered.start(0)) {
+    video.currentTime = video.buffered.start(0); // live: start at the first fragment
+  }
   if (mse.queue.length) {
     buffer.appendBuffer(mse.queue.shift());
   } else if (mse.ending && source.readyState === 'open') {
@@ -529,7 +650,7 @@ function isBuffered(t) {
 video.addEventListener('seeking', () => {
   // Seek outside what was delivered: restart the stream there (the gateway
   // meters by media delivered, so a re-delivered chunk is paid again).
-  if (app.state === 'ready' && app.stream && !isBuffered(video.currentTime)) {
+  if (app.state === 'ready' && app.stream && !app.stream.live && !isBuffered(video.currentTime)) {
     mse.ending = false;
     play(app.media, Math.floor(video.currentTime * 1000));
   }
@@ -538,6 +659,7 @@ video.addEventListener('pause', () => {
   if (app.state === 'ready' && !video.ended) status('Paused');
 });
 video.addEventListener('playing', () => {
+  app.watching = true;
   if (app.state === 'ready' && app.stream) status(`Playing ${app.stream.title}`);
 });
 
@@ -573,13 +695,18 @@ function showLead() {
 }
 
 /** What a session costs before funding (protocol.md sections 3 and 7). */
+/** A live item has no length: priced as if it lasted this long (seconds). */
+const LIVE_PRICED_S = 3600;
+
 function costsText(item, exit) {
+  const length = item.live ? LIVE_PRICED_S * 1000 : item.duration_ms;
   const cost = (seconds) => ps.sessionCost({ rateMsat: item.rate_msat,
-    freeMs: Math.round(item.free_seconds * 1000), durationMs: item.duration_ms, seconds });
-  const whole = Math.ceil(item.duration_ms / 1000);
+    freeMs: Math.round(item.free_seconds * 1000), durationMs: length, seconds });
+  const whole = Math.ceil(length / 1000);
   const spans = [5, 30].filter((m) => m * 60 < whole)
     .map((m) => `${m} min costs ${cost(m * 60)} sat`);
-  spans.push(`the whole item (${whole} s) ${cost(whole)} sat`);
+  spans.push(item.live ? `an hour of this live item ${cost(whole)} sat`
+    : `the whole item (${whole} s) ${cost(whole)} sat`);
   const leaving = exit ? `about ${exit.fee} sat now (${exit.vbytes} vB at ${chain.feerate} sat/vB)`
     : 'not known now';
   return `This item: the first ${item.free_seconds} s are free, then ${item.rate_msat / 1000} `
@@ -590,9 +717,11 @@ function costsText(item, exit) {
 
 function suggestedBudget(item, reserve) {
   const limits = hello.limits;
+  // A live item: five minutes of it (the viewer may raise it).
+  const length = item?.live ? 300_000 : item?.duration_ms;
   const full = item ? ps.sessionCost({ rateMsat: item.rate_msat,
-    freeMs: Math.round(item.free_seconds * 1000), durationMs: item.duration_ms,
-    seconds: item.duration_ms / 1000 }) : 0;
+    freeMs: Math.round(item.free_seconds * 1000), durationMs: length,
+    seconds: length / 1000 }) : 0;
   return Math.min(limits.max_value, Math.max(limits.min_value, full + reserve + 1000));
 }
 
@@ -751,7 +880,7 @@ async function main() {
   select.addEventListener('change', () => {
     if (app.state === 'ready' && select.value !== app.media) {
       history.replaceState(null, '', `/watch/${encodeURIComponent(select.value)}`);
-      play(select.value, 0);
+      later(() => play(select.value, 0));
     }
   });
   $('kind').addEventListener('change', showCosts);
@@ -773,7 +902,7 @@ async function main() {
   window.addEventListener('pagehide', onLeave);
   window.addEventListener('beforeunload', onLeave);
   video.addEventListener('timeupdate', () => later(tryPay));
-  setInterval(() => { updateOverlay(); later(tryPay); }, 250);
+  setInterval(() => { updateOverlay(); later(tryPay); pollRtcStats().catch(() => {}); }, 250);
   chain = await records.chainNow();
   // Every other channel of this browser is followed from here too; the live
   // one is the session's own until it closes.
