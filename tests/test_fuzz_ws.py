@@ -18,8 +18,10 @@ valid messages. After every step:
 * the store (``Reports.channel`` over the gateway's SQLite file) holds the
   balance and seq the client was last told.
 
-CI runs ``FUZZ_EXAMPLES`` sequences; ``PAYSTREAM_FUZZ_EXAMPLES=N`` runs N
-(a long run outside CI). The test prints how many sequences and steps ran.
+CI runs ``FUZZ_EXAMPLES`` sequences; ``PAYSTREAM_FUZZ_EXAMPLES=N`` runs N,
+and ``PAYSTREAM_FUZZ_SECONDS=S`` repeats such rounds (each freshly seeded)
+for S seconds: a long run outside CI. The test prints how many sequences and
+messages ran (with ``-s``).
 """
 
 from __future__ import annotations
@@ -619,12 +621,19 @@ class GatewayMachine(RuleBasedStateMachine):
 def test_random_message_sequences_keep_every_money_rule(fuzz_gateway: _GatewayThread) -> None:
     GatewayMachine.gt = fuzz_gateway
     examples = int(os.environ.get("PAYSTREAM_FUZZ_EXAMPLES", FUZZ_EXAMPLES))
+    # A long run outside CI: rounds of `examples` sequences, each freshly seeded,
+    # until this many seconds have passed.
+    seconds = float(os.environ.get("PAYSTREAM_FUZZ_SECONDS", 0))
     RUNS.clear()
     started = time.monotonic()
-    run_state_machine_as_test(GatewayMachine, settings=settings(
-        max_examples=examples, stateful_step_count=STEPS, deadline=None, derandomize=False,
-        suppress_health_check=list(HealthCheck), database=None,
-    ))
+    while True:
+        run_state_machine_as_test(GatewayMachine, settings=settings(
+            max_examples=examples, stateful_step_count=STEPS, deadline=None,
+            suppress_health_check=list(HealthCheck), database=None,
+        ))
+        RUNS["rounds"] += 1
+        if time.monotonic() - started >= seconds:
+            break
     print(f"\nfuzz: {RUNS['sequences']} sequences, {RUNS['steps']} messages sent "
           f"in {time.monotonic() - started:.0f} s; {dict(sorted(RUNS.items()))}")
     assert RUNS["sequences"] >= examples and RUNS["paid"] > 0 and RUNS["chunks"] > 0
