@@ -82,7 +82,7 @@ from gateway.protocol.transactions import Outpoint, sign_payment
 from gateway.server import Gateway
 
 #: Sequences in CI (each up to STEPS steps); PAYSTREAM_FUZZ_EXAMPLES overrides.
-FUZZ_EXAMPLES = 40
+FUZZ_EXAMPLES = 60
 STEPS = 40
 #: Channel value: the sample media at its rates several times over.
 VALUE = 20_000

@@ -194,7 +194,8 @@ async def test_a_late_viewer_starts_at_a_keyframe_and_a_pli_gets_one() -> None:
         receiver = next(t.receiver for t in probe.pc.getTransceivers() if t.kind == "video")
         interval = hub.config.interval_ms
         await wait_until(
-            lambda: hub.now_ms() % interval < interval // 4, interval / 1000 + 2, "an interval's start"
+            lambda: hub.now_ms() % interval < interval // 4, interval / 1000 + 2,
+            "an interval's start",
         )
         sent_at, requests = hub.now_ms(), hub.stats.keyframe_requests
         await receiver._send_rtcp_pli(ssrc)
