@@ -810,7 +810,11 @@ class Session:
     async def _cleanup(self) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
-        await self._stop_stream()
+        # The socket may be gone with a ``paid`` still left for the stream: its
+        # send fails, and must not skip the channel's release below (found by
+        # the soak: the channel stayed held by a dead session, never settled).
+        with contextlib.suppress(ConnectionClosed):
+            await self._stop_stream()
         if self._funding is not None:
             self._funding.cancel()
         if self._fund_deadline is not None:

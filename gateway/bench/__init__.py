@@ -92,6 +92,7 @@ viewers / throughput (Little's law): read latency targets from --paced runs.
 examples:
   gateway bench --viewers 1000 --seconds 10
   gateway bench --paced --viewers 10000 --seconds 20 --clients 1
+  gateway bench --soak 10 --viewers 1000
 """
 
 
@@ -133,8 +134,9 @@ def register_cli(sub: Any) -> None:
         epilog=MODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--viewers", type=int, default=100, metavar="N",
-                        help="concurrent viewers, one channel each (default 100)")
+    parser.add_argument("--viewers", type=int, metavar="N",
+                        help="concurrent viewers, one channel each (default 100; "
+                        "--soak: 1000)")
     parser.add_argument("--seconds", type=float, default=5.0, metavar="S",
                         help="length of the timed window (default 5)")
     parser.add_argument("--chunk-bytes", type=int, metavar="B",
@@ -177,6 +179,15 @@ def register_cli(sub: Any) -> None:
         "viewer, how far behind the MSE fragments are (gateway/bench/live.py)",
     )
     parser.add_argument(
+        "--soak", type=float, nargs="?", const=10.0, metavar="MINUTES",
+        help="instead: a soak of MINUTES (default 10) with drops, resumes, closes and "
+        "abusive clients, then check that every channel settled exactly what its client "
+        "signed, that no honest viewer saw an error and that the gateway's RSS stayed "
+        "flat; exit 1 if a check fails (gateway/bench/soak.py)",
+    )
+    parser.add_argument("--seed", type=int, default=0, metavar="S",
+                        help="--soak: seed of the viewers' random choices (default 0)")
+    parser.add_argument(
         "--economics", action="store_true",
         help="instead: what settling a channel costs, single or batched, at 1, 5 and 20 "
         "sat/vB, from real signed transactions checked by libbitcoinkernel "
@@ -212,7 +223,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
     except MediaError as exc:
         raise CliError(f"--rate: {exc}") from None
     opts = BenchOptions(
-        viewers=args.viewers,
+        viewers=args.viewers if args.viewers is not None else 100,
         seconds=args.seconds,
         chunk_bytes=args.chunk_bytes if args.chunk_bytes is not None
         else (32768 if args.paced else 1024),
@@ -266,6 +277,8 @@ def _run_cli(args: argparse.Namespace) -> int:
         else:
             print(economics.markdown(rows, even))
         return 0
+    if args.soak is not None:
+        return _run_soak(args)
     opts = options_from_args(args)
     try:
         if opts.store:
@@ -279,6 +292,28 @@ def _run_cli(args: argparse.Namespace) -> int:
     except BenchError as exc:
         raise CliError(str(exc)) from None
     print(json.dumps(result, indent=2) if args.json else text)
+    return 0
+
+
+def _run_soak(args: argparse.Namespace) -> int:
+    from gateway.bench.soak import SoakOptions, format_report, run_soak
+
+    opts = SoakOptions(
+        minutes=args.soak, viewers=args.viewers if args.viewers is not None else 1000,
+        seed=args.seed, workdir=args.workdir,
+    )
+    if not (0 < opts.minutes <= 24 * 60 and math.isfinite(opts.minutes)):
+        raise CliError("--soak must be between 0 and 1440 minutes")
+    if opts.viewers < 1:
+        raise CliError("--viewers must be at least 1")
+    try:
+        result = asyncio.run(run_soak(opts, log=None if args.json else _progress))
+    except BenchError as exc:
+        raise CliError(str(exc)) from None
+    print(json.dumps(result, indent=2) if args.json else format_report(result))
+    if not result["ok"]:
+        failed = [name for name, ok in result["checks"].items() if not ok]
+        raise CliError(f"soak: {len(failed)} check(s) failed: {'; '.join(failed)}")
     return 0
 
 
@@ -480,6 +515,85 @@ async def _wait_for(what: str, check: Any, proc: subprocess.Popen[bytes], log: P
         await asyncio.sleep(0.05)
 
 
+@dataclass
+class Stack:
+    """A ``gateway node`` and one ``gateway serve`` per host, started by :func:`start_stack`."""
+
+    node: subprocess.Popen[bytes]
+    gateways: list[subprocess.Popen[bytes]]
+    rpc_url: str
+    cookie: Path
+    #: Each gateway's ``gateway.json``: ``ws``, ``web``, ``pid``...
+    infos: list[dict[str, Any]]
+
+    @property
+    def gateway(self) -> subprocess.Popen[bytes]:
+        """The first host's gateway process."""
+        return self.gateways[0]
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """The first host's ``gateway.json``."""
+        return self.infos[0]
+
+    @property
+    def ws_url(self) -> str:
+        """The gateway's ``/paystream/2`` URL."""
+        return str(self.info["ws"])
+
+
+async def start_stack(
+    workdir: Path,
+    procs: list[subprocess.Popen[bytes]],
+    *,
+    gateway_toml: str,
+    media: Path | None = None,
+    workers: int = 1,
+    hosts: int = 1,
+    store: str | None = None,
+    gw_cpus: set[int] | None = None,
+    other_cpus: set[int] | None = None,
+) -> Stack:
+    """Start ``gateway node`` and one ``gateway serve`` per host (config ``gateway_toml``).
+
+    With ``store`` (``postgresql://…``) the hosts share that ledger and one
+    master key. Each process is appended to ``procs`` as soon as it runs (the
+    caller stops them); logs go to ``workdir/node.log`` and
+    ``workdir/gateway.log`` (``gateway1.log``… for the other hosts).
+    """
+    node_log = workdir / "node.log"
+    node_dir = workdir / "node"
+    node = _spawn([*GATEWAY, "node", "--datadir", str(node_dir), "--rpc-port", "0"],
+                  node_log, other_cpus)
+    procs.append(node)
+    cookie = node_dir / "regtest" / ".cookie"
+    rpc_url = await _wait_for("the node", lambda: cookie.exists() and _rpc_url_from(node_log),
+                              node, node_log)
+    gateways: list[subprocess.Popen[bytes]] = []
+    infos: list[dict[str, Any]] = []
+    for host in range(hosts):
+        gw_dir = workdir / ("gw" if host == 0 else f"gw{host}")
+        gw_dir.mkdir(exist_ok=True)
+        (gw_dir / "gateway.toml").write_text(gateway_toml)
+        gw_log = workdir / ("gateway.log" if host == 0 else f"gateway{host}.log")
+        shared = []
+        if store:  # one ledger, one master key, a name per host
+            shared = ["--store", store, "--master-key", str(workdir / "master.key"),
+                      "--host-id", f"bench-{host}"]
+        gateway = _spawn(
+            [*GATEWAY, "serve", "--datadir", str(gw_dir), "--port", "0",
+             "--media", str(media or workdir / "media"), "--rpc-url", rpc_url,
+             "--rpc-cookie", str(cookie), "--workers", str(workers), *shared],
+            gw_log, gw_cpus,
+        )
+        procs.append(gateway)
+        info_path = gw_dir / "gateway.json"
+        await _wait_for("the gateway", info_path.exists, gateway, gw_log)
+        gateways.append(gateway)
+        infos.append(json.loads(info_path.read_text()))
+    return Stack(node, gateways, rpc_url, cookie, infos)
+
+
 def _rpc_url_from(log: Path) -> str | None:
     for line in log.read_text(errors="replace").splitlines():
         if line.startswith("RPC URL: "):
@@ -556,7 +670,7 @@ class _LoadGen:
 async def run_bench(opts: BenchOptions, log: Any = None) -> dict[str, Any]:
     """Run one bench and return every figure (see :data:`MODES_HELP`)."""
     say = log or (lambda text: None)
-    fd_limit = _raise_fd_limit()
+    fd_limit = raise_fd_limit()
     if opts.viewers + 512 > fd_limit:
         raise BenchError(
             f"{opts.viewers} viewers need about {opts.viewers + 512} file descriptors per "
@@ -588,7 +702,8 @@ async def run_bench(opts: BenchOptions, log: Any = None) -> dict[str, Any]:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _raise_fd_limit() -> int:
+def raise_fd_limit() -> int:
+    """Raise RLIMIT_NOFILE to the hard limit and return it (a socket per viewer)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         # Children inherit it: the gateway needs a socket per viewer too.
@@ -613,48 +728,24 @@ async def _run(
     media = workdir / "media"
     write_media(media, opts, chunks=presign + 8)
 
-    say("starting the node")
-    node_log = workdir / "node.log"
-    node_dir = workdir / "node"
-    node = _spawn([*GATEWAY, "node", "--datadir", str(node_dir), "--rpc-port", "0"],
-                  node_log, other_cpus)
-    procs.append(node)
-    cookie = node_dir / "regtest" / ".cookie"
-    rpc_url = await _wait_for("the node", lambda: cookie.exists() and _rpc_url_from(node_log),
-                              node, node_log)
-
-    say("starting the gateway" + (f" ({opts.hosts} hosts)" if opts.hosts > 1 else ""))
-    gateways: list[subprocess.Popen[bytes]] = []
-    infos: list[dict[str, Any]] = []
-    for host in range(opts.hosts):
-        gw_dir = workdir / ("gw" if host == 0 else f"gw{host}")
-        gw_dir.mkdir(exist_ok=True)
-        # Per-address limits sized for N viewers from 127.0.0.1 (they protect a
-        # public gateway from one host; here one host is the audience).
-        (gw_dir / "gateway.toml").write_text(
+    say("starting the node and the gateway" + (f" ({opts.hosts} hosts)" if opts.hosts > 1 else ""))
+    # Per-address limits sized for N viewers from 127.0.0.1 (they protect a
+    # public gateway from one host; here one host is the audience).
+    stack = await start_stack(
+        workdir, procs,
+        gateway_toml=(
             f"max_sessions_per_ip = {opts.viewers + 64}\n"
             f"max_unfunded_per_ip = {opts.viewers + 64}\n"
             f"idle_timeout_s = 600.0\n"
             f"settle_interval_s = 1.0\n"
             "[limits]\nmin_conf = 0\nresume_grace_s = 3600\n"
-        )
-        gw_log = workdir / ("gateway.log" if host == 0 else f"gateway{host}.log")
-        shared = []
-        if opts.store:  # one ledger, one master key, a name per host
-            shared = ["--store", opts.store, "--master-key", str(workdir / "master.key"),
-                      "--host-id", f"bench-{host}"]
-        gateway = _spawn(
-            [*GATEWAY, "serve", "--datadir", str(gw_dir), "--port", "0", "--media", str(media),
-             "--rpc-url", rpc_url, "--rpc-cookie", str(cookie), "--workers", str(opts.workers),
-             *shared],
-            gw_log, gw_cpus,
-        )
-        procs.append(gateway)
-        info_path = gw_dir / "gateway.json"
-        await _wait_for("the gateway", info_path.exists, gateway, gw_log)
-        gateways.append(gateway)
-        infos.append(json.loads(info_path.read_text()))
-    gateway = gateways[0]
+        ),
+        media=media, workers=opts.workers, hosts=opts.hosts, store=opts.store,
+        gw_cpus=gw_cpus, other_cpus=other_cpus,
+    )
+    node, gateways, rpc_url, cookie, infos = (
+        stack.node, stack.gateways, stack.rpc_url, stack.cookie, stack.infos
+    )
 
     say("measuring the crypto ceiling on the gateway's core")
     if gw_cpus:
