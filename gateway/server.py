@@ -372,9 +372,9 @@ class Gateway:
             return json_response(HTTPStatus.SERVICE_UNAVAILABLE,
                                  {"error": "too many connections are opening; try again"})
         peer = client_address(request, self._trusted)
-        await ws.prepare(request)
+        writer = await ws.prepare(request)
         assert self._session_context is not None
-        session = Session(self._session_context, AiohttpConnection(ws), peer)
+        session = Session(self._session_context, AiohttpConnection(ws, writer), peer)
         self.half_open += 1
         log.info("session from %s started", peer)
         try:

@@ -20,7 +20,7 @@ be read while a chunk waits for it. The two tasks meet at two points:
 
 Every send goes through ``_send``, which hands all its frames to the
 connection without an ``await`` in between and writes them in one go
-(:class:`~gateway.server.PaystreamConnection`), so a ``chunk`` text message
+(:class:`~gateway.wsconn.AiohttpConnection`), so a ``chunk`` text message
 and its binary frame are never separated (section 1) and need no lock. A
 :class:`~gateway.protocol.errors.ProtocolError` becomes an ``error`` message
 (section 9); anything else becomes ``internal`` and its text stays in the log.
@@ -47,6 +47,7 @@ from gateway.media.library import Library
 from gateway.protocol.channel import ServerChannel, ServerState
 from gateway.protocol.errors import ErrorCode, ProtocolError
 from gateway.protocol.messages import (
+    FEATURE_PAY_BINARY,
     PROTOCOL_VERSION,
     ChannelKind,
     Chunk,
@@ -68,6 +69,7 @@ from gateway.protocol.messages import (
     Stop,
     Stream,
     encode,
+    parse_client_binary,
     parse_client_message,
 )
 from gateway.protocol.metering import INIT_SEGMENT
@@ -241,11 +243,8 @@ class Session:
             )
 
     async def _handle(self, raw: str | bytes) -> None:
-        if isinstance(raw, bytes):
-            raise ProtocolError(
-                ErrorCode.BAD_MESSAGE, "binary frames go from the gateway to the client only"
-            )
-        msg = parse_client_message(raw)
+        # A binary frame is the compact `pay` (protocol.md section 5a).
+        msg = parse_client_binary(raw) if isinstance(raw, bytes) else parse_client_message(raw)
         if not self._hello:
             if not isinstance(msg, Hello):
                 raise ProtocolError(ErrorCode.BAD_STATE, "the first message must be hello")
@@ -262,6 +261,7 @@ class Session:
                     network=self.ctx.network,
                     nonce=self.nonce,
                     limits=self.ctx.limits,
+                    features=(FEATURE_PAY_BINARY,),
                 )
             )
             return

@@ -55,11 +55,15 @@ def _check_common(r: dict[str, Any], viewers: int) -> None:
     assert 0 < ceiling["increments_per_s"] < ceiling["verifies_per_s"]
     assert ceiling["ratio"] == pytest.approx(r["increments_per_s"] / ceiling["increments_per_s"],
                                              rel=0.01, abs=0.001)
+    # Issue 18's per-core figures: CPU per paid chunk, also in ceiling increments.
+    assert ceiling["per_core_ratio"] > 0 and ceiling["cpu_per_chunk_us"] > 0
+    assert ceiling["cpu_per_chunk_in_increments"] == pytest.approx(
+        ceiling["cpu_per_chunk_us"] * ceiling["increments_per_s"] / 1e6, rel=0.02, abs=0.02)
 
 
 def test_throughput_mode_reports_every_figure(capsys: pytest.CaptureFixture[str]) -> None:
     r = _run(capsys, "--viewers", "5", "--seconds", "1", "--warmup", "0.3")
-    assert r["mode"] == "throughput" and r["chunk_bytes"] == 1024
+    assert r["mode"] == "throughput" and r["chunk_bytes"] == 1024 and r["pay"] == "binary"
     _check_common(r, 5)
     assert r["gateway_workers"] == 1 and r["gateway"]["processes"] == 1
     assert r["lateness"]["samples"] == 0  # only the paced mode has a schedule
@@ -84,8 +88,8 @@ def test_gateway_workers_are_measured_together(capsys: pytest.CaptureFixture[str
 
 def test_paced_mode_reports_lateness(capsys: pytest.CaptureFixture[str]) -> None:
     r = _run(capsys, "--paced", "--viewers", "3", "--seconds", "1", "--warmup", "0.3",
-             "--chunk-ms", "100", "--chunk-bytes", "2000", "--rate", "1000")
-    assert r["mode"] == "paced"
+             "--chunk-ms", "100", "--chunk-bytes", "2000", "--rate", "1000", "--json-pay")
+    assert r["mode"] == "paced" and r["pay"] == "json"  # as older clients pay
     _check_common(r, 3)
     _ordered(r["lateness"])
     # Paced viewers take one chunk per 100 ms each: ~30/s for 3 viewers, far

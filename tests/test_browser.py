@@ -180,6 +180,9 @@ async def test_free_part_only_then_leave_settles_the_change_and_the_record_waits
     assert delivered >= played * 1000 + 1000, (delivered, played)
     assert int(overlay["reserve"]) == reserve and int(overlay["media"]) == 0
     assert int(overlay["balance"]) == value - reserve == live.core.balance
+    # The reserve went as the binary pay the gateway offers (protocol.md section 5a).
+    assert await browser.js("return window.paystream.payBinary && "
+                            "window.paystream.binaryPays >= 1;")
     lead = await browser.text("#lead")
     assert lead.startswith("The page pays for the next chunk only when less than 1 s of media "
                            "is left to play: at most 1 s plus one chunk (3 s, at most 900 sat")
@@ -490,6 +493,9 @@ async def test_paid_playback_pays_no_further_ahead_than_the_lead(gateway, browse
     assert closed["paid"] == value - int(await browser.text("#o-balance"))
     row = gateway.store.read("SELECT * FROM channels WHERE channel_id = ?", (channel_id,))[0]
     assert row["balance"] == closed["balance"] and re.fullmatch(r"[0-9a-f]{64}", closed["txid"])
+    # Every pay of this new channel went as the binary frame (protocol.md section
+    # 5a), and the gateway took each: its last seq counts them all.
+    assert await browser.js("return window.paystream.binaryPays;") == row["seq"] > 1
     await rpc.close()
 
 

@@ -16,6 +16,7 @@ from helpers_chain import get_transaction
 
 from gateway.protocol.channel import resume_digest
 from gateway.protocol.messages import (
+    FEATURE_PAY_BINARY,
     Closed,
     Error,
     Paid,
@@ -26,6 +27,8 @@ from gateway.protocol.messages import (
     ServerHello,
     Stream,
     Terms,
+    encode,
+    encode_pay_binary,
 )
 from gateway.protocol.signatures import sign_digest
 from gateway.protocol.transactions import PaymentTemplate, sign_payment
@@ -63,13 +66,29 @@ async def _paying_viewer(gw) -> Viewer:
     return viewer
 
 
+async def _send_pay(viewer: Viewer, pay: Pay, wire: str) -> None:
+    """``pay`` as JSON or as the binary frame (protocol.md section 5a)."""
+    await viewer.send_raw(encode_pay_binary(pay) if wire == "binary" else encode(pay))
+
+
+def _binary_pay(kind: int, seq: int, balance: int, sig: bytes) -> bytes:
+    return bytes([kind]) + seq.to_bytes(8, "big") + balance.to_bytes(8, "big") + sig
+
+
 async def test_malformed_frames_are_bad_message_and_not_fatal(gateway):
     viewer = await _paying_viewer(gateway)
     before = _state(gateway, viewer)
+    sig = sign_payment(_template(viewer), viewer.key.secret, viewer.channel.value - 1100)
     for frame in ["not json", "[1]", '{"type": "nope"}', b"\x00binary",
                   '{"type": "pay", "seq": 2.0, "balance": 1, "sig": "00"}',
                   '{"type": "pay", "seq": true, "balance": 1, "sig": "00"}',
-                  '{"type": "pay", "seq": 2, "balance": 1, "sig": "ABCD"}']:
+                  '{"type": "pay", "seq": 2, "balance": 1, "sig": "ABCD"}',
+                  # Binary pays (section 5a): short, another kind, out of range, long sig.
+                  b"", _binary_pay(1, 2, 1000, b"")[:16],
+                  _binary_pay(2, 2, viewer.channel.value - 1100, sig),
+                  _binary_pay(1, 2**53, viewer.channel.value - 1100, sig),
+                  _binary_pay(1, 2, 2**64 - 1, sig),
+                  _binary_pay(1, 2, viewer.channel.value - 1100, sig + b"\x00" * 100)]:
         await viewer.send_raw(frame)
         await _error(viewer, "bad_message")
     assert _state(gateway, viewer) == before
@@ -186,7 +205,8 @@ async def test_refund_and_funding_errors(gateway):
     await rpc.close()
 
 
-async def test_payment_errors_leave_channel_unchanged(gateway):
+@pytest.mark.parametrize("wire", ["json", "binary"])
+async def test_payment_errors_leave_channel_unchanged(gateway, wire):
     viewer = await _paying_viewer(gateway)
     ch = viewer.channel
     template = _template(viewer)
@@ -219,15 +239,40 @@ async def test_payment_errors_leave_channel_unchanged(gateway):
         (Pay(seq=2, balance=good_balance - 1, sig=low_s), "bad_signature"),
     ]
     for pay, code in cases:
-        await viewer.send(pay)
+        await _send_pay(viewer, pay, wire)
         await _error(viewer, code)
         assert _state(gateway, viewer) == before, code
     await viewer.send(Play(media="nope"))
     await _error(viewer, "media_unknown")
     assert _state(gateway, viewer) == before
-    await viewer.send(Pay(seq=2, balance=good_balance, sig=low_s))
+    await _send_pay(viewer, Pay(seq=2, balance=good_balance, sig=low_s), wire)
     paid = await viewer.expect(Paid)
     assert (paid.seq, paid.paid) == (2, 2000)
+
+
+async def test_binary_pay_is_offered_and_records_what_json_pay_records(gateway):
+    """Two channels paid the same increments, one in JSON, one in binary: the same records."""
+    json_viewer, binary_viewer = await _paying_viewer(gateway), await _paying_viewer(gateway)
+    assert FEATURE_PAY_BINARY in binary_viewer.hello.features
+    last: dict[str, Pay] = {}
+    for total in (1500, 2600, 2600 + 546):
+        for viewer, wire in ((json_viewer, "json"), (binary_viewer, "binary")):
+            pay = last[wire] = viewer.channel.pay(total)
+            await _send_pay(viewer, pay, wire)
+            paid = await viewer.expect(Paid)
+            assert (paid.seq, paid.balance, paid.paid) == (pay.seq, pay.balance, total)
+            viewer.channel.on_paid(paid)
+    for viewer, wire in ((json_viewer, "json"), (binary_viewer, "binary")):
+        snapshot, row, durable_paid = _state(gateway, viewer)
+        assert durable_paid == 2600 + 546
+        assert (row["seq"], row["value"] - row["balance"], row["state"]) == (4, 2600 + 546, "ready")
+        assert row["sig"] == last[wire].sig.hex()
+        assert (snapshot.seq, snapshot.balance) == (4, row["balance"])
+    # Both close and settle alike: the binary one's signature is a valid T3 input.
+    for viewer in (json_viewer, binary_viewer):
+        await viewer.send(viewer.channel.close())
+        closed = await viewer.expect(Closed)
+        assert (closed.paid, closed.balance) == (2600 + 546, viewer.channel.value - 2600 - 546)
 
 
 async def test_resume_errors_and_session_replaced(gateway):

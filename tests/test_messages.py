@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from gateway.protocol.errors import ErrorCode, ProtocolError
 from gateway.protocol.messages import (
+    FEATURE_PAY_BINARY,
     MAX_INT,
     MAX_MONEY,
     Chunk,
@@ -35,6 +36,8 @@ from gateway.protocol.messages import (
     Stream,
     Terms,
     encode,
+    encode_pay_binary,
+    parse_client_binary,
     parse_client_message,
     parse_server_message,
 )
@@ -71,6 +74,8 @@ CLIENT_MESSAGES = [
 
 SERVER_MESSAGES = [
     ServerHello(version=2, agent="gw", network="regtest", nonce=b"\x07" * 32, limits=LIMITS),
+    ServerHello(version=2, agent="gw", network="main", nonce=b"\x07" * 32, limits=LIMITS,
+                features=(FEATURE_PAY_BINARY, "something_later")),
     Terms(
         kind="cltv",
         server_pubkey=KEY,
@@ -399,3 +404,82 @@ def test_fuzz_raw_text(raw):
             parse(raw)
         except ProtocolError as exc:
             assert exc.code in (ErrorCode.BAD_MESSAGE, ErrorCode.UNSUPPORTED_VERSION)
+
+
+# -- hello.features and the binary pay (section 5a) -----------------------------------
+
+
+def test_hello_features_are_optional_and_listed():
+    wire = json.loads(encode(SERVER_MESSAGES[0]))
+    del wire["features"]
+    assert parse_server_message(json.dumps(wire)).features == ()  # an older gateway
+    wire["features"] = ["pay_binary", "not_yet_invented"]
+    assert parse_server_message(json.dumps(wire)).features == ("pay_binary", "not_yet_invented")
+    for bad in ("pay_binary", [1], {"pay_binary": True}):
+        with pytest.raises(ProtocolError) as info:
+            parse_server_message(json.dumps({**wire, "features": bad}))
+        assert info.value.code is ErrorCode.BAD_MESSAGE and "hello.features" in info.value.message
+
+
+@pytest.mark.parametrize("pay", [m for m in CLIENT_MESSAGES if isinstance(m, Pay)]
+                         + [Pay(seq=0, balance=0, sig=b"\x30" * 128)])
+def test_binary_pay_round_trip_equals_json_pay(pay):
+    frame = encode_pay_binary(pay)
+    assert len(frame) == 17 + len(pay.sig)
+    assert parse_client_binary(frame) == pay == parse_client_message(encode(pay))
+
+
+def test_binary_pay_layout():
+    frame = encode_pay_binary(Pay(seq=2, balance=0x0102, sig=b"\xab\x83"))
+    assert frame == bytes([1]) + (2).to_bytes(8, "big") + (0x0102).to_bytes(8, "big") + b"\xab\x83"
+
+
+def _binary(kind: int = 1, seq: int = 2, balance: int = 1000, sig: bytes = b"\x30\x83") -> bytes:
+    return bytes([kind]) + seq.to_bytes(8, "big") + balance.to_bytes(8, "big") + sig
+
+
+@pytest.mark.parametrize("frame, needle", [
+    (b"", "too short"),
+    (b"\x01" + b"\x00" * 15, "too short"),
+    (_binary(kind=0), "unknown binary frame kind"),
+    (_binary(kind=2), "unknown binary frame kind"),
+    (_binary(seq=MAX_INT + 1), "pay.seq"),
+    (_binary(seq=2**64 - 1), "pay.seq"),
+    (_binary(balance=MAX_MONEY + 1), "pay.balance"),
+    (_binary(sig=b"\x30" * 129), "pay.sig"),
+])
+def test_bad_binary_pay_is_bad_message(frame, needle):
+    with pytest.raises(ProtocolError) as info:
+        parse_client_binary(frame)
+    assert info.value.code is ErrorCode.BAD_MESSAGE and not info.value.fatal
+    assert needle in info.value.message
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_fuzz_binary_frames(raw):
+    try:
+        pay = parse_client_binary(raw)
+    except ProtocolError as exc:
+        assert exc.code is ErrorCode.BAD_MESSAGE
+    else:
+        assert encode_pay_binary(pay) == raw
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.text(min_size=1, max_size=40),
+    st.integers(-1, MAX_INT),
+    st.integers(0, MAX_INT),
+    st.integers(0, MAX_MONEY),
+)
+def test_hand_written_hot_messages_are_the_generic_json(media, index, n, amount):
+    """``paid``, ``chunk`` and ``due`` have their own encoders: the same text, byte for byte."""
+    for msg in (
+        Paid(seq=n, balance=amount, paid=amount // 2),
+        Chunk(media=media, index=index, start_ms=n, duration_ms=n // 3, size=n // 7),
+        Due(total=amount, media=media, index=index, duration_ms=n),
+    ):
+        generic = json.dumps(msg.to_wire(), separators=(",", ":"))
+        assert encode(msg) == generic
+        assert parse_server_message(encode(msg)) == msg

@@ -538,6 +538,8 @@ async def test_play_cltv_pays_the_metered_total_and_closes(
         await wallet.close()
     assert result.reason == "finished" and result.closed and not result.resumed
     assert result.chunks == 6 and result.media_ms == 6 * CHUNK_MS
+    # The fake offers no features (an older gateway): every pay went as JSON.
+    assert not player.pay_binary and player.binary_pays == 0
     assert out.read_bytes() == _expected_stream(6)
     assert result.paid == _honest_total(5) == 10
     assert result.balance == 20_000 - 10

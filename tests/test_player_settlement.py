@@ -443,6 +443,8 @@ async def test_free_left_follows_playback_not_the_chunks_received_ahead(
             )
             result = await player.play("clip", max_chunks=6)
         assert result.chunks == 6
+        # The gateway offers the binary pay (protocol.md section 5a): the player used it.
+        assert player.pay_binary and player.binary_pays >= 1 and result.paid > 0
         playing = [(t, p) for t, p in seen if p.status == "playing" and p.chunks >= 1]
         start = playing[0][0]  # the playback clock starts with the first chunk
         # The free chunks arrived at once, long before they were watched...

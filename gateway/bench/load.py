@@ -62,12 +62,14 @@ from gateway.chain.rpc import RpcClient
 from gateway.protocol import metering
 from gateway.protocol.channel import ClientChannel
 from gateway.protocol.messages import (
+    FEATURE_PAY_BINARY,
     Paid,
     Pay,
     Ready,
     ServerHello,
     Terms,
     encode,
+    encode_pay_binary,
     parse_server_message,
 )
 from gateway.protocol.scripts import address_to_script_pubkey
@@ -108,6 +110,9 @@ class LoadConfig:
     #: A file every load generator locks while it funds: the node's wallet
     #: would give two of them the same coins between fund and broadcast.
     funding_lock: str = ""
+    #: Send each ``pay`` as the binary frame when the gateway offers it
+    #: (protocol.md section 5a); False: JSON, as an older client does.
+    pay_binary: bool = True
 
 
 def total_due(k: int, rate_msat: int, chunk_ms: int) -> int:
@@ -142,7 +147,9 @@ class BenchViewer:
         #: The reserve paid at set-up (``ready.exit_fee``).
         self.reserve = 0
         #: Pre-encoded ``pay`` frames: presigned[k-1] pays the k-th chunk.
-        self.presigned: list[tuple[int, str]] = []
+        self.presigned: list[tuple[int, str | bytes]] = []
+        #: The gateway offered the binary ``pay`` and the run uses it.
+        self.pay_binary = False
         self.paid_chunks = 0  # dues paid so far (k of the next pay is this + 1)
         self.seq = 0
         self.pay_sent_at = 0.0
@@ -172,6 +179,7 @@ class BenchViewer:
         if not isinstance(hello, ServerHello):
             raise RuntimeError(f"viewer {self.index}: expected hello, got {hello}")
         t_hello_done = time.monotonic()
+        self.pay_binary = self.cfg.pay_binary and FEATURE_PAY_BINARY in hello.features
         self.channel = ClientChannel(self.key.secret, hello, budget=hello.limits.max_value)
         t_open = time.monotonic()
         await self.ws.send(
@@ -214,12 +222,13 @@ class BenchViewer:
         for k in range(1, self.cfg.presign + 1):
             self.presigned.append(self._sign(k))
 
-    def _sign(self, k: int) -> tuple[int, str]:
+    def _sign(self, k: int) -> tuple[int, str | bytes]:
         assert self.template is not None
         total = self.reserve + total_due(k, self.cfg.rate_msat, self.cfg.chunk_ms)
         balance = self.value - total
         sig = sign_payment(self.template, self.key.secret, balance)
-        return total, encode(Pay(seq=k + 1, balance=balance, sig=sig))
+        pay = Pay(seq=k + 1, balance=balance, sig=sig)
+        return total, encode_pay_binary(pay) if self.pay_binary else encode(pay)
 
     # -- the timed run -------------------------------------------------------------
 
@@ -245,8 +254,11 @@ class BenchViewer:
         with contextlib.suppress(Exception):  # close() reports how it ended
             await asyncio.shield(self.closed)
 
-    def _send(self, text: str) -> None:
-        self.ws.protocol.send_text(text.encode())
+    def _send(self, frame: str | bytes) -> None:
+        if isinstance(frame, bytes):
+            self.ws.protocol.send_binary(frame)
+        else:
+            self.ws.protocol.send_text(frame.encode())
         self.ws.send_data()
 
     def _on_lost(self) -> None:
@@ -320,7 +332,7 @@ class BenchViewer:
                 return
         self._pay(k, frame)
 
-    def _pay(self, k: int, frame: str) -> None:
+    def _pay(self, k: int, frame: str | bytes) -> None:
         self._timer = None
         if self.stopping or (self.cfg.paced and self.want_at >= self.window[1]):
             self.stopping = True  # wanted after the window, or closing
@@ -474,6 +486,9 @@ async def _main() -> None:
         t_funded = time.monotonic()
         for v in viewers:
             v.presign()
+            # Pre-signing takes seconds: let the loop answer the gateway's
+            # heartbeat pings meanwhile, or the gateway drops the viewers.
+            await asyncio.sleep(0)
         # As the gateway does (server.tune_gc): a full collection over every
         # viewer's objects would show up as latency that is not the gateway's.
         gc.collect()

@@ -38,8 +38,10 @@ hostile input and are far above anything valid.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
+import struct
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,6 +52,7 @@ from gateway.protocol.scripts import ChannelKind
 from gateway.protocol.transactions import DUST_LIMIT
 
 __all__ = [
+    "FEATURE_PAY_BINARY",
     "MAX_INT",
     "MAX_MONEY",
     "NETWORKS",
@@ -83,6 +86,8 @@ __all__ = [
     "Terms",
     "WebrtcAnswer",
     "encode",
+    "encode_pay_binary",
+    "parse_client_binary",
     "parse_client_message",
     "parse_server_message",
 ]
@@ -107,6 +112,9 @@ _MAX_SDP: Final = 64_000
 
 #: ``hello.network`` values (section 6).
 NETWORKS: Final = frozenset({"regtest", "signet", "testnet", "main"})
+
+#: ``hello.features`` entry: the gateway takes the binary ``pay`` frame (section 5a).
+FEATURE_PAY_BINARY: Final = "pay_binary"
 
 _LOWER_HEX = re.compile(r"[0-9a-f]*").fullmatch
 _TXID = re.compile(r"[0-9a-f]{64}").fullmatch
@@ -277,6 +285,20 @@ class _ErrorCodeCodec(_Codec):
 
     def dump(self, value: ErrorCode) -> str:
         return value.value
+
+
+class _Names(_Codec):
+    """An array of short strings (``hello.features``), kept as a tuple."""
+
+    def parse(self, value: Any, where: str) -> tuple[str, ...]:
+        if type(value) is not list:
+            raise _bad(where, f"expected an array, got {_type_name(value)}")
+        if len(value) > 64:
+            raise _bad(where, "more than 64 entries")
+        return tuple(_Str(100).parse(item, where) for item in value)
+
+    def dump(self, value: Any) -> Any:
+        return list(value)
 
 
 _AMOUNT: Final = _Int(0, MAX_MONEY)
@@ -508,6 +530,9 @@ class ServerHello(Message):
     network: str = field(metadata=_wired(_Str(choices=NETWORKS)))
     nonce: bytes = field(metadata=_wired(_Hex(32, exact=32)))
     limits: Limits = field(metadata=_wired(_Object(Limits)))
+    #: Optional additions the gateway takes (section 6), e.g. ``pay_binary``;
+    #: a version 2 gateway without the field offers none.
+    features: tuple[str, ...] = field(default=(), metadata=_wired(_Names()))
 
     def _check(self) -> None:
         _check_version("hello", self.version)
@@ -795,11 +820,80 @@ def parse_server_message(text: str | bytes) -> ServerMessage:
     return msg
 
 
+# -- the binary ``pay`` frame (protocol.md section 5a) ---------------------------
+
+#: Section 5a: kind byte 0x01, then ``seq`` and ``balance`` as unsigned 64-bit
+#: big-endian integers, then ``sig`` (DER + sighash byte) to the frame's end.
+_PAY_HEAD: Final = struct.Struct(">BQQ")
+_PAY_KIND: Final = 0x01
+
+
+def encode_pay_binary(pay: Pay) -> bytes:
+    """The binary frame of ``pay`` (section 5a): 17 bytes and the signature."""
+    return _PAY_HEAD.pack(_PAY_KIND, pay.seq, pay.balance) + pay.sig
+
+
+def parse_client_binary(data: bytes) -> Pay:
+    """Parse one client-to-gateway binary frame: a ``pay`` (section 5a).
+
+    The same ranges as the JSON ``pay`` and the same answer to anything
+    else: :class:`ProtocolError` ``bad_message``, naming the field. What
+    needs the channel (the signature's encoding, ``seq`` and ``balance``
+    against the last increment) is checked by the channel, as for JSON.
+    """
+    if len(data) < _PAY_HEAD.size:
+        raise _bad("pay", f"a binary frame of {len(data)} bytes is too short for a pay")
+    kind, seq, balance = _PAY_HEAD.unpack_from(data)
+    if kind != _PAY_KIND:
+        raise _bad("message", f"unknown binary frame kind {kind}")
+    if seq > MAX_INT:
+        raise _bad("pay.seq", f"integer out of range 0..{MAX_INT}")
+    if balance > MAX_MONEY:
+        raise _bad("pay.balance", f"integer out of range 0..{MAX_MONEY}")
+    if len(data) - _PAY_HEAD.size > _MAX_SIG:
+        raise _bad("pay.sig", f"longer than {_MAX_SIG} bytes")
+    return Pay(seq=seq, balance=balance, sig=bytes(data[_PAY_HEAD.size :]))
+
+
 #: ``json.dumps`` with any non-default argument builds a new encoder per call;
 #: three messages go out per paid chunk, so one is kept (``gateway bench``).
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
+_json_string = functools.lru_cache(maxsize=1024)(_ENCODER.encode)
+
+
+def _paid_json(m: Paid) -> str:
+    return f'{{"type":"paid","seq":{m.seq:d},"balance":{m.balance:d},"paid":{m.paid:d}}}'
+
+
+def _chunk_json(m: Chunk) -> str:
+    return (
+        f'{{"type":"chunk","media":{_json_string(m.media)},"index":{m.index:d},'
+        f'"start_ms":{m.start_ms:d},"duration_ms":{m.duration_ms:d},"size":{m.size:d}}}'
+    )
+
+
+def _due_json(m: Due) -> str:
+    return (
+        f'{{"type":"due","total":{m.total:d},"media":{_json_string(m.media)},'
+        f'"index":{m.index:d},"duration_ms":{m.duration_ms:d}}}'
+    )
+
+
+#: The three messages of every paid chunk, written by hand: the same text as
+#: the generic path (tests/test_messages.py checks it), at a tenth of its cost
+#: (``gateway bench``, docs/performance.md "Per-core speed").
+_FAST: Final[dict[type[Message], Callable[[Any], str]]] = {
+    Paid: _paid_json,
+    Chunk: _chunk_json,
+    Due: _due_json,
+}
+
+
 def encode(msg: Message) -> str:
     """The compact JSON text frame for ``msg``."""
+    fast = _FAST.get(type(msg))
+    if fast is not None:
+        return fast(msg)
     return _ENCODER.encode(msg.to_wire())

@@ -154,6 +154,23 @@ export class PaymentTemplate {
   }
 }
 
+/** `hello.features` entry: the gateway takes the binary `pay` (protocol.md section 5a). */
+export const FEATURE_PAY_BINARY = 'pay_binary';
+
+/**
+ * The binary `pay` frame (protocol.md section 5a): kind 0x01, `seq` and
+ * `balance` as unsigned 64-bit big-endian integers, then `sig`.
+ */
+export function encodePayBinary(seq, balance, sig) {
+  const frame = new Uint8Array(17 + sig.length);
+  const view = new DataView(frame.buffer);
+  view.setUint8(0, 0x01);
+  view.setBigUint64(1, BigInt(seq));
+  view.setBigUint64(9, BigInt(balance));
+  frame.set(sig, 17);
+  return frame;
+}
+
 /** sha256("paystream/1 resume" ‖ channel_id ‖ nonce), protocol.md section 5. */
 export function resumeDigest(channelId, nonce) {
   return sha256(concatBytes(utf8ToBytes(RESUME_TAG), utf8ToBytes(channelId), nonce));

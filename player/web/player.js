@@ -46,7 +46,7 @@ const app = {
   key: null, kind: 'cltv', channelId: null, value: null, balance: null, seq: 0, budget: null,
   expiry: null, exitFee: 0, exitVbytes: 0, paid: 0, rateMsat: null, freeMs: null, stream: null,
   closed: null, overcharged: null, errors: [], resumed: false, funding: null, faucet: null,
-  plays: [], lead: LEAD_S, freeLeftMs: null, reorgs: 0,
+  plays: [], lead: LEAD_S, freeLeftMs: null, reorgs: 0, payBinary: false, binaryPays: 0,
   live: document.body.dataset.live === '1', transport: null, intervals: 0, framesDecoded: 0,
   ended: false, watching: false, deliveredMs: 0,
 };
@@ -178,6 +178,7 @@ const HANDLERS = {
   async hello(msg) {
     hello = msg;
     hello.nonceBytes = ps.hexToBytes(msg.nonce);
+    app.payBinary = (msg.features ?? []).includes(ps.FEATURE_PAY_BINARY);
     if (msg.network !== app.network) throw new Error('the gateway changed network');
     if (app.state === 'reconnecting' && app.channelId) {
       sendResume();
@@ -540,7 +541,13 @@ async function tryPay() {
   const seq = app.seq;
   paying = (async () => {
     await saveChannel(); // durable before it leaves: never sign this seq twice
-    send({ type: 'pay', seq, balance, sig: ps.bytesToHex(sig) });
+    if (app.payBinary) {
+      // The compact frame the gateway offered: no hex, no JSON (section 5a).
+      if (ws && ws.readyState === WebSocket.OPEN) ws.send(ps.encodePayBinary(seq, balance, sig));
+      app.binaryPays += 1;
+    } else {
+      send({ type: 'pay', seq, balance, sig: ps.bytesToHex(sig) });
+    }
   })();
   try {
     await paying;

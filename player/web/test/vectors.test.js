@@ -163,3 +163,10 @@ test('BIP21 amounts are exact to the satoshi', () => {
   assert.equal(ps.bip21('bcrt1qx', 123_456_789), 'bitcoin:bcrt1qx?amount=1.23456789');
   assert.equal(ps.bip21('bcrt1qx', 100_000_000), 'bitcoin:bcrt1qx?amount=1');
 });
+
+test('binary pay frames (protocol.md section 5a) as the Python core writes them', () => {
+  assert.ok(vectors.pay_binary.length >= 4);
+  for (const v of vectors.pay_binary) {
+    assert.equal(hex(ps.encodePayBinary(v.seq, v.balance, bytes(v.sig))), v.frame);
+  }
+});
