@@ -380,8 +380,10 @@ const HANDLERS = {
       // money is) and open a new channel.
       skipResume.add(app.key);
       if (msg.code !== 'session_replaced') {
-        await records.patchRecord(app.key, { status: msg.code === 'channel_unknown'
-          ? 'unknown' : 'closing', note: `Resume refused (${msg.code}).` });
+        const note = `Resume refused (${msg.code}).`;
+        // The follower may have found its settlement already: keep what it saw.
+        await records.patchRecord(app.key, (rec) => (rec.settlement ? { note }
+          : { status: msg.code === 'channel_unknown' ? 'unknown' : 'closing', note }));
       }
       forgetChannel();
       status(`Previous channel not resumable (${msg.code}); open a new one`);

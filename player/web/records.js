@@ -144,12 +144,14 @@ export const addRecord = (record) => inTx(['channels'], 'readwrite', ({ channels
 /**
  * Merge `patch` into the stored record `key` in one transaction and return
  * the result; with `newKey`, move it there (a channel gets its id once funded).
+ * `patch` may be a function of the stored record (read and written at once).
  */
 export const patchRecord = (key, patch, newKey = null) => inTx(['channels'], 'readwrite',
   async ({ channels }, done) => {
     const old = await request(channels.get(key));
     if (!old) throw new Error(`no channel record ${key}`);
-    const merged = { ...old, ...patch, updated_at: Date.now() / 1000 };
+    const delta = typeof patch === 'function' ? patch(old) : patch;
+    const merged = { ...old, ...delta, updated_at: Date.now() / 1000 };
     if (newKey && newKey !== key) {
       merged.key = newKey;
       channels.delete(key);
