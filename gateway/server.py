@@ -22,7 +22,7 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
+from aiohttp import WSCloseCode, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiortc import RTCIceServer
 
@@ -121,6 +121,8 @@ class Gateway:
         self._trusted = trusted_networks(config.trusted_proxies)
         #: Sockets accepted that have not said ``hello`` yet (all addresses).
         self.half_open = 0
+        #: Every session's socket, told "going away" when the gateway stops.
+        self._sockets: set[web.WebSocketResponse] = set()
         self.port = config.port
         self.operator_token = config.operator_token or operator_token(self.datadir)
         #: Live items being published here (WHIP; gateway/live/onair.py).
@@ -333,6 +335,14 @@ class Gateway:
     async def stop(self) -> None:
         """Stop serving, then stop every part in reverse order (those that started)."""
         await self.on_air.stop()  # live viewers get `end` while their sockets are up
+        # Sessions are closed with 1001 (RFC 6455 section 7.4.1, going away)
+        # instead of waiting out aiohttp's shutdown timeout: each ends as a
+        # disconnect does, its meter flushed, its channel kept in the ledger
+        # for a resume after the restart (protocol.md section 4).
+        await asyncio.gather(
+            *(ws.close(code=WSCloseCode.GOING_AWAY, message=b"going away") for ws in self._sockets),
+            return_exceptions=True,
+        )
         if self._runner is not None:
             await self._runner.cleanup()
         if hasattr(self, "settler"):
@@ -376,10 +386,12 @@ class Gateway:
         assert self._session_context is not None
         session = Session(self._session_context, AiohttpConnection(ws, writer), peer)
         self.half_open += 1
+        self._sockets.add(ws)
         log.info("session from %s started", peer)
         try:
             await session.run()
         finally:
+            self._sockets.discard(ws)
             log.info("session from %s ended (channel %s)", peer, session.channel_label())
             if session.admitted:
                 self.leave(peer)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 from conftest_gateway import PUBLISHERS, Viewer, node_rpc, ws_url
 from helpers_chain import get_transaction
 
@@ -228,3 +229,40 @@ async def test_refund_after_expiry_is_recorded_as_refunded(gateway_factory):
     await _wait_for(lambda: gw2.store.read(
         "SELECT state FROM channels WHERE channel_id = ?", (cid,))[0]["state"] == "refunded")
     await _wait_for(lambda: cid not in gw2.channels)  # no longer followed
+
+
+async def test_stopping_the_gateway_says_going_away_and_the_channel_resumes_after(
+    gateway_factory,
+):
+    """A stop (SIGTERM) closes each session with 1001 instead of waiting on it;
+    the channel stays in the ledger and resumes on the restarted gateway with
+    what was paid (protocol.md section 4)."""
+    import websockets
+
+    gw = await gateway_factory(limits={"resume_grace_s": 3600})
+    rpc = node_rpc(gw)
+    first = Viewer(ws_url(gw), rpc)
+    await first.connect()
+    await first.open_and_fund()
+    await first.play_and_pay("clip", chunks=6)
+    channel = first.channel
+    paid = channel.paid
+    assert paid > 0
+    stopping = asyncio.create_task(gw.stop())
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        while True:
+            await first.recv(timeout=10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+    await stopping
+    await rpc.close()
+
+    again = await gateway_factory(limits={"resume_grace_s": 3600})
+    rpc = node_rpc(again)
+    second = Viewer(ws_url(again), rpc)
+    second.key = first.key
+    hello = await second.connect()
+    second.channel = channel
+    await second.send(channel.resume(hello))
+    ready = await second.expect(Ready)
+    assert ready.paid == paid
+    await rpc.close()
