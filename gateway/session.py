@@ -81,6 +81,9 @@ from gateway.wsconn import Connection, ConnectionClosed
 log = logging.getLogger(__name__)
 
 AGENT = "paystream-gateway/0.1"
+#: Longest a ``close`` waits for the streamer to send what is already paid
+#: (a file read, or a live fragment still being cut).
+DELIVER_PAID_S = 2.0
 
 
 class SessionEnd(Exception):
@@ -132,6 +135,8 @@ class Session:
         self._paid_event = asyncio.Event()
         #: The streamer waits on _paid_event for a due (see _stream_media).
         self._parked = False
+        #: Set each time the streamer parks on a due (``close`` waits for it).
+        self._parked_again = asyncio.Event()
         #: ``paid`` messages left by the pay handler for the parked streamer to send.
         self._paid_out: list[Message | bytes] = []
         self._stream: asyncio.Task[None] | None = None
@@ -713,6 +718,7 @@ class Session:
         """Park until a ``pay`` is durable; its ``paid`` (if left to us) opens the next write."""
         self._paid_event.clear()
         self._parked = True
+        self._parked_again.set()
         try:
             await self._paid_event.wait()
         finally:
@@ -720,11 +726,21 @@ class Session:
         paid, self._paid_out = self._paid_out, []
         return paid
 
-    async def _stop_stream(self, *, send_end: bool = False) -> None:
+    async def _stop_stream(self, *, send_end: bool = False, deliver_paid: bool = False) -> None:
         task, media = self._stream, self._streaming_media
-        self._stream, self._streaming_media = None, None
         if task is None or task.done():
+            self._stream, self._streaming_media = None, None
             return
+        if deliver_paid and self._paid_event.is_set():
+            # A pay woke the streamer (it may not have run yet): what it paid
+            # for goes out before the channel closes, until it parks on the
+            # next due, so the bill covers only media sent (section 7).
+            self._parked_again.clear()
+            parked = asyncio.ensure_future(self._parked_again.wait())
+            await asyncio.wait({task, parked}, timeout=DELIVER_PAID_S,
+                               return_when=asyncio.FIRST_COMPLETED)
+            parked.cancel()
+        self._stream, self._streaming_media = None, None
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
@@ -770,7 +786,7 @@ class Session:
     async def _on_close(self, msg: Close) -> None:
         if self.live is None and self._pending is None:
             raise ProtocolError(ErrorCode.BAD_STATE, "close needs a channel")
-        await self._stop_stream()
+        await self._stop_stream(deliver_paid=True)
         if self._funding is not None:
             self._funding.cancel()
         if self.live is not None:

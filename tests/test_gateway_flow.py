@@ -86,3 +86,32 @@ async def test_waiting_for_confirmations_still_reads_close_then_a_block_makes_re
     ready = await staying.expect(Ready, timeout=20)
     assert ready.paid == 0
     await rpc.close()
+
+
+async def test_a_close_right_after_a_pay_still_delivers_what_it_paid_for(gateway):
+    """``pay`` and ``close`` in one breath: the chunk the pay covers goes out
+    before ``closed``, so the bill covers only media sent (sections 7, 8)."""
+    from gateway.protocol.messages import Chunk, Closed, Due, Paid, Play, Stream
+
+    rpc = node_rpc(gateway)
+    viewer = Viewer(ws_url(gateway), rpc)
+    await viewer.connect()
+    await viewer.open_and_fund()
+    channel = viewer.channel
+    await viewer.send(Play(media="clip"))
+    channel.on_stream(await viewer.expect(Stream))
+    while True:  # the reserve, then the free seconds, up to the first paid chunk's due
+        due = await viewer.expect(Due)
+        if due.index >= 0:
+            break
+        await viewer.send(channel.pay_due(due))
+    await viewer.send(channel.pay_due(due))
+    await viewer.send(channel.close())  # not waiting for `paid`
+    after = []
+    while not isinstance(after[-1:] and after[-1], Closed):
+        after.append(await viewer.recv())
+    closed = after[-1]
+    assert any(isinstance(m, Paid) for m in after)
+    assert any(isinstance(m, Chunk) and m.index == due.index for m in after), after
+    assert closed.paid == channel.paid
+    await rpc.close()
