@@ -28,12 +28,14 @@ def _ordered(figures: dict[str, Any]) -> None:
     assert 0 <= figures["p50_ms"] <= figures["p99_ms"] <= figures["max_ms"]
 
 
-def _check_common(r: dict[str, Any], viewers: int) -> None:
+def _check_common(r: dict[str, Any], viewers: int, hosts: int = 1) -> None:
     assert r["viewers"] == viewers and r["errors"] == {}
     assert r["paid_chunks_per_s"] > 0 and r["increments_per_s"] > 0
     # One increment per paid chunk (free allowance 0); the window's edges
-    # may split a pair.
-    assert abs(r["paid_chunks_per_s"] - r["increments_per_s"]) * r["seconds"] <= viewers
+    # may split a pair, and with several hosts their stores are read one
+    # after the other at each edge.
+    slack = viewers * hosts
+    assert abs(r["paid_chunks_per_s"] - r["increments_per_s"]) * r["seconds"] <= slack
     assert r["media_mbit_per_s"] > 0
     _ordered(r["pay_to_chunk"])
     for kind in ("solo", "solo_with_wallet"):
