@@ -297,3 +297,12 @@ class Viewer:
         """Drop the socket without ``close``."""
         if self.ws is not None:
             await self.ws.close()
+
+
+async def resume(viewer: Viewer, old: Viewer, timeout: float = 20) -> Ready:
+    """``old``'s channel resumed on ``viewer``'s (connected) session."""
+    viewer.key, viewer.channel = old.key, old.channel
+    await viewer.send(viewer.channel.resume(viewer.hello))
+    ready = await viewer.expect(Ready, timeout)
+    viewer.channel.on_ready(ready)
+    return ready

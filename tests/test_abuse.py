@@ -286,3 +286,46 @@ async def test_the_operators_settle_does_not_wait_for_a_silent_viewer(gateway):
     assert b'"settled"' in body and ready.channel_id.encode() in body
     assert elapsed < 2.0, f"the settle waited {elapsed:.1f} s for the viewer"
     viewer.ws.transport.resume_reading()
+
+
+async def test_the_hosts_endpoint_refuses_bad_requests_and_changes_nothing(gateway):
+    """``POST /api/admin/host`` (the cluster's fan-out): 401 without the operator
+    token, 400 for a question it does not answer or arguments that are not a
+    JSON object, and no channel is settled by any of them."""
+    import json
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    viewer = Viewer(ws_url(gateway), node_rpc(gateway))
+    await viewer.connect()
+    await viewer.open_and_fund()
+
+    def post(form: dict[str, str], token: str | None) -> tuple[int, dict]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{gateway.port}/api/admin/host",
+            data=urllib.parse.urlencode(form).encode(), method="POST", headers=headers,
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                return answer.status, json.load(answer)
+        except urllib.error.HTTPError as failed:
+            return failed.code, json.load(failed)
+
+    token = gateway.operator_token
+    cases = [
+        ({"what": "settle", "args": "{}"}, None, 401),
+        ({"what": "settle", "args": "{}"}, "wrong", 401),
+        ({"what": "drop_tables", "args": "{}"}, token, 400),
+        ({"what": "settle", "args": "[1, 2]"}, token, 400),
+        ({"what": "settle", "args": "{not json"}, token, 400),
+    ]
+    for form, given, status in cases:
+        code, body = await asyncio.to_thread(post, form, given)
+        assert (code, bool(body.get("error"))) == (status, True), (form, code, body)
+    assert all(live.core.settlement_txid is None for live in gateway.channels.values())
+    rows = gateway.store.read("SELECT state FROM channels WHERE channel_id IS NOT NULL", ())
+    assert [r["state"] for r in rows] == ["ready"]
+    code, body = await asyncio.to_thread(post, {"what": "stats", "args": "{}"}, token)
+    assert code == 200 and "answer" in body

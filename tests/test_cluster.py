@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest_gateway import Viewer, gateway_config
+from conftest_gateway import Viewer, gateway_config, resume, ws_url
 from helpers_cluster import check_settled_once, ledger_rows
-from test_workers import resume
 
 from gateway.keys import MasterKey
 from gateway.ledger import upgrade
@@ -52,10 +51,6 @@ async def hosts(tmp_path: Path, media_copy: Path, node: Any, pg_dsn: str) -> Asy
             await gw.stop()
 
 
-def url(gw: Gateway) -> str:
-    return f"ws://127.0.0.1:{gw.port}/paystream/2"
-
-
 async def mine(rpc: Any, n: int = 1) -> None:
     await rpc.call("generatetoaddress", n, await rpc.call("getnewaddress"))
 
@@ -65,14 +60,14 @@ async def test_a_viewer_resumes_on_another_host_and_the_channel_settles_once(
 ):
     a = await hosts("host-a")
     b = await hosts("host-b")
-    first = Viewer(url(a), rpc)
+    first = Viewer(ws_url(a), rpc)
     await first.connect()
     await first.open_and_fund()
     await first.play_and_pay("clip", chunks=6)
     paid_before = first.channel.paid
     assert paid_before > 0
 
-    second = Viewer(url(b), rpc)
+    second = Viewer(ws_url(b), rpc)
     await second.connect()
     assert (await resume(second, first)).paid == paid_before
     replaced = await first.expect(Error)
@@ -116,7 +111,7 @@ async def test_a_paused_holders_write_is_refused_by_the_fence_and_the_meter_stay
     refused by the fence, changes nothing, and A's viewer hears session_replaced."""
     a = await hosts("host-a")
     b = await hosts("host-b")
-    first = Viewer(url(a), rpc)
+    first = Viewer(ws_url(a), rpc)
     await first.connect()
     await first.open_and_fund()
     await first.play_and_pay("clip", chunks=5)
@@ -124,7 +119,7 @@ async def test_a_paused_holders_write_is_refused_by_the_fence_and_the_meter_stay
     live_a = next(iter(a.channels.values()))
     await asyncio.sleep(2.5)  # past the 2 s lease
 
-    second = Viewer(url(b), rpc)
+    second = Viewer(ws_url(b), rpc)
     await second.connect()
     paid = first.channel.paid
     assert (await resume(second, first)).paid == paid  # taken without asking A
@@ -152,7 +147,7 @@ async def test_the_leader_adopts_and_settles_the_channels_of_a_dead_host(
     lease ran out the leader, B, adopts it and settles it after the resume grace."""
     a = await hosts("host-a")
     b = await hosts("host-b")
-    viewer = Viewer(url(a), rpc)
+    viewer = Viewer(ws_url(a), rpc)
     await viewer.connect()
     await viewer.open_and_fund()
     await viewer.play_and_pay("clip", chunks=6)
@@ -187,7 +182,7 @@ async def test_settle_and_health_on_one_host_cover_the_cluster(hosts, node, rpc,
     A's health counts B's sessions and names both hosts."""
     a = await hosts("host-a")
     b = await hosts("host-b")
-    viewer = Viewer(url(b), rpc)
+    viewer = Viewer(ws_url(b), rpc)
     await viewer.connect()
     await viewer.open_and_fund()
     await viewer.play_and_pay("clip", chunks=6)

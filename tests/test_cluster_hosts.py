@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest_gateway import Viewer
+from conftest_gateway import Viewer, resume
 from helpers_cluster import Host, check_settled_once, ledger_rows
-from test_workers import resume
 
 from gateway.keys import MasterKey
 from gateway.ledger import upgrade

@@ -9,7 +9,7 @@ import asyncio
 import time
 
 import pytest
-from conftest_gateway import PUBLISHERS, Viewer, node_rpc, ws_url
+from conftest_gateway import PUBLISHERS, Viewer, node_rpc, resume, ws_url
 from helpers_chain import get_transaction
 
 from gateway.chain.watch import btc_to_sat
@@ -119,12 +119,8 @@ async def test_resume_in_a_new_session_continues_the_channel(gateway_factory):
     await first.disconnect()
     await asyncio.sleep(0.5)
     second = Viewer(ws_url(gw), rpc)
-    second.key = first.key
-    hello = await second.connect()
-    second.channel = channel
-    await second.send(channel.resume(hello))
-    ready = await second.expect(Ready)
-    channel.on_ready(ready)
+    await second.connect()
+    ready = await resume(second, first)
     assert ready.paid == paid_before
     # Same channel, same free allowance used: the clip's remaining chunks are paid.
     stream = await second.play_and_pay("clip")
@@ -259,10 +255,6 @@ async def test_stopping_the_gateway_says_going_away_and_the_channel_resumes_afte
     again = await gateway_factory(limits={"resume_grace_s": 3600})
     rpc = node_rpc(again)
     second = Viewer(ws_url(again), rpc)
-    second.key = first.key
-    hello = await second.connect()
-    second.channel = channel
-    await second.send(channel.resume(hello))
-    ready = await second.expect(Ready)
-    assert ready.paid == paid
+    await second.connect()
+    assert (await resume(second, first)).paid == paid
     await rpc.close()

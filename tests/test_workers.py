@@ -22,13 +22,13 @@ from typing import Any
 
 import coincurve
 import pytest
-from conftest_gateway import Viewer, gateway_config
+from conftest_gateway import Viewer, gateway_config, resume
 
 from gateway.chain.rpc import RpcClient
 from gateway.handover import WorkerRole
 from gateway.protocol.channel import resume_digest
 from gateway.protocol.errors import ErrorCode
-from gateway.protocol.messages import Closed, Error, Ready, Resume
+from gateway.protocol.messages import Closed, Error, Resume
 from gateway.protocol.signatures import sign_digest
 from gateway.workers import Supervisor
 
@@ -94,15 +94,6 @@ async def paying_viewer(
     await viewer.open_and_fund()
     await viewer.play_and_pay("clip", chunks=chunks)
     return url, rpc, viewer
-
-
-async def resume(viewer: Viewer, old: Viewer, timeout: float = 20) -> Ready:
-    """``old``'s channel resumed on ``viewer``'s (connected) session."""
-    viewer.key, viewer.channel = old.key, old.channel
-    await viewer.send(viewer.channel.resume(viewer.hello))
-    ready = await viewer.expect(Ready, timeout)
-    viewer.channel.on_ready(ready)
-    return ready
 
 
 async def test_a_resume_on_another_worker_takes_the_channel_over(supervisor):

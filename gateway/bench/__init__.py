@@ -684,11 +684,7 @@ async def run_bench(opts: BenchOptions, log: Any = None) -> dict[str, Any]:
             f"{opts.viewers} viewers need about {opts.viewers + 512} file descriptors per "
             f"process; the hard limit here is {fd_limit} (raise `ulimit -Hn`)"
         )
-    if opts.workdir is not None and opts.workdir.exists() and any(opts.workdir.iterdir()):
-        # A node or gateway left there would be found instead of the new one.
-        raise BenchError(f"--workdir {opts.workdir} is not empty")
-    workdir = opts.workdir or Path(tempfile.mkdtemp(prefix="paystream-bench-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = bench_workdir(opts.workdir, "paystream-bench-")
     procs: list[subprocess.Popen[bytes]] = []
     loadgens: list[_LoadGen] = []
     try:
@@ -698,16 +694,31 @@ async def run_bench(opts: BenchOptions, log: Any = None) -> dict[str, Any]:
             if lg.proc.returncode is None:
                 lg.proc.kill()
                 await lg.proc.wait()
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        stop_processes(procs)
         if opts.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def bench_workdir(given: Path | None, prefix: str) -> Path:
+    """``given`` (``--workdir``, which must be empty) or a fresh temporary directory."""
+    if given is not None and given.exists() and any(given.iterdir()):
+        # A node or gateway left there would be found instead of the new one.
+        raise BenchError(f"--workdir {given} is not empty")
+    workdir = given or Path(tempfile.mkdtemp(prefix=prefix))
+    workdir.mkdir(parents=True, exist_ok=True)
+    return workdir
+
+
+def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM each process, the last started first; SIGKILL one that takes over 30 s."""
+    for proc in reversed(procs):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def raise_fd_limit() -> int:

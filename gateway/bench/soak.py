@@ -51,9 +51,7 @@ import json
 import math
 import random
 import shutil
-import signal
 import subprocess
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -619,27 +617,17 @@ async def _abuser(soak: _Soak, index: int) -> None:
 
 async def run_soak(opts: SoakOptions, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run one soak and return its figures and checks (``checks``; ``ok`` if all hold)."""
-    from gateway.bench import BenchError, raise_fd_limit
+    from gateway.bench import BenchError, bench_workdir, raise_fd_limit, stop_processes
 
     say = log or (lambda text: None)
     if opts.viewers + opts.abuser_count + 512 > raise_fd_limit():
         raise BenchError(f"{opts.viewers} viewers need more file descriptors (ulimit -Hn)")
-    if opts.workdir is not None and opts.workdir.exists() and any(opts.workdir.iterdir()):
-        raise BenchError(f"--workdir {opts.workdir} is not empty")
-    workdir = opts.workdir or Path(tempfile.mkdtemp(prefix="paystream-soak-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = bench_workdir(opts.workdir, "paystream-soak-")
     procs: list[subprocess.Popen[bytes]] = []
     try:
         return await _run(opts, workdir, procs, say)
     finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        stop_processes(procs)
         if opts.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
 

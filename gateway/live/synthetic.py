@@ -146,7 +146,24 @@ class ToneAudioTrack(MediaStreamTrack):
         return frame
 
 
-class SyntheticPublisher:
+class _Peer:
+    """An aiortc peer that offers (to the WHIP endpoint, or to receive a stream)."""
+
+    pc: RTCPeerConnection
+    ice: IceConfig
+
+    async def offer(self) -> str:
+        """The SDP offer, with every candidate gathered (no trickle ICE)."""
+        await prepare_gathering(self.pc, self.ice)
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        return self.pc.localDescription.sdp
+
+    async def accept(self, answer: str) -> None:
+        """Apply the gateway's SDP answer."""
+        await self.pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+
+
+class SyntheticPublisher(_Peer):
     """A WHIP-style publisher: an aiortc peer sending stamped video and a tone.
 
     ``video_codec`` (e.g. ``"video/H264"``) restricts what it offers for video.
@@ -180,16 +197,6 @@ class SyntheticPublisher:
                         ]
                     )
 
-    async def offer(self) -> str:
-        """The SDP offer to POST to the WHIP endpoint."""
-        await prepare_gathering(self.pc, self.ice)
-        await self.pc.setLocalDescription(await self.pc.createOffer())
-        return self.pc.localDescription.sdp
-
-    async def accept(self, answer: str) -> None:
-        """Apply the gateway's SDP answer."""
-        await self.pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
-
     async def close(self) -> None:
         """Stop sending (as a publisher hanging up)."""
         await self.pc.close()
@@ -205,7 +212,7 @@ class ReceivedFrame:
 
 
 @dataclass
-class ProbeViewer:
+class ProbeViewer(_Peer):
     """A viewer peer that records what it receives (stamp, time, keyframe).
 
     aiortc decodes VP8 with libvpx, which does not mark keyframes in the
@@ -292,15 +299,9 @@ class ProbeViewer:
 
         setattr(receiver, "_handle_rtp_packet", count)  # noqa: B010
 
-    async def offer(self) -> str:
-        """The SDP offer to receive the live stream."""
-        await prepare_gathering(self.pc, self.ice)
-        await self.pc.setLocalDescription(await self.pc.createOffer())
-        return self.pc.localDescription.sdp
-
     async def accept(self, answer: str) -> None:
         """Apply the gateway's SDP answer."""
-        await self.pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+        await super().accept(answer)
         # Retransmissions (RFC 4588) carry an original sequence number first.
         self._rtx_payload_types = {
             codec.payloadType

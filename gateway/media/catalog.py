@@ -111,6 +111,40 @@ def _thousandths_to_number(value: int) -> int | float:
     return value // 1000 if value % 1000 == 0 else value / 1000
 
 
+class _Priced:
+    """What a media item and a live item share: who is paid, and at what price."""
+
+    id: str
+    title: str
+    publisher: str
+    rate_msat: int
+    free_ms: int
+
+    @property
+    def rate(self) -> int | float:
+        """The rate in sat/s (an int when whole)."""
+        return _thousandths_to_number(self.rate_msat)
+
+    def _price_api(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "title": self.title,
+            "publisher": self.publisher,
+            "rate": self.rate,
+            "rate_msat": self.rate_msat,
+            "free_seconds": _thousandths_to_number(self.free_ms),
+        }
+
+    def _price_toml(self) -> dict[str, Any]:
+        return {
+            "title": self.title,
+            "publisher": self.publisher,
+            "rate_msat": self.rate_msat,
+            "rate": self.rate,
+            "free_ms": self.free_ms,
+        }
+
+
 @dataclass(frozen=True)
 class Publisher:
     """Who gets paid for an item: ``address`` is a payout address string."""
@@ -121,7 +155,7 @@ class Publisher:
 
 
 @dataclass(frozen=True)
-class MediaItem:
+class MediaItem(_Priced):
     """One published media item with its price and its chunks."""
 
     id: str
@@ -136,11 +170,6 @@ class MediaItem:
     init_size: int
     source: str
     dir: str
-
-    @property
-    def rate(self) -> int | float:
-        """The rate in sat/s (an int when whole)."""
-        return _thousandths_to_number(self.rate_msat)
 
     def chunk(self, index: int) -> ChunkInfo:
         """The chunk at ``index`` (IndexError if there is none; -1 is not a chunk)."""
@@ -157,12 +186,7 @@ class MediaItem:
     def to_api(self) -> dict[str, Any]:
         """This item as one entry of ``GET /api/catalog``."""
         return {
-            "id": self.id,
-            "title": self.title,
-            "publisher": self.publisher,
-            "rate": self.rate,
-            "rate_msat": self.rate_msat,
-            "free_seconds": _thousandths_to_number(self.free_ms),
+            **self._price_api(),
             "duration_ms": self.duration_ms,
             "mime": self.mime,
         }
@@ -170,11 +194,7 @@ class MediaItem:
     def to_toml(self) -> dict[str, Any]:
         """This item's table in ``catalog.toml``."""
         return {
-            "title": self.title,
-            "publisher": self.publisher,
-            "rate_msat": self.rate_msat,
-            "rate": self.rate,
-            "free_ms": self.free_ms,
+            **self._price_toml(),
             "source": self.source,
             "dir": self.dir,
         }
@@ -210,7 +230,7 @@ class MediaItem:
 
 
 @dataclass(frozen=True)
-class LiveItem:
+class LiveItem(_Priced):
     """A live item: priced like a media item, its media comes from a publisher (WHIP).
 
     Item and live ids share one namespace (``play`` names either).
@@ -225,20 +245,10 @@ class LiveItem:
     free_ms: int
     record: bool = True
 
-    @property
-    def rate(self) -> int | float:
-        """The rate in sat/s (an int when whole)."""
-        return _thousandths_to_number(self.rate_msat)
-
     def to_api(self, on_air: bool = False) -> dict[str, Any]:
         """This live item as one entry of ``GET /api/catalog``."""
         return {
-            "id": self.id,
-            "title": self.title,
-            "publisher": self.publisher,
-            "rate": self.rate,
-            "rate_msat": self.rate_msat,
-            "free_seconds": _thousandths_to_number(self.free_ms),
+            **self._price_api(),
             "live": True,
             "on_air": on_air,
         }
@@ -246,11 +256,7 @@ class LiveItem:
     def to_toml(self) -> dict[str, Any]:
         """This live item's table in ``catalog.toml``."""
         return {
-            "title": self.title,
-            "publisher": self.publisher,
-            "rate_msat": self.rate_msat,
-            "rate": self.rate,
-            "free_ms": self.free_ms,
+            **self._price_toml(),
             "record": self.record,
         }
 

@@ -239,11 +239,8 @@ def cmd_media_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``publish``, ``publisher`` and ``media`` subcommands."""
-    p = subparsers.add_parser("publish", help="segment a media file into the catalog")
-    p.add_argument("file", type=Path, metavar="FILE", help="audio or video file to publish")
-    p.add_argument("--id", required=True, help="item id (a-z 0-9 . _ -); re-publish replaces")
+def _add_price_options(p: argparse.ArgumentParser) -> None:
+    """Title, publisher and price: the same for a file and a live item."""
     p.add_argument("--title", help="title shown to viewers (default: the id)")
     p.add_argument("--publisher", required=True, help="publisher id (see `publisher add`)")
     p.add_argument("--rate", required=True, help="price in sat per second, e.g. 2 or 0.5")
@@ -253,6 +250,14 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         metavar="SECONDS",
         help="free seconds per channel (default: 60)",
     )
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``publish``, ``publisher`` and ``media`` subcommands."""
+    p = subparsers.add_parser("publish", help="segment a media file into the catalog")
+    p.add_argument("file", type=Path, metavar="FILE", help="audio or video file to publish")
+    p.add_argument("--id", required=True, help="item id (a-z 0-9 . _ -); re-publish replaces")
+    _add_price_options(p)
     _add_feerate_option(p)
     _add_media_option(p)
     p.set_defaults(func=cmd_publish)
@@ -276,15 +281,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     live_sub = p.add_subparsers(dest="live_command", metavar="ACTION", required=True)
     p = live_sub.add_parser("add", help="add or replace a live item")
     p.add_argument("id", help="live id (a-z 0-9 . _ -): publish to /whip/ID")
-    p.add_argument("--title", help="title shown to viewers (default: the id)")
-    p.add_argument("--publisher", required=True, help="publisher id (see `publisher add`)")
-    p.add_argument("--rate", required=True, help="price in sat per second, e.g. 2 or 0.5")
-    p.add_argument(
-        "--free",
-        default=str(DEFAULT_FREE_MS // 1000),
-        metavar="SECONDS",
-        help="free seconds per channel (default: 60)",
-    )
+    _add_price_options(p)
     p.add_argument(
         "--no-record",
         dest="record",

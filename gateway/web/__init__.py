@@ -121,7 +121,9 @@ async def errors(
     try:
         return await handler(request)
     except HttpError as exc:
-        return json_response(exc.status, {"error": exc.message})
+        answer = json_response(exc.status, {"error": exc.message})
+        answer.headers.update(exc.headers)
+        return answer
     except RpcException as exc:  # the node did not answer: nothing was done
         log.warning("%s: the node failed: %s", request.path, exc)
         return json_response(HTTPStatus.SERVICE_UNAVAILABLE,

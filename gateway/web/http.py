@@ -46,12 +46,15 @@ _TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".css": "text/css
 
 
 class HttpError(Exception):
-    """An HTTP error answer with a JSON ``{"error": message}`` body."""
+    """An HTTP error answer with a JSON ``{"error": message}`` body (and ``headers``)."""
 
-    def __init__(self, status: HTTPStatus, message: str) -> None:
+    def __init__(
+        self, status: HTTPStatus, message: str, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers or {}
 
 
 def query_params(request: web.Request) -> dict[str, str]:

@@ -26,7 +26,7 @@ from gateway.live import OfferError, validate_offer
 from gateway.live.onair import OnAir, OnAirBusy
 from gateway.media.catalog import LiveItem
 from gateway.web.context import WebContext
-from gateway.web.http import HttpError, json_response, response
+from gateway.web.http import HttpError, response
 
 log = logging.getLogger(__name__)
 
@@ -49,29 +49,18 @@ def _authorized(ctx: WebContext, request: web.Request) -> LiveItem:
     expected = f"Bearer {ctx.publisher_token(item.publisher)}"
     given = request.headers.get("Authorization", "")
     if not hmac.compare_digest(given.encode(), expected.encode()):
-        raise _Unauthorized
+        raise HttpError(
+            HTTPStatus.UNAUTHORIZED,
+            "the publisher's bearer token is required",
+            {"WWW-Authenticate": 'Bearer realm="whip"'},
+        )
     return item
-
-
-class _Unauthorized(Exception):
-    """A missing or wrong bearer token."""
-
-
-def _unauthorized() -> web.Response:
-    answer = json_response(
-        HTTPStatus.UNAUTHORIZED, {"error": "the publisher's bearer token is required"}
-    )
-    answer.headers["WWW-Authenticate"] = 'Bearer realm="whip"'
-    return answer
 
 
 async def whip_post(ctx: WebContext, request: web.Request) -> web.StreamResponse:
     """``POST /whip/<live-id>``: a publisher's offer; 201 with the answer."""
     on_air = _on_air(ctx)
-    try:
-        item = _authorized(ctx, request)
-    except _Unauthorized:
-        return _unauthorized()
+    item = _authorized(ctx, request)
     if request.content_type != SDP:
         raise HttpError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"the offer must be {SDP}")
     body = await request.read()
@@ -95,10 +84,7 @@ async def whip_post(ctx: WebContext, request: web.Request) -> web.StreamResponse
 async def whip_delete(ctx: WebContext, request: web.Request) -> web.StreamResponse:
     """``DELETE /whip/<live-id>/<session>``: the publisher stops; viewers get ``end``."""
     on_air = _on_air(ctx)
-    try:
-        item = _authorized(ctx, request)
-    except _Unauthorized:
-        return _unauthorized()
+    item = _authorized(ctx, request)
     ingest = on_air.session(item.id, request.match_info["session"])
     if ingest is None:
         raise HttpError(HTTPStatus.NOT_FOUND, "no such WHIP session (it has ended)")
