@@ -148,7 +148,7 @@ async def _stream_mse(
     """The live fMP4 fragments as paid chunks (protocol.md section 11, MSE)."""
     tally.viewers += 1
     # A streamer parked on a due looks again when the stream ends.
-    hub.on_end(lambda reason: session._paid_event.set())
+    forget = hub.on_end(lambda reason: session._paid_event.set())
     try:
         init = await hub.mse.wait_init()
         if init is None or hub.mse.mime is None:  # ended before any media
@@ -172,6 +172,7 @@ async def _stream_mse(
     except ConnectionClosed:
         pass
     finally:
+        forget()
         tally.viewers -= 1
 
 

@@ -314,10 +314,12 @@ async def test_publisher_hanging_up_ends_the_hub_and_tells_viewers() -> None:
         told: list[str] = []
         hub.on_end(told.append)
         viewer.on_end(told.append)
+        forgotten: list[str] = []
+        hub.on_end(forgotten.append)()  # a viewer that left: not called, not kept
         await wait_until(lambda: len(probe.frames) > 10, 10, "frames")
         await state.publisher.close()
         await asyncio.wait_for(hub.ended.wait(), 5)
-        assert hub.end_reason == "lost" and told == ["lost", "lost"]
+        assert hub.end_reason == "lost" and told == ["lost", "lost"] and forgotten == []
         assert viewer.ended.is_set()
         await asyncio.wait_for(probe.ended.wait(), 5)  # its tracks ended (RTCP BYE)
         assert hub.viewers == set()

@@ -6,6 +6,7 @@ See the package docstring (:mod:`gateway.live`) for the theory of operation.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -357,12 +358,22 @@ class LiveHub:
 
     # -- the end --
 
-    def on_end(self, callback: Callable[[str], object]) -> None:
-        """Call ``callback(reason)`` when the stream ends (at once if it has)."""
+    def on_end(self, callback: Callable[[str], object]) -> Callable[[], None]:
+        """Call ``callback(reason)`` when the stream ends (at once if it has).
+
+        Returns what forgets it: a viewer that leaves a long stream must not
+        stay referenced until the stream ends.
+        """
         if self.end_reason is not None:
             callback(self.end_reason)
         else:
             self._end_callbacks.append(callback)
+
+        def forget() -> None:
+            with contextlib.suppress(ValueError):
+                self._end_callbacks.remove(callback)
+
+        return forget
 
     async def end(self, reason: str = "stopped") -> None:
         """End the stream: flush the renditions, tell viewers, finish the recording.
