@@ -519,7 +519,7 @@ class Player:
         assert self._ws is not None
         frame: str | bytes
         if self.pay_binary and isinstance(msg, Pay):
-            frame = encode_pay_binary(msg)  # a quarter of the JSON's bytes, no JSON to parse
+            frame = encode_pay_binary(msg)  # no hex, no JSON (protocol.md section 5a)
             self.binary_pays += 1
         else:
             frame = encode(msg)
