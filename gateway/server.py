@@ -397,6 +397,7 @@ class Gateway:
                 self.leave(peer)
             else:
                 self.half_open -= 1
+            _release(request, ws)
         return ws
 
     def admit(self, peer: str) -> bool:
@@ -699,6 +700,29 @@ def announce(network: str, urls: dict[str, str], datadir: Path, *, workers: int 
     info = datadir / "gateway.json"
     write_private(info.with_suffix(".tmp"), json.dumps({"pid": os.getpid(), **urls}))
     info.with_suffix(".tmp").replace(info)
+
+
+def _release(request: web.Request, ws: web.WebSocketResponse) -> None:
+    """Let a finished socket be freed by reference counting, not by a full collection.
+
+    aiohttp (3.14) leaves two reference cycles through every ended
+    ``WebSocketResponse``: the connection's protocol keeps the socket's
+    data callback after the connection is lost (socket → request → protocol
+    → socket), and the error that ended a dropped socket (writing the close
+    frame to a reset peer, while handling the end of the stream) is kept on
+    the socket with tracebacks whose frames hold the socket. ``tune_gc``
+    makes full collections rare, so every viewer that left stayed in memory
+    until the next one and RSS grew through a soak (docs/performance.md).
+    The error is kept for ``ws.exception()``; only its frames go.
+    """
+    exc, seen = ws.exception(), set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc.__traceback__ = None
+        exc = exc.__context__
+    protocol = request.protocol
+    if protocol is not None:
+        protocol._data_received_cb = None
 
 
 def tune_gc() -> None:

@@ -329,3 +329,46 @@ async def test_the_hosts_endpoint_refuses_bad_requests_and_changes_nothing(gatew
     assert [r["state"] for r in rows] == ["ready"]
     code, body = await asyncio.to_thread(post, {"what": "stats", "args": "{}"}, token)
     assert code == 200 and "answer" in body
+
+
+# -- soak: RSS flat -------------------------------------------------------------------
+
+
+async def test_an_ended_socket_is_freed_without_the_cycle_collector(gateway):
+    """Before: every ended socket was cyclic garbage (aiohttp's cycles), kept until a
+    rare full collection, so the soak's RSS grew with the viewers that came and went."""
+    import gc
+    import weakref
+
+    from gateway.protocol.messages import Play, Stream
+
+    async def ended(leave: str) -> weakref.ref:
+        viewer = Viewer(ws_url(gateway), node_rpc(gateway))
+        await viewer.connect()
+        if leave == "reset":  # a viewer whose connection drops mid-stream
+            await viewer.open_and_fund()
+            await viewer.send(Play(media="clip"))
+            await viewer.expect(Stream)
+        (server_side,) = gateway._sockets
+        ref = weakref.ref(server_side)
+        del server_side
+        if leave == "reset":
+            viewer.ws.transport.abort()
+        else:
+            await viewer.disconnect()
+        started = time.monotonic()
+        while gateway._sockets:
+            assert time.monotonic() - started < 10, "the session did not end"
+            await asyncio.sleep(0.05)
+        for _ in range(5):  # let the server's handler task finish
+            await asyncio.sleep(0)
+        return ref
+
+    gc.collect()
+    gc.disable()
+    try:
+        for leave in ("close", "reset"):
+            ref = await ended(leave)
+            assert ref() is None, f"socket ended by {leave} is held: {gc.get_referrers(ref())}"
+    finally:
+        gc.enable()
