@@ -713,7 +713,9 @@ def _release(request: web.Request, ws: web.WebSocketResponse) -> None:
     the socket with tracebacks whose frames hold the socket. ``tune_gc``
     makes full collections rare, so every viewer that left stayed in memory
     until the next one and RSS grew through a soak (docs/performance.md).
-    The error is kept for ``ws.exception()``; only its frames go.
+    The error is kept for ``ws.exception()``; only its frames go. The
+    callback is a private field of aiohttp's: if it is renamed, this does
+    nothing and tests/test_abuse.py fails.
     """
     exc, seen = ws.exception(), set()
     while exc is not None and id(exc) not in seen:
@@ -721,7 +723,7 @@ def _release(request: web.Request, ws: web.WebSocketResponse) -> None:
         exc.__traceback__ = None
         exc = exc.__context__
     protocol = request.protocol
-    if protocol is not None:
+    if getattr(protocol, "_data_received_cb", None) is not None:
         protocol._data_received_cb = None
 
 
