@@ -151,6 +151,11 @@ def test_live_mode_reports_every_figure(capsys: pytest.CaptureFixture[str]) -> N
     assert r["gateway_cpu"] > 0 and r["viewers_per_core"] > 0
     assert 0 <= r["latency_p50_ms"] <= r["latency_p99_ms"] <= r["latency_max_ms"]
     assert 0 < r["pay_to_media_p50_ms"] <= r["pay_to_media_max_ms"]
+    # Media flows again (a whole keyframe) before a frame comes out of the decoder,
+    # and the gateway's part comes before both.
+    assert 0 < r["pay_to_keyframe_p50_ms"] <= r["pay_to_keyframe_max_ms"]
+    assert r["pay_to_keyframe_p50_ms"] <= r["pay_to_media_p50_ms"]
+    assert 0 <= r["resume_p50_ms"] <= r["pay_to_keyframe_p50_ms"]
     assert r["mse_behind_max_ms"] > 0
     # One encode per rendition, whatever the number of viewers.
     assert set(r["hub_encodes"]) == {"vp8", "opus", "h264", "aac"}

@@ -29,7 +29,7 @@ from gateway.live import (
     LiveIngest,
     LiveViewer,
 )
-from gateway.live.encode import ENCODERS_CREATED, FrameFitter, fit_size
+from gateway.live.encode import ENCODERS_CREATED, OPUS_FRAME_MS, FrameFitter, fit_size
 from gateway.live.fmp4 import Fmp4Packager
 from gateway.live.hub import TrackClock
 from gateway.live.record import Recording
@@ -118,7 +118,7 @@ async def test_two_viewers_share_one_encode_per_rendition() -> None:
             numbers = [f.number for f in probe.frames]
             assert numbers[0] is not None and probe.frames[0].keyframe
             assert numbers == sorted(numbers)  # in order, decoded and readable
-            assert probe.audio_frames > 50
+            assert probe.audio_frames * OPUS_FRAME_MS > 1000  # a second of audio, decoded
         print(
             f"\nfan-out: {stats.video_frames_in} video / {stats.audio_frames_in} audio frames in, "
             f"encodes {[(n, s.encoded) for n, s in stats.renditions.items()]}, "
@@ -206,7 +206,7 @@ async def test_an_unpaid_viewer_stops_within_an_interval_and_resumes_at_a_keyfra
         assert resume_s < 1.0
         assert viewer.stats.resume_ms and viewer.stats.resume_ms[-1] < 1000
         await asyncio.sleep(0.5)
-        assert len(resumed()) > 5 and probe.audio_frames > audio + 10
+        assert len(resumed()) > 5 and (probe.audio_frames - audio) * OPUS_FRAME_MS > 200
         print(
             f"\npay -> media: gateway {viewer.stats.resume_ms[-1]:.1f} ms (keyframe handed to "
             f"aiortc), viewer {resume_s * 1000:.1f} ms (first decoded frame)"

@@ -104,6 +104,14 @@ class LiveBenchResult:
     #: frame captured after the pause (decoding viewers, every round).
     pay_to_media_p50_ms: float = float("nan")
     pay_to_media_max_ms: float = float("nan")
+    #: From the allowance to the viewer holding a whole keyframe (its last RTP
+    #: packet arrived): media flowing again, before aiortc's receiver and decoder.
+    pay_to_keyframe_p50_ms: float = float("nan")
+    pay_to_keyframe_max_ms: float = float("nan")
+    #: The gateway's share of it: from the allowance to the first keyframe
+    #: handed to aiortc's sender (:attr:`ViewerStats.resume_ms`).
+    resume_p50_ms: float = float("nan")
+    resume_max_ms: float = float("nan")
     #: How far behind live an MSE fragment's start is when it is ready (max).
     mse_behind_max_ms: float = float("nan")
 
@@ -134,8 +142,12 @@ class LiveBenchResult:
                 f"  glass-to-glass (decoding viewers): p50 {self.latency_p50_ms:.0f} ms, "
                 f"p95 {self.latency_p95_ms:.0f} ms, p99 {self.latency_p99_ms:.0f} ms, "
                 f"max {self.latency_max_ms:.0f} ms",
-                f"  pay->media (decoding viewers): p50 {self.pay_to_media_p50_ms:.0f} ms, "
+                f"  pay->media (decoding viewers): whole keyframe received p50 "
+                f"{self.pay_to_keyframe_p50_ms:.0f} ms, max {self.pay_to_keyframe_max_ms:.0f} ms; "
+                f"first new frame decoded p50 {self.pay_to_media_p50_ms:.0f} ms, "
                 f"max {self.pay_to_media_max_ms:.0f} ms",
+                f"    of which the gateway's (allowance to the keyframe handed to aiortc): "
+                f"p50 {self.resume_p50_ms:.0f} ms, max {self.resume_max_ms:.0f} ms",
                 f"  MSE fragments ready at most {self.mse_behind_max_ms / 1000:.2f} s "
                 "behind live",
                 f"  encoders (core each): {self.encoder_cpu}",
@@ -194,6 +206,7 @@ async def _gateway(conn: Connection) -> None:
                 "live_s": hub.now_ms() / 1000,
                 "dropped": sum(s.dropped for s in stats.renditions.values()),
                 "skipped": sum(v.stats.skipped for v in viewers),
+                "resume_ms": [ms for v in viewers for ms in v.stats.resume_ms],
                 "mse_behind_ms": [f.ready_ms - f.start_ms for f in hub.mse.recent()],
             }
             if ingest is not None:
@@ -209,16 +222,19 @@ async def _pay_to_media(
     rounds: int,
     pause_s: float,
     publisher: SyntheticPublisher,
-) -> list[float]:
-    """ms from each allowance (a paid interval) to the first new frame decoded, per probe.
+) -> tuple[list[float], list[float]]:
+    """ms from each allowance (a paid interval) to the first new frame decoded, per probe,
+    and to the first whole keyframe received.
 
-    A frame counts only if it was captured after the viewer was stopped: the
-    last frame before a pause comes out of aiortc's receiver when media
-    resumes (design.md, "Traps").
+    A decoded frame counts only if it was captured after the viewer was
+    stopped: the last frame before a pause comes out of aiortc's receiver
+    when media resumes (design.md, "Traps"). A keyframe counts if its last
+    packet arrived after the allowance: nothing is sent to a stopped viewer.
     """
     assert publisher.video is not None
     sent = publisher.video.sent
     figures: list[float] = []
+    keyframes: list[float] = []
     for _ in range(rounds):
         blocked_at = await call("block", decoding)
         await asyncio.sleep(pause_s)
@@ -232,7 +248,10 @@ async def _pay_to_media(
             ]
             if fresh:
                 figures.append((min(fresh) - paid_at) * 1000)
-    return figures
+            whole = [t for t in peers[index].keyframes_complete if t > paid_at]
+            if whole:
+                keyframes.append((min(whole) - paid_at) * 1000)
+    return figures, keyframes
 
 
 def _percentile(values: list[float], fraction: float) -> float:
@@ -314,8 +333,9 @@ async def measure(
         ]
         client_cpu = (time.process_time() - client0) / (end - start)
         gateway_cpu = (cpu3 - cpu2) / (t3 - t2)
-        pay_to_media = await _pay_to_media(call, peers, sorted(decoding), rounds, pause_s,
-                                           publisher)
+        pay_to_media, pay_to_keyframe = await _pay_to_media(
+            call, peers, sorted(decoding), rounds, pause_s, publisher
+        )
         summary = await call("stop")
     finally:
         for peer in peers:
@@ -378,6 +398,10 @@ async def measure(
         viewer_skipped=summary["skipped"],
         pay_to_media_p50_ms=_percentile(pay_to_media, 0.50),
         pay_to_media_max_ms=max(pay_to_media, default=float("nan")),
+        pay_to_keyframe_p50_ms=_percentile(pay_to_keyframe, 0.50),
+        pay_to_keyframe_max_ms=max(pay_to_keyframe, default=float("nan")),
+        resume_p50_ms=_percentile(summary["resume_ms"], 0.50),
+        resume_max_ms=max(summary["resume_ms"], default=float("nan")),
         mse_behind_max_ms=float(max(summary["mse_behind_ms"], default=float("nan"))),
     )
 

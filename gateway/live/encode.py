@@ -44,7 +44,13 @@ ENCODERS_CREATED: Counter[str] = Counter()
 MS = Fraction(1, 1000)
 #: Opus always runs at 48 kHz (RFC 7587 section 4.1).
 OPUS_RATE = 48_000
-OPUS_FRAME_SAMPLES = 960
+#: 60 ms Opus packets (RFC 7587 allows up to 120 ms, and every Opus decoder
+#: takes any duration), not WebRTC's usual 20 ms: each packet costs every
+#: viewer an RTP send and an SRTP protect in aiortc, so a third of the audio
+#: packets is a measurable part of a viewer's cost, for 40 ms more audio
+#: latency (docs/performance.md, "Live").
+OPUS_FRAME_MS = 60
+OPUS_FRAME_SAMPLES = OPUS_RATE * OPUS_FRAME_MS // 1000
 OPUS_TIME_BASE = Fraction(1, OPUS_RATE)
 #: A jump of the audio timeline larger than this re-anchors the sample clock
 #: (the publisher paused, or its clock jumped) instead of stretching audio.
@@ -187,7 +193,7 @@ class Vp8Encoder:
 class AudioStamper:
     """Sample timestamps for one audio rendition, following the live clock.
 
-    Resampled frames come out regrouped (Opus takes 20 ms, AAC 1024
+    Resampled frames come out regrouped (Opus takes 60 ms, AAC 1024
     samples), so output frames are stamped by counting samples from the
     first input's live time; a jump forward of the live timeline beyond
     :data:`AUDIO_RESYNC_MS` re-anchors the count.
@@ -237,7 +243,7 @@ class AudioStamper:
 
 
 class OpusEncoder:
-    """libopus for WebRTC viewers: 48 kHz stereo, 20 ms packets (RFC 7587)."""
+    """libopus for WebRTC viewers: 48 kHz stereo, 60 ms packets (RFC 7587)."""
 
     name = "opus"
 
@@ -249,7 +255,7 @@ class OpusEncoder:
         codec.format = "s16"
         codec.bit_rate = bitrate
         codec.time_base = OPUS_TIME_BASE
-        codec.options = {"application": "lowdelay"}
+        codec.options = {"application": "lowdelay", "frame_duration": str(OPUS_FRAME_MS)}
         self._codec = codec
         self._resampler = av.AudioResampler(
             format="s16", layout="stereo", rate=OPUS_RATE, frame_size=OPUS_FRAME_SAMPLES

@@ -238,6 +238,10 @@ class ProbeViewer(_Peer):
     #: Video RTP packets received, and how many were missing in between.
     video_packets: int = 0
     lost_packets: int = 0
+    #: When each video keyframe's last packet arrived (monotonic s): media
+    #: flowing again, before any decoder (aiortc's receiver holds each frame
+    #: until the next one's first packet).
+    keyframes_complete: list[float] = field(default_factory=list)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     on_frame: Callable[[ReceivedFrame], None] | None = None
 
@@ -280,12 +284,14 @@ class ProbeViewer(_Peer):
                 self._first_rtp_time = packet.timestamp
             start = descriptor.partition_start and descriptor.partition_id == 0
             keyframe = bool(start and data and not data[0] & 1)
+            mapped = (packet.timestamp - self._first_rtp_time) % (1 << 32)
             if keyframe:
-                self._keyframe_times.add((packet.timestamp - self._first_rtp_time) % (1 << 32))
+                self._keyframe_times.add(mapped)
+            if packet.marker and mapped in self._keyframe_times:
+                self.keyframes_complete.append(time.monotonic())
             if self.decode:
                 await handle(packet, arrival_time_ms)
             elif packet.marker:
-                mapped = (packet.timestamp - self._first_rtp_time) % (1 << 32)
                 received = ReceivedFrame(time.monotonic(), None, mapped in self._keyframe_times)
                 self.frames.append(received)
                 if self.on_frame is not None:
