@@ -472,3 +472,19 @@ def test_track_clock_keeps_the_publishers_spacing() -> None:
     # Its clock jumped ahead: continue just after the last frame.
     assert clock.live_ms(500.0, 9070) == 9034
     assert clock.live_ms(500.033, 9100) == 9067
+
+
+def test_opus_rendition_makes_60_ms_packets_from_20_ms_input() -> None:
+    """Fewer audio packets per viewer (encode.py, OPUS_FRAME_MS), timed by the live clock."""
+    from gateway.live.encode import OPUS_FRAME_SAMPLES, OpusEncoder
+
+    encoder = OpusEncoder(64_000)
+    sound = av.AudioFrame(format="s16", layout="stereo", samples=960)  # 20 ms, as WebRTC sends
+    sound.planes[0].update(bytes(sound.planes[0].buffer_size))
+    sound.sample_rate = 48_000
+    packets = [p for i in range(30) for p in encoder.encode(sound, 1000 + 20 * i)]
+    assert 8 <= len(packets) <= 10  # 600 ms of input: ten packets, less the encoder's delay
+    assert all(p.duration == OPUS_FRAME_SAMPLES for p in packets)
+    pts = [p.pts for p in packets]
+    assert pts[0] == 48 * 1000  # the first input's live time, in samples
+    assert all(b - a == OPUS_FRAME_SAMPLES for a, b in itertools.pairwise(pts))
