@@ -108,7 +108,7 @@ async def test_a_close_right_after_a_pay_still_delivers_what_it_paid_for(gateway
     await viewer.send(channel.pay_due(due))
     await viewer.send(channel.close())  # not waiting for `paid`
     after = []
-    while not isinstance(after[-1:] and after[-1], Closed):
+    while not after or not isinstance(after[-1], Closed):
         after.append(await viewer.recv())
     closed = after[-1]
     assert any(isinstance(m, Paid) for m in after)

@@ -50,6 +50,16 @@ async def _height_channel(gw, rpc, change: bytes, *, paid: int) -> Viewer:
     return viewer
 
 
+async def _paying_viewer(gw, rpc) -> Viewer:
+    """A viewer with a funded channel that has paid for six chunks of the clip."""
+    viewer = Viewer(ws_url(gw), rpc)
+    await viewer.connect()
+    await viewer.open_and_fund()
+    await viewer.play_and_pay("clip", chunks=6)
+    assert viewer.channel is not None and viewer.channel.paid > 0
+    return viewer
+
+
 async def _settled_outputs(gw, rpc, cid: str) -> tuple[dict, dict[str, int]]:
     """The settlement of ``cid`` once mined: (tx json, {scriptPubKey hex: sat})."""
     def stored_txid():
@@ -109,13 +119,9 @@ async def test_disconnect_settles_after_grace_and_splits_publishers(gateway):
 async def test_resume_in_a_new_session_continues_the_channel(gateway_factory):
     gw = await gateway_factory(limits={"resume_grace_s": 30})
     rpc = node_rpc(gw)
-    first = Viewer(ws_url(gw), rpc)
-    await first.connect()
-    await first.open_and_fund()
-    await first.play_and_pay("clip", chunks=6)
+    first = await _paying_viewer(gw, rpc)
     channel = first.channel
     paid_before = channel.paid
-    assert paid_before > 0
     await first.disconnect()
     await asyncio.sleep(0.5)
     second = Viewer(ws_url(gw), rpc)
@@ -237,13 +243,8 @@ async def test_stopping_the_gateway_says_going_away_and_the_channel_resumes_afte
 
     gw = await gateway_factory(limits={"resume_grace_s": 3600})
     rpc = node_rpc(gw)
-    first = Viewer(ws_url(gw), rpc)
-    await first.connect()
-    await first.open_and_fund()
-    await first.play_and_pay("clip", chunks=6)
-    channel = first.channel
-    paid = channel.paid
-    assert paid > 0
+    first = await _paying_viewer(gw, rpc)
+    paid = first.channel.paid
     stopping = asyncio.create_task(gw.stop())
     with pytest.raises(websockets.ConnectionClosed) as closed:
         while True:
